@@ -1,0 +1,128 @@
+//! Strata's storage engine: thin-provisioned, copy-on-write volumes whose extent maps live in
+//! RocksDB and whose data lives in append-only segment files, with O(1) checkpoint, restore
+//! and fork.
+//!
+//! Start with [`Store::open`]; see `docs/ARCHITECTURE.md` for how the files fit together and
+//! `docs/design/` for the on-disk format and the durability contract.
+
+mod codec;
+mod error;
+pub mod io;
+mod journal;
+mod load;
+mod names;
+mod ops;
+mod scrub;
+mod segment;
+mod store;
+pub mod tree;
+mod volume;
+
+pub use codec::FORMAT_VERSION;
+pub use error::{Error, Result};
+pub use names::validate as validate_name;
+pub use ops::{
+    ByteRange, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions, DEFAULT_BLOCK_SIZE,
+    DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
+};
+pub use scrub::{ScrubProblem, ScrubReport};
+pub use segment::PAGE_SIZE;
+pub use store::{Store, StoreOptions};
+pub use volume::{Snapshot, Volume, SECTOR};
+
+/// Store-wide figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStats {
+    pub volumes: usize,
+    pub checkpoints: usize,
+    /// Bytes of block data referenced by any volume or checkpoint.
+    pub live_bytes: u64,
+    pub segment_files: usize,
+    pub io_engine: &'static str,
+}
+
+impl Store {
+    /// Creates a volume of `size` bytes (a multiple of 512).
+    pub fn create_volume(&self, name: &str, size: u64, opts: VolumeOptions) -> Result<VolumeInfo> {
+        ops::create_volume(&self.inner, name, size, opts)
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        ops::list_volumes(&self.inner)
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        ops::volume_info(&self.inner, name)
+    }
+
+    /// Grows a volume; shrinking is refused.
+    pub fn grow_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
+        ops::grow_volume(&self.inner, name, new_size)
+    }
+
+    /// Deletes a volume and its checkpoints (volumes forked from them keep their data).
+    /// Refused while the volume is open.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        ops::delete_volume(&self.inner, name, false)
+    }
+
+    /// Opens a volume for IO.
+    pub fn open_volume(&self, name: &str) -> Result<Volume> {
+        ops::open_volume(&self.inner, name)
+    }
+
+    /// Takes a checkpoint of `volume` named `name`: O(1), durable when it returns, and
+    /// consistent with every write that completed before the call.
+    pub fn checkpoint(&self, volume: &str, name: &str) -> Result<CheckpointInfo> {
+        ops::checkpoint(&self.inner, volume, name)
+    }
+
+    /// Makes the live volume equal to checkpoint `name` again: O(1). Writes since the last
+    /// checkpoint are discarded; every checkpoint, older or newer, stays.
+    pub fn restore(&self, volume: &str, name: &str) -> Result<()> {
+        ops::restore(&self.inner, volume, name)
+    }
+
+    /// Creates volume `new_volume` from checkpoint `volume@name`: O(1), sharing every block.
+    pub fn fork(&self, volume: &str, name: &str, new_volume: &str, ephemeral: bool) -> Result<VolumeInfo> {
+        ops::fork(&self.inner, volume, name, new_volume, ephemeral)
+    }
+
+    /// Deletes a checkpoint, freeing every block nothing else references.
+    pub fn delete_checkpoint(&self, volume: &str, name: &str) -> Result<()> {
+        ops::delete_checkpoint(&self.inner, volume, name)
+    }
+
+    /// A volume's checkpoints, oldest first, each naming its parent (the history tree).
+    pub fn list_checkpoints(&self, volume: &str) -> Result<Vec<CheckpointInfo>> {
+        ops::list_checkpoints(&self.inner, volume)
+    }
+
+    /// Byte ranges whose content differs between `a` and `b`.
+    pub fn diff(&self, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<ByteRange>> {
+        ops::diff(&self.inner, a, b)
+    }
+
+    /// A read-only view of a checkpoint.
+    pub fn open_checkpoint(&self, volume: &str, name: &str) -> Result<Snapshot> {
+        let (tree, block_size, size) = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name))?;
+        Ok(Snapshot::new(self.inner.clone(), format!("{volume}@{name}"), tree, block_size, size))
+    }
+
+    /// Reads and verifies every stored block.
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        scrub::scrub(&self.inner)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (live_bytes, segment_files) = self.inner.segments.usage();
+        let cat = self.inner.catalog.lock();
+        StoreStats {
+            volumes: cat.volumes.len(),
+            checkpoints: cat.checkpoints.len(),
+            live_bytes,
+            segment_files,
+            io_engine: self.engine_name(),
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Data segments: append-only files holding block records at 4 KiB page granularity.
+//!
+//! Writers take space from the active segment with one atomic add; records are never
+//! overwritten in place, so a crash can never tear a block that a committed map points to.
+//! Each record carries a reference count (how many persisted leaves point at it); when it
+//! drops to zero the record's pages are queued for a hole punch after the next commit, and a
+//! sealed segment with no live pages is deleted.
+
+use crate::io::{IoEngine, IoFile, Op};
+use crate::tree::Entry;
+use crate::{Error, Result};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Allocation unit inside a segment.
+pub const PAGE_SIZE: usize = 4096;
+
+#[derive(Debug)]
+pub struct Segment {
+    pub id: u32,
+    pub file: Arc<IoFile>,
+    capacity_pages: u32,
+    next_page: AtomicU64,
+    /// Reference count per record, indexed by the record's first page.
+    refs: Box<[AtomicU32]>,
+    live_pages: AtomicU64,
+}
+
+impl Segment {
+    fn new(id: u32, file: Arc<IoFile>, capacity_pages: u32, first_free: u64) -> Self {
+        let refs = (0..capacity_pages).map(|_| AtomicU32::new(0)).collect();
+        Segment {
+            id,
+            file,
+            capacity_pages,
+            next_page: AtomicU64::new(first_free),
+            refs,
+            live_pages: AtomicU64::new(0),
+        }
+    }
+
+    pub fn live_pages(&self) -> u64 {
+        self.live_pages.load(Ordering::Relaxed)
+    }
+
+    fn try_alloc(&self, pages: u32) -> Option<u32> {
+        let start = self.next_page.fetch_add(u64::from(pages), Ordering::Relaxed);
+        let end = start + u64::from(pages);
+        (end <= u64::from(self.capacity_pages)).then_some(start as u32)
+    }
+
+    fn ref_slot(&self, page: u32) -> Option<&AtomicU32> {
+        self.refs.get(page as usize)
+    }
+}
+
+/// All segments of a store.
+#[derive(Debug)]
+pub struct Segments {
+    dir: PathBuf,
+    engine: Arc<dyn IoEngine>,
+    capacity_pages: u32,
+    all: RwLock<HashMap<u32, Arc<Segment>>>,
+    active: RwLock<Arc<Segment>>,
+    roll: Mutex<()>,
+    next_id: AtomicU32,
+    /// Segments written since the last commit (they need an fdatasync).
+    unsynced: Mutex<BTreeSet<u32>>,
+}
+
+pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("seg-{id:08}.dat"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u32> {
+    name.strip_prefix("seg-")?.strip_suffix(".dat")?.parse().ok()
+}
+
+impl Segments {
+    /// Opens every segment in `dir` and starts a fresh active segment numbered at least
+    /// `next_id`.
+    pub fn open(
+        dir: &Path,
+        engine: Arc<dyn IoEngine>,
+        capacity_bytes: u64,
+        next_id: u32,
+    ) -> Result<Self> {
+        let capacity_pages = u32::try_from(capacity_bytes / PAGE_SIZE as u64)
+            .map_err(|_| Error::InvalidArgument("segment size too large".into()))?
+            .max(16);
+        let mut all = HashMap::new();
+        let mut max_id = 0;
+        let listing = std::fs::read_dir(dir).map_err(|e| Error::io("listing data segments", e))?;
+        for ent in listing {
+            let ent = ent.map_err(|e| Error::io("listing data segments", e))?;
+            let Some(id) = ent.file_name().to_str().and_then(parse_segment_name) else { continue };
+            let file = engine.open(&ent.path(), false).map_err(|e| Error::io("opening segment", e))?;
+            let len_pages = file.len().map_err(|e| Error::io("sizing segment", e))?.div_ceil(PAGE_SIZE as u64);
+            let cap = capacity_pages.max(u32::try_from(len_pages).unwrap_or(u32::MAX));
+            // Old segments are sealed: nothing more is appended to them.
+            all.insert(id, Arc::new(Segment::new(id, file, cap, u64::from(cap))));
+            max_id = max_id.max(id);
+        }
+        let first = next_id.max(max_id + 1).max(1);
+        let active = Self::create(dir, &engine, first, capacity_pages)?;
+        all.insert(first, active.clone());
+        Ok(Segments {
+            dir: dir.to_path_buf(),
+            engine,
+            capacity_pages,
+            all: RwLock::new(all),
+            active: RwLock::new(active),
+            roll: Mutex::new(()),
+            next_id: AtomicU32::new(first + 1),
+            unsynced: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn create(dir: &Path, engine: &Arc<dyn IoEngine>, id: u32, capacity_pages: u32) -> Result<Arc<Segment>> {
+        let file = engine.open(&segment_path(dir, id), true).map_err(|e| Error::io("creating segment", e))?;
+        engine.sync_dir(dir).map_err(|e| Error::io("syncing data directory", e))?;
+        Ok(Arc::new(Segment::new(id, file, capacity_pages, 0)))
+    }
+
+    /// Next segment id to persist, so ids are never reused.
+    pub fn next_id(&self) -> u32 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    pub fn get(&self, id: u32) -> Option<Arc<Segment>> {
+        self.all.read().get(&id).cloned()
+    }
+
+    /// Reserves `pages` contiguous pages for new records.
+    pub fn allocate(&self, pages: u32) -> Result<(Arc<Segment>, u32)> {
+        if pages > self.capacity_pages {
+            return Err(Error::InvalidArgument("request larger than a data segment".into()));
+        }
+        loop {
+            let seg = self.active.read().clone();
+            if let Some(page) = seg.try_alloc(pages) {
+                self.unsynced.lock().insert(seg.id);
+                return Ok((seg, page));
+            }
+            let _g = self.roll.lock();
+            if !Arc::ptr_eq(&seg, &self.active.read()) {
+                continue;
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let new = Self::create(&self.dir, &self.engine, id, self.capacity_pages)?;
+            self.all.write().insert(id, new.clone());
+            *self.active.write() = new;
+        }
+    }
+
+    /// Takes the set of segments written since the last call, as sync operations.
+    pub fn take_unsynced(&self) -> Vec<Op> {
+        let ids = std::mem::take(&mut *self.unsynced.lock());
+        ids.into_iter().filter_map(|id| self.get(id)).map(|s| Op::Sync { file: s.file.clone() }).collect()
+    }
+
+    /// Counts one more reference to the record `e`.
+    pub fn incref(&self, e: &Entry) {
+        if let Some(seg) = self.get(e.segment) {
+            if let Some(slot) = seg.ref_slot(e.page) {
+                if slot.fetch_add(1, Ordering::Relaxed) == 0 {
+                    seg.live_pages.fetch_add(u64::from(e.pages()), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Drops one reference to `e`; true when it was the last one.
+    pub fn decref(&self, e: &Entry) -> bool {
+        let Some(seg) = self.get(e.segment) else { return false };
+        let Some(slot) = seg.ref_slot(e.page) else { return false };
+        let prev = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        if prev == Ok(1) {
+            seg.live_pages.fetch_sub(u64::from(e.pages()), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    pub fn refcount(&self, e: &Entry) -> u32 {
+        self.get(e.segment)
+            .and_then(|s| s.ref_slot(e.page).map(|r| r.load(Ordering::Relaxed)))
+            .unwrap_or(0)
+    }
+
+    /// Punches the pages of dead records, then deletes sealed segments with nothing live.
+    pub fn reclaim(&self, dead: &[Entry]) -> Result<()> {
+        let mut by_seg: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+        for e in dead {
+            by_seg.entry(e.segment).or_default().push((e.page, e.pages()));
+        }
+        let mut ops = Vec::new();
+        for (id, mut ranges) in by_seg {
+            let Some(seg) = self.get(id) else { continue };
+            ranges.sort_unstable();
+            for (start, len) in coalesce(&ranges) {
+                ops.push(Op::Punch {
+                    file: seg.file.clone(),
+                    offset: u64::from(start) * PAGE_SIZE as u64,
+                    len: u64::from(len) * PAGE_SIZE as u64,
+                });
+            }
+        }
+        for d in self.engine.submit(ops) {
+            // A failed punch loses space, not data; it is retried by the next open's sweep.
+            if let Err(e) = d.result {
+                tracing::warn!(error = %e, "punching freed pages failed");
+            }
+        }
+        self.delete_dead_segments()
+    }
+
+    fn delete_dead_segments(&self) -> Result<()> {
+        let active = self.active.read().id;
+        let dead: Vec<u32> = self
+            .all
+            .read()
+            .values()
+            .filter(|s| s.id != active && s.live_pages() == 0)
+            .map(|s| s.id)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        for id in &dead {
+            self.all.write().remove(id);
+            self.engine
+                .remove(&segment_path(&self.dir, *id))
+                .map_err(|e| Error::io("removing empty segment", e))?;
+        }
+        self.engine.sync_dir(&self.dir).map_err(|e| Error::io("syncing data directory", e))
+    }
+
+    /// After open: punches every page no record references (left by writes that never
+    /// committed, or frees a crash interrupted) and deletes segments with nothing live.
+    pub fn sweep(&self, live: &HashMap<u32, Vec<(u32, u32)>>) -> Result<u64> {
+        let mut ops = Vec::new();
+        let mut punched = 0u64;
+        let active = self.active.read().id;
+        for seg in self.all.read().values() {
+            if seg.id == active {
+                continue;
+            }
+            let mut ranges = live.get(&seg.id).cloned().unwrap_or_default();
+            ranges.sort_unstable();
+            let mut cursor = 0u32;
+            for (start, len) in coalesce(&ranges).into_iter().chain([(seg.capacity_pages, 0)]) {
+                if start > cursor {
+                    punched += u64::from(start - cursor);
+                    ops.push(Op::Punch {
+                        file: seg.file.clone(),
+                        offset: u64::from(cursor) * PAGE_SIZE as u64,
+                        len: u64::from(start - cursor) * PAGE_SIZE as u64,
+                    });
+                }
+                cursor = cursor.max(start + len);
+            }
+        }
+        for d in self.engine.submit(ops) {
+            d.result.map_err(|e| Error::io("punching unreferenced pages", e))?;
+        }
+        self.delete_dead_segments()?;
+        Ok(punched)
+    }
+
+    /// Live bytes and file count, for stats.
+    pub fn usage(&self) -> (u64, usize) {
+        let all = self.all.read();
+        let live = all.values().map(|s| s.live_pages() * PAGE_SIZE as u64).sum();
+        (live, all.len())
+    }
+
+    pub fn engine(&self) -> &Arc<dyn IoEngine> {
+        &self.engine
+    }
+}
+
+/// Merges sorted `(start, len)` page ranges that touch.
+fn coalesce(sorted: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &(s, l) in sorted {
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce;
+
+    #[test]
+    fn coalesce_merges_touching_ranges() {
+        assert_eq!(coalesce(&[(0, 2), (2, 1), (5, 1), (5, 3)]), vec![(0, 3), (5, 3)]);
+        assert_eq!(coalesce(&[]), vec![]);
+    }
+}

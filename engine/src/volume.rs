@@ -1,0 +1,629 @@
+//! Volume IO: read, write, write-zeroes, discard and flush at 512-byte-aligned byte offsets.
+//!
+//! A write stores each block as a new record (never in place), then, holding the store's gate
+//! shared and the volume's map lock, points the map at the new records and reserves journal
+//! entries; the journal entries are written before the write returns. A partial-block write
+//! reads the old block, patches it and installs the result only if the block still maps to
+//! what it read (compare-and-set), retrying otherwise, so two overlapping writes never lose
+//! each other's bytes.
+//!
+//! Concurrency contract: operations on different blocks are independent. Concurrent writes
+//! that overlap are each atomic per block: a block ends up wholly as one of them (patched by
+//! any partial writes that serialized after it), never a mix within a 512-byte sector. A
+//! multi-block write is not atomic as a whole.
+
+use crate::codec::JournalEntry;
+use crate::io::Op;
+use crate::journal::Journal;
+use crate::segment::PAGE_SIZE;
+use crate::store::Inner;
+use crate::tree::{leaf_index, leaf_slot, Entry, Tree};
+use crate::{Error, Result};
+use parking_lot::RwLock;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Sector size: offsets and lengths are multiples of it.
+pub const SECTOR: u64 = 512;
+/// Bound on compare-and-set retries of one partial-block write.
+const MAX_CAS_RETRIES: usize = 64;
+/// Bound on re-reads of a block whose record was replaced while being read.
+const MAX_READ_RETRIES: usize = 8;
+/// Largest run of blocks one unmap journal entry covers.
+const UNMAP_CHUNK: u64 = 1 << 16;
+
+/// The mutable view of a volume: its head layer.
+#[derive(Debug)]
+pub(crate) struct HeadMap {
+    pub layer: u64,
+    pub parent: u64,
+    pub tree: Tree,
+    /// Leaves this layer has (or will have at the next commit) its own records for.
+    pub own: HashSet<u64>,
+    /// Leaves changed since the last commit snapshot.
+    pub dirty: HashSet<u64>,
+    pub mapped_blocks: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct VolumeState {
+    pub id: u64,
+    pub name: String,
+    pub block_size: u32,
+    pub lz4: bool,
+    pub ephemeral: bool,
+    pub created_unix: u64,
+    size: AtomicU64,
+    pub map: RwLock<HeadMap>,
+    pub handles: AtomicUsize,
+    pub deleted: AtomicBool,
+}
+
+impl VolumeState {
+    pub fn new(rec: &crate::codec::VolumeRecord, name: String, head: HeadMap) -> Self {
+        VolumeState {
+            id: rec.id,
+            name,
+            block_size: rec.block_size,
+            lz4: rec.lz4,
+            ephemeral: rec.ephemeral,
+            created_unix: rec.created_unix,
+            size: AtomicU64::new(rec.size),
+            map: RwLock::new(head),
+            handles: AtomicUsize::new(0),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size().div_ceil(u64::from(self.block_size))
+    }
+}
+
+/// One change to a block's mapping.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Change {
+    pub block: u64,
+    /// Blocks covered (unmaps only; a mapping covers one).
+    pub count: u64,
+    pub new: Option<Entry>,
+    /// For compare-and-set: the mapping the new content was derived from.
+    pub expect: Option<Option<Entry>>,
+}
+
+/// Applies `changes` to a head map. Caller holds the gate shared and the map exclusively.
+/// Returns, per change, whether it was applied, and the journal entries to write.
+pub(crate) fn apply_changes(
+    inner: &Inner,
+    map: &mut HeadMap,
+    changes: &[Change],
+) -> (Vec<bool>, Vec<JournalEntry>) {
+    let mut applied = Vec::with_capacity(changes.len());
+    let mut journal = Vec::with_capacity(changes.len());
+    let mut released = Vec::new();
+    for c in changes {
+        if let Some(expect) = c.expect {
+            if map.tree.get(c.block) != expect {
+                applied.push(false);
+                continue;
+            }
+        }
+        match c.new {
+            Some(e) => {
+                make_own(inner, map, leaf_index(c.block));
+                inner.segments.incref(&e);
+                let old = map.tree.update_leaf(leaf_index(c.block), |l| l.insert(leaf_slot(c.block), e));
+                match old {
+                    Some(o) => released.push(o),
+                    None => map.mapped_blocks += 1,
+                }
+            }
+            None => unmap_run(inner, map, c.block, c.count, &mut released),
+        }
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = u32::try_from(c.count).unwrap_or(u32::MAX);
+        journal.push(JournalEntry { seq, layer: map.layer, object: 0, block: c.block, count, entry: c.new });
+        applied.push(true);
+    }
+    inner.release(released);
+    (applied, journal)
+}
+
+/// Copy-on-write bookkeeping before a leaf is changed: the first change a layer makes to a
+/// leaf gives it its own record, which references every entry the leaf holds.
+fn make_own(inner: &Inner, map: &mut HeadMap, idx: u64) {
+    if map.own.insert(idx) {
+        if let Some(leaf) = map.tree.leaf(idx) {
+            for e in leaf.entries() {
+                inner.segments.incref(e);
+            }
+        }
+    }
+    map.dirty.insert(idx);
+}
+
+fn unmap_run(inner: &Inner, map: &mut HeadMap, first: u64, count: u64, released: &mut Vec<Entry>) {
+    let end = first.saturating_add(count);
+    let mut at = first;
+    while let Some(b) = map.tree.next_mapped(at) {
+        if b >= end {
+            break;
+        }
+        let idx = leaf_index(b);
+        make_own(inner, map, idx);
+        let leaf_end = ((idx + 1) << crate::tree::LEVEL_BITS).min(end);
+        let removed: Vec<Entry> = map.tree.update_leaf(idx, |l| {
+            (b..leaf_end).filter_map(|blk| l.remove(leaf_slot(blk))).collect()
+        });
+        map.mapped_blocks -= removed.len() as u64;
+        released.extend(removed);
+        at = leaf_end;
+    }
+}
+
+/// Where a read finds its mappings.
+pub(crate) enum MapSource<'a> {
+    Head(&'a VolumeState),
+    Frozen(&'a Tree),
+}
+
+impl MapSource<'_> {
+    fn lookup(&self, first: u64, n: u64) -> Vec<Option<Entry>> {
+        match self {
+            MapSource::Head(v) => {
+                let m = v.map.read();
+                (first..first + n).map(|b| m.tree.get(b)).collect()
+            }
+            MapSource::Frozen(t) => (first..first + n).map(|b| t.get(b)).collect(),
+        }
+    }
+}
+
+/// Geometry and identity of what is being read or written.
+#[derive(Clone, Copy)]
+pub(crate) struct Geometry<'a> {
+    pub name: &'a str,
+    pub block_size: u32,
+    pub size: u64,
+}
+
+pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64) -> Result<()> {
+    if offset % SECTOR != 0 || len % SECTOR != 0 {
+        return Err(Error::Misaligned { offset, len });
+    }
+    if offset.checked_add(len).is_none_or(|end| end > g.size) {
+        return Err(Error::OutOfRange { volume: g.name.to_string(), offset, len, size: g.size });
+    }
+    Ok(())
+}
+
+/// Decodes a stored record into a block, verifying its checksum.
+fn decode_record(stored: &[u8], e: &Entry, block_size: usize, out: &mut [u8]) -> bool {
+    if crc32fast::hash(stored) != e.crc {
+        return false;
+    }
+    if e.is_lz4() {
+        matches!(lz4_flex::block::decompress_into(stored, out), Ok(n) if n == block_size)
+    } else {
+        out.copy_from_slice(&stored[..block_size]);
+        true
+    }
+}
+
+fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
+    let seg = inner.segments.get(e.segment).ok_or_else(|| {
+        Error::Corrupt(format!("map points at missing data segment {}", e.segment))
+    })?;
+    Ok(Op::Read {
+        file: seg.file.clone(),
+        offset: u64::from(e.page) * PAGE_SIZE as u64,
+        buf: vec![0; e.stored_len() as usize],
+    })
+}
+
+/// Reads `buf.len()` bytes at `offset` (already range-checked).
+pub(crate) fn read(inner: &Inner, src: &MapSource<'_>, g: &Geometry<'_>, offset: u64, buf: &mut [u8]) -> Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let bs = u64::from(g.block_size);
+    let first = offset / bs;
+    let last = (offset + buf.len() as u64 - 1) / bs;
+    let mut entries = src.lookup(first, last - first + 1);
+    let mut pending: Vec<usize> = (0..entries.len()).collect();
+    for attempt in 0..=MAX_READ_RETRIES {
+        let mut ops = Vec::new();
+        let mut which = Vec::new();
+        for &i in &pending {
+            match entries[i] {
+                Some(e) => {
+                    ops.push(read_op(inner, &e)?);
+                    which.push(i);
+                }
+                None => copy_block(g, offset, first + i as u64, None, buf),
+            }
+        }
+        let mut retry = Vec::new();
+        let mut block = vec![0u8; g.block_size as usize];
+        for (done, i) in inner.segments.engine().submit(ops).into_iter().zip(which) {
+            let e = entries[i].unwrap_or(Entry { segment: 0, page: 0, len_flags: 0, crc: 0 });
+            let ok = done.result.is_ok() && decode_record(&done.op.into_buf(), &e, g.block_size as usize, &mut block);
+            if ok {
+                copy_block(g, offset, first + i as u64, Some(&block), buf);
+            } else {
+                retry.push(i);
+            }
+        }
+        if retry.is_empty() {
+            return Ok(());
+        }
+        // A record replaced (and punched) while we read it fails its checksum; look again.
+        let mut still_bad = None;
+        for &i in &retry {
+            let now = src.lookup(first + i as u64, 1)[0];
+            if now == entries[i] || attempt == MAX_READ_RETRIES {
+                still_bad.get_or_insert(i);
+            }
+            entries[i] = now;
+        }
+        if let Some(i) = still_bad {
+            return Err(Error::Checksum { volume: g.name.to_string(), offset: (first + i as u64) * bs });
+        }
+        pending = retry;
+    }
+    Err(Error::Checksum { volume: g.name.to_string(), offset: first * bs })
+}
+
+/// Copies the part of block `blk` inside the request into `buf` (zeros for `None`).
+fn copy_block(g: &Geometry<'_>, offset: u64, blk: u64, data: Option<&[u8]>, buf: &mut [u8]) {
+    let bs = u64::from(g.block_size);
+    let start = (blk * bs).max(offset);
+    let end = ((blk + 1) * bs).min(offset + buf.len() as u64);
+    let dst = &mut buf[(start - offset) as usize..(end - offset) as usize];
+    match data {
+        Some(d) => dst.copy_from_slice(&d[(start - blk * bs) as usize..(end - blk * bs) as usize]),
+        None => dst.fill(0),
+    }
+}
+
+/// A block's new content, ready to store.
+struct Record {
+    block: u64,
+    payload: Vec<u8>,
+    lz4: bool,
+    crc: u32,
+    expect: Option<Option<Entry>>,
+}
+
+fn encode_record(block: u64, data: &[u8], lz4: bool, expect: Option<Option<Entry>>) -> Record {
+    let bs = data.len();
+    if lz4 {
+        let c = lz4_flex::block::compress(data);
+        // Worth it only if it saves at least one page.
+        if c.len().div_ceil(PAGE_SIZE) < bs.div_ceil(PAGE_SIZE) {
+            return Record { block, crc: crc32fast::hash(&c), payload: c, lz4: true, expect };
+        }
+    }
+    Record { block, crc: crc32fast::hash(data), payload: data.to_vec(), lz4: false, expect }
+}
+
+/// What a write request asks of one block.
+enum BlockWrite<'a> {
+    Full(&'a [u8]),
+    /// Patch `data` at `at` bytes into the block.
+    Partial { at: usize, data: &'a [u8] },
+}
+
+pub(crate) struct Writer<'a> {
+    pub inner: &'a Inner,
+    pub vol: &'a VolumeState,
+}
+
+impl Writer<'_> {
+    fn geometry(&self) -> Geometry<'_> {
+        Geometry { name: &self.vol.name, block_size: self.vol.block_size, size: self.vol.size() }
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let g = self.geometry();
+        check_range(&g, offset, data.len() as u64)?;
+        self.inner.check_poisoned()?;
+        let bs = u64::from(g.block_size);
+        let mut reqs = Vec::new();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset + pos as u64;
+            let blk = abs / bs;
+            let at = (abs - blk * bs) as usize;
+            let n = (bs as usize - at).min(data.len() - pos);
+            let chunk = &data[pos..pos + n];
+            reqs.push((blk, if n == bs as usize { BlockWrite::Full(chunk) } else { BlockWrite::Partial { at, data: chunk } }));
+            pos += n;
+        }
+        self.write_blocks(reqs)
+    }
+
+    fn write_blocks(&self, mut reqs: Vec<(u64, BlockWrite<'_>)>) -> Result<()> {
+        for _ in 0..MAX_CAS_RETRIES {
+            let records = self.prepare(&reqs)?;
+            let conflicted = self.store_and_map(records)?;
+            if conflicted.is_empty() {
+                return Ok(());
+            }
+            reqs.retain(|(b, _)| conflicted.contains(b));
+        }
+        Err(Error::Contention(self.vol.name.clone()))
+    }
+
+    /// Builds the new content of each block (reading old content for partial blocks).
+    fn prepare(&self, reqs: &[(u64, BlockWrite<'_>)]) -> Result<Vec<Record>> {
+        let bs = self.vol.block_size as usize;
+        let mut out = Vec::with_capacity(reqs.len());
+        for (blk, w) in reqs {
+            match w {
+                BlockWrite::Full(d) => out.push(encode_record(*blk, d, self.vol.lz4, None)),
+                BlockWrite::Partial { at, data } => {
+                    let cur = self.vol.map.read().tree.get(*blk);
+                    let mut block = vec![0u8; bs];
+                    if cur.is_some() {
+                        let g = Geometry { name: &self.vol.name, block_size: self.vol.block_size, size: u64::MAX };
+                        read(self.inner, &MapSource::Frozen(&single(*blk, cur)), &g, blk * bs as u64, &mut block)?;
+                    }
+                    block[*at..*at + data.len()].copy_from_slice(data);
+                    out.push(encode_record(*blk, &block, self.vol.lz4, Some(cur)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the records' data, installs their mappings, writes the journal. Returns the
+    /// blocks whose compare-and-set lost.
+    fn store_and_map(&self, records: Vec<Record>) -> Result<HashSet<u64>> {
+        let inner = self.inner;
+        let bs = self.vol.block_size as usize;
+        let zero = |r: &Record| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0);
+        let pages: u32 = records.iter().filter(|r| !zero(r)).map(|r| r.payload.len().div_ceil(PAGE_SIZE) as u32).sum();
+        let mut changes = Vec::with_capacity(records.len());
+        let mut written = Vec::new();
+        if pages > 0 {
+            let (seg, first_page) = inner.segments.allocate(pages)?;
+            let mut buf = Vec::with_capacity(pages as usize * PAGE_SIZE);
+            let mut page = first_page;
+            for r in records.iter().filter(|r| !zero(r)) {
+                let e = Entry::new(seg.id, page, r.payload.len() as u32, r.lz4, r.crc);
+                buf.extend_from_slice(&r.payload);
+                buf.resize(buf.len().next_multiple_of(PAGE_SIZE), 0);
+                page += e.pages();
+                written.push(e);
+            }
+            let op = Op::Write { file: seg.file.clone(), offset: u64::from(first_page) * PAGE_SIZE as u64, buf };
+            if let Err(e) = inner.segments.engine().run(op).result {
+                return Err(inner.poison(Error::io("writing data", e)));
+            }
+            inner.note_dirty(u64::from(pages) * PAGE_SIZE as u64);
+        }
+        let mut w = written.iter();
+        for r in &records {
+            let new = if zero(r) { None } else { w.next().copied() };
+            changes.push(Change { block: r.block, count: 1, new, expect: r.expect });
+        }
+        let applied = self.install(&changes)?;
+        let mut conflicted = HashSet::new();
+        let mut orphans = Vec::new();
+        for (c, ok) in changes.iter().zip(applied) {
+            if !ok {
+                conflicted.insert(c.block);
+                orphans.extend(c.new);
+            }
+        }
+        // Records that lost their compare-and-set were never referenced.
+        inner.dead.lock().extend(orphans);
+        Ok(conflicted)
+    }
+
+    /// Installs changes in the map and writes their journal entries.
+    pub(crate) fn install(&self, changes: &[Change]) -> Result<Vec<bool>> {
+        let inner = self.inner;
+        let (applied, entries, reservation) = {
+            let _gate = inner.gate.read();
+            let mut map = self.vol.map.write();
+            if self.vol.deleted.load(Ordering::Relaxed) {
+                return Err(Error::NoSuchVolume(self.vol.name.clone()));
+            }
+            let (applied, entries) = apply_changes(inner, &mut map, changes);
+            let reservation = (!entries.is_empty()).then(|| inner.journal.reserve(entries.len()));
+            (applied, entries, reservation)
+        };
+        if let Some((file, off)) = reservation {
+            let op = Journal::write_op(&file, off, &entries);
+            if let Err(e) = inner.segments.engine().run(op).result {
+                return Err(inner.poison(Error::io("writing journal", e)));
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Unmaps `[offset, offset+len)`: whole blocks lose their mapping, partial blocks at the
+    /// edges are rewritten with zeros in the range. Serves discard and write-zeroes alike.
+    pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        let g = self.geometry();
+        check_range(&g, offset, len)?;
+        self.inner.check_poisoned()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = u64::from(g.block_size);
+        let end = offset + len;
+        let first_full = offset.div_ceil(bs);
+        let end_full = end / bs;
+        if first_full >= end_full {
+            return self.zero_partial(offset, end);
+        }
+        if offset < first_full * bs {
+            self.zero_partial(offset, first_full * bs)?;
+        }
+        if end_full * bs < end {
+            self.zero_partial(end_full * bs, end)?;
+        }
+        let mut b = first_full;
+        while b < end_full {
+            let n = (end_full - b).min(UNMAP_CHUNK);
+            self.install(&[Change { block: b, count: n, new: None, expect: None }])?;
+            b += n;
+        }
+        Ok(())
+    }
+
+    fn zero_partial(&self, from: u64, to: u64) -> Result<()> {
+        let bs = u64::from(self.vol.block_size);
+        let blk = from / bs;
+        if self.vol.map.read().tree.get(blk).is_none() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; (to - from) as usize];
+        self.write_blocks(vec![(blk, BlockWrite::Partial { at: (from - blk * bs) as usize, data: &zeros })])
+    }
+}
+
+/// A one-entry tree, for reading a single known record.
+fn single(blk: u64, e: Option<Entry>) -> Tree {
+    let mut t = Tree::with_capacity(blk.saturating_add(1));
+    if let Some(e) = e {
+        t.update_leaf(leaf_index(blk), |l| l.insert(leaf_slot(blk), e));
+    }
+    t
+}
+
+/// An open volume: read, write and flush. Cheap to clone; an ephemeral volume is deleted
+/// when its last handle is dropped.
+#[derive(Debug)]
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) state: Arc<VolumeState>,
+}
+
+impl Clone for Volume {
+    fn clone(&self) -> Self {
+        self.state.handles.fetch_add(1, Ordering::Relaxed);
+        Volume { inner: self.inner.clone(), state: self.state.clone() }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let last = self.state.handles.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last && self.state.ephemeral && !self.state.deleted.load(Ordering::Relaxed) {
+            if let Err(e) = crate::ops::delete_volume(&self.inner, &self.state.name, true) {
+                tracing::warn!(volume = %self.state.name, error = %e, "discarding ephemeral volume failed");
+            }
+        }
+    }
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Logical size in bytes.
+    pub fn size(&self) -> u64 {
+        self.state.size()
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.state.block_size
+    }
+
+    fn writer(&self) -> Writer<'_> {
+        Writer { inner: &self.inner, vol: &self.state }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Never-written and discarded ranges read as zeros.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let g = Geometry { name: &self.state.name, block_size: self.state.block_size, size: self.state.size() };
+        check_range(&g, offset, buf.len() as u64)?;
+        read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
+    }
+
+    /// Writes `data` at `offset`. Once this returns the data survives a crash of this process;
+    /// after a [`Volume::flush`] it survives a power cut.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.writer().write(offset, data)
+    }
+
+    /// Makes the range read as zeros, releasing its space.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.writer().unmap(offset, len)
+    }
+
+    /// Releases the range's space; it reads as zeros afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writer().unmap(offset, len)
+    }
+
+    /// Makes every write acknowledged before this call durable against power loss.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.commit(Vec::new())
+    }
+
+    /// Bytes currently mapped (stored) in the live volume.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.state.map.read().mapped_blocks * u64::from(self.state.block_size)
+    }
+
+    /// First mapped byte offset at or after `offset` (`None`: only holes remain): for
+    /// SEEK_DATA / SEEK_HOLE.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        let bs = u64::from(self.state.block_size);
+        let b = self.state.map.read().tree.next_mapped(offset / bs)?;
+        Some((b * bs).max(offset)).filter(|o| *o < self.size())
+    }
+}
+
+/// A read-only view of a checkpoint (its map is an O(1) clone, unaffected by later writes).
+#[derive(Debug)]
+pub struct Snapshot {
+    inner: Arc<Inner>,
+    name: String,
+    tree: Tree,
+    block_size: u32,
+    size: u64,
+}
+
+impl Snapshot {
+    pub(crate) fn new(inner: Arc<Inner>, name: String, tree: Tree, block_size: u32, size: u64) -> Self {
+        Snapshot { inner, name, tree, block_size, size }
+    }
+
+    /// `VOL@CKPT`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let g = Geometry { name: &self.name, block_size: self.block_size, size: self.size };
+        check_range(&g, offset, buf.len() as u64)?;
+        read(&self.inner, &MapSource::Frozen(&self.tree), &g, offset, buf)
+    }
+
+    /// First mapped byte offset at or after `offset`.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        let bs = u64::from(self.block_size);
+        let b = self.tree.next_mapped(offset / bs)?;
+        Some((b * bs).max(offset)).filter(|o| *o < self.size)
+    }
+}
