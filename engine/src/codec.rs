@@ -89,7 +89,10 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Error::Corrupt(format!("{} record has trailing bytes", self.what)))
+            Err(Error::Corrupt(format!(
+                "{} record has trailing bytes",
+                self.what
+            )))
         }
     }
 }
@@ -213,11 +216,19 @@ pub struct CheckpointRecord {
 
 impl CheckpointRecord {
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new().u64(self.layer).u64(self.size).u64(self.created_unix).sealed()
+        Writer::new()
+            .u64(self.layer)
+            .u64(self.size)
+            .u64(self.created_unix)
+            .sealed()
     }
     pub fn decode(v: &[u8]) -> Result<Self> {
         let mut r = Reader::sealed(v, "checkpoint")?;
-        let c = CheckpointRecord { layer: r.u64()?, size: r.u64()?, created_unix: r.u64()? };
+        let c = CheckpointRecord {
+            layer: r.u64()?,
+            size: r.u64()?,
+            created_unix: r.u64()?,
+        };
         r.done()?;
         Ok(c)
     }
@@ -260,7 +271,9 @@ pub fn layer_key(layer: u64) -> [u8; 8] {
 }
 
 pub fn decode_u64_key(k: &[u8]) -> Result<u64> {
-    let a: [u8; 8] = k.try_into().map_err(|_| Error::Corrupt("id key is malformed".into()))?;
+    let a: [u8; 8] = k
+        .try_into()
+        .map_err(|_| Error::Corrupt("id key is malformed".into()))?;
     Ok(u64::from_be_bytes(a))
 }
 
@@ -300,7 +313,12 @@ pub fn decode_leaf(v: &[u8]) -> Result<Leaf> {
     let n = bitmap.count_ones() as usize;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
-        entries.push(Entry { segment: r.u32()?, page: r.u32()?, len_flags: r.u32()?, crc: r.u32()? });
+        entries.push(Entry {
+            segment: r.u32()?,
+            page: r.u32()?,
+            len_flags: r.u32()?,
+            crc: r.u32()?,
+        });
     }
     r.done()?;
     Leaf::from_parts(bitmap, entries).ok_or_else(|| Error::Corrupt("leaf bitmap".into()))
@@ -323,11 +341,25 @@ const JOURNAL_MAGIC: u16 = 0x534a; // "SJ"
 
 impl JournalEntry {
     pub fn encode(&self) -> [u8; JOURNAL_ENTRY_SIZE] {
-        let e = self.entry.unwrap_or(Entry { segment: 0, page: 0, len_flags: 0, crc: 0 });
+        let e = self.entry.unwrap_or(Entry {
+            segment: 0,
+            page: 0,
+            len_flags: 0,
+            crc: 0,
+        });
         let w = Writer(Vec::with_capacity(JOURNAL_ENTRY_SIZE));
         let mut w = w.u32(u32::from(JOURNAL_MAGIC) << 16 | u32::from(self.entry.is_some()));
-        w = w.u64(self.seq).u64(self.layer).u64(self.object).u64(self.block);
-        w = w.u32(e.segment).u32(e.page).u32(e.len_flags).u32(e.crc).u32(self.count);
+        w = w
+            .u64(self.seq)
+            .u64(self.layer)
+            .u64(self.object)
+            .u64(self.block);
+        w = w
+            .u32(e.segment)
+            .u32(e.page)
+            .u32(e.len_flags)
+            .u32(e.crc)
+            .u32(self.count);
         let mut bytes = w.0;
         bytes.resize(JOURNAL_ENTRY_SIZE - 4, 0);
         let crc = crc32fast::hash(&bytes);
@@ -346,10 +378,23 @@ impl JournalEntry {
             return None;
         }
         let mapped = head & 1 == 1;
-        let (seq, layer, object, block) = (r.u64().ok()?, r.u64().ok()?, r.u64().ok()?, r.u64().ok()?);
-        let e = Entry { segment: r.u32().ok()?, page: r.u32().ok()?, len_flags: r.u32().ok()?, crc: r.u32().ok()? };
+        let (seq, layer, object, block) =
+            (r.u64().ok()?, r.u64().ok()?, r.u64().ok()?, r.u64().ok()?);
+        let e = Entry {
+            segment: r.u32().ok()?,
+            page: r.u32().ok()?,
+            len_flags: r.u32().ok()?,
+            crc: r.u32().ok()?,
+        };
         let count = r.u32().ok()?;
-        Some(JournalEntry { seq, layer, object, block, count, entry: mapped.then_some(e) })
+        Some(JournalEntry {
+            seq,
+            layer,
+            object,
+            block,
+            count,
+            entry: mapped.then_some(e),
+        })
     }
 }
 
@@ -359,8 +404,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_entry() -> impl Strategy<Value = Entry> {
-        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>())
-            .prop_map(|(segment, page, len_flags, crc)| Entry { segment, page, len_flags, crc })
+        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(segment, page, len_flags, crc)| Entry {
+                segment,
+                page,
+                len_flags,
+                crc,
+            },
+        )
     }
 
     proptest! {
@@ -408,7 +459,14 @@ mod tests {
 
     #[test]
     fn torn_journal_entry_is_rejected() {
-        let j = JournalEntry { seq: 9, layer: 1, object: 0, block: 5, count: 3, entry: None };
+        let j = JournalEntry {
+            seq: 9,
+            layer: 1,
+            object: 0,
+            block: 5,
+            count: 3,
+            entry: None,
+        };
         let mut b = j.encode();
         b[20] ^= 1;
         assert_eq!(JournalEntry::decode(&b), None);
@@ -421,10 +479,25 @@ mod tests {
     #[test]
     fn format_is_pinned() {
         // Changing what the store writes must bump FORMAT_VERSION; these pin version 1 bytes.
-        let j = JournalEntry { seq: 1, layer: 2, object: 0, block: 3, count: 1, entry: None };
+        let j = JournalEntry {
+            seq: 1,
+            layer: 2,
+            object: 0,
+            block: 3,
+            count: 1,
+            entry: None,
+        };
         assert_eq!(crc32fast::hash(&j.encode()), PINNED_JOURNAL_CRC);
         let mut leaf = Leaf::default();
-        leaf.insert(3, Entry { segment: 1, page: 2, len_flags: 4096, crc: 0xdead_beef });
+        leaf.insert(
+            3,
+            Entry {
+                segment: 1,
+                page: 2,
+                len_flags: 4096,
+                crc: 0xdead_beef,
+            },
+        );
         assert_eq!(crc32fast::hash(&encode_leaf(&leaf)), PINNED_LEAF_CRC);
         assert_eq!(decode_format(&encode_format()).unwrap(), 1);
         assert_eq!(&encode_format()[..8], b"STRATA01");

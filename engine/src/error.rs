@@ -21,7 +21,11 @@ pub enum Error {
     #[error("metadata database")]
     Db(#[from] rocksdb::Error),
     #[error("invalid {what} name {name:?}: {reason}")]
-    InvalidName { what: &'static str, name: String, reason: &'static str },
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: &'static str,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("volume {0:?} already exists")]
@@ -37,7 +41,12 @@ pub enum Error {
     #[error("offset {offset} and length {len} must be multiples of 512")]
     Misaligned { offset: u64, len: u64 },
     #[error("range {offset}+{len} is beyond the end of volume {volume:?} ({size} bytes)")]
-    OutOfRange { volume: String, offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("checksum mismatch in volume {volume:?} at byte offset {offset}")]
     Checksum { volume: String, offset: u64 },
     #[error("{op} failed")]

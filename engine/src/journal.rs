@@ -49,31 +49,52 @@ pub struct Recovered {
 impl Journal {
     /// Reads every journal file in `dir` (for replay) and starts a new one after them.
     pub fn open(dir: &Path, engine: Arc<dyn IoEngine>) -> Result<(Self, Recovered)> {
-        let mut rec = Recovered { entries: Vec::new(), next_generation: 1 };
+        let mut rec = Recovered {
+            entries: Vec::new(),
+            next_generation: 1,
+        };
         let listing = std::fs::read_dir(dir).map_err(|e| Error::io("listing journal", e))?;
         for ent in listing {
             let ent = ent.map_err(|e| Error::io("listing journal", e))?;
-            let Some(generation) = ent.file_name().to_str().and_then(parse_journal_name) else { continue };
+            let Some(generation) = ent.file_name().to_str().and_then(parse_journal_name) else {
+                continue;
+            };
             rec.next_generation = rec.next_generation.max(generation + 1);
             let bytes = std::fs::read(ent.path()).map_err(|e| Error::io("reading journal", e))?;
-            rec.entries.extend(bytes.chunks_exact(JOURNAL_ENTRY_SIZE).filter_map(JournalEntry::decode));
+            rec.entries.extend(
+                bytes
+                    .chunks_exact(JOURNAL_ENTRY_SIZE)
+                    .filter_map(JournalEntry::decode),
+            );
         }
         rec.entries.sort_by_key(|e| e.seq);
         let current = Self::create(dir, &engine, rec.next_generation)?;
-        let j = Journal { dir: dir.to_path_buf(), engine, current: RwLock::new(current) };
+        let j = Journal {
+            dir: dir.to_path_buf(),
+            engine,
+            current: RwLock::new(current),
+        };
         Ok((j, rec))
     }
 
     fn create(dir: &Path, engine: &Arc<dyn IoEngine>, generation: u64) -> Result<Arc<JournalFile>> {
-        let file = engine.open(&journal_path(dir, generation), true).map_err(|e| Error::io("creating journal", e))?;
-        Ok(Arc::new(JournalFile { generation, file, next_offset: AtomicU64::new(0) }))
+        let file = engine
+            .open(&journal_path(dir, generation), true)
+            .map_err(|e| Error::io("creating journal", e))?;
+        Ok(Arc::new(JournalFile {
+            generation,
+            file,
+            next_offset: AtomicU64::new(0),
+        }))
     }
 
     /// Reserves room for `n` entries in the current file. Called under the store's write gate
     /// so that reservation order matches commit snapshots.
     pub fn reserve(&self, n: usize) -> (Arc<JournalFile>, u64) {
         let cur = self.current.read().clone();
-        let off = cur.next_offset.fetch_add((n * JOURNAL_ENTRY_SIZE) as u64, Ordering::Relaxed);
+        let off = cur
+            .next_offset
+            .fetch_add((n * JOURNAL_ENTRY_SIZE) as u64, Ordering::Relaxed);
         (cur, off)
     }
 
@@ -83,7 +104,11 @@ impl Journal {
         for e in entries {
             buf.extend_from_slice(&e.encode());
         }
-        Op::Write { file: file.file.clone(), offset, buf }
+        Op::Write {
+            file: file.file.clone(),
+            offset,
+            buf,
+        }
     }
 
     /// Starts a new journal file; returns the generation every later entry goes to.
@@ -100,7 +125,9 @@ impl Journal {
         for ent in listing.flatten() {
             if let Some(g) = ent.file_name().to_str().and_then(parse_journal_name) {
                 if g < generation {
-                    self.engine.remove(&ent.path()).map_err(|e| Error::io("removing journal", e))?;
+                    self.engine
+                        .remove(&ent.path())
+                        .map_err(|e| Error::io("removing journal", e))?;
                 }
             }
         }

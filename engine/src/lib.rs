@@ -84,7 +84,13 @@ impl Store {
     }
 
     /// Creates volume `new_volume` from checkpoint `volume@name`: O(1), sharing every block.
-    pub fn fork(&self, volume: &str, name: &str, new_volume: &str, ephemeral: bool) -> Result<VolumeInfo> {
+    pub fn fork(
+        &self,
+        volume: &str,
+        name: &str,
+        new_volume: &str,
+        ephemeral: bool,
+    ) -> Result<VolumeInfo> {
         ops::fork(&self.inner, volume, name, new_volume, ephemeral)
     }
 
@@ -106,7 +112,13 @@ impl Store {
     /// A read-only view of a checkpoint.
     pub fn open_checkpoint(&self, volume: &str, name: &str) -> Result<Snapshot> {
         let (tree, block_size, size) = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name))?;
-        Ok(Snapshot::new(self.inner.clone(), format!("{volume}@{name}"), tree, block_size, size))
+        Ok(Snapshot::new(
+            self.inner.clone(),
+            format!("{volume}@{name}"),
+            tree,
+            block_size,
+            size,
+        ))
     }
 
     /// Reads and verifies every stored block.

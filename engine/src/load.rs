@@ -24,42 +24,97 @@ struct Built {
     mapped: u64,
 }
 
-fn scan<T>(inner: &Inner, cf_name: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<T>) -> Result<Vec<T>> {
+fn scan<T>(
+    inner: &Inner,
+    cf_name: &str,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<T>,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
-    for item in inner.db.iterator_cf(cf(&inner.db, cf_name)?, IteratorMode::Start) {
+    for item in inner
+        .db
+        .iterator_cf(cf(&inner.db, cf_name)?, IteratorMode::Start)
+    {
         let (k, v) = item?;
         out.push(f(&k, &v)?);
     }
     Ok(out)
 }
 
-pub(crate) fn load(inner: &Arc<Inner>, state: &StateRecord, journal: Vec<JournalEntry>) -> Result<()> {
-    let layers: HashMap<u64, LayerRecord> =
-        scan(inner, codec::CF_LAYERS, |k, v| Ok((codec::decode_u64_key(k)?, LayerRecord::decode(v)?)))?.into_iter().collect();
+pub(crate) fn load(
+    inner: &Arc<Inner>,
+    state: &StateRecord,
+    journal: Vec<JournalEntry>,
+) -> Result<()> {
+    let layers: HashMap<u64, LayerRecord> = scan(inner, codec::CF_LAYERS, |k, v| {
+        Ok((codec::decode_u64_key(k)?, LayerRecord::decode(v)?))
+    })?
+    .into_iter()
+    .collect();
     let volumes = scan(inner, codec::CF_VOLUMES, |k, v| {
-        let name = String::from_utf8(k.to_vec()).map_err(|_| Error::Corrupt("volume name".into()))?;
+        let name =
+            String::from_utf8(k.to_vec()).map_err(|_| Error::Corrupt("volume name".into()))?;
         Ok((name, VolumeRecord::decode(v)?))
     })?;
-    let checkpoints = scan(inner, codec::CF_CHECKPOINTS, |k, v| Ok((codec::decode_checkpoint_key(k)?, CheckpointRecord::decode(v)?)))?;
-    let sizes: HashMap<u64, (u64, u32)> = volumes.iter().map(|(_, r)| (r.id, (r.size, r.block_size))).collect();
+    let checkpoints = scan(inner, codec::CF_CHECKPOINTS, |k, v| {
+        Ok((
+            codec::decode_checkpoint_key(k)?,
+            CheckpointRecord::decode(v)?,
+        ))
+    })?;
+    let sizes: HashMap<u64, (u64, u32)> = volumes
+        .iter()
+        .map(|(_, r)| (r.id, (r.size, r.block_size)))
+        .collect();
     let built = build_layers(inner, &layers, &sizes)?;
 
     let mut cat = inner.catalog.lock();
-    cat.next_layer = state.next_layer.max(layers.keys().max().map_or(1, |m| m + 1));
-    cat.next_volume = state.next_volume.max(volumes.iter().map(|(_, r)| r.id + 1).max().unwrap_or(1));
+    cat.next_layer = state
+        .next_layer
+        .max(layers.keys().max().map_or(1, |m| m + 1));
+    cat.next_volume = state
+        .next_volume
+        .max(volumes.iter().map(|(_, r)| r.id + 1).max().unwrap_or(1));
     let mut built = built;
     for (name, rec) in &volumes {
-        let b = built.remove(&rec.head).ok_or_else(|| Error::Corrupt(format!("volume {name} has no head layer")))?;
+        let b = built
+            .remove(&rec.head)
+            .ok_or_else(|| Error::Corrupt(format!("volume {name} has no head layer")))?;
         let parent = layers.get(&rec.head).map_or(0, |l| l.parent);
-        let head = HeadMap { layer: rec.head, parent, tree: b.tree, own: b.own, dirty: HashSet::new(), mapped_blocks: b.mapped };
-        cat.volumes.insert(name.clone(), Arc::new(VolumeState::new(rec, name.clone(), head)));
+        let head = HeadMap {
+            layer: rec.head,
+            parent,
+            tree: b.tree,
+            own: b.own,
+            dirty: HashSet::new(),
+            mapped_blocks: b.mapped,
+        };
+        cat.volumes.insert(
+            name.clone(),
+            Arc::new(VolumeState::new(rec, name.clone(), head)),
+        );
     }
     for ((vid, name), rec) in checkpoints {
-        cat.checkpoints.insert((vid, name), CheckpointMeta { layer: rec.layer, size: rec.size, created_unix: rec.created_unix });
+        cat.checkpoints.insert(
+            (vid, name),
+            CheckpointMeta {
+                layer: rec.layer,
+                size: rec.size,
+                created_unix: rec.created_unix,
+            },
+        );
     }
     for (id, b) in built {
         let Some(l) = layers.get(&id) else { continue };
-        cat.frozen.insert(id, FrozenLayer { parent: l.parent, volume: l.volume, tree: b.tree, own: b.own, mapped_blocks: b.mapped });
+        cat.frozen.insert(
+            id,
+            FrozenLayer {
+                parent: l.parent,
+                volume: l.volume,
+                tree: b.tree,
+                own: b.own,
+                mapped_blocks: b.mapped,
+            },
+        );
     }
     drop(cat);
 
@@ -68,7 +123,14 @@ pub(crate) fn load(inner: &Arc<Inner>, state: &StateRecord, journal: Vec<Journal
     tracing::info!(replayed, punched_pages = punched, "store loaded");
     inner.commit(Vec::new())?;
 
-    let ephemeral: Vec<String> = inner.catalog.lock().volumes.values().filter(|v| v.ephemeral).map(|v| v.name.clone()).collect();
+    let ephemeral: Vec<String> = inner
+        .catalog
+        .lock()
+        .volumes
+        .values()
+        .filter(|v| v.ephemeral)
+        .map(|v| v.name.clone())
+        .collect();
     for name in ephemeral {
         tracing::info!(volume = %name, "discarding ephemeral volume left from a previous run");
         ops::delete_volume(inner, &name, true)?;
@@ -77,13 +139,23 @@ pub(crate) fn load(inner: &Arc<Inner>, state: &StateRecord, journal: Vec<Journal
 }
 
 /// Builds every layer's tree, parents first.
-fn build_layers(inner: &Inner, layers: &HashMap<u64, LayerRecord>, sizes: &HashMap<u64, (u64, u32)>) -> Result<HashMap<u64, Built>> {
+fn build_layers(
+    inner: &Inner,
+    layers: &HashMap<u64, LayerRecord>,
+    sizes: &HashMap<u64, (u64, u32)>,
+) -> Result<HashMap<u64, Built>> {
     let mut own_leaves: HashMap<u64, Vec<(u64, crate::tree::Leaf)>> = HashMap::new();
-    for item in inner.db.iterator_cf(cf(&inner.db, codec::CF_LEAVES)?, IteratorMode::Start) {
+    for item in inner
+        .db
+        .iterator_cf(cf(&inner.db, codec::CF_LEAVES)?, IteratorMode::Start)
+    {
         let (k, v) = item?;
         let (layer, _object, idx) = codec::decode_leaf_key(&k)?;
         if layers.contains_key(&layer) {
-            own_leaves.entry(layer).or_default().push((idx, codec::decode_leaf(&v)?));
+            own_leaves
+                .entry(layer)
+                .or_default()
+                .push((idx, codec::decode_leaf(&v)?));
         }
     }
     let mut kids: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -135,7 +207,10 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
         max_seq = max_seq.max(j.seq);
         let vol = {
             let cat = inner.catalog.lock();
-            cat.volumes.values().find(|v| v.map.read().layer == j.layer).cloned()
+            cat.volumes
+                .values()
+                .find(|v| v.map.read().layer == j.layer)
+                .cloned()
         };
         let Some(vol) = vol else { continue };
         if j.block >= vol.blocks() {
@@ -146,7 +221,12 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
                 continue;
             }
         }
-        let change = Change { block: j.block, count: u64::from(j.count.max(1)), new: j.entry, expect: None };
+        let change = Change {
+            block: j.block,
+            count: u64::from(j.count.max(1)),
+            new: j.entry,
+            expect: None,
+        };
         let mut map = vol.map.write();
         apply_changes(inner, &mut map, &[change]);
         map.dirty.insert(leaf_index(j.block));
@@ -158,11 +238,17 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
 }
 
 fn record_verifies(inner: &Inner, e: &crate::tree::Entry, block_size: u32) -> bool {
-    let Some(seg) = inner.segments.get(e.segment) else { return false };
+    let Some(seg) = inner.segments.get(e.segment) else {
+        return false;
+    };
     if e.stored_len() == 0 || e.stored_len() > block_size {
         return false;
     }
-    let op = Op::Read { file: seg.file.clone(), offset: u64::from(e.page) * PAGE_SIZE as u64, buf: vec![0; e.stored_len() as usize] };
+    let op = Op::Read {
+        file: seg.file.clone(),
+        offset: u64::from(e.page) * PAGE_SIZE as u64,
+        buf: vec![0; e.stored_len() as usize],
+    };
     let done = inner.segments.engine().run(op);
     done.result.is_ok() && crc32fast::hash(&done.op.into_buf()) == e.crc
 }

@@ -84,25 +84,43 @@ pub struct ByteRange {
 
 fn check_size(size: u64, block_size: u32) -> Result<()> {
     if size == 0 || size % SECTOR != 0 {
-        return Err(Error::InvalidArgument(format!("size {size} must be a positive multiple of 512")));
+        return Err(Error::InvalidArgument(format!(
+            "size {size} must be a positive multiple of 512"
+        )));
     }
     if size > MAX_VOLUME_SIZE {
-        return Err(Error::InvalidArgument(format!("size {size} exceeds the 1 PiB limit")));
+        return Err(Error::InvalidArgument(format!(
+            "size {size} exceeds the 1 PiB limit"
+        )));
     }
     let _ = block_size;
     Ok(())
 }
 
 fn ckpt_err(vol: &str, name: &str) -> Error {
-    Error::NoSuchCheckpoint { volume: vol.to_string(), name: name.to_string() }
+    Error::NoSuchCheckpoint {
+        volume: vol.to_string(),
+        name: name.to_string(),
+    }
 }
 
-pub(crate) fn create_volume(inner: &Inner, name: &str, size: u64, opts: VolumeOptions) -> Result<VolumeInfo> {
+pub(crate) fn create_volume(
+    inner: &Inner,
+    name: &str,
+    size: u64,
+    opts: VolumeOptions,
+) -> Result<VolumeInfo> {
     names::validate("volume", name)?;
-    let default_bs = if opts.lz4 { DEFAULT_LZ4_BLOCK_SIZE } else { DEFAULT_BLOCK_SIZE };
+    let default_bs = if opts.lz4 {
+        DEFAULT_LZ4_BLOCK_SIZE
+    } else {
+        DEFAULT_BLOCK_SIZE
+    };
     let bs = opts.block_size.unwrap_or(default_bs);
     if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-        return Err(Error::InvalidArgument(format!("block size {bs} must be a power of two from 4096 to 1048576")));
+        return Err(Error::InvalidArgument(format!(
+            "block size {bs} must be a power of two from 4096 to 1048576"
+        )));
     }
     check_size(size, bs)?;
     inner.check_poisoned()?;
@@ -115,7 +133,15 @@ pub(crate) fn create_volume(inner: &Inner, name: &str, size: u64, opts: VolumeOp
         let id = cat.next_volume;
         cat.next_volume += 1;
         let layer = cat.alloc_layer();
-        let rec = VolumeRecord { id, size, block_size: bs, lz4: opts.lz4, ephemeral: opts.ephemeral, head: layer, created_unix: now_unix() };
+        let rec = VolumeRecord {
+            id,
+            size,
+            block_size: bs,
+            lz4: opts.lz4,
+            ephemeral: opts.ephemeral,
+            head: layer,
+            created_unix: now_unix(),
+        };
         let head = HeadMap {
             layer,
             parent: 0,
@@ -128,7 +154,15 @@ pub(crate) fn create_volume(inner: &Inner, name: &str, size: u64, opts: VolumeOp
         cat.volumes.insert(name.to_string(), vol);
         vec![
             DbOp::Put(codec::CF_VOLUMES, name.as_bytes().to_vec(), rec.encode()),
-            Inner::layer_record(layer, LayerRecord { parent: 0, volume: id, frozen: false, mapped_blocks: 0 }),
+            Inner::layer_record(
+                layer,
+                LayerRecord {
+                    parent: 0,
+                    volume: id,
+                    frozen: false,
+                    mapped_blocks: 0,
+                },
+            ),
         ]
     };
     inner.commit_locked(&guard, ops)?;
@@ -164,7 +198,10 @@ fn info_of(cat: &Catalog, vol: &VolumeState) -> VolumeInfo {
 /// `VOL@CKPT` naming the checkpoint whose layer is `layer`.
 fn checkpoint_ref(cat: &Catalog, layer: u64) -> Option<String> {
     let ((vid, name), _) = cat.checkpoints.iter().find(|(_, c)| c.layer == layer)?;
-    let vol = cat.volume_by_id(*vid).map(|v| v.name.clone()).unwrap_or_else(|| format!("#{vid}"));
+    let vol = cat
+        .volume_by_id(*vid)
+        .map(|v| v.name.clone())
+        .unwrap_or_else(|| format!("#{vid}"));
     Some(format!("{vol}@{name}"))
 }
 
@@ -179,7 +216,10 @@ pub(crate) fn open_volume(inner: &Arc<Inner>, name: &str) -> Result<Volume> {
     let cat = inner.catalog.lock();
     let state = cat.volume(name)?.clone();
     state.handles.fetch_add(1, Ordering::Relaxed);
-    Ok(Volume { inner: inner.clone(), state })
+    Ok(Volume {
+        inner: inner.clone(),
+        state,
+    })
 }
 
 pub(crate) fn grow_volume(inner: &Inner, name: &str, new_size: u64) -> Result<VolumeInfo> {
@@ -207,14 +247,29 @@ pub(crate) fn grow_volume(inner: &Inner, name: &str, new_size: u64) -> Result<Vo
 
 /// Layers whose parent is `layer`: (frozen layer ids, volumes whose head descends from it).
 fn children(cat: &Catalog, layer: u64) -> (Vec<u64>, Vec<Arc<VolumeState>>) {
-    let frozen = cat.frozen.iter().filter(|(_, f)| f.parent == layer).map(|(id, _)| *id).collect();
-    let heads = cat.volumes.values().filter(|v| v.map.read().parent == layer).cloned().collect();
+    let frozen = cat
+        .frozen
+        .iter()
+        .filter(|(_, f)| f.parent == layer)
+        .map(|(id, _)| *id)
+        .collect();
+    let heads = cat
+        .volumes
+        .values()
+        .filter(|v| v.map.read().parent == layer)
+        .cloned()
+        .collect();
     (frozen, heads)
 }
 
 /// Removes frozen layer `id`, first giving each child the leaf records it inherited from it.
 /// Returns the entries to release once the change is committed.
-fn remove_frozen_layer(cat: &mut Catalog, inner: &Inner, id: u64, ops: &mut Vec<DbOp>) -> Option<FrozenLayer> {
+fn remove_frozen_layer(
+    cat: &mut Catalog,
+    inner: &Inner,
+    id: u64,
+    ops: &mut Vec<DbOp>,
+) -> Option<FrozenLayer> {
     let gone = cat.frozen.remove(&id)?;
     let (frozen_kids, head_kids) = children(cat, id);
     let adopt = |own: &mut HashSet<u64>, child: u64, ops: &mut Vec<DbOp>| {
@@ -231,7 +286,12 @@ fn remove_frozen_layer(cat: &mut Catalog, inner: &Inner, id: u64, ops: &mut Vec<
         if let Some(f) = cat.frozen.get_mut(&kid) {
             adopt(&mut f.own, kid, ops);
             f.parent = gone.parent;
-            let rec = LayerRecord { parent: f.parent, volume: f.volume, frozen: true, mapped_blocks: f.mapped_blocks };
+            let rec = LayerRecord {
+                parent: f.parent,
+                volume: f.volume,
+                frozen: true,
+                mapped_blocks: f.mapped_blocks,
+            };
             ops.push(Inner::layer_record(kid, rec));
         }
     }
@@ -240,7 +300,12 @@ fn remove_frozen_layer(cat: &mut Catalog, inner: &Inner, id: u64, ops: &mut Vec<
         let layer = map.layer;
         adopt(&mut map.own, layer, ops);
         map.parent = gone.parent;
-        let rec = LayerRecord { parent: gone.parent, volume: vol.id, frozen: false, mapped_blocks: 0 };
+        let rec = LayerRecord {
+            parent: gone.parent,
+            volume: vol.id,
+            frozen: false,
+            mapped_blocks: 0,
+        };
         ops.push(Inner::layer_record(layer, rec));
     }
     ops.extend(Inner::delete_layer_ops(id));
@@ -277,11 +342,18 @@ pub(crate) fn delete_volume(inner: &Inner, name: &str, internal: bool) -> Result
         while !mine.is_empty() {
             let pick = mine
                 .iter()
-                .position(|(_, l)| !mine.iter().any(|(_, o)| cat.frozen.get(o).is_some_and(|f| f.parent == *l)))
+                .position(|(_, l)| {
+                    !mine
+                        .iter()
+                        .any(|(_, o)| cat.frozen.get(o).is_some_and(|f| f.parent == *l))
+                })
                 .unwrap_or(0);
             let (ck, layer) = mine.swap_remove(pick);
             cat.checkpoints.remove(&(vol.id, ck.clone()));
-            ops.push(DbOp::Delete(codec::CF_CHECKPOINTS, codec::checkpoint_key(vol.id, &ck)));
+            ops.push(DbOp::Delete(
+                codec::CF_CHECKPOINTS,
+                codec::checkpoint_key(vol.id, &ck),
+            ));
             if let Some(f) = remove_frozen_layer(&mut cat, inner, layer, &mut ops) {
                 released.push((f.tree, f.own));
             }
@@ -302,7 +374,10 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
         let mut cat = inner.catalog.lock();
         let vol = cat.volume(vol_name)?.clone();
         if cat.checkpoints.contains_key(&(vol.id, name.to_string())) {
-            return Err(Error::CheckpointExists { volume: vol_name.to_string(), name: name.to_string() });
+            return Err(Error::CheckpointExists {
+                volume: vol_name.to_string(),
+                name: name.to_string(),
+            });
         }
         let new = cat.alloc_layer();
         let mut ops = Vec::new();
@@ -326,13 +401,44 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
         let (old, f) = frozen;
         let size = vol.size();
         let created_unix = now_unix();
-        ops.push(Inner::layer_record(old, LayerRecord { parent: f.parent, volume: vol.id, frozen: true, mapped_blocks: f.mapped_blocks }));
-        ops.push(Inner::layer_record(new, LayerRecord { parent: old, volume: vol.id, frozen: false, mapped_blocks: 0 }));
+        ops.push(Inner::layer_record(
+            old,
+            LayerRecord {
+                parent: f.parent,
+                volume: vol.id,
+                frozen: true,
+                mapped_blocks: f.mapped_blocks,
+            },
+        ));
+        ops.push(Inner::layer_record(
+            new,
+            LayerRecord {
+                parent: old,
+                volume: vol.id,
+                frozen: false,
+                mapped_blocks: 0,
+            },
+        ));
         ops.push(Inner::volume_record(&vol, new));
-        let rec = CheckpointRecord { layer: old, size, created_unix };
-        ops.push(DbOp::Put(codec::CF_CHECKPOINTS, codec::checkpoint_key(vol.id, name), rec.encode()));
+        let rec = CheckpointRecord {
+            layer: old,
+            size,
+            created_unix,
+        };
+        ops.push(DbOp::Put(
+            codec::CF_CHECKPOINTS,
+            codec::checkpoint_key(vol.id, name),
+            rec.encode(),
+        ));
         cat.frozen.insert(old, f);
-        cat.checkpoints.insert((vol.id, name.to_string()), CheckpointMeta { layer: old, size, created_unix });
+        cat.checkpoints.insert(
+            (vol.id, name.to_string()),
+            CheckpointMeta {
+                layer: old,
+                size,
+                created_unix,
+            },
+        );
         ops
     };
     inner.commit_locked(&guard, ops)?;
@@ -342,9 +448,16 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
     checkpoint_info(&cat, inner, &vol, name)
 }
 
-fn find_checkpoint<'a>(cat: &'a Catalog, vol: &str, name: &str) -> Result<(&'a Arc<VolumeState>, &'a CheckpointMeta)> {
+fn find_checkpoint<'a>(
+    cat: &'a Catalog,
+    vol: &str,
+    name: &str,
+) -> Result<(&'a Arc<VolumeState>, &'a CheckpointMeta)> {
     let v = cat.volume(vol)?;
-    let c = cat.checkpoints.get(&(v.id, name.to_string())).ok_or_else(|| ckpt_err(vol, name))?;
+    let c = cat
+        .checkpoints
+        .get(&(v.id, name.to_string()))
+        .ok_or_else(|| ckpt_err(vol, name))?;
     Ok((v, c))
 }
 
@@ -356,7 +469,10 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
         let new = cat.alloc_layer();
         let (vol, ck) = find_checkpoint(&cat, vol_name, name)?;
         let (vol, ck) = (vol.clone(), ck.clone());
-        let frozen = cat.frozen.get(&ck.layer).ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
+        let frozen = cat
+            .frozen
+            .get(&ck.layer)
+            .ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
         let mut tree = frozen.tree.clone();
         let mut map = vol.map.write();
         vol.set_size(ck.size);
@@ -369,7 +485,15 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
         map.parent = ck.layer;
         map.mapped_blocks = frozen.mapped_blocks;
         let mut ops: Vec<DbOp> = Inner::delete_layer_ops(old_layer).into();
-        ops.push(Inner::layer_record(new, LayerRecord { parent: ck.layer, volume: vol.id, frozen: false, mapped_blocks: 0 }));
+        ops.push(Inner::layer_record(
+            new,
+            LayerRecord {
+                parent: ck.layer,
+                volume: vol.id,
+                frozen: false,
+                mapped_blocks: 0,
+            },
+        ));
         ops.push(Inner::volume_record(&vol, new));
         (ops, old_tree, old_own)
     };
@@ -380,7 +504,13 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn fork(inner: &Inner, vol_name: &str, name: &str, new_name: &str, ephemeral: bool) -> Result<VolumeInfo> {
+pub(crate) fn fork(
+    inner: &Inner,
+    vol_name: &str,
+    name: &str,
+    new_name: &str,
+    ephemeral: bool,
+) -> Result<VolumeInfo> {
     names::validate("volume", new_name)?;
     inner.check_poisoned()?;
     let guard = inner.commit.lock();
@@ -391,7 +521,10 @@ pub(crate) fn fork(inner: &Inner, vol_name: &str, name: &str, new_name: &str, ep
         }
         let (src, ck) = find_checkpoint(&cat, vol_name, name)?;
         let (src, ck) = (src.clone(), ck.clone());
-        let frozen = cat.frozen.get(&ck.layer).ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
+        let frozen = cat
+            .frozen
+            .get(&ck.layer)
+            .ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
         let mut tree = frozen.tree.clone();
         let mapped_blocks = frozen.mapped_blocks;
         tree.reserve(ck.size.div_ceil(u64::from(src.block_size)));
@@ -407,11 +540,33 @@ pub(crate) fn fork(inner: &Inner, vol_name: &str, name: &str, new_name: &str, ep
             head: layer,
             created_unix: now_unix(),
         };
-        let head = HeadMap { layer, parent: ck.layer, tree, own: HashSet::new(), dirty: HashSet::new(), mapped_blocks };
-        cat.volumes.insert(new_name.to_string(), Arc::new(VolumeState::new(&rec, new_name.to_string(), head)));
+        let head = HeadMap {
+            layer,
+            parent: ck.layer,
+            tree,
+            own: HashSet::new(),
+            dirty: HashSet::new(),
+            mapped_blocks,
+        };
+        cat.volumes.insert(
+            new_name.to_string(),
+            Arc::new(VolumeState::new(&rec, new_name.to_string(), head)),
+        );
         vec![
-            DbOp::Put(codec::CF_VOLUMES, new_name.as_bytes().to_vec(), rec.encode()),
-            Inner::layer_record(layer, LayerRecord { parent: ck.layer, volume: id, frozen: false, mapped_blocks: 0 }),
+            DbOp::Put(
+                codec::CF_VOLUMES,
+                new_name.as_bytes().to_vec(),
+                rec.encode(),
+            ),
+            Inner::layer_record(
+                layer,
+                LayerRecord {
+                    parent: ck.layer,
+                    volume: id,
+                    frozen: false,
+                    mapped_blocks: 0,
+                },
+            ),
         ]
     };
     inner.commit_locked(&guard, ops)?;
@@ -428,7 +583,10 @@ pub(crate) fn delete_checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Re
         let (vol, ck) = find_checkpoint(&cat, vol_name, name)?;
         let (vid, layer) = (vol.id, ck.layer);
         cat.checkpoints.remove(&(vid, name.to_string()));
-        ops.push(DbOp::Delete(codec::CF_CHECKPOINTS, codec::checkpoint_key(vid, name)));
+        ops.push(DbOp::Delete(
+            codec::CF_CHECKPOINTS,
+            codec::checkpoint_key(vid, name),
+        ));
         remove_frozen_layer(&mut cat, inner, layer, &mut ops)
     };
     if let Some(f) = &gone {
@@ -437,9 +595,20 @@ pub(crate) fn delete_checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Re
     inner.commit_locked(&guard, ops)
 }
 
-fn checkpoint_info(cat: &Catalog, inner: &Inner, vol: &VolumeState, name: &str) -> Result<CheckpointInfo> {
-    let ck = cat.checkpoints.get(&(vol.id, name.to_string())).ok_or_else(|| ckpt_err(&vol.name, name))?;
-    let f = cat.frozen.get(&ck.layer).ok_or_else(|| ckpt_err(&vol.name, name))?;
+fn checkpoint_info(
+    cat: &Catalog,
+    inner: &Inner,
+    vol: &VolumeState,
+    name: &str,
+) -> Result<CheckpointInfo> {
+    let ck = cat
+        .checkpoints
+        .get(&(vol.id, name.to_string()))
+        .ok_or_else(|| ckpt_err(&vol.name, name))?;
+    let f = cat
+        .frozen
+        .get(&ck.layer)
+        .ok_or_else(|| ckpt_err(&vol.name, name))?;
     Ok(CheckpointInfo {
         volume: vol.name.clone(),
         name: name.to_string(),
@@ -455,10 +624,14 @@ fn checkpoint_info(cat: &Catalog, inner: &Inner, vol: &VolumeState, name: &str) 
 /// Bytes deleting frozen layer `layer` would free: records in leaves it owns that no child
 /// inherits and that no other leaf record references.
 fn exclusive_bytes(cat: &Catalog, inner: &Inner, layer: u64) -> u64 {
-    let Some(f) = cat.frozen.get(&layer) else { return 0 };
+    let Some(f) = cat.frozen.get(&layer) else {
+        return 0;
+    };
     let (frozen_kids, head_kids) = children(cat, layer);
     let inherited = |idx: u64| {
-        frozen_kids.iter().any(|k| cat.frozen.get(k).is_some_and(|c| !c.own.contains(&idx)))
+        frozen_kids
+            .iter()
+            .any(|k| cat.frozen.get(k).is_some_and(|c| !c.own.contains(&idx)))
             || head_kids.iter().any(|v| !v.map.read().own.contains(&idx))
     };
     let mut bytes = 0u64;
@@ -478,8 +651,16 @@ fn exclusive_bytes(cat: &Catalog, inner: &Inner, layer: u64) -> u64 {
 pub(crate) fn list_checkpoints(inner: &Inner, vol_name: &str) -> Result<Vec<CheckpointInfo>> {
     let cat = inner.catalog.lock();
     let vol = cat.volume(vol_name)?.clone();
-    let names: Vec<String> = cat.checkpoints.keys().filter(|(v, _)| *v == vol.id).map(|(_, n)| n.clone()).collect();
-    let mut out = names.iter().map(|n| checkpoint_info(&cat, inner, &vol, n)).collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = cat
+        .checkpoints
+        .keys()
+        .filter(|(v, _)| *v == vol.id)
+        .map(|(_, n)| n.clone())
+        .collect();
+    let mut out = names
+        .iter()
+        .map(|n| checkpoint_info(&cat, inner, &vol, n))
+        .collect::<Result<Vec<_>>>()?;
     out.sort_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)));
     Ok(out)
 }
@@ -505,7 +686,9 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
     let (ta, bsa, sa) = resolve(inner, a)?;
     let (tb, bsb, sb) = resolve(inner, b)?;
     if bsa != bsb {
-        return Err(Error::InvalidArgument("cannot diff volumes with different block sizes".into()));
+        return Err(Error::InvalidArgument(
+            "cannot diff volumes with different block sizes".into(),
+        ));
     }
     let bs = u64::from(bsa);
     let limit = sa.max(sb);
@@ -536,7 +719,10 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
         let from = sa.min(sb);
         match out.last_mut() {
             Some(r) if r.offset + r.len >= from => r.len = r.len.max(limit - r.offset),
-            _ => out.push(ByteRange { offset: from, len: limit - from }),
+            _ => out.push(ByteRange {
+                offset: from,
+                len: limit - from,
+            }),
         }
     }
     Ok(out)
@@ -549,7 +735,11 @@ pub(crate) fn all_records(inner: &Inner) -> Vec<(Entry, String, u64)> {
     let mut out = Vec::new();
     let mut visit = |tree: &Tree, own: &HashSet<u64>, label: String| {
         for &idx in own {
-            for (slot, e) in tree.leaf(idx).map(|l| l.iter().collect::<Vec<_>>()).unwrap_or_default() {
+            for (slot, e) in tree
+                .leaf(idx)
+                .map(|l| l.iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
                 if seen.insert((e.segment, e.page)) {
                     out.push((e, label.clone(), idx * LEAF_SLOTS as u64 + slot as u64));
                 }
@@ -561,7 +751,10 @@ pub(crate) fn all_records(inner: &Inner) -> Vec<(Entry, String, u64)> {
         visit(&m.tree, &m.own, vol.name.clone());
     }
     for ((vid, name), ck) in &cat.checkpoints {
-        let vol = cat.volume_by_id(*vid).map(|v| v.name.clone()).unwrap_or_default();
+        let vol = cat
+            .volume_by_id(*vid)
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
         if let Some(f) = cat.frozen.get(&ck.layer) {
             visit(&f.tree, &f.own, format!("{vol}@{name}"));
         }

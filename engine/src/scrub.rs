@@ -31,7 +31,10 @@ pub(crate) fn scrub(inner: &Inner) -> Result<ScrubReport> {
     let mut report = ScrubReport::default();
     let block_sizes: std::collections::HashMap<String, u64> = {
         let cat = inner.catalog.lock();
-        cat.volumes.values().map(|v| (v.name.clone(), u64::from(v.block_size))).collect()
+        cat.volumes
+            .values()
+            .map(|v| (v.name.clone(), u64::from(v.block_size)))
+            .collect()
     };
     for chunk in records.chunks(BATCH) {
         let mut ops = Vec::new();
@@ -39,7 +42,12 @@ pub(crate) fn scrub(inner: &Inner) -> Result<ScrubReport> {
         for (e, loc, blk) in chunk {
             let vol = loc.split('@').next().unwrap_or(loc);
             let offset = blk * block_sizes.get(vol).copied().unwrap_or(4096);
-            let problem = |detail: String| ScrubProblem { location: loc.clone(), offset, segment: e.segment, detail };
+            let problem = |detail: String| ScrubProblem {
+                location: loc.clone(),
+                offset,
+                segment: e.segment,
+                detail,
+            };
             match inner.segments.get(e.segment) {
                 Some(seg) => {
                     ops.push(Op::Read {
@@ -49,7 +57,9 @@ pub(crate) fn scrub(inner: &Inner) -> Result<ScrubReport> {
                     });
                     meta.push((*e, problem(String::new())));
                 }
-                None => report.problems.push(problem("data segment is missing".into())),
+                None => report
+                    .problems
+                    .push(problem("data segment is missing".into())),
             }
         }
         for (done, (e, mut p)) in inner.segments.engine().submit(ops).into_iter().zip(meta) {

@@ -47,7 +47,9 @@ impl Segment {
     }
 
     fn try_alloc(&self, pages: u32) -> Option<u32> {
-        let start = self.next_page.fetch_add(u64::from(pages), Ordering::Relaxed);
+        let start = self
+            .next_page
+            .fetch_add(u64::from(pages), Ordering::Relaxed);
         let end = start + u64::from(pages);
         (end <= u64::from(self.capacity_pages)).then_some(start as u32)
     }
@@ -76,7 +78,10 @@ pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
 }
 
 fn parse_segment_name(name: &str) -> Option<u32> {
-    name.strip_prefix("seg-")?.strip_suffix(".dat")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".dat")?
+        .parse()
+        .ok()
 }
 
 impl Segments {
@@ -96,9 +101,16 @@ impl Segments {
         let listing = std::fs::read_dir(dir).map_err(|e| Error::io("listing data segments", e))?;
         for ent in listing {
             let ent = ent.map_err(|e| Error::io("listing data segments", e))?;
-            let Some(id) = ent.file_name().to_str().and_then(parse_segment_name) else { continue };
-            let file = engine.open(&ent.path(), false).map_err(|e| Error::io("opening segment", e))?;
-            let len_pages = file.len().map_err(|e| Error::io("sizing segment", e))?.div_ceil(PAGE_SIZE as u64);
+            let Some(id) = ent.file_name().to_str().and_then(parse_segment_name) else {
+                continue;
+            };
+            let file = engine
+                .open(&ent.path(), false)
+                .map_err(|e| Error::io("opening segment", e))?;
+            let len_pages = file
+                .len()
+                .map_err(|e| Error::io("sizing segment", e))?
+                .div_ceil(PAGE_SIZE as u64);
             let cap = capacity_pages.max(u32::try_from(len_pages).unwrap_or(u32::MAX));
             // Old segments are sealed: nothing more is appended to them.
             all.insert(id, Arc::new(Segment::new(id, file, cap, u64::from(cap))));
@@ -119,9 +131,18 @@ impl Segments {
         })
     }
 
-    fn create(dir: &Path, engine: &Arc<dyn IoEngine>, id: u32, capacity_pages: u32) -> Result<Arc<Segment>> {
-        let file = engine.open(&segment_path(dir, id), true).map_err(|e| Error::io("creating segment", e))?;
-        engine.sync_dir(dir).map_err(|e| Error::io("syncing data directory", e))?;
+    fn create(
+        dir: &Path,
+        engine: &Arc<dyn IoEngine>,
+        id: u32,
+        capacity_pages: u32,
+    ) -> Result<Arc<Segment>> {
+        let file = engine
+            .open(&segment_path(dir, id), true)
+            .map_err(|e| Error::io("creating segment", e))?;
+        engine
+            .sync_dir(dir)
+            .map_err(|e| Error::io("syncing data directory", e))?;
         Ok(Arc::new(Segment::new(id, file, capacity_pages, 0)))
     }
 
@@ -137,7 +158,9 @@ impl Segments {
     /// Reserves `pages` contiguous pages for new records.
     pub fn allocate(&self, pages: u32) -> Result<(Arc<Segment>, u32)> {
         if pages > self.capacity_pages {
-            return Err(Error::InvalidArgument("request larger than a data segment".into()));
+            return Err(Error::InvalidArgument(
+                "request larger than a data segment".into(),
+            ));
         }
         loop {
             let seg = self.active.read().clone();
@@ -159,7 +182,12 @@ impl Segments {
     /// Takes the set of segments written since the last call, as sync operations.
     pub fn take_unsynced(&self) -> Vec<Op> {
         let ids = std::mem::take(&mut *self.unsynced.lock());
-        ids.into_iter().filter_map(|id| self.get(id)).map(|s| Op::Sync { file: s.file.clone() }).collect()
+        ids.into_iter()
+            .filter_map(|id| self.get(id))
+            .map(|s| Op::Sync {
+                file: s.file.clone(),
+            })
+            .collect()
     }
 
     /// Counts one more reference to the record `e`.
@@ -167,7 +195,8 @@ impl Segments {
         if let Some(seg) = self.get(e.segment) {
             if let Some(slot) = seg.ref_slot(e.page) {
                 if slot.fetch_add(1, Ordering::Relaxed) == 0 {
-                    seg.live_pages.fetch_add(u64::from(e.pages()), Ordering::Relaxed);
+                    seg.live_pages
+                        .fetch_add(u64::from(e.pages()), Ordering::Relaxed);
                 }
             }
         }
@@ -175,11 +204,16 @@ impl Segments {
 
     /// Drops one reference to `e`; true when it was the last one.
     pub fn decref(&self, e: &Entry) -> bool {
-        let Some(seg) = self.get(e.segment) else { return false };
-        let Some(slot) = seg.ref_slot(e.page) else { return false };
+        let Some(seg) = self.get(e.segment) else {
+            return false;
+        };
+        let Some(slot) = seg.ref_slot(e.page) else {
+            return false;
+        };
         let prev = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
         if prev == Ok(1) {
-            seg.live_pages.fetch_sub(u64::from(e.pages()), Ordering::Relaxed);
+            seg.live_pages
+                .fetch_sub(u64::from(e.pages()), Ordering::Relaxed);
             return true;
         }
         false
@@ -195,7 +229,10 @@ impl Segments {
     pub fn reclaim(&self, dead: &[Entry]) -> Result<()> {
         let mut by_seg: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
         for e in dead {
-            by_seg.entry(e.segment).or_default().push((e.page, e.pages()));
+            by_seg
+                .entry(e.segment)
+                .or_default()
+                .push((e.page, e.pages()));
         }
         let mut ops = Vec::new();
         for (id, mut ranges) in by_seg {
@@ -236,7 +273,9 @@ impl Segments {
                 .remove(&segment_path(&self.dir, *id))
                 .map_err(|e| Error::io("removing empty segment", e))?;
         }
-        self.engine.sync_dir(&self.dir).map_err(|e| Error::io("syncing data directory", e))
+        self.engine
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("syncing data directory", e))
     }
 
     /// After open: punches every page no record references (left by writes that never
@@ -252,7 +291,10 @@ impl Segments {
             let mut ranges = live.get(&seg.id).cloned().unwrap_or_default();
             ranges.sort_unstable();
             let mut cursor = 0u32;
-            for (start, len) in coalesce(&ranges).into_iter().chain([(seg.capacity_pages, 0)]) {
+            for (start, len) in coalesce(&ranges)
+                .into_iter()
+                .chain([(seg.capacity_pages, 0)])
+            {
                 if start > cursor {
                     punched += u64::from(start - cursor);
                     ops.push(Op::Punch {
@@ -265,7 +307,8 @@ impl Segments {
             }
         }
         for d in self.engine.submit(ops) {
-            d.result.map_err(|e| Error::io("punching unreferenced pages", e))?;
+            d.result
+                .map_err(|e| Error::io("punching unreferenced pages", e))?;
         }
         self.delete_dead_segments()?;
         Ok(punched)
@@ -274,7 +317,10 @@ impl Segments {
     /// Live bytes and file count, for stats.
     pub fn usage(&self) -> (u64, usize) {
         let all = self.all.read();
-        let live = all.values().map(|s| s.live_pages() * PAGE_SIZE as u64).sum();
+        let live = all
+            .values()
+            .map(|s| s.live_pages() * PAGE_SIZE as u64)
+            .sum();
         (live, all.len())
     }
 
@@ -301,7 +347,10 @@ mod tests {
 
     #[test]
     fn coalesce_merges_touching_ranges() {
-        assert_eq!(coalesce(&[(0, 2), (2, 1), (5, 1), (5, 3)]), vec![(0, 3), (5, 3)]);
+        assert_eq!(
+            coalesce(&[(0, 2), (2, 1), (5, 1), (5, 3)]),
+            vec![(0, 3), (5, 3)]
+        );
         assert_eq!(coalesce(&[]), vec![]);
     }
 }

@@ -82,7 +82,9 @@ pub(crate) struct Catalog {
 
 impl Catalog {
     pub fn volume(&self, name: &str) -> Result<&Arc<VolumeState>> {
-        self.volumes.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+        self.volumes
+            .get(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
     pub fn volume_by_id(&self, id: u64) -> Option<&Arc<VolumeState>> {
@@ -131,23 +133,33 @@ pub struct Store {
 }
 
 pub(crate) fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn dir_is_empty(path: &Path) -> Result<bool> {
     match std::fs::read_dir(path) {
         Ok(mut it) => Ok(it.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(Error::StoreDir { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(Error::StoreDir {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
 fn mkdir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path).map_err(|e| Error::StoreDir { path: path.to_path_buf(), source: e })
+    std::fs::create_dir_all(path).map_err(|e| Error::StoreDir {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
-    db.cf_handle(name).ok_or_else(|| Error::Corrupt(format!("column family {name} is missing")))
+    db.cf_handle(name)
+        .ok_or_else(|| Error::Corrupt(format!("column family {name} is missing")))
 }
 
 fn open_db(path: &Path, create: bool) -> Result<DB> {
@@ -155,7 +167,9 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     opts.create_if_missing(create);
     opts.create_missing_column_families(create);
     opts.set_max_background_jobs(2);
-    let cfs = codec::ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+    let cfs = codec::ALL_CFS
+        .iter()
+        .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
     Ok(DB::open_cf_descriptors(&opts, path, cfs)?)
 }
 
@@ -180,7 +194,12 @@ impl Store {
         let db = open_db(&db_path, fresh)?;
         let meta = cf(&db, codec::CF_META)?;
         let state = if fresh {
-            let state = StateRecord { committed_seq: 0, next_layer: 1, next_volume: 1, next_segment: 1 };
+            let state = StateRecord {
+                committed_seq: 0,
+                next_layer: 1,
+                next_volume: 1,
+                next_segment: 1,
+            };
             let mut b = WriteBatch::default();
             b.put_cf(meta, codec::KEY_FORMAT, codec::encode_format());
             b.put_cf(meta, codec::KEY_STATE, state.encode());
@@ -189,12 +208,19 @@ impl Store {
             db.write_opt(b, &wo)?;
             state
         } else {
-            let fmt = db.get_cf(meta, codec::KEY_FORMAT)?.ok_or_else(|| Error::Corrupt("no format record".into()))?;
+            let fmt = db
+                .get_cf(meta, codec::KEY_FORMAT)?
+                .ok_or_else(|| Error::Corrupt("no format record".into()))?;
             let version = codec::decode_format(&fmt)?;
             if version != codec::FORMAT_VERSION {
-                return Err(Error::FormatVersion { found: version, expected: codec::FORMAT_VERSION });
+                return Err(Error::FormatVersion {
+                    found: version,
+                    expected: codec::FORMAT_VERSION,
+                });
             }
-            let st = db.get_cf(meta, codec::KEY_STATE)?.ok_or_else(|| Error::Corrupt("no state record".into()))?;
+            let st = db
+                .get_cf(meta, codec::KEY_STATE)?
+                .ok_or_else(|| Error::Corrupt("no state record".into()))?;
             StateRecord::decode(&st)?
         };
         let engine = opts.engine.clone().unwrap_or_else(default_engine);
@@ -202,7 +228,12 @@ impl Store {
         for d in [path.join(DATA_DIR), path.join(JOURNAL_DIR)] {
             mkdir(&d)?;
         }
-        let segments = Segments::open(&path.join(DATA_DIR), engine.clone(), opts.segment_bytes, state.next_segment)?;
+        let segments = Segments::open(
+            &path.join(DATA_DIR),
+            engine.clone(),
+            opts.segment_bytes,
+            state.next_segment,
+        )?;
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
         let inner = Arc::new(Inner {
             path,
@@ -219,7 +250,9 @@ impl Store {
             wake: (Mutex::new(false), Condvar::new()),
         });
         crate::load::load(&inner, &state, recovered.entries)?;
-        let committer = opts.commit_interval.map(|period| spawn_committer(Arc::downgrade(&inner), period));
+        let committer = opts
+            .commit_interval
+            .map(|period| spawn_committer(Arc::downgrade(&inner), period));
         Ok(Store { inner, committer })
     }
 
@@ -320,7 +353,11 @@ impl Inner {
     /// The commit protocol: snapshot the dirty map under the gate, make the data it points at
     /// durable, write the map and `extra` in one synced RocksDB batch, then reclaim what the
     /// batch stopped referencing.
-    pub fn commit_locked(&self, _commit: &parking_lot::MutexGuard<'_, ()>, extra: Vec<DbOp>) -> Result<()> {
+    pub fn commit_locked(
+        &self,
+        _commit: &parking_lot::MutexGuard<'_, ()>,
+        extra: Vec<DbOp>,
+    ) -> Result<()> {
         self.check_poisoned()?;
         let mut ops = extra;
         let (state, dead, syncs, generation) = {
@@ -329,7 +366,9 @@ impl Inner {
             let generation = self.journal.rotate().map_err(|e| self.poison(e))?;
             for vol in cat.volumes.values() {
                 let mut map = vol.map.write();
-                let HeadMap { layer, tree, dirty, .. } = &mut *map;
+                let HeadMap {
+                    layer, tree, dirty, ..
+                } = &mut *map;
                 for idx in dirty.drain() {
                     ops.push(DbOp::Leaf(*layer, idx, tree.shared_leaf(idx)));
                 }
@@ -341,15 +380,23 @@ impl Inner {
                 next_segment: self.segments.next_id(),
             };
             self.dirty_bytes.store(0, Ordering::Relaxed);
-            (state, std::mem::take(&mut *self.dead.lock()), self.segments.take_unsynced(), generation)
+            (
+                state,
+                std::mem::take(&mut *self.dead.lock()),
+                self.segments.take_unsynced(),
+                generation,
+            )
         };
         for done in self.segments.engine().submit(syncs) {
-            done.result.map_err(|e| self.poison(Error::io("syncing data", e)))?;
+            done.result
+                .map_err(|e| self.poison(Error::io("syncing data", e)))?;
         }
         let batch = self.build_batch(ops, &state)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(|e| self.poison(Error::Db(e)))?;
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.poison(Error::Db(e)))?;
         self.segments.reclaim(&dead)?;
         self.journal.remove_before(generation)
     }
@@ -366,11 +413,19 @@ impl Inner {
                         Some(l) => codec::encode_leaf(l.leaf()),
                         None => codec::encode_leaf(&Default::default()),
                     };
-                    b.put_cf(cf(&self.db, codec::CF_LEAVES)?, codec::leaf_key(layer, 0, idx), v);
+                    b.put_cf(
+                        cf(&self.db, codec::CF_LEAVES)?,
+                        codec::leaf_key(layer, 0, idx),
+                        v,
+                    );
                 }
             }
         }
-        b.put_cf(cf(&self.db, codec::CF_META)?, codec::KEY_STATE, state.encode());
+        b.put_cf(
+            cf(&self.db, codec::CF_META)?,
+            codec::KEY_STATE,
+            state.encode(),
+        );
         Ok(b)
     }
 
@@ -406,11 +461,19 @@ impl Inner {
             head,
             created_unix: vol.created_unix,
         };
-        DbOp::Put(codec::CF_VOLUMES, vol.name.as_bytes().to_vec(), rec.encode())
+        DbOp::Put(
+            codec::CF_VOLUMES,
+            vol.name.as_bytes().to_vec(),
+            rec.encode(),
+        )
     }
 
     pub fn layer_record(id: u64, rec: codec::LayerRecord) -> DbOp {
-        DbOp::Put(codec::CF_LAYERS, codec::layer_key(id).to_vec(), rec.encode())
+        DbOp::Put(
+            codec::CF_LAYERS,
+            codec::layer_key(id).to_vec(),
+            rec.encode(),
+        )
     }
 
     pub fn delete_layer_ops(id: u64) -> [DbOp; 2] {

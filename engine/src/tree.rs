@@ -37,7 +37,12 @@ impl Entry {
     pub fn new(segment: u32, page: u32, stored_len: u32, lz4: bool, crc: u32) -> Self {
         debug_assert!(stored_len & Self::LZ4 == 0);
         let flag = if lz4 { Self::LZ4 } else { 0 };
-        Self { segment, page, len_flags: stored_len | flag, crc }
+        Self {
+            segment,
+            page,
+            len_flags: stored_len | flag,
+            crc,
+        }
     }
 
     pub fn stored_len(&self) -> u32 {
@@ -137,7 +142,10 @@ pub struct SharedLeaf(Arc<Node>);
 
 impl SharedLeaf {
     pub fn leaf(&self) -> &Leaf {
-        static EMPTY: Leaf = Leaf { bitmap: 0, entries: Vec::new() };
+        static EMPTY: Leaf = Leaf {
+            bitmap: 0,
+            entries: Vec::new(),
+        };
         match self.0.as_ref() {
             Node::Leaf(l) => l,
             Node::Inner { .. } => &EMPTY,
@@ -153,7 +161,10 @@ enum Node {
 
 impl Node {
     fn empty_inner() -> Self {
-        Node::Inner { bitmap: 0, kids: Vec::new() }
+        Node::Inner {
+            bitmap: 0,
+            kids: Vec::new(),
+        }
     }
 }
 
@@ -206,7 +217,10 @@ impl Tree {
     pub fn reserve(&mut self, blocks: u64) {
         while self.capacity() < blocks {
             if let Some(old) = self.root.take() {
-                self.root = Some(Arc::new(Node::Inner { bitmap: 1, kids: vec![old] }));
+                self.root = Some(Arc::new(Node::Inner {
+                    bitmap: 1,
+                    kids: vec![old],
+                }));
             }
             self.height += 1;
         }
@@ -230,7 +244,9 @@ impl Tree {
         }
         let mut node = self.root.as_ref()?;
         for level in (1..=self.height).rev() {
-            let Node::Inner { bitmap, kids } = node.as_ref() else { return None };
+            let Node::Inner { bitmap, kids } = node.as_ref() else {
+                return None;
+            };
             let slot = child_slot(leaf_idx, level);
             if bitmap >> slot & 1 == 0 {
                 return None;
@@ -257,8 +273,13 @@ impl Tree {
     /// Applies `f` to the leaf at `leaf_idx`, copying shared nodes on the path first and
     /// creating the leaf if absent. An emptied leaf is unlinked.
     pub fn update_leaf<R>(&mut self, leaf_idx: u64, f: impl FnOnce(&mut Leaf) -> R) -> R {
-        assert!(leaf_idx < self.capacity() >> LEVEL_BITS, "leaf index beyond tree capacity");
-        let root = self.root.get_or_insert_with(|| Arc::new(initial_node(self.height)));
+        assert!(
+            leaf_idx < self.capacity() >> LEVEL_BITS,
+            "leaf index beyond tree capacity"
+        );
+        let root = self
+            .root
+            .get_or_insert_with(|| Arc::new(initial_node(self.height)));
         let (r, now_empty) = update_rec(root, self.height, leaf_idx, f);
         if now_empty {
             self.root = None;
@@ -277,7 +298,9 @@ impl Tree {
             self.update_leaf(leaf_idx, |l| *l = Leaf::default());
             return;
         };
-        let root = self.root.get_or_insert_with(|| Arc::new(initial_node(self.height)));
+        let root = self
+            .root
+            .get_or_insert_with(|| Arc::new(initial_node(self.height)));
         replace_rec(root, self.height, leaf_idx, src);
     }
 
@@ -306,7 +329,10 @@ impl Tree {
     fn reserve_height(&mut self, height: u32) {
         while self.height < height {
             if let Some(old) = self.root.take() {
-                self.root = Some(Arc::new(Node::Inner { bitmap: 1, kids: vec![old] }));
+                self.root = Some(Arc::new(Node::Inner {
+                    bitmap: 1,
+                    kids: vec![old],
+                }));
             }
             self.height += 1;
         }
@@ -360,7 +386,9 @@ fn replace_rec(node: &mut Arc<Node>, level: u32, leaf_idx: u64, leaf: Arc<Node>)
         *node = leaf;
         return;
     }
-    let Node::Inner { bitmap, kids } = Arc::make_mut(node) else { return };
+    let Node::Inner { bitmap, kids } = Arc::make_mut(node) else {
+        return;
+    };
     let slot = child_slot(leaf_idx, level);
     let i = bit_rank(*bitmap, slot);
     if *bitmap >> slot & 1 == 0 {
@@ -391,7 +419,13 @@ fn kid_at(node: Option<&Arc<Node>>, slot: usize) -> Option<&Arc<Node>> {
     }
 }
 
-fn diff_rec(a: Option<&Arc<Node>>, b: Option<&Arc<Node>>, level: u32, base: u64, out: &mut Vec<u64>) {
+fn diff_rec(
+    a: Option<&Arc<Node>>,
+    b: Option<&Arc<Node>>,
+    level: u32,
+    base: u64,
+    out: &mut Vec<u64>,
+) {
     match (a, b) {
         (None, None) => return,
         (Some(x), Some(y)) if Arc::ptr_eq(x, y) => return,
@@ -456,7 +490,9 @@ mod tests {
         let mut m = BTreeMap::new();
         let mut x: u64 = 12345;
         for i in 0..20_000u32 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let b = (x >> 33) % (1 << 20);
             if i % 3 == 0 {
                 let old = t.update_leaf(leaf_index(b), |l| l.remove(leaf_slot(b)));
@@ -474,7 +510,10 @@ mod tests {
         let first = m.keys().next().copied();
         assert_eq!(t.next_mapped(0), first);
         for probe in [0u64, 100, 5000, 77777, 1 << 19] {
-            assert_eq!(t.next_mapped(probe), m.range(probe..).next().map(|(k, _)| *k));
+            assert_eq!(
+                t.next_mapped(probe),
+                m.range(probe..).next().map(|(k, _)| *k)
+            );
         }
     }
 
@@ -489,7 +528,10 @@ mod tests {
         a.update_leaf(leaf_index(4000), |l| l.remove(leaf_slot(4000)));
         assert_eq!(snap.get(130), Some(e(130)));
         assert_eq!(a.get(130), Some(e(9)));
-        assert_eq!(snap.diff_leaves(&a), vec![leaf_index(130), leaf_index(4000)]);
+        assert_eq!(
+            snap.diff_leaves(&a),
+            vec![leaf_index(130), leaf_index(4000)]
+        );
         assert!(a.shares_leaf(&snap, 0));
         assert!(!a.shares_leaf(&snap, leaf_index(130)));
     }

@@ -121,7 +121,9 @@ pub(crate) fn apply_changes(
             Some(e) => {
                 make_own(inner, map, leaf_index(c.block));
                 inner.segments.incref(&e);
-                let old = map.tree.update_leaf(leaf_index(c.block), |l| l.insert(leaf_slot(c.block), e));
+                let old = map
+                    .tree
+                    .update_leaf(leaf_index(c.block), |l| l.insert(leaf_slot(c.block), e));
                 match old {
                     Some(o) => released.push(o),
                     None => map.mapped_blocks += 1,
@@ -131,7 +133,14 @@ pub(crate) fn apply_changes(
         }
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let count = u32::try_from(c.count).unwrap_or(u32::MAX);
-        journal.push(JournalEntry { seq, layer: map.layer, object: 0, block: c.block, count, entry: c.new });
+        journal.push(JournalEntry {
+            seq,
+            layer: map.layer,
+            object: 0,
+            block: c.block,
+            count,
+            entry: c.new,
+        });
         applied.push(true);
     }
     inner.release(released);
@@ -162,7 +171,9 @@ fn unmap_run(inner: &Inner, map: &mut HeadMap, first: u64, count: u64, released:
         make_own(inner, map, idx);
         let leaf_end = ((idx + 1) << crate::tree::LEVEL_BITS).min(end);
         let removed: Vec<Entry> = map.tree.update_leaf(idx, |l| {
-            (b..leaf_end).filter_map(|blk| l.remove(leaf_slot(blk))).collect()
+            (b..leaf_end)
+                .filter_map(|blk| l.remove(leaf_slot(blk)))
+                .collect()
         });
         map.mapped_blocks -= removed.len() as u64;
         released.extend(removed);
@@ -201,7 +212,12 @@ pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64) -> Result<()>
         return Err(Error::Misaligned { offset, len });
     }
     if offset.checked_add(len).is_none_or(|end| end > g.size) {
-        return Err(Error::OutOfRange { volume: g.name.to_string(), offset, len, size: g.size });
+        return Err(Error::OutOfRange {
+            volume: g.name.to_string(),
+            offset,
+            len,
+            size: g.size,
+        });
     }
     Ok(())
 }
@@ -231,7 +247,13 @@ fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
 }
 
 /// Reads `buf.len()` bytes at `offset` (already range-checked).
-pub(crate) fn read(inner: &Inner, src: &MapSource<'_>, g: &Geometry<'_>, offset: u64, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read(
+    inner: &Inner,
+    src: &MapSource<'_>,
+    g: &Geometry<'_>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
@@ -255,8 +277,14 @@ pub(crate) fn read(inner: &Inner, src: &MapSource<'_>, g: &Geometry<'_>, offset:
         let mut retry = Vec::new();
         let mut block = vec![0u8; g.block_size as usize];
         for (done, i) in inner.segments.engine().submit(ops).into_iter().zip(which) {
-            let e = entries[i].unwrap_or(Entry { segment: 0, page: 0, len_flags: 0, crc: 0 });
-            let ok = done.result.is_ok() && decode_record(&done.op.into_buf(), &e, g.block_size as usize, &mut block);
+            let e = entries[i].unwrap_or(Entry {
+                segment: 0,
+                page: 0,
+                len_flags: 0,
+                crc: 0,
+            });
+            let ok = done.result.is_ok()
+                && decode_record(&done.op.into_buf(), &e, g.block_size as usize, &mut block);
             if ok {
                 copy_block(g, offset, first + i as u64, Some(&block), buf);
             } else {
@@ -276,11 +304,17 @@ pub(crate) fn read(inner: &Inner, src: &MapSource<'_>, g: &Geometry<'_>, offset:
             entries[i] = now;
         }
         if let Some(i) = still_bad {
-            return Err(Error::Checksum { volume: g.name.to_string(), offset: (first + i as u64) * bs });
+            return Err(Error::Checksum {
+                volume: g.name.to_string(),
+                offset: (first + i as u64) * bs,
+            });
         }
         pending = retry;
     }
-    Err(Error::Checksum { volume: g.name.to_string(), offset: first * bs })
+    Err(Error::Checksum {
+        volume: g.name.to_string(),
+        offset: first * bs,
+    })
 }
 
 /// Copies the part of block `blk` inside the request into `buf` (zeros for `None`).
@@ -310,17 +344,32 @@ fn encode_record(block: u64, data: &[u8], lz4: bool, expect: Option<Option<Entry
         let c = lz4_flex::block::compress(data);
         // Worth it only if it saves at least one page.
         if c.len().div_ceil(PAGE_SIZE) < bs.div_ceil(PAGE_SIZE) {
-            return Record { block, crc: crc32fast::hash(&c), payload: c, lz4: true, expect };
+            return Record {
+                block,
+                crc: crc32fast::hash(&c),
+                payload: c,
+                lz4: true,
+                expect,
+            };
         }
     }
-    Record { block, crc: crc32fast::hash(data), payload: data.to_vec(), lz4: false, expect }
+    Record {
+        block,
+        crc: crc32fast::hash(data),
+        payload: data.to_vec(),
+        lz4: false,
+        expect,
+    }
 }
 
 /// What a write request asks of one block.
 enum BlockWrite<'a> {
     Full(&'a [u8]),
     /// Patch `data` at `at` bytes into the block.
-    Partial { at: usize, data: &'a [u8] },
+    Partial {
+        at: usize,
+        data: &'a [u8],
+    },
 }
 
 pub(crate) struct Writer<'a> {
@@ -330,7 +379,11 @@ pub(crate) struct Writer<'a> {
 
 impl Writer<'_> {
     fn geometry(&self) -> Geometry<'_> {
-        Geometry { name: &self.vol.name, block_size: self.vol.block_size, size: self.vol.size() }
+        Geometry {
+            name: &self.vol.name,
+            block_size: self.vol.block_size,
+            size: self.vol.size(),
+        }
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
@@ -346,7 +399,14 @@ impl Writer<'_> {
             let at = (abs - blk * bs) as usize;
             let n = (bs as usize - at).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
-            reqs.push((blk, if n == bs as usize { BlockWrite::Full(chunk) } else { BlockWrite::Partial { at, data: chunk } }));
+            reqs.push((
+                blk,
+                if n == bs as usize {
+                    BlockWrite::Full(chunk)
+                } else {
+                    BlockWrite::Partial { at, data: chunk }
+                },
+            ));
             pos += n;
         }
         self.write_blocks(reqs)
@@ -375,8 +435,18 @@ impl Writer<'_> {
                     let cur = self.vol.map.read().tree.get(*blk);
                     let mut block = vec![0u8; bs];
                     if cur.is_some() {
-                        let g = Geometry { name: &self.vol.name, block_size: self.vol.block_size, size: u64::MAX };
-                        read(self.inner, &MapSource::Frozen(&single(*blk, cur)), &g, blk * bs as u64, &mut block)?;
+                        let g = Geometry {
+                            name: &self.vol.name,
+                            block_size: self.vol.block_size,
+                            size: u64::MAX,
+                        };
+                        read(
+                            self.inner,
+                            &MapSource::Frozen(&single(*blk, cur)),
+                            &g,
+                            blk * bs as u64,
+                            &mut block,
+                        )?;
                     }
                     block[*at..*at + data.len()].copy_from_slice(data);
                     out.push(encode_record(*blk, &block, self.vol.lz4, Some(cur)));
@@ -391,8 +461,13 @@ impl Writer<'_> {
     fn store_and_map(&self, records: Vec<Record>) -> Result<HashSet<u64>> {
         let inner = self.inner;
         let bs = self.vol.block_size as usize;
-        let zero = |r: &Record| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0);
-        let pages: u32 = records.iter().filter(|r| !zero(r)).map(|r| r.payload.len().div_ceil(PAGE_SIZE) as u32).sum();
+        let zero =
+            |r: &Record| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0);
+        let pages: u32 = records
+            .iter()
+            .filter(|r| !zero(r))
+            .map(|r| r.payload.len().div_ceil(PAGE_SIZE) as u32)
+            .sum();
         let mut changes = Vec::with_capacity(records.len());
         let mut written = Vec::new();
         if pages > 0 {
@@ -406,7 +481,11 @@ impl Writer<'_> {
                 page += e.pages();
                 written.push(e);
             }
-            let op = Op::Write { file: seg.file.clone(), offset: u64::from(first_page) * PAGE_SIZE as u64, buf };
+            let op = Op::Write {
+                file: seg.file.clone(),
+                offset: u64::from(first_page) * PAGE_SIZE as u64,
+                buf,
+            };
             if let Err(e) = inner.segments.engine().run(op).result {
                 return Err(inner.poison(Error::io("writing data", e)));
             }
@@ -415,7 +494,12 @@ impl Writer<'_> {
         let mut w = written.iter();
         for r in &records {
             let new = if zero(r) { None } else { w.next().copied() };
-            changes.push(Change { block: r.block, count: 1, new, expect: r.expect });
+            changes.push(Change {
+                block: r.block,
+                count: 1,
+                new,
+                expect: r.expect,
+            });
         }
         let applied = self.install(&changes)?;
         let mut conflicted = HashSet::new();
@@ -478,20 +562,36 @@ impl Writer<'_> {
         let mut b = first_full;
         while b < end_full {
             let n = (end_full - b).min(UNMAP_CHUNK);
-            self.install(&[Change { block: b, count: n, new: None, expect: None }])?;
+            self.install(&[Change {
+                block: b,
+                count: n,
+                new: None,
+                expect: None,
+            }])?;
             b += n;
         }
         Ok(())
     }
 
+    /// Zeros `[from, to)` inside mapped blocks by rewriting them (unmapped blocks already
+    /// read as zeros).
     fn zero_partial(&self, from: u64, to: u64) -> Result<()> {
         let bs = u64::from(self.vol.block_size);
-        let blk = from / bs;
-        if self.vol.map.read().tree.get(blk).is_none() {
-            return Ok(());
+        let zeros = vec![0u8; (to - from).min(bs) as usize];
+        let mut at = from;
+        while at < to {
+            let blk = at / bs;
+            let end = ((blk + 1) * bs).min(to);
+            if self.vol.map.read().tree.get(blk).is_some() {
+                let w = BlockWrite::Partial {
+                    at: (at - blk * bs) as usize,
+                    data: &zeros[..(end - at) as usize],
+                };
+                self.write_blocks(vec![(blk, w)])?;
+            }
+            at = end;
         }
-        let zeros = vec![0u8; (to - from) as usize];
-        self.write_blocks(vec![(blk, BlockWrite::Partial { at: (from - blk * bs) as usize, data: &zeros })])
+        Ok(())
     }
 }
 
@@ -515,7 +615,10 @@ pub struct Volume {
 impl Clone for Volume {
     fn clone(&self) -> Self {
         self.state.handles.fetch_add(1, Ordering::Relaxed);
-        Volume { inner: self.inner.clone(), state: self.state.clone() }
+        Volume {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -545,12 +648,19 @@ impl Volume {
     }
 
     fn writer(&self) -> Writer<'_> {
-        Writer { inner: &self.inner, vol: &self.state }
+        Writer {
+            inner: &self.inner,
+            vol: &self.state,
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset`. Never-written and discarded ranges read as zeros.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let g = Geometry { name: &self.state.name, block_size: self.state.block_size, size: self.state.size() };
+        let g = Geometry {
+            name: &self.state.name,
+            block_size: self.state.block_size,
+            size: self.state.size(),
+        };
         check_range(&g, offset, buf.len() as u64)?;
         read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
     }
@@ -601,8 +711,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) fn new(inner: Arc<Inner>, name: String, tree: Tree, block_size: u32, size: u64) -> Self {
-        Snapshot { inner, name, tree, block_size, size }
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        name: String,
+        tree: Tree,
+        block_size: u32,
+        size: u64,
+    ) -> Self {
+        Snapshot {
+            inner,
+            name,
+            tree,
+            block_size,
+            size,
+        }
     }
 
     /// `VOL@CKPT`.
@@ -615,7 +737,11 @@ impl Snapshot {
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let g = Geometry { name: &self.name, block_size: self.block_size, size: self.size };
+        let g = Geometry {
+            name: &self.name,
+            block_size: self.block_size,
+            size: self.size,
+        };
         check_range(&g, offset, buf.len() as u64)?;
         read(&self.inner, &MapSource::Frozen(&self.tree), &g, offset, buf)
     }

@@ -7,11 +7,19 @@ use strata_engine::{Store, StoreOptions};
 
 /// Both production engines, so every scenario runs against each.
 pub fn engines() -> Vec<(&'static str, Arc<dyn IoEngine>)> {
-    vec![("sync", Arc::new(SyncEngine::new())), ("io_uring", Arc::new(UringEngine::new()))]
+    vec![
+        ("sync", Arc::new(SyncEngine::new())),
+        ("io_uring", Arc::new(UringEngine::new())),
+    ]
 }
 
 pub fn options(engine: Arc<dyn IoEngine>) -> StoreOptions {
-    StoreOptions { create: true, engine: Some(engine), segment_bytes: 1 << 20, commit_interval: None }
+    StoreOptions {
+        create: true,
+        engine: Some(engine),
+        segment_bytes: 1 << 20,
+        commit_interval: None,
+    }
 }
 
 pub fn open(dir: &std::path::Path, engine: Arc<dyn IoEngine>) -> Store {

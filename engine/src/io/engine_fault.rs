@@ -78,7 +78,10 @@ fn eio() -> io::Error {
 
 impl FaultEngine {
     pub fn new(plan: FaultPlan) -> Self {
-        Self { plan, state: Mutex::new(State::default()) }
+        Self {
+            plan,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Operations submitted so far.
@@ -120,7 +123,9 @@ impl FaultEngine {
                     _ => {
                         report.torn += 1;
                         let keep_bits = rng.next();
-                        apply(&mut content, offset, &data, |sector| keep_bits >> (sector % 64) & 1 == 1);
+                        apply(&mut content, offset, &data, |sector| {
+                            keep_bits >> (sector % 64) & 1 == 1
+                        });
                     }
                 }
             }
@@ -154,8 +159,12 @@ impl FaultEngine {
 
     fn record(&self, op: &Op) {
         let mut st = self.state.lock();
-        let Some(path) = st.paths.get(&op.file().id()).cloned() else { return };
-        let Some(model) = st.files.get_mut(&path) else { return };
+        let Some(path) = st.paths.get(&op.file().id()).cloned() else {
+            return;
+        };
+        let Some(model) = st.files.get_mut(&path) else {
+            return;
+        };
         match op {
             Op::Write { offset, buf, .. } => model.pending.push((*offset, buf.clone())),
             Op::Punch { offset, len, .. } => {
@@ -174,7 +183,9 @@ impl FaultEngine {
 }
 
 fn apply(content: &mut Vec<u8>, offset: u64, data: &[u8], keep_sector: impl Fn(usize) -> bool) {
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     for (i, chunk) in data.chunks(SECTOR).enumerate() {
         if !keep_sector(i) {
             continue;
@@ -216,7 +227,13 @@ impl IoEngine for FaultEngine {
         if !st.files.contains_key(path) {
             let mut durable = Vec::new();
             file.read_to_end(&mut durable)?;
-            st.files.insert(path.to_path_buf(), FileModel { durable, pending: Vec::new() });
+            st.files.insert(
+                path.to_path_buf(),
+                FileModel {
+                    durable,
+                    pending: Vec::new(),
+                },
+            );
         }
         Ok(Arc::new(IoFile::new(file, id)))
     }

@@ -6,11 +6,11 @@
 //! pointers valid.
 
 use super::{open_file, run_blocking, Done, IoEngine, IoFile, Op};
-use std::os::unix::fs::FileExt;
 use io_uring::{opcode, types, IoUring};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +40,10 @@ impl UringEngine {
         // SAFETY: a Nop references no memory.
         unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("ring full"))?;
         ring.submit_and_wait(1)?;
-        let cqe = ring.completion().next().ok_or_else(|| io::Error::other("no completion"))?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| io::Error::other("no completion"))?;
         if cqe.result() < 0 {
             return Err(io::Error::from_raw_os_error(-cqe.result()));
         }
@@ -53,13 +56,19 @@ fn build_sqe(op: &mut Op, index: usize) -> Option<io_uring::squeue::Entry> {
     let sqe = match op {
         Op::Read { offset, buf, .. } => {
             let len = u32::try_from(buf.len()).ok()?;
-            opcode::Read::new(fd, buf.as_mut_ptr(), len).offset(*offset).build()
+            opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .offset(*offset)
+                .build()
         }
         Op::Write { offset, buf, .. } => {
             let len = u32::try_from(buf.len()).ok()?;
-            opcode::Write::new(fd, buf.as_ptr(), len).offset(*offset).build()
+            opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(*offset)
+                .build()
         }
-        Op::Sync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        Op::Sync { .. } => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         Op::Punch { offset, len, .. } => opcode::Fallocate::new(fd, *len)
             .offset(*offset)
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
@@ -75,12 +84,12 @@ fn finish(op: &mut Op, res: i32) -> io::Result<()> {
     }
     let done = res as usize;
     match op {
-        Op::Read { file, offset, buf } if done < buf.len() => {
-            file.file().read_exact_at(&mut buf[done..], *offset + done as u64)
-        }
-        Op::Write { file, offset, buf } if done < buf.len() => {
-            file.file().write_all_at(&buf[done..], *offset + done as u64)
-        }
+        Op::Read { file, offset, buf } if done < buf.len() => file
+            .file()
+            .read_exact_at(&mut buf[done..], *offset + done as u64),
+        Op::Write { file, offset, buf } if done < buf.len() => file
+            .file()
+            .write_all_at(&buf[done..], *offset + done as u64),
         _ => Ok(()),
     }
 }

@@ -56,13 +56,25 @@ impl IoFile {
 #[derive(Debug)]
 pub enum Op {
     /// Fill `buf` from `offset`. Reading past the end of the file is an error.
-    Read { file: Arc<IoFile>, offset: u64, buf: Vec<u8> },
+    Read {
+        file: Arc<IoFile>,
+        offset: u64,
+        buf: Vec<u8>,
+    },
     /// Write all of `buf` at `offset`.
-    Write { file: Arc<IoFile>, offset: u64, buf: Vec<u8> },
+    Write {
+        file: Arc<IoFile>,
+        offset: u64,
+        buf: Vec<u8>,
+    },
     /// `fdatasync`.
     Sync { file: Arc<IoFile> },
     /// Deallocate a byte range (`FALLOC_FL_PUNCH_HOLE`); it reads as zeros afterwards.
-    Punch { file: Arc<IoFile>, offset: u64, len: u64 },
+    Punch {
+        file: Arc<IoFile>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Op {
@@ -114,7 +126,9 @@ pub trait IoEngine: Send + Sync + fmt::Debug {
     fn run(&self, op: Op) -> Done {
         let mut done = self.submit(vec![op]);
         done.pop().unwrap_or_else(|| Done {
-            op: Op::Sync { file: Arc::new(IoFile::new(dummy_file(), 0)) },
+            op: Op::Sync {
+                file: Arc::new(IoFile::new(dummy_file(), 0)),
+            },
             result: Err(io::Error::other("engine returned no completion")),
         })
     }
@@ -163,5 +177,10 @@ pub fn default_engine() -> Arc<dyn IoEngine> {
 }
 
 pub(crate) fn open_file(path: &Path, create: bool) -> io::Result<File> {
-    std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
 }
