@@ -167,6 +167,11 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     opts.create_if_missing(create);
     opts.create_missing_column_families(create);
     opts.set_max_background_jobs(2);
+    // RocksDB preallocates write_buffer_size * 1.1 (~70 MB by default) per WAL file, which
+    // `du` counts against even an empty store. Capping the WAL caps the preallocation; map
+    // metadata is small, so 16 MiB memtables are plenty.
+    opts.set_max_total_wal_size(16 << 20);
+    opts.set_write_buffer_size(16 << 20);
     let cfs = codec::ALL_CFS
         .iter()
         .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));

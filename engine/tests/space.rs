@@ -1,0 +1,136 @@
+#![allow(clippy::unwrap_used)]
+//! Scenario: thin provisioning gives space back for real. Overwrites, discards and deletions
+//! make the store's usage on disk (`du`) drop; per-checkpoint exclusive bytes say what a
+//! delete would free; after deleting every volume and checkpoint the store returns to the
+//! empty store's size give or take a small constant. Ephemeral volumes vanish on close and
+//! on the next open.
+
+mod common;
+use common::*;
+use strata_engine::{Store, VolumeOptions};
+
+const MIB: u64 = 1 << 20;
+/// Slack allowed above the empty store's size (RocksDB's WAL and SST bookkeeping).
+const SLACK: u64 = 4 * MIB;
+
+#[test]
+fn disk_usage_follows_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(engines().remove(1).1);
+    opts.segment_bytes = 8 * MIB;
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    store.flush().unwrap();
+    let empty = du(dir.path());
+
+    store
+        .create_volume("v", 64 * MIB, VolumeOptions::default())
+        .unwrap();
+    let vol = store.open_volume("v").unwrap();
+    for i in 0..32 {
+        vol.write(i * MIB, &pattern(i, MIB as usize)).unwrap();
+    }
+    vol.flush().unwrap();
+    let full = du(dir.path());
+    assert!(
+        full >= empty + 32 * MIB,
+        "32 MiB written, du grew by {}",
+        full - empty
+    );
+    assert_eq!(vol.mapped_bytes(), 32 * MIB);
+
+    // Overwriting in place must not grow usage by the overwritten amount for long.
+    for i in 0..16 {
+        vol.write(i * MIB, &pattern(100 + i, MIB as usize)).unwrap();
+    }
+    vol.flush().unwrap();
+    store.flush().unwrap();
+    let after_overwrite = du(dir.path());
+    assert!(
+        after_overwrite < full + 4 * MIB,
+        "overwrite leaked: {full} -> {after_overwrite}"
+    );
+
+    // A checkpoint pins data: the exclusive bytes are what deleting it frees.
+    store.checkpoint("v", "c1").unwrap();
+    vol.discard(0, 16 * MIB).unwrap();
+    vol.flush().unwrap();
+    let c1 = &store.list_checkpoints("v").unwrap()[0];
+    assert_eq!(
+        c1.exclusive_bytes,
+        16 * MIB,
+        "c1 alone holds the discarded 16 MiB"
+    );
+    let pinned = du(dir.path());
+    store.delete_checkpoint("v", "c1").unwrap();
+    store.flush().unwrap();
+    let freed = du(dir.path());
+    assert!(
+        freed + 15 * MIB <= pinned,
+        "deleting c1 freed only {} bytes",
+        pinned - freed
+    );
+
+    // Discard without a checkpoint frees at once.
+    vol.discard(16 * MIB, 8 * MIB).unwrap();
+    vol.flush().unwrap();
+    assert!(du(dir.path()) + 7 * MIB <= freed);
+
+    store.checkpoint("v", "c2").unwrap();
+    store.fork("v", "c2", "f", false).unwrap();
+    drop(vol);
+    store.delete_volume("v").unwrap();
+    store.delete_volume("f").unwrap();
+    store.flush().unwrap();
+    assert_eq!(store.stats().live_bytes, 0);
+    drop(store);
+    let store = Store::open(dir.path(), opts).unwrap();
+    store.flush().unwrap();
+    let end = du(dir.path());
+    println!("du: empty {empty}, full {full}, end {end}");
+    assert!(
+        end <= empty + SLACK,
+        "store did not return to its empty size: {empty} -> {end}"
+    );
+}
+
+#[test]
+fn ephemeral_volumes_are_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engines().remove(0).1;
+    let store = open(dir.path(), engine.clone());
+    store
+        .create_volume("golden", 4 * MIB, VolumeOptions::default())
+        .unwrap();
+    let g = store.open_volume("golden").unwrap();
+    g.write(0, &pattern(1, MIB as usize)).unwrap();
+    store.checkpoint("golden", "base").unwrap();
+    store.fork("golden", "base", "sandbox", true).unwrap();
+    {
+        let sb = store.open_volume("sandbox").unwrap();
+        sb.write(MIB, &pattern(2, MIB as usize)).unwrap();
+        let mut buf = vec![0u8; MIB as usize];
+        sb.read(0, &mut buf).unwrap();
+        assert_eq!(buf, pattern(1, MIB as usize));
+    }
+    assert!(
+        store.volume_info("sandbox").is_err(),
+        "closing the last handle discards it"
+    );
+    // Never opened: discarded at the next store open.
+    store.fork("golden", "base", "sandbox2", true).unwrap();
+    store
+        .create_volume(
+            "scratch",
+            MIB,
+            VolumeOptions {
+                ephemeral: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    drop(g);
+    drop(store);
+    let store = open(dir.path(), engine);
+    let names: Vec<String> = store.list_volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, vec!["golden".to_string()]);
+}
