@@ -108,7 +108,7 @@ impl Segments {
                 .open(&ent.path(), false)
                 .map_err(|e| Error::io("opening segment", e))?;
             let len_pages = file
-                .len()
+                .size_bytes()
                 .map_err(|e| Error::io("sizing segment", e))?
                 .div_ceil(PAGE_SIZE as u64);
             let cap = capacity_pages.max(u32::try_from(len_pages).unwrap_or(u32::MAX));

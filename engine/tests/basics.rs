@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: the volume lifecycle and IO semantics on both IO engines — create, write, read
 //! back (partial blocks, holes), discard, write-zeroes, grow, reopen, checkpoint, restore,
 //! fork, diff, delete; and the errors for bad input.

@@ -1,4 +1,4 @@
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::needless_range_loop)]
 //! Helpers shared by the engine's integration tests.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: many threads on one volume, and many volumes open at once, on both engines.
 //! Proves the stated semantics of concurrent writes (volume.rs): writes to different sectors
 //! of the same block never lose each other (partial-block writes are compare-and-set);

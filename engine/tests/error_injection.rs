@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: an IO error in the middle of work. The Nth data/journal write, or the Nth sync,
 //! fails once. The failing call returns a clean error, every later write and flush is refused
 //! (the store is poisoned until reopened), and after reopening every write acknowledged

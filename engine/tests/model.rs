@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop, clippy::map_entry)]
 //! Scenario: random sequences of write, write-zeroes, discard, flush, checkpoint, restore,
 //! fork, grow, delete and reopen run against the engine and against a plain in-memory model
 //! (a byte vector per volume and per checkpoint); every read is compared, and at the end of

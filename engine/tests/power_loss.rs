@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: simulated power loss. A seeded workload (writes, partial writes, discards,
 //! flushes, checkpoints) runs on a fault-injecting IO engine that stops the machine at a
 //! seeded operation; the engine then rewrites every file as the media could hold it (each

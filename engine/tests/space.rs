@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: thin provisioning gives space back for real. Overwrites, discards and deletions
 //! make the store's usage on disk (`du`) drop; per-checkpoint exclusive bytes say what a
 //! delete would free; after deleting every volume and checkpoint the store returns to the

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 //! Scenario: a child process writes, flushes and checkpoints a volume and is killed with
 //! SIGKILL at a random moment, several times over on the same store. After each kill the
 //! parent reopens the store and checks, from the child's log, that every acknowledged write

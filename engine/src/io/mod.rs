@@ -47,7 +47,7 @@ impl IoFile {
         self.id
     }
 
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 }
