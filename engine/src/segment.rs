@@ -27,6 +27,8 @@ pub struct Segment {
     /// Reference count per record, indexed by the record's first page.
     refs: Box<[AtomicU32]>,
     live_pages: AtomicU64,
+    /// Dead page ranges waiting for the segment to be sealed before they are punched.
+    deferred: Mutex<Vec<(u32, u32)>>,
 }
 
 impl Segment {
@@ -39,6 +41,7 @@ impl Segment {
             next_page: AtomicU64::new(first_free),
             refs,
             live_pages: AtomicU64::new(0),
+            deferred: Mutex::new(Vec::new()),
         }
     }
 
@@ -226,7 +229,14 @@ impl Segments {
     }
 
     /// Punches the pages of dead records, then deletes sealed segments with nothing live.
-    pub fn reclaim(&self, dead: &[Entry]) -> Result<()> {
+    ///
+    /// Unless `include_active`, dead records in the active segment are held back (until it
+    /// is sealed, or a call with `include_active`): a punch takes the file's inode lock (and,
+    /// on a filesystem mounted with `discard`, waits for the device), which would stall every
+    /// writer appending to that file. Sealed segments have no writers, so their dead records
+    /// are punched at once.
+    pub fn reclaim(&self, dead: &[Entry], include_active: bool) -> Result<()> {
+        let active = self.active.read().id;
         let mut by_seg: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
         for e in dead {
             by_seg
@@ -235,8 +245,17 @@ impl Segments {
                 .push((e.page, e.pages()));
         }
         let mut ops = Vec::new();
-        for (id, mut ranges) in by_seg {
-            let Some(seg) = self.get(id) else { continue };
+        for seg in self.all.read().values() {
+            let mut ranges = by_seg.remove(&seg.id).unwrap_or_default();
+            let mut deferred = seg.deferred.lock();
+            if seg.id == active && !include_active {
+                deferred.extend(ranges);
+                continue;
+            }
+            ranges.append(&mut deferred);
+            if ranges.is_empty() {
+                continue;
+            }
             ranges.sort_unstable();
             for (start, len) in coalesce(&ranges) {
                 ops.push(Op::Punch {
@@ -247,7 +266,7 @@ impl Segments {
             }
         }
         for d in self.engine.submit(ops) {
-            // A failed punch loses space, not data; it is retried by the next open's sweep.
+            // A failed punch loses space, not data; the next open's sweep retries it.
             if let Err(e) = d.result {
                 tracing::warn!(error = %e, "punching freed pages failed");
             }

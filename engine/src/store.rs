@@ -24,6 +24,9 @@ use std::time::Duration;
 const DB_DIR: &str = "meta";
 const DATA_DIR: &str = "data";
 const JOURNAL_DIR: &str = "journal";
+/// Data segment size: the most dead space an active segment holds back before it is sealed
+/// and punched (see `Segments::reclaim`), and 4 open files per GiB stored.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
 /// Commit early once this much data was written since the last commit.
 const DIRTY_COMMIT_BYTES: u64 = 256 << 20;
 
@@ -45,7 +48,7 @@ impl Default for StoreOptions {
         Self {
             create: true,
             engine: None,
-            segment_bytes: 1 << 30,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
             commit_interval: Some(Duration::from_secs(1)),
         }
     }
@@ -122,6 +125,12 @@ pub(crate) struct Inner {
     pub dead: Mutex<Vec<Entry>>,
     pub poisoned: AtomicBool,
     pub dirty_bytes: AtomicU64,
+    /// `seq` as of the last completed commit.
+    committed_seq: AtomicU64,
+    /// Dead records of durable commits, waiting for the committer thread to punch them.
+    reclaim_queue: Mutex<Vec<Entry>>,
+    /// True while the committer thread runs.
+    background: AtomicBool,
     wake: (Mutex<bool>, Condvar),
 }
 
@@ -252,12 +261,15 @@ impl Store {
             dead: Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
             dirty_bytes: AtomicU64::new(0),
+            committed_seq: AtomicU64::new(state.committed_seq),
+            reclaim_queue: Mutex::new(Vec::new()),
+            background: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
         });
         crate::load::load(&inner, &state, recovered.entries)?;
         let committer = opts
             .commit_interval
-            .map(|period| spawn_committer(Arc::downgrade(&inner), period));
+            .and_then(|period| spawn_committer(&inner, period));
         Ok(Store { inner, committer })
     }
 
@@ -287,6 +299,8 @@ impl Drop for Store {
         if let Some(h) = self.committer.take() {
             let _ = h.join();
         }
+        self.inner.background.store(false, Ordering::Relaxed);
+        self.inner.drain_reclaim(true);
         if !self.inner.poisoned.load(Ordering::Relaxed) {
             if let Err(e) = self.inner.commit(Vec::new()) {
                 tracing::warn!(error = %e, "final commit failed");
@@ -295,35 +309,71 @@ impl Drop for Store {
     }
 }
 
-fn spawn_committer(inner: Weak<Inner>, period: Duration) -> JoinHandle<()> {
-    std::thread::Builder::new()
+fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<()>> {
+    let inner: Weak<Inner> = Arc::downgrade(strong);
+    let spawned = std::thread::Builder::new()
         .name("strata-commit".into())
-        .spawn(move || loop {
-            let Some(strong) = inner.upgrade() else { return };
-            {
-                let mut stop = strong.wake.0.lock();
-                if *stop {
+        .spawn(move || {
+            let mut last = std::time::Instant::now();
+            let mut last_seq = u64::MAX;
+            loop {
+                let Some(strong) = inner.upgrade() else {
                     return;
+                };
+                {
+                    let mut stop = strong.wake.0.lock();
+                    if *stop {
+                        return;
+                    }
+                    strong
+                        .wake
+                        .1
+                        .wait_for(&mut stop, period.saturating_sub(last.elapsed()));
+                    if *stop {
+                        return;
+                    }
                 }
-                strong.wake.1.wait_for(&mut stop, period);
-                if *stop {
-                    return;
+                // No write since the last look: the active segment can be punched too.
+                let seq = strong.seq.load(Ordering::Relaxed);
+                strong.drain_reclaim(seq == last_seq);
+                last_seq = seq;
+                let due = last.elapsed() >= period
+                    || strong.dirty_bytes.load(Ordering::Relaxed) >= DIRTY_COMMIT_BYTES;
+                if !due || strong.poisoned.load(Ordering::Relaxed) {
+                    continue;
+                }
+                last = std::time::Instant::now();
+                let idle = strong.seq.load(Ordering::Relaxed)
+                    == strong.committed_seq.load(Ordering::Relaxed);
+                if idle && strong.dead.lock().is_empty() {
+                    continue;
+                }
+                if let Err(e) = strong.commit(Vec::new()) {
+                    tracing::error!(error = %e, "background commit failed");
                 }
             }
-            if strong.poisoned.load(Ordering::Relaxed) {
-                continue;
-            }
-            if let Err(e) = strong.commit(Vec::new()) {
-                tracing::error!(error = %e, "background commit failed");
-            }
-        })
-        .unwrap_or_else(|e| {
+        });
+    match spawned {
+        Ok(h) => {
+            strong.background.store(true, Ordering::Relaxed);
+            Some(h)
+        }
+        Err(e) => {
             tracing::error!(error = %e, "cannot start the commit thread; commits happen on flush only");
-            std::thread::spawn(|| {})
-        })
+            None
+        }
+    }
 }
 
 impl Inner {
+    /// Punches what durable commits left dead; `idle` includes the active segment.
+    fn drain_reclaim(&self, idle: bool) {
+        let dead = std::mem::take(&mut *self.reclaim_queue.lock());
+        if let Err(e) = self.segments.reclaim(&dead, idle) {
+            tracing::warn!(error = %e, "reclaiming space failed");
+        }
+    }
+
     pub fn check_poisoned(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Relaxed) {
             Err(Error::Poisoned)
@@ -402,8 +452,17 @@ impl Inner {
         self.db
             .write_opt(batch, &wo)
             .map_err(|e| self.poison(Error::Db(e)))?;
-        self.segments.reclaim(&dead)?;
-        self.journal.remove_before(generation)
+        self.committed_seq
+            .store(state.committed_seq, Ordering::Relaxed);
+        self.journal.remove_before(generation)?;
+        if self.background.load(Ordering::Relaxed) {
+            // Punching can wait on the device; the committer thread does it off the caller's path.
+            self.reclaim_queue.lock().extend(dead);
+            self.wake.1.notify_all();
+            Ok(())
+        } else {
+            self.segments.reclaim(&dead, true)
+        }
     }
 
     fn build_batch(&self, ops: Vec<DbOp>, state: &StateRecord) -> Result<WriteBatch> {

@@ -222,6 +222,20 @@ pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64) -> Result<()>
     Ok(())
 }
 
+/// Largest single read when coalescing records that sit next to each other on disk.
+const MAX_COALESCED_READ: usize = 4 << 20;
+
+/// True when `b` is stored right after `a` and both are raw whole blocks, so one read
+/// fetches both.
+fn contiguous(a: &Entry, b: &Entry, block_size: u32) -> bool {
+    a.segment == b.segment
+        && !a.is_lz4()
+        && !b.is_lz4()
+        && a.stored_len() == block_size
+        && b.stored_len() == block_size
+        && a.page + a.pages() == b.page
+}
+
 /// Decodes a stored record into a block, verifying its checksum.
 fn decode_record(stored: &[u8], e: &Entry, block_size: usize, out: &mut [u8]) -> bool {
     if crc32fast::hash(stored) != e.crc {
@@ -242,7 +256,7 @@ fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
     Ok(Op::Read {
         file: seg.file.clone(),
         offset: u64::from(e.page) * PAGE_SIZE as u64,
-        buf: vec![0; e.stored_len() as usize],
+        buf: crate::io::take_buf(e.stored_len() as usize),
     })
 }
 
@@ -264,32 +278,56 @@ pub(crate) fn read(
     let mut pending: Vec<usize> = (0..entries.len()).collect();
     for attempt in 0..=MAX_READ_RETRIES {
         let mut ops = Vec::new();
-        let mut which = Vec::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
         for &i in &pending {
-            match entries[i] {
-                Some(e) => {
-                    ops.push(read_op(inner, &e)?);
-                    which.push(i);
+            let Some(e) = entries[i] else {
+                copy_block(g, offset, first + i as u64, None, buf);
+                continue;
+            };
+            if let (Some(group), Some(Op::Read { buf: rbuf, .. })) =
+                (groups.last_mut(), ops.last_mut())
+            {
+                let prev = entries[group[group.len() - 1]].unwrap_or(e);
+                if group[group.len() - 1] + 1 == i
+                    && contiguous(&prev, &e, g.block_size)
+                    && rbuf.len() < MAX_COALESCED_READ
+                {
+                    rbuf.resize(rbuf.len() + g.block_size as usize, 0);
+                    group.push(i);
+                    continue;
                 }
-                None => copy_block(g, offset, first + i as u64, None, buf),
             }
+            ops.push(read_op(inner, &e)?);
+            groups.push(vec![i]);
         }
         let mut retry = Vec::new();
         let mut block = vec![0u8; g.block_size as usize];
-        for (done, i) in inner.segments.engine().submit(ops).into_iter().zip(which) {
-            let e = entries[i].unwrap_or(Entry {
-                segment: 0,
-                page: 0,
-                len_flags: 0,
-                crc: 0,
-            });
-            let ok = done.result.is_ok()
-                && decode_record(&done.op.into_buf(), &e, g.block_size as usize, &mut block);
-            if ok {
-                copy_block(g, offset, first + i as u64, Some(&block), buf);
-            } else {
-                retry.push(i);
+        for (done, group) in inner.segments.engine().submit(ops).into_iter().zip(groups) {
+            let ok = done.result.is_ok();
+            let data = done.op.into_buf();
+            let mut at = 0usize;
+            for i in group {
+                let e = entries[i].unwrap_or(Entry {
+                    segment: 0,
+                    page: 0,
+                    len_flags: 0,
+                    crc: 0,
+                });
+                let stored = &data[at..at + e.stored_len() as usize];
+                at += e.stored_len() as usize;
+                if ok
+                    && crc32fast::hash(stored) == e.crc
+                    && !e.is_lz4()
+                    && stored.len() == block.len()
+                {
+                    copy_block(g, offset, first + i as u64, Some(stored), buf);
+                } else if ok && decode_record(stored, &e, g.block_size as usize, &mut block) {
+                    copy_block(g, offset, first + i as u64, Some(&block), buf);
+                } else {
+                    retry.push(i);
+                }
             }
+            crate::io::give_buf(data);
         }
         if retry.is_empty() {
             return Ok(());
@@ -330,24 +368,30 @@ fn copy_block(g: &Geometry<'_>, offset: u64, blk: u64, data: Option<&[u8]>, buf:
 }
 
 /// A block's new content, ready to store.
-struct Record {
+struct Record<'a> {
     block: u64,
-    payload: Vec<u8>,
+    payload: std::borrow::Cow<'a, [u8]>,
     lz4: bool,
     crc: u32,
     expect: Option<Option<Entry>>,
 }
 
-fn encode_record(block: u64, data: &[u8], lz4: bool, expect: Option<Option<Entry>>) -> Record {
+fn encode_record(
+    block: u64,
+    data: std::borrow::Cow<'_, [u8]>,
+    lz4: bool,
+    expect: Option<Option<Entry>>,
+) -> Record<'_> {
     let bs = data.len();
     if lz4 {
-        let c = lz4_flex::block::compress(data);
+        let c = lz4_flex::block::compress(&data);
         // Worth it only if it saves at least one page.
         if c.len().div_ceil(PAGE_SIZE) < bs.div_ceil(PAGE_SIZE) {
+            let crc = crc32fast::hash(&c);
             return Record {
                 block,
-                crc: crc32fast::hash(&c),
-                payload: c,
+                crc,
+                payload: c.into(),
                 lz4: true,
                 expect,
             };
@@ -355,8 +399,8 @@ fn encode_record(block: u64, data: &[u8], lz4: bool, expect: Option<Option<Entry
     }
     Record {
         block,
-        crc: crc32fast::hash(data),
-        payload: data.to_vec(),
+        crc: crc32fast::hash(&data),
+        payload: data,
         lz4: false,
         expect,
     }
@@ -425,12 +469,14 @@ impl Writer<'_> {
     }
 
     /// Builds the new content of each block (reading old content for partial blocks).
-    fn prepare(&self, reqs: &[(u64, BlockWrite<'_>)]) -> Result<Vec<Record>> {
+    fn prepare<'d>(&self, reqs: &[(u64, BlockWrite<'d>)]) -> Result<Vec<Record<'d>>> {
         let bs = self.vol.block_size as usize;
         let mut out = Vec::with_capacity(reqs.len());
         for (blk, w) in reqs {
             match w {
-                BlockWrite::Full(d) => out.push(encode_record(*blk, d, self.vol.lz4, None)),
+                BlockWrite::Full(d) => {
+                    out.push(encode_record(*blk, (*d).into(), self.vol.lz4, None))
+                }
                 BlockWrite::Partial { at, data } => {
                     let cur = self.vol.map.read().tree.get(*blk);
                     let mut block = vec![0u8; bs];
@@ -449,7 +495,7 @@ impl Writer<'_> {
                         )?;
                     }
                     block[*at..*at + data.len()].copy_from_slice(data);
-                    out.push(encode_record(*blk, &block, self.vol.lz4, Some(cur)));
+                    out.push(encode_record(*blk, block.into(), self.vol.lz4, Some(cur)));
                 }
             }
         }
@@ -458,7 +504,7 @@ impl Writer<'_> {
 
     /// Writes the records' data, installs their mappings, writes the journal. Returns the
     /// blocks whose compare-and-set lost.
-    fn store_and_map(&self, records: Vec<Record>) -> Result<HashSet<u64>> {
+    fn store_and_map(&self, records: Vec<Record<'_>>) -> Result<HashSet<u64>> {
         let inner = self.inner;
         let bs = self.vol.block_size as usize;
         let zero =
@@ -472,7 +518,7 @@ impl Writer<'_> {
         let mut written = Vec::new();
         if pages > 0 {
             let (seg, first_page) = inner.segments.allocate(pages)?;
-            let mut buf = Vec::with_capacity(pages as usize * PAGE_SIZE);
+            let mut buf = crate::io::take_empty_buf(pages as usize * PAGE_SIZE);
             let mut page = first_page;
             for r in records.iter().filter(|r| !zero(r)) {
                 let e = Entry::new(seg.id, page, r.payload.len() as u32, r.lz4, r.crc);
@@ -486,9 +532,11 @@ impl Writer<'_> {
                 offset: u64::from(first_page) * PAGE_SIZE as u64,
                 buf,
             };
-            if let Err(e) = inner.segments.engine().run(op).result {
+            let done = inner.segments.engine().run(op);
+            if let Err(e) = done.result {
                 return Err(inner.poison(Error::io("writing data", e)));
             }
+            crate::io::give_buf(done.op.into_buf());
             inner.note_dirty(u64::from(pages) * PAGE_SIZE as u64);
         }
         let mut w = written.iter();

@@ -134,3 +134,34 @@ fn ephemeral_volumes_are_discarded() {
     let names: Vec<String> = store.list_volumes().into_iter().map(|v| v.name).collect();
     assert_eq!(names, vec!["golden".to_string()]);
 }
+
+#[test]
+fn idle_store_returns_space_held_in_the_active_segment() {
+    // With the background committer, dead records in the segment being appended to are
+    // punched once writes pause for a commit interval.
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(engines().remove(1).1);
+    opts.commit_interval = Some(std::time::Duration::from_millis(200));
+    opts.segment_bytes = 256 * MIB;
+    let store = Store::open(dir.path(), opts).unwrap();
+    store
+        .create_volume("v", 64 * MIB, VolumeOptions::default())
+        .unwrap();
+    let vol = store.open_volume("v").unwrap();
+    for round in 0..4 {
+        for i in 0..16 {
+            vol.write(i * MIB, &pattern(round * 100 + i, MIB as usize))
+                .unwrap();
+        }
+    }
+    vol.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let base = du(&dir.path().join("data"));
+    while du(&dir.path().join("data")) > 20 * MIB {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "64 MiB written over 16 MiB: data still uses {base} bytes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -176,6 +176,57 @@ pub fn default_engine() -> Arc<dyn IoEngine> {
     }
 }
 
+/// Buffers kept per thread for reuse: a fresh multi-megabyte `Vec` is a fresh `mmap`, and
+/// the page faults of first touching it cost more than the IO it carries.
+const POOL_BUFFERS: usize = 8;
+const POOL_MAX_BYTES: usize = 8 << 20;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn pooled(len: usize) -> Option<Vec<u8>> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        // The smallest buffer that fits, so small requests do not take the big buffers.
+        let i = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity())?;
+        let mut b = p.swap_remove(i);
+        b.clear();
+        Some(b)
+    })
+}
+
+/// A zeroed buffer of `len` bytes, reusing one returned with [`give_buf`] when possible.
+pub fn take_buf(len: usize) -> Vec<u8> {
+    match pooled(len) {
+        Some(mut b) => {
+            b.resize(len, 0);
+            b
+        }
+        None => vec![0; len],
+    }
+}
+
+/// An empty buffer with room for `len` bytes, reusing a pooled one when possible.
+pub fn take_empty_buf(len: usize) -> Vec<u8> {
+    pooled(len).unwrap_or_else(|| Vec::with_capacity(len))
+}
+
+/// Returns a buffer to this thread's pool.
+pub fn give_buf(buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BYTES {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_BUFFERS {
+            p.push(buf);
+        }
+    });
+}
+
 pub(crate) fn open_file(path: &Path, create: bool) -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
