@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 /// Allocation unit inside a segment.
 pub const PAGE_SIZE: usize = 4096;
+/// Dead pages (64 MiB) that make a busy store punch its sealed segments.
+pub const PUNCH_BATCH_PAGES: u64 = 16 * 1024;
 
 #[derive(Debug)]
 pub struct Segment {
@@ -74,6 +76,8 @@ pub struct Segments {
     next_id: AtomicU32,
     /// Segments written since the last commit (they need an fdatasync).
     unsynced: Mutex<BTreeSet<u32>>,
+    /// Pages in every segment's `deferred` list.
+    deferred_pages: AtomicU64,
 }
 
 pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
@@ -131,6 +135,7 @@ impl Segments {
             roll: Mutex::new(()),
             next_id: AtomicU32::new(first + 1),
             unsynced: Mutex::new(BTreeSet::new()),
+            deferred_pages: AtomicU64::new(0),
         })
     }
 
@@ -228,34 +233,36 @@ impl Segments {
             .unwrap_or(0)
     }
 
-    /// Punches the pages of dead records, then deletes sealed segments with nothing live.
+    /// Queues dead records for punching, and punches when it is cheap to.
     ///
-    /// Unless `include_active`, dead records in the active segment are held back (until it
-    /// is sealed, or a call with `include_active`): a punch takes the file's inode lock (and,
-    /// on a filesystem mounted with `discard`, waits for the device), which would stall every
-    /// writer appending to that file. Sealed segments have no writers, so their dead records
-    /// are punched at once.
-    pub fn reclaim(&self, dead: &[Entry], include_active: bool) -> Result<()> {
-        let active = self.active.read().id;
-        let mut by_seg: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+    /// A punch takes the file's inode lock and, on a filesystem mounted with `discard`,
+    /// waits for the device: done eagerly, it stalls writers appending to the same file and
+    /// queues ahead of the flushes that checkpoints and guest fsyncs wait for. So dead pages
+    /// are punched in batches: everything when the store is `idle` (no write since the last
+    /// look), else only sealed segments and only once [`PUNCH_BATCH_PAGES`] have piled up.
+    pub fn reclaim(&self, dead: &[Entry], idle: bool) -> Result<()> {
         for e in dead {
-            by_seg
-                .entry(e.segment)
-                .or_default()
-                .push((e.page, e.pages()));
+            if let Some(seg) = self.get(e.segment) {
+                seg.deferred.lock().push((e.page, e.pages()));
+                self.deferred_pages
+                    .fetch_add(u64::from(e.pages()), Ordering::Relaxed);
+            }
         }
+        if !idle && self.deferred_pages.load(Ordering::Relaxed) < PUNCH_BATCH_PAGES {
+            return Ok(());
+        }
+        let active = self.active.read().id;
         let mut ops = Vec::new();
         for seg in self.all.read().values() {
-            let mut ranges = by_seg.remove(&seg.id).unwrap_or_default();
-            let mut deferred = seg.deferred.lock();
-            if seg.id == active && !include_active {
-                deferred.extend(ranges);
+            if seg.id == active && !idle {
                 continue;
             }
-            ranges.append(&mut deferred);
+            let mut ranges = std::mem::take(&mut *seg.deferred.lock());
             if ranges.is_empty() {
                 continue;
             }
+            let pages: u64 = ranges.iter().map(|r| u64::from(r.1)).sum();
+            self.deferred_pages.fetch_sub(pages, Ordering::Relaxed);
             ranges.sort_unstable();
             for (start, len) in coalesce(&ranges) {
                 ops.push(Op::Punch {
