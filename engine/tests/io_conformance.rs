@@ -23,24 +23,39 @@ fn batches_complete_in_order_with_their_buffers() {
         let f = e.open(&dir.path().join("f"), true).unwrap();
         // 300 writes: more than one io_uring submission queue's worth.
         let ops: Vec<Op> = (0..300u64)
-            .map(|i| Op::Write { file: f.clone(), offset: i * 4096, buf: pattern(i, 4096) })
+            .map(|i| Op::Write {
+                file: f.clone(),
+                offset: i * 4096,
+                buf: pattern(i, 4096),
+            })
             .collect();
         let done = e.submit(ops);
         assert_eq!(done.len(), 300, "{name}");
         for (i, d) in done.into_iter().enumerate() {
             assert!(d.result.is_ok(), "{name}: write {i}: {:?}", d.result);
-            assert_eq!(d.op.into_buf(), pattern(i as u64, 4096), "{name}: buffer handed back");
+            assert_eq!(
+                d.op.into_buf(),
+                pattern(i as u64, 4096),
+                "{name}: buffer handed back"
+            );
         }
         let reads: Vec<Op> = (0..300u64)
             .rev()
-            .map(|i| Op::Read { file: f.clone(), offset: i * 4096, buf: vec![0; 4096] })
+            .map(|i| Op::Read {
+                file: f.clone(),
+                offset: i * 4096,
+                buf: vec![0; 4096],
+            })
             .collect();
         for (k, d) in e.submit(reads).into_iter().enumerate() {
             let i = 299 - k as u64;
             assert!(d.result.is_ok(), "{name}");
             assert_eq!(d.op.into_buf(), pattern(i, 4096), "{name}: read {i}");
         }
-        assert!(e.run(Op::Sync { file: f.clone() }).result.is_ok(), "{name}: sync");
+        assert!(
+            e.run(Op::Sync { file: f.clone() }).result.is_ok(),
+            "{name}: sync"
+        );
     }
 }
 
@@ -49,17 +64,51 @@ fn reads_past_the_end_fail_and_punches_read_as_zeros() {
     for (name, e) in all_engines() {
         let dir = tempfile::tempdir().unwrap();
         let f = e.open(&dir.path().join("f"), true).unwrap();
-        assert!(e.run(Op::Write { file: f.clone(), offset: 0, buf: vec![9; 16384] }).result.is_ok());
-        let past = e.run(Op::Read { file: f.clone(), offset: 12288, buf: vec![0; 8192] });
-        assert!(past.result.is_err(), "{name}: a read past the end must fail");
-        assert!(e.run(Op::Punch { file: f.clone(), offset: 4096, len: 8192 }).result.is_ok(), "{name}");
-        let d = e.run(Op::Read { file: f.clone(), offset: 0, buf: vec![1; 16384] });
+        assert!(e
+            .run(Op::Write {
+                file: f.clone(),
+                offset: 0,
+                buf: vec![9; 16384]
+            })
+            .result
+            .is_ok());
+        let past = e.run(Op::Read {
+            file: f.clone(),
+            offset: 12288,
+            buf: vec![0; 8192],
+        });
+        assert!(
+            past.result.is_err(),
+            "{name}: a read past the end must fail"
+        );
+        assert!(
+            e.run(Op::Punch {
+                file: f.clone(),
+                offset: 4096,
+                len: 8192
+            })
+            .result
+            .is_ok(),
+            "{name}"
+        );
+        let d = e.run(Op::Read {
+            file: f.clone(),
+            offset: 0,
+            buf: vec![1; 16384],
+        });
         assert!(d.result.is_ok());
         let b = d.op.into_buf();
         assert!(b[..4096].iter().all(|&x| x == 9), "{name}");
-        assert!(b[4096..12288].iter().all(|&x| x == 0), "{name}: punched range reads zeros");
+        assert!(
+            b[4096..12288].iter().all(|&x| x == 0),
+            "{name}: punched range reads zeros"
+        );
         assert!(b[12288..].iter().all(|&x| x == 9), "{name}");
-        assert_eq!(f.size_bytes().unwrap(), 16384, "{name}: punch keeps the size");
+        assert_eq!(
+            f.size_bytes().unwrap(),
+            16384,
+            "{name}: punch keeps the size"
+        );
     }
 }
 
@@ -69,14 +118,32 @@ fn mixed_batch_results_line_up() {
         let dir = tempfile::tempdir().unwrap();
         let f = e.open(&dir.path().join("f"), true).unwrap();
         let ops = vec![
-            Op::Write { file: f.clone(), offset: 0, buf: vec![1; 4096] },
-            Op::Read { file: f.clone(), offset: 1 << 30, buf: vec![0; 4096] },
-            Op::Write { file: f.clone(), offset: 4096, buf: vec![2; 4096] },
+            Op::Write {
+                file: f.clone(),
+                offset: 0,
+                buf: vec![1; 4096],
+            },
+            Op::Read {
+                file: f.clone(),
+                offset: 1 << 30,
+                buf: vec![0; 4096],
+            },
+            Op::Write {
+                file: f.clone(),
+                offset: 4096,
+                buf: vec![2; 4096],
+            },
             Op::Sync { file: f.clone() },
         ];
         let done = e.submit(ops);
-        assert!(done[0].result.is_ok() && done[2].result.is_ok() && done[3].result.is_ok(), "{name}");
-        assert!(done[1].result.is_err(), "{name}: the failing read is reported in its own slot");
+        assert!(
+            done[0].result.is_ok() && done[2].result.is_ok() && done[3].result.is_ok(),
+            "{name}"
+        );
+        assert!(
+            done[1].result.is_err(),
+            "{name}: the failing read is reported in its own slot"
+        );
         assert!(matches!(done[1].op, Op::Read { .. }));
     }
 }
