@@ -1,0 +1,222 @@
+//! The vhost-user-blk device: features, config space, and one worker thread per queue that
+//! drains its queue through `request::handle_chain`.
+
+use crate::config;
+use crate::disk::Disk;
+use crate::request::{drain_queue, Limits};
+use crate::stats::IoStats;
+use parking_lot::RwLock;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Descriptors per queue the device accepts.
+pub const QUEUE_SIZE: usize = 256;
+/// Most queues one device offers.
+pub const MAX_QUEUES: u16 = 16;
+
+/// How a volume is exported.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockOptions {
+    pub queues: u16,
+    pub read_only: bool,
+}
+
+struct Shared {
+    disk: Arc<dyn Disk>,
+    opts: BlockOptions,
+    block_size: u32,
+    writeback: AtomicBool,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    stats: Arc<IoStats>,
+}
+
+/// The device. Cheap to clone (the vhost-user framework clones it per worker thread).
+#[derive(Clone)]
+pub struct BlockBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BlockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockBackend")
+            .field("id", &self.shared.disk.id())
+            .field("opts", &self.shared.opts)
+            .finish()
+    }
+}
+
+impl BlockBackend {
+    pub fn new(
+        disk: Arc<dyn Disk>,
+        block_size: u32,
+        opts: BlockOptions,
+        stats: Arc<IoStats>,
+    ) -> Self {
+        let opts = BlockOptions {
+            queues: opts.queues.clamp(1, MAX_QUEUES),
+            ..opts
+        };
+        BlockBackend {
+            shared: Arc::new(Shared {
+                disk,
+                opts,
+                block_size,
+                writeback: AtomicBool::new(true),
+                event_idx: AtomicBool::new(false),
+                mem: RwLock::new(None),
+                stats,
+            }),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            read_only: self.shared.opts.read_only,
+        }
+    }
+
+    /// Drains one queue; returns whether anything completed.
+    fn process(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<bool> {
+        // The queue belongs to this worker thread alone; the lock only fences the control
+        // path (vring setup), so holding it across the requests is uncontended.
+        let mut state = vring.get_mut();
+        let outcomes = drain_queue(
+            self.shared.disk.as_ref(),
+            self.limits(),
+            state.get_queue_mut(),
+            mem,
+        )
+        .map_err(|e| io::Error::other(format!("used ring: {e:?}")))?;
+        for o in &outcomes {
+            self.shared
+                .stats
+                .record(o.kind, o.bytes, o.status == Some(0), o.latency);
+        }
+        Ok(!outcomes.is_empty())
+    }
+
+    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self.shared.mem.read().clone() else {
+            return Err(io::Error::other("no guest memory mapped"));
+        };
+        let mem = atomic.memory();
+        let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            }
+            let any = self.process(vring, &mem)?;
+            if any {
+                let notify = !event_idx
+                    || vring
+                        .needs_notification()
+                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                if notify {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx
+                || !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.shared.opts.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        config::features(self.shared.opts.read_only, self.shared.opts.queues)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut f = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.shared.opts.queues > 1 {
+            f |= VhostUserProtocolFeatures::MQ;
+        }
+        f
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.shared.mem.write() = Some(mem);
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = config::config_space(
+            self.shared.disk.size(),
+            self.shared.block_size,
+            self.shared.opts.queues,
+            self.shared.writeback.load(Ordering::Relaxed),
+        );
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        c[start..end].to_vec()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is writable (CONFIG_WCE); the cache stays a write-back cache
+        // either way (every write survives a crash of this process; flushes make it durable),
+        // so the value is only reported back.
+        if offset as usize == config::WRITEBACK_OFFSET && buf.len() == 1 {
+            self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::from(io::ErrorKind::InvalidInput))
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.shared.opts.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other("unexpected event set"));
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.serve_queue(vring),
+            None => Err(io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! What a frontend needs from a volume, as a trait so request handling is tested without an
+//! engine, and its implementation for engine volumes.
+
+use strata_engine::Volume;
+
+/// Any failure is reported to the guest as IOERR; the detail goes to the log.
+#[derive(Debug)]
+pub struct DiskError;
+
+pub trait Disk: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Serial number shown to the guest (GET_ID).
+    fn id(&self) -> &str;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
+    fn flush(&self) -> Result<(), DiskError>;
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+}
+
+fn logged<T>(what: &str, vol: &Volume, r: strata_engine::Result<T>) -> Result<T, DiskError> {
+    r.map_err(|e| {
+        tracing::warn!(volume = vol.name(), error = %e, "{what} failed");
+        DiskError
+    })
+}
+
+impl Disk for Volume {
+    fn size(&self) -> u64 {
+        Volume::size(self)
+    }
+    fn id(&self) -> &str {
+        self.name()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        logged("read", self, Volume::read(self, offset, buf))
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        logged("write", self, Volume::write(self, offset, data))
+    }
+    fn flush(&self) -> Result<(), DiskError> {
+        logged("flush", self, Volume::flush(self))
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        logged("discard", self, Volume::discard(self, offset, len))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        logged(
+            "write-zeroes",
+            self,
+            Volume::write_zeroes(self, offset, len),
+        )
+    }
+}
