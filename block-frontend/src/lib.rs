@@ -169,10 +169,12 @@ fn serve_loop(ctx: Ctx, mut listener: Listener) {
             continue;
         }
         if stop.load(Ordering::SeqCst) {
+            // The connection was our own wake-up call from `Export::stop`.
             daemon.request_shutdown();
+        } else {
+            *shutdown.lock() = daemon.shutdown_handle();
+            tracing::info!(volume = disk.id(), socket = %socket.display(), "hypervisor connected");
         }
-        *shutdown.lock() = daemon.shutdown_handle();
-        tracing::info!(volume = disk.id(), socket = %socket.display(), "hypervisor connected");
         if let Err(e) = daemon.wait() {
             tracing::warn!(error = ?e, "vhost-user connection ended with an error");
         }
@@ -180,6 +182,8 @@ fn serve_loop(ctx: Ctx, mut listener: Listener) {
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
-        tracing::info!(volume = disk.id(), "hypervisor disconnected");
+        if !stop.load(Ordering::SeqCst) {
+            tracing::info!(volume = disk.id(), "hypervisor disconnected");
+        }
     }
 }

@@ -1,1 +1,251 @@
-fn main() {}
+//! `strata`: the daemon (`strata serve`) and the command-line client that talks to it over
+//! the control API (HTTP/JSON on a unix socket, docs/API.md).
+
+mod client;
+mod server;
+mod units;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata",
+    version,
+    about = "Copy-on-write volumes with O(1) checkpoint, restore and fork"
+)]
+struct Cli {
+    /// Store directory.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_STORE",
+        default_value = "./strata-data"
+    )]
+    store: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon that owns the store.
+    Serve {
+        /// Control socket (default: STORE/strata.sock).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+    },
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Create, list, restore, delete and diff checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
+    /// Export a volume to a hypervisor.
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Stop exporting a volume.
+    Unexport { volume: String },
+    /// Verify the checksum of every stored block.
+    Scrub,
+    /// Store-wide figures.
+    Stats,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a volume (thin: no space is used until written).
+    Create {
+        name: String,
+        /// Size with an optional K/M/G/T suffix (binary). Defaults to the source's size with --from.
+        #[arg(long)]
+        size: Option<String>,
+        /// Store blocks lz4-compressed.
+        #[arg(long, value_parser = ["lz4"])]
+        compress: Option<String>,
+        /// Block size (4K to 1M; default 4K, 64K with lz4).
+        #[arg(long)]
+        block_size: Option<String>,
+        /// Fork from a checkpoint, VOL@CKPT (O(1), shares every block).
+        #[arg(long)]
+        from: Option<String>,
+        /// Discard the volume when it is closed or the daemon restarts.
+        #[arg(long)]
+        ephemeral: bool,
+    },
+    List,
+    Info {
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointCmd {
+    /// Take a checkpoint: VOL@NAME.
+    Create {
+        target: String,
+    },
+    /// List a volume's checkpoints as a tree.
+    List {
+        volume: String,
+    },
+    /// Make the live volume equal to a checkpoint again; newer checkpoints stay.
+    Restore {
+        target: String,
+        /// Disconnect an exported volume's hypervisor instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    Delete {
+        target: String,
+    },
+    /// Byte ranges that differ between VOL@A and VOL@B (VOL alone means the live volume).
+    Diff {
+        a: String,
+        b: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCmd {
+    /// Serve a volume as a vhost-user-blk device on a unix socket.
+    VhostUser {
+        volume: String,
+        #[arg(long)]
+        socket: PathBuf,
+        /// Queues offered (one per guest vCPU, at most 16).
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+fn split_ref(s: &str) -> Result<(&str, &str)> {
+    match s.split_once('@') {
+        Some((v, c)) if !v.is_empty() && !c.is_empty() => Ok((v, c)),
+        _ => bail!("expected VOLUME@CHECKPOINT, got {s:?}"),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("strata: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Serve { api_socket } = &cli.cmd {
+        let socket = api_socket
+            .clone()
+            .unwrap_or_else(|| cli.store.join("strata.sock"));
+        return server::serve(&cli.store, &socket);
+    }
+    let c = client::Client::new(cli.store.join("strata.sock"));
+    let out: Value = match cli.cmd {
+        Cmd::Serve { .. } => unreachable_serve()?,
+        Cmd::Volume(v) => volume(&c, v)?,
+        Cmd::Checkpoint(k) => checkpoint(&c, k)?,
+        Cmd::Export(ExportCmd::VhostUser {
+            volume,
+            socket,
+            queues,
+            read_only,
+        }) => {
+            let socket = std::path::absolute(&socket).context("socket path")?;
+            c.call("POST", "/v1/exports", Some(json!({"volume": volume, "kind": "vhost-user", "socket": socket, "queues": queues, "read_only": read_only})))?
+        }
+        Cmd::Unexport { volume } => c.call("DELETE", &format!("/v1/exports/{volume}"), None)?,
+        Cmd::Scrub => c.call("POST", "/v1/scrub", None)?,
+        Cmd::Stats => c.call("GET", "/v1/stats", None)?,
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        units::print_human(&out);
+    }
+    Ok(())
+}
+
+fn unreachable_serve() -> Result<Value> {
+    bail!("serve is handled before connecting")
+}
+
+fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
+    match v {
+        VolumeCmd::Create {
+            name,
+            size,
+            compress,
+            block_size,
+            from,
+            ephemeral,
+        } => {
+            let size = size.as_deref().map(units::parse_size).transpose()?;
+            let block_size = block_size.as_deref().map(units::parse_size).transpose()?;
+            if from.is_none() && size.is_none() {
+                bail!("--size is required (or --from VOL@CKPT)");
+            }
+            if let Some(f) = &from {
+                split_ref(f)?;
+            }
+            c.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size, "compress": compress, "block_size": block_size, "from": from, "ephemeral": ephemeral})))
+        }
+        VolumeCmd::List => c.call("GET", "/v1/volumes", None),
+        VolumeCmd::Info { name } => c.call("GET", &format!("/v1/volumes/{name}"), None),
+        VolumeCmd::Resize { name, size } => {
+            let size = units::parse_size(&size)?;
+            c.call(
+                "POST",
+                &format!("/v1/volumes/{name}/resize"),
+                Some(json!({"size": size})),
+            )
+        }
+        VolumeCmd::Delete { name } => c.call("DELETE", &format!("/v1/volumes/{name}"), None),
+    }
+}
+
+fn checkpoint(c: &client::Client, k: CheckpointCmd) -> Result<Value> {
+    match k {
+        CheckpointCmd::Create { target } => {
+            let (v, n) = split_ref(&target)?;
+            c.call(
+                "POST",
+                &format!("/v1/volumes/{v}/checkpoints"),
+                Some(json!({"name": n})),
+            )
+        }
+        CheckpointCmd::List { volume } => {
+            c.call("GET", &format!("/v1/volumes/{volume}/checkpoints"), None)
+        }
+        CheckpointCmd::Restore { target, force } => {
+            let (v, n) = split_ref(&target)?;
+            c.call(
+                "POST",
+                &format!("/v1/volumes/{v}/checkpoints/{n}/restore"),
+                Some(json!({"force": force})),
+            )
+        }
+        CheckpointCmd::Delete { target } => {
+            let (v, n) = split_ref(&target)?;
+            c.call("DELETE", &format!("/v1/volumes/{v}/checkpoints/{n}"), None)
+        }
+        CheckpointCmd::Diff { a, b } => c.call("POST", "/v1/diff", Some(json!({"a": a, "b": b}))),
+    }
+}

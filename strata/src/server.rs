@@ -1,0 +1,631 @@
+//! `strata serve`: owns the store, serves the control API (HTTP/JSON on a unix socket) and
+//! the exports. Every handler runs engine calls on the blocking pool; every failure becomes a
+//! 4xx/5xx answer with a JSON `{"error": ...}` body — nothing a client sends can take the
+//! daemon down.
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use strata_block::{BlockOptions, Export};
+use strata_engine::{
+    CheckpointInfo, Error as EngineError, MapRef, Store, StoreOptions, VolumeInfo, VolumeOptions,
+};
+
+struct Exported {
+    export: Export,
+    socket: PathBuf,
+    queues: u16,
+    read_only: bool,
+}
+
+struct App {
+    store: Store,
+    exports: Mutex<BTreeMap<String, Exported>>,
+}
+
+/// An API failure: status code and message.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use EngineError::*;
+        let code = match &e {
+            NoSuchVolume(_) | NoSuchCheckpoint { .. } => StatusCode::NOT_FOUND,
+            VolumeExists(_) | CheckpointExists { .. } | VolumeBusy(_) => StatusCode::CONFLICT,
+            InvalidName { .. } | InvalidArgument(_) | Misaligned { .. } | OutOfRange { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Poisoned | NoSpace => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+/// Runs an engine call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    f: impl FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || f(&app))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("worker failed: {e}"),
+            )
+        })?
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> ApiResult {
+    serde_json::to_value(v)
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[derive(serde::Serialize)]
+struct VolumeView {
+    name: String,
+    size: u64,
+    block_size: u32,
+    compress: Option<&'static str>,
+    ephemeral: bool,
+    mapped_bytes: u64,
+    checkpoints: usize,
+    base: Option<String>,
+    created_unix: u64,
+    exported: Option<String>,
+}
+
+fn volume_view(v: VolumeInfo, exports: &BTreeMap<String, Exported>) -> VolumeView {
+    VolumeView {
+        exported: exports.get(&v.name).map(|e| e.socket.display().to_string()),
+        name: v.name,
+        size: v.size,
+        block_size: v.block_size,
+        compress: v.lz4.then_some("lz4"),
+        ephemeral: v.ephemeral,
+        mapped_bytes: v.mapped_bytes,
+        checkpoints: v.checkpoints,
+        base: v.base,
+        created_unix: v.created_unix,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct CheckpointView {
+    volume: String,
+    name: String,
+    parent: Option<String>,
+    is_base: bool,
+    size: u64,
+    mapped_bytes: u64,
+    exclusive_bytes: u64,
+    created_unix: u64,
+}
+
+impl From<CheckpointInfo> for CheckpointView {
+    fn from(c: CheckpointInfo) -> Self {
+        CheckpointView {
+            volume: c.volume,
+            name: c.name,
+            parent: c.parent,
+            is_base: c.is_base,
+            size: c.size,
+            mapped_bytes: c.mapped_bytes,
+            exclusive_bytes: c.exclusive_bytes,
+            created_unix: c.created_unix,
+        }
+    }
+}
+
+async fn list_volumes(State(app): State<Arc<App>>) -> ApiResult {
+    let list = blocking(&app, |a| {
+        let ex = a.exports.lock();
+        Ok(a.store
+            .list_volumes()
+            .into_iter()
+            .map(|v| volume_view(v, &ex))
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    to_json(list)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateReq {
+    name: String,
+    size: Option<u64>,
+    compress: Option<String>,
+    block_size: Option<u64>,
+    from: Option<String>,
+    #[serde(default)]
+    ephemeral: bool,
+}
+
+async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: CreateReq = parse(&body)?;
+    let lz4 = match req.compress.as_deref() {
+        None | Some("none") => false,
+        Some("lz4") => true,
+        Some(other) => return Err(bad(format!("unknown compression {other:?} (use lz4)"))),
+    };
+    let block_size = req
+        .block_size
+        .map(|b| u32::try_from(b).map_err(|_| bad("block size too large")))
+        .transpose()?;
+    let info = blocking(&app, move |a| {
+        let info = match &req.from {
+            Some(from) => {
+                let (v, c) = from
+                    .split_once('@')
+                    .ok_or_else(|| bad("--from expects VOLUME@CHECKPOINT"))?;
+                if lz4 || block_size.is_some() {
+                    return Err(bad("a fork keeps its source's block size and compression"));
+                }
+                let info = a.store.fork(v, c, &req.name, req.ephemeral)?;
+                match req.size {
+                    Some(s) if s != info.size => a.store.grow_volume(&req.name, s)?,
+                    _ => info,
+                }
+            }
+            None => {
+                let size = req.size.ok_or_else(|| bad("size is required"))?;
+                a.store.create_volume(
+                    &req.name,
+                    size,
+                    VolumeOptions {
+                        block_size,
+                        lz4,
+                        ephemeral: req.ephemeral,
+                    },
+                )?
+            }
+        };
+        Ok(volume_view(info, &a.exports.lock()))
+    })
+    .await?;
+    to_json(info)
+}
+
+async fn volume_info(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
+    let v = blocking(&app, move |a| {
+        Ok(volume_view(a.store.volume_info(&name)?, &a.exports.lock()))
+    })
+    .await?;
+    to_json(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeReq {
+    size: u64,
+}
+
+async fn resize_volume(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult {
+    let req: ResizeReq = parse(&body)?;
+    let v = blocking(&app, move |a| {
+        if a.exports.lock().contains_key(&name) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is exported; unexport it before resizing"),
+            ));
+        }
+        Ok(volume_view(
+            a.store.grow_volume(&name, req.size)?,
+            &a.exports.lock(),
+        ))
+    })
+    .await?;
+    to_json(v)
+}
+
+async fn delete_volume(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
+    blocking(&app, move |a| {
+        if a.exports.lock().contains_key(&name) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is exported; unexport it first"),
+            ));
+        }
+        a.store.delete_volume(&name)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"deleted": true})))
+}
+
+async fn list_checkpoints(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
+    let v = blocking(&app, move |a| {
+        Ok(a.store
+            .list_checkpoints(&name)?
+            .into_iter()
+            .map(CheckpointView::from)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    to_json(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointReq {
+    name: String,
+}
+
+async fn create_checkpoint(
+    State(app): State<Arc<App>>,
+    UrlPath(vol): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult {
+    let req: CheckpointReq = parse(&body)?;
+    let v = blocking(&app, move |a| {
+        Ok(CheckpointView::from(a.store.checkpoint(&vol, &req.name)?))
+    })
+    .await?;
+    to_json(v)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn restore_checkpoint(
+    State(app): State<Arc<App>>,
+    UrlPath((vol, ck)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let req: RestoreReq = if body.is_empty() {
+        RestoreReq::default()
+    } else {
+        parse(&body)?
+    };
+    blocking(&app, move |a| {
+        let exported = a.exports.lock().remove(&vol);
+        if let Some(e) = exported {
+            if !req.force {
+                a.exports.lock().insert(vol.clone(), e);
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("volume {vol} is exported; unexport it first, or pass --force to disconnect its hypervisor"),
+                ));
+            }
+            tracing::warn!(volume = %vol, "restore --force: disconnecting the exported volume");
+            e.export.stop();
+        }
+        a.store.restore(&vol, &ck)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"restored": true})))
+}
+
+async fn delete_checkpoint(
+    State(app): State<Arc<App>>,
+    UrlPath((vol, ck)): UrlPath<(String, String)>,
+) -> ApiResult {
+    blocking(&app, move |a| Ok(a.store.delete_checkpoint(&vol, &ck)?)).await?;
+    Ok(Json(json!({"deleted": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffReq {
+    a: String,
+    b: String,
+}
+
+fn map_ref(s: &str) -> MapRef<'_> {
+    match s.split_once('@') {
+        Some((v, c)) => MapRef::Checkpoint(v, c),
+        None => MapRef::Live(s),
+    }
+}
+
+async fn diff(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: DiffReq = parse(&body)?;
+    let ranges = blocking(&app, move |a| {
+        Ok(a.store.diff(map_ref(&req.a), map_ref(&req.b))?)
+    })
+    .await?;
+    to_json(
+        ranges
+            .iter()
+            .map(|r| json!({"offset": r.offset, "len_bytes": r.len}))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportReq {
+    volume: String,
+    kind: String,
+    socket: PathBuf,
+    #[serde(default = "one")]
+    queues: u16,
+    #[serde(default)]
+    read_only: bool,
+}
+
+fn one() -> u16 {
+    1
+}
+
+async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: ExportReq = parse(&body)?;
+    if req.kind != "vhost-user" {
+        return Err(bad(format!(
+            "unknown export kind {:?} (supported: vhost-user)",
+            req.kind
+        )));
+    }
+    if !(1..=strata_block::backend::MAX_QUEUES).contains(&req.queues) {
+        return Err(bad(format!(
+            "queues must be 1 to {}",
+            strata_block::backend::MAX_QUEUES
+        )));
+    }
+    if !req.socket.is_absolute() {
+        return Err(bad("socket must be an absolute path"));
+    }
+    let v = blocking(&app, move |a| {
+        let mut ex = a.exports.lock();
+        if let Some(e) = ex.get(&req.volume) {
+            return Err(ApiError(StatusCode::CONFLICT, format!("volume {} is already exported on {}", req.volume, e.socket.display())));
+        }
+        let vol = a.store.open_volume(&req.volume)?;
+        let block_size = vol.block_size();
+        let opts = BlockOptions { queues: req.queues, read_only: req.read_only };
+        let export = Export::start(Arc::new(vol), block_size, opts, &req.socket).map_err(|e| bad(format!("{e}")))?;
+        tracing::info!(volume = %req.volume, socket = %req.socket.display(), queues = req.queues, "exported");
+        ex.insert(req.volume.clone(), Exported { export, socket: req.socket.clone(), queues: req.queues, read_only: req.read_only });
+        Ok(json!({"volume": req.volume, "socket": req.socket, "queues": req.queues, "read_only": req.read_only}))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+async fn list_exports(State(app): State<Arc<App>>) -> ApiResult {
+    let ex = app.exports.lock();
+    let v: Vec<Value> = ex
+        .iter()
+        .map(|(vol, e)| json!({"volume": vol, "kind": "vhost-user", "socket": e.socket, "queues": e.queues, "read_only": e.read_only}))
+        .collect();
+    Ok(Json(Value::Array(v)))
+}
+
+async fn delete_export(State(app): State<Arc<App>>, UrlPath(vol): UrlPath<String>) -> ApiResult {
+    blocking(&app, move |a| {
+        let e = a.exports.lock().remove(&vol).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("volume {vol} is not exported"),
+            )
+        })?;
+        e.export.stop();
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"unexported": true})))
+}
+
+async fn scrub(State(app): State<Arc<App>>) -> ApiResult {
+    let r = blocking(&app, |a| Ok(a.store.scrub()?)).await?;
+    let problems: Vec<Value> = r
+        .problems
+        .iter()
+        .map(|p| json!({"location": p.location, "offset": p.offset, "segment": p.segment, "detail": p.detail}))
+        .collect();
+    Ok(Json(
+        json!({"records": r.records, "checked_bytes": r.bytes, "problems": problems}),
+    ))
+}
+
+async fn stats(State(app): State<Arc<App>>) -> ApiResult {
+    let s = app.store.stats();
+    Ok(Json(json!({
+        "volumes": s.volumes, "checkpoints": s.checkpoints, "live_bytes": s.live_bytes,
+        "segment_files": s.segment_files, "io_engine": s.io_engine, "exports": app.exports.lock().len(),
+    })))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = render_metrics(&app);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn render_metrics(app: &App) -> String {
+    use std::fmt::Write;
+    use strata_block::stats::{LATENCY_BUCKETS_US, OPS};
+    let mut out = String::new();
+    let s = app.store.stats();
+    let _ = writeln!(
+        out,
+        "# TYPE strata_live_bytes gauge\nstrata_live_bytes {}",
+        s.live_bytes
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE strata_checkpoints gauge\nstrata_checkpoints {}",
+        s.checkpoints
+    );
+    let _ = writeln!(out, "# TYPE strata_volume_size_bytes gauge\n# TYPE strata_volume_mapped_bytes gauge\n# TYPE strata_volume_checkpoints gauge");
+    for v in app.store.list_volumes() {
+        let _ = writeln!(
+            out,
+            "strata_volume_size_bytes{{volume=\"{}\"}} {}",
+            v.name, v.size
+        );
+        let _ = writeln!(
+            out,
+            "strata_volume_mapped_bytes{{volume=\"{}\"}} {}",
+            v.name, v.mapped_bytes
+        );
+        let _ = writeln!(
+            out,
+            "strata_volume_checkpoints{{volume=\"{}\"}} {}",
+            v.name, v.checkpoints
+        );
+    }
+    let _ = writeln!(out, "# TYPE strata_io_ops_total counter\n# TYPE strata_io_bytes_total counter\n# TYPE strata_io_errors_total counter\n# TYPE strata_io_latency_seconds histogram");
+    for (vol, e) in app.exports.lock().iter() {
+        let st = &e.export.stats;
+        for (i, op) in OPS.iter().enumerate() {
+            let l = format!("volume=\"{vol}\",op=\"{op}\"");
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = writeln!(out, "strata_io_ops_total{{{l}}} {}", load(&st.ops[i]));
+            let _ = writeln!(out, "strata_io_bytes_total{{{l}}} {}", load(&st.bytes[i]));
+            let _ = writeln!(out, "strata_io_errors_total{{{l}}} {}", load(&st.errors[i]));
+            let mut cum = 0;
+            for (b, le) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cum += load(&st.latency[i][b]);
+                let _ = writeln!(
+                    out,
+                    "strata_io_latency_seconds_bucket{{{l},le=\"{}\"}} {cum}",
+                    *le as f64 / 1e6
+                );
+            }
+            cum += load(&st.latency[i][LATENCY_BUCKETS_US.len()]);
+            let _ = writeln!(
+                out,
+                "strata_io_latency_seconds_bucket{{{l},le=\"+Inf\"}} {cum}"
+            );
+            let _ = writeln!(
+                out,
+                "strata_io_latency_seconds_sum{{{l}}} {}",
+                load(&st.latency_sum_us[i]) as f64 / 1e6
+            );
+            let _ = writeln!(out, "strata_io_latency_seconds_count{{{l}}} {cum}");
+        }
+    }
+    out
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into())
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route(
+            "/v1/volumes/{name}/checkpoints",
+            get(list_checkpoints).post(create_checkpoint),
+        )
+        .route(
+            "/v1/volumes/{name}/checkpoints/{ck}",
+            delete(delete_checkpoint),
+        )
+        .route(
+            "/v1/volumes/{name}/checkpoints/{ck}/restore",
+            post(restore_checkpoint),
+        )
+        .route("/v1/diff", post(diff))
+        .route("/v1/exports", get(list_exports).post(create_export))
+        .route("/v1/exports/{volume}", delete(delete_export))
+        .route("/v1/scrub", post(scrub))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!("a daemon is already serving {}", socket.display());
+    }
+    let store = Store::open(store_dir, StoreOptions::default())
+        .with_context(|| format!("opening store {}", store_dir.display()))?;
+    let _ = std::fs::remove_file(socket);
+    let app = Arc::new(App {
+        store,
+        exports: Mutex::new(BTreeMap::new()),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+        tracing::info!(store = %store_dir.display(), api = %socket.display(), engine = app.store.engine_name(), "strata serving");
+        axum::serve(listener, router(app.clone()))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the API")
+    })?;
+    tracing::info!("shutting down: stopping exports, committing the store");
+    let exports = std::mem::take(&mut *app.exports.lock());
+    for (_, e) in exports {
+        e.export.stop();
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

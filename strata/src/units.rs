@@ -1,0 +1,89 @@
+//! Sizes with binary suffixes, and the text rendering of API answers.
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+/// Parses `512`, `4K`, `10G`, `1.5T` (binary multiples; an optional trailing `B`/`iB`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = match num.parse() {
+        Ok(n) if n >= 0.0 => n,
+        _ => bail!("invalid size {s:?} (examples: 512, 64K, 10G, 1T)"),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 || bytes.fract() != 0.0 {
+        bail!("invalid size {s:?}");
+    }
+    Ok(bytes as u64)
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Text output: a line per object, `key: value` pairs, sizes made readable.
+pub fn print_human(v: &Value) {
+    match v {
+        Value::Array(items) if items.is_empty() => println!("(none)"),
+        Value::Array(items) => items.iter().for_each(print_human),
+        Value::Object(map) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    let is_bytes = k == "size" || k.ends_with("_bytes");
+                    match v {
+                        Value::Number(n) if is_bytes => format!(
+                            "{k}={}",
+                            n.as_u64().map(human_bytes).unwrap_or_else(|| n.to_string())
+                        ),
+                        Value::String(s) => format!("{k}={s}"),
+                        Value::Null => format!("{k}=-"),
+                        other => format!("{k}={other}"),
+                    }
+                })
+                .collect();
+            println!("{}", parts.join("  "));
+        }
+        Value::Null => {}
+        other => println!("{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("10g").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        for bad in ["", "x", "-1G", "1.3", "5Q", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}
