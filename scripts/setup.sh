@@ -2,7 +2,8 @@
 # Installs what Strata needs to build and test on Debian 12 (run as root). Idempotent.
 set -euo pipefail
 
-pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs)
+pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
+      qemu-system-x86 qemu-utils busybox-static cpio xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -11,6 +12,9 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+elif ! apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | grep -q .; then
+  # The QEMU test guest's kernel is fetched with apt-get download: it needs package lists.
+  apt-get update -qq
 fi
 
 if ! command -v cargo >/dev/null; then
