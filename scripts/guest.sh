@@ -6,6 +6,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-/var/tmp/strata-guest}
 mkdir -p "$out"
+# One builder at a time (tests run in parallel).
+exec 9>"$out/.lock"
+flock 9
 stamp=$(cat "$here/scripts/guest.sh" "$here"/tests/guest/* | sha256sum | cut -c1-16)
 if [ -f "$out/ready-$stamp" ]; then exit 0; fi
 
@@ -20,7 +23,7 @@ if [ ! -d kernel ]; then
   pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -1)
   [ -n "$pkg" ] || { echo "guest.sh: no linux-image-6.1.0-*-amd64 package found (apt-get update?)" >&2; exit 1; }
   rm -f ./*.deb
-  apt-get download "$pkg" >/dev/null
+  apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null
   dpkg-deb -x ./*.deb kernel.tmp && mv kernel.tmp kernel
 fi
 kver=$(ls kernel/lib/modules | head -1)

@@ -1,8 +1,6 @@
 //! What a frontend needs from a volume, as a trait so request handling is tested without an
 //! engine, and its implementation for engine volumes.
 
-use strata_engine::Volume;
-
 /// Any failure is reported to the guest as IOERR; the detail goes to the log.
 #[derive(Debug)]
 pub struct DiskError;
@@ -19,6 +17,10 @@ pub trait Disk: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError>;
 }
 
+#[cfg(feature = "engine")]
+use strata_engine::Volume;
+
+#[cfg(feature = "engine")]
 fn logged<T>(what: &str, vol: &Volume, r: strata_engine::Result<T>) -> Result<T, DiskError> {
     r.map_err(|e| {
         tracing::warn!(volume = vol.name(), error = %e, "{what} failed");
@@ -26,6 +28,7 @@ fn logged<T>(what: &str, vol: &Volume, r: strata_engine::Result<T>) -> Result<T,
     })
 }
 
+#[cfg(feature = "engine")]
 impl Disk for Volume {
     fn size(&self) -> u64 {
         Volume::size(self)

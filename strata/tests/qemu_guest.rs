@@ -25,6 +25,8 @@ fn repo() -> PathBuf {
 }
 
 fn guest_dir() -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let dir = PathBuf::from(
         std::env::var("STRATA_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/strata-guest".into()),
     );
