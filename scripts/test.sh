@@ -9,5 +9,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release -- --show-output 2>&1 | tee "$log"
+
+# Fuzz the guest-facing request parser and descriptor walker briefly (longer campaigns:
+# STRATA_FUZZ_SECS=3600 scripts/test.sh, or cargo fuzz run in fuzz/).
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+(cd fuzz && CARGO_TARGET_DIR=/var/tmp/strata-fuzz-target RUSTC_BOOTSTRAP=1 \
+  cargo fuzz run virtio_request -- -max_total_time="${STRATA_FUZZ_SECS:-30}" 2>&1 | tail -3)
+echo "fuzz: virtio_request ran ${STRATA_FUZZ_SECS:-30}s without a crash"
+
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"

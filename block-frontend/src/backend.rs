@@ -155,11 +155,12 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let mut f = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
-        if self.shared.opts.queues > 1 {
-            f |= VhostUserProtocolFeatures::MQ;
-        }
-        f
+        // MQ lets the frontend ask how many queues there are; CONFIGURE_MEM_SLOTS lets it add
+        // memory regions one at a time (libblkio requires it).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

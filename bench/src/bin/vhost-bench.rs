@@ -1,0 +1,356 @@
+//! Strata's vhost-user-blk export against qemu-storage-daemon (raw and qcow2 on the same
+//! filesystem), driven by the same user-space virtio-blk driver (libblkio's
+//! `virtio-blk-vhost-user`) in one run, so no guest kernel hides the backends' speed.
+//!
+//! Shapes: 4 KiB random read and write at QD32, 1 MiB sequential read and write at QD8, and
+//! 4 KiB random write right after a checkpoint (a qcow2 internal snapshot for the peer).
+//! Prints IOPS / MiB/s per target and the ratios. Results: docs/BENCHMARKS.md.
+//!
+//! Usage: vhost-bench [--dir DIR] [--size-mib N] [--secs S]
+//! Needs `strata` built next to this binary, qemu-storage-daemon and qemu-img.
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    dir: PathBuf,
+    size: u64,
+    secs: f64,
+}
+
+fn args() -> R<Args> {
+    let mut a = Args {
+        dir: PathBuf::from("/var/tmp/strata-vhost-bench"),
+        size: 1 << 30,
+        secs: 5.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let v = it.next().ok_or(format!("{x} needs a value"))?;
+        match x.as_str() {
+            "--dir" => a.dir = PathBuf::from(v),
+            "--size-mib" => a.size = v.parse::<u64>()? << 20,
+            "--secs" => a.secs = v.parse()?,
+            _ => return Err(format!("unknown argument {x}").into()),
+        }
+    }
+    Ok(a)
+}
+
+/// A backend process serving a vhost-user-blk socket.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(path: &Path) -> R<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn qsd(dir: &Path, image: &Path, format: &str, name: &str) -> R<Server> {
+    let socket = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", image.display()))
+        .arg("--blockdev")
+        .arg(format!("driver={format},node-name=disk0,file=file0"))
+        .arg("--export")
+        .arg(format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1", socket.display()))
+        .stdout(Stdio::null())
+        .spawn()?;
+    let s = Server { child, socket };
+    wait_for(&s.socket)?;
+    Ok(s)
+}
+
+fn strata_bin() -> R<PathBuf> {
+    let p = std::env::current_exe()?
+        .parent()
+        .ok_or("no exe dir")?
+        .join("strata");
+    if !p.exists() {
+        return Err(format!(
+            "{} not found: build it with cargo build --release -p strata",
+            p.display()
+        )
+        .into());
+    }
+    Ok(p)
+}
+
+fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
+    let out = Command::new(strata_bin()?)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("strata {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+fn strata_server(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
+    let store = dir.join("strata-store");
+    let child = Command::new(strata_bin()?)
+        .arg("--store")
+        .arg(&store)
+        .arg("serve")
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_for(&store.join("strata.sock"))?;
+    strata_cli(
+        &store,
+        &["volume", "create", "bench", "--size", &size.to_string()],
+    )?;
+    let socket = dir.join("strata.vhost.sock");
+    strata_cli(
+        &store,
+        &[
+            "export",
+            "vhost-user",
+            "bench",
+            "--socket",
+            socket.to_str().ok_or("path")?,
+        ],
+    )?;
+    Ok((Server { child, socket }, store))
+}
+
+/// One libblkio connection with a shared-memory buffer area.
+struct Client {
+    _blkio: Blkio,
+    q: Blkioq,
+    base: *mut u8,
+    capacity: u64,
+}
+
+const SLOT: usize = 1 << 20;
+const SLOTS: usize = 32;
+
+impl Client {
+    fn connect(socket: &Path) -> R<Client> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().ok_or("path")?)?;
+        b.connect()?;
+        b.set_i32("num-queues", 1)?;
+        let mut started = b.start()?;
+        let q = started.queues.pop().ok_or("no queue")?;
+        let region = b.alloc_mem_region(SLOT * SLOTS)?;
+        b.map_mem_region(&region)?;
+        let capacity = b.get_u64("capacity")?;
+        Ok(Client {
+            base: region.addr as *mut u8,
+            _blkio: b,
+            q,
+            capacity,
+        })
+    }
+
+    /// Keeps `depth` requests of `bs` bytes in flight for `secs`; returns ops per second.
+    fn run(&mut self, write: bool, random: bool, bs: usize, depth: usize, secs: f64) -> R<f64> {
+        let blocks = self.capacity / bs as u64;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut seq = 0u64;
+        let mut next = |_: usize| {
+            if random {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % blocks) * bs as u64
+            } else {
+                seq = (seq + 1) % blocks;
+                seq * bs as u64
+            }
+        };
+        let submit = |q: &mut Blkioq, slot: usize, off: u64, base: *mut u8| {
+            // SAFETY: slot < SLOTS and bs <= SLOT, so the buffer lies inside the mapped region,
+            // which lives as long as `self`; each slot has at most one request in flight.
+            let buf = unsafe { base.add(slot * SLOT) };
+            if write {
+                q.write(off, buf, bs, slot, ReqFlags::empty());
+            } else {
+                q.read(off, buf, bs, slot, ReqFlags::empty());
+            }
+        };
+        for slot in 0..depth {
+            submit(&mut self.q, slot, next(slot), self.base);
+        }
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        let start = Instant::now();
+        let mut done = 0u64;
+        let mut inflight = depth;
+        let mut stopping = false;
+        while inflight > 0 {
+            let n = self.q.do_io(&mut comps, 1, None, None)?;
+            for c in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c.assume_init_read() };
+                if c.ret != 0 {
+                    return Err(format!("request failed: {}", c.ret).into());
+                }
+                done += 1;
+                inflight -= 1;
+                stopping |= start.elapsed().as_secs_f64() >= secs;
+                if !stopping {
+                    submit(&mut self.q, c.user_data, next(c.user_data), self.base);
+                    inflight += 1;
+                }
+            }
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    }
+
+    fn fill(&mut self) -> R<()> {
+        let blocks = self.capacity / SLOT as u64;
+        for i in 0..SLOTS {
+            // SAFETY: each slot is SLOT bytes inside the mapped region.
+            unsafe { std::ptr::write_bytes(self.base.add(i * SLOT), 0x5a ^ i as u8, SLOT) };
+        }
+        let mut issued = 0u64;
+        let mut inflight = 0usize;
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..8).map(|_| MaybeUninit::uninit()).collect();
+        while issued < blocks || inflight > 0 {
+            while issued < blocks && inflight < 8 {
+                let slot = (issued % 8) as usize;
+                // SAFETY: as in `run`.
+                let buf = unsafe { self.base.add(slot * SLOT) };
+                self.q
+                    .write(issued * SLOT as u64, buf, SLOT, slot, ReqFlags::empty());
+                issued += 1;
+                inflight += 1;
+            }
+            let n = self.q.do_io(&mut comps, 1, None, None)?;
+            inflight -= n;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Row {
+    rr: f64,
+    rw: f64,
+    sr: f64,
+    sw: f64,
+    after: f64,
+}
+
+fn measure(socket: &Path, secs: f64) -> R<Row> {
+    let mut c = Client::connect(socket)?;
+    c.fill()?;
+    Ok(Row {
+        rr: c.run(false, true, 4096, 32, secs)?,
+        rw: c.run(true, true, 4096, 32, secs)?,
+        sr: c.run(false, false, SLOT, 8, secs)?,
+        sw: c.run(true, false, SLOT, 8, secs)?,
+        after: 0.0,
+    })
+}
+
+fn main() -> R<()> {
+    let a = args()?;
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let size = a.size.to_string();
+    let raw = a.dir.join("disk.raw");
+    let qcow = a.dir.join("disk.qcow2");
+    for (img, fmt) in [(&raw, "raw"), (&qcow, "qcow2")] {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt])
+            .arg(img)
+            .arg(&size)
+            .status()?;
+        if !st.success() {
+            return Err("qemu-img create failed".into());
+        }
+    }
+    println!(
+        "vhost-bench: {} MiB disks in {}, {} s per shape, one queue",
+        a.size >> 20,
+        a.dir.display(),
+        a.secs
+    );
+
+    let (srv, store) = strata_server(&a.dir, a.size)?;
+    let mut strata = measure(&srv.socket, a.secs)?;
+    strata_cli(&store, &["checkpoint", "create", "bench@c1"])?;
+    strata.after = Client::connect(&srv.socket)?.run(true, true, 4096, 32, a.secs)?;
+    drop(srv);
+
+    let srv = qsd(&a.dir, &raw, "raw", "qsd-raw")?;
+    let qraw = measure(&srv.socket, a.secs)?;
+    drop(srv);
+
+    let srv = qsd(&a.dir, &qcow, "qcow2", "qsd-qcow2")?;
+    let mut qq = measure(&srv.socket, a.secs)?;
+    drop(srv);
+    let st = Command::new("qemu-img")
+        .args(["snapshot", "-c", "s1"])
+        .arg(&qcow)
+        .status()?;
+    if !st.success() {
+        return Err("qemu-img snapshot failed".into());
+    }
+    let srv = qsd(&a.dir, &qcow, "qcow2", "qsd-qcow2-snap")?;
+    qq.after = Client::connect(&srv.socket)?.run(true, true, 4096, 32, a.secs)?;
+    drop(srv);
+
+    let mib = |ops: f64| ops; // 1 MiB requests: ops/s == MiB/s
+    println!(
+        "{:<28} {:>14} {:>14} {:>14} {:>9} {:>9}",
+        "shape", "strata", "qsd raw", "qsd qcow2", "vs raw", "vs qcow2"
+    );
+    let line = |name: &str, s: f64, r: f64, q: f64, unit: &str| {
+        println!("{name:<28} {s:>10.0} {unit:<3} {r:>10.0} {unit:<3} {q:>10.0} {unit:<3} {:>9.2} {:>9.2}", s / r, s / q);
+    };
+    line("4K randread QD32", strata.rr, qraw.rr, qq.rr, "iops");
+    line("4K randwrite QD32", strata.rw, qraw.rw, qq.rw, "iops");
+    line(
+        "1M seqread QD8",
+        mib(strata.sr),
+        mib(qraw.sr),
+        mib(qq.sr),
+        "MiB",
+    );
+    line(
+        "1M seqwrite QD8",
+        mib(strata.sw),
+        mib(qraw.sw),
+        mib(qq.sw),
+        "MiB",
+    );
+    println!(
+        "{:<28} {:>10.0} iops {:>14} {:>10.0} iops {:>9} {:>9.2}",
+        "4K randwrite after ckpt/snap",
+        strata.after,
+        "-",
+        qq.after,
+        "-",
+        strata.after / qq.after
+    );
+    let _ = std::fs::remove_dir_all(&a.dir);
+    Ok(())
+}
