@@ -2,6 +2,7 @@
 //! the control API (HTTP/JSON on a unix socket, docs/API.md).
 
 mod client;
+mod jobs;
 mod server;
 mod units;
 
@@ -51,6 +52,22 @@ enum Cmd {
     Export(ExportCmd),
     /// Stop exporting a volume.
     Unexport { volume: String },
+    /// Copy an image file into a volume (raw; qcow2 and others through qemu-img).
+    Import {
+        volume: String,
+        file: PathBuf,
+        /// Image format; detected when omitted (qcow2 or raw).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Write a volume or checkpoint (VOL or VOL@CKPT) to an image file.
+    ExportImage {
+        source: String,
+        file: PathBuf,
+        /// raw (sparse), or any format qemu-img writes (qcow2, ...).
+        #[arg(long, default_value = "raw")]
+        format: String,
+    },
     /// Verify the checksum of every stored block.
     Scrub,
     /// Store-wide figures.
@@ -158,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
         return server::serve(&cli.store, &socket);
     }
     let c = client::Client::new(cli.store.join("strata.sock"));
+    let tree = matches!(cli.cmd, Cmd::Checkpoint(CheckpointCmd::List { .. }));
     let out: Value = match cli.cmd {
         Cmd::Serve { .. } => unreachable_serve()?,
         Cmd::Volume(v) => volume(&c, v)?,
@@ -172,15 +190,84 @@ fn run(cli: Cli) -> Result<()> {
             c.call("POST", "/v1/exports", Some(json!({"volume": volume, "kind": "vhost-user", "socket": socket, "queues": queues, "read_only": read_only})))?
         }
         Cmd::Unexport { volume } => c.call("DELETE", &format!("/v1/exports/{volume}"), None)?,
+        Cmd::Import {
+            volume,
+            file,
+            format,
+        } => {
+            let file = std::path::absolute(&file).context("image path")?;
+            let job = c.call(
+                "POST",
+                &format!("/v1/volumes/{volume}/import"),
+                Some(json!({"path": file, "format": format})),
+            )?;
+            wait_job(&c, &job, "importing")?
+        }
+        Cmd::ExportImage {
+            source,
+            file,
+            format,
+        } => {
+            let file = std::path::absolute(&file).context("image path")?;
+            let job = c.call(
+                "POST",
+                "/v1/export-image",
+                Some(json!({"source": source, "path": file, "format": format})),
+            )?;
+            wait_job(&c, &job, "exporting")?
+        }
         Cmd::Scrub => c.call("POST", "/v1/scrub", None)?,
         Cmd::Stats => c.call("GET", "/v1/stats", None)?,
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if tree {
+        units::print_checkpoint_tree(&out);
     } else {
         units::print_human(&out);
     }
     Ok(())
+}
+
+/// Polls a daemon job until it ends, drawing a progress bar when stderr is a terminal.
+fn wait_job(c: &client::Client, started: &Value, verb: &str) -> Result<Value> {
+    use std::io::{IsTerminal, Write};
+    let id = started["job"]
+        .as_u64()
+        .context("daemon did not return a job id")?;
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        let v = c.call("GET", &format!("/v1/jobs/{id}"), None)?;
+        let (done, total) = (
+            v["done_bytes"].as_u64().unwrap_or(0),
+            v["total_bytes"].as_u64().unwrap_or(0),
+        );
+        if tty && total > 0 {
+            let pct = done * 100 / total;
+            let bar = "#".repeat((pct / 4) as usize) + &".".repeat(25 - (pct / 4) as usize);
+            eprint!(
+                "\r{verb} [{bar}] {pct:>3}% {} / {}",
+                units::human_bytes(done),
+                units::human_bytes(total)
+            );
+            let _ = std::io::stderr().flush();
+        }
+        match v["state"].as_str() {
+            Some("running") => std::thread::sleep(std::time::Duration::from_millis(200)),
+            Some("done") => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(v["result"].clone());
+            }
+            _ => {
+                if tty {
+                    eprintln!();
+                }
+                bail!("{}", v["error"].as_str().unwrap_or("job failed"));
+            }
+        }
+    }
 }
 
 fn unreachable_serve() -> Result<Value> {

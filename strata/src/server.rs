@@ -31,6 +31,7 @@ struct Exported {
 struct App {
     store: Store,
     exports: Mutex<BTreeMap<String, Exported>>,
+    jobs: crate::jobs::Jobs,
 }
 
 /// An API failure: status code and message.
@@ -548,6 +549,83 @@ fn render_metrics(app: &App) -> String {
     out
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportReq {
+    path: PathBuf,
+    format: Option<String>,
+}
+
+async fn import_image(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult {
+    let req: ImportReq = parse(&body)?;
+    if !req.path.is_absolute() || !req.path.is_file() {
+        return Err(bad(format!(
+            "{} is not an existing file (give an absolute path)",
+            req.path.display()
+        )));
+    }
+    let id = blocking(&app, move |a| {
+        if a.exports.lock().contains_key(&name) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is exported; unexport it before importing into it"),
+            ));
+        }
+        let vol = a.store.open_volume(&name)?;
+        let scratch = a.store.path().to_path_buf();
+        a.jobs
+            .spawn(move |job| {
+                crate::jobs::import(job, &vol, &req.path, req.format.as_deref(), &scratch)
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })
+    .await?;
+    Ok(Json(json!({"job": id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportImageReq {
+    source: String,
+    path: PathBuf,
+    #[serde(default = "raw")]
+    format: String,
+}
+
+fn raw() -> String {
+    "raw".into()
+}
+
+async fn export_image(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: ExportImageReq = parse(&body)?;
+    if !req.path.is_absolute() {
+        return Err(bad("the image path must be absolute"));
+    }
+    let id = blocking(&app, move |a| {
+        let src = match req.source.split_once('@') {
+            Some((v, c)) => crate::jobs::Source::Checkpoint(a.store.open_checkpoint(v, c)?),
+            None => crate::jobs::Source::Live(a.store.open_volume(&req.source)?),
+        };
+        a.jobs
+            .spawn(move |job| crate::jobs::export(job, &src, &req.path, &req.format))
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })
+    .await?;
+    Ok(Json(json!({"job": id})))
+}
+
+async fn job_status(State(app): State<Arc<App>>, UrlPath(id): UrlPath<u64>) -> ApiResult {
+    let job = app
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    Ok(Json(job.view(id)))
+}
+
 async fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into())
 }
@@ -572,6 +650,9 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/diff", post(diff))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{volume}", delete(delete_export))
+        .route("/v1/volumes/{name}/import", post(import_image))
+        .route("/v1/export-image", post(export_image))
+        .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/scrub", post(scrub))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -595,6 +676,7 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     let app = Arc::new(App {
         store,
         exports: Mutex::new(BTreeMap::new()),
+        jobs: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -71,6 +71,78 @@ pub fn print_human(v: &Value) {
     }
 }
 
+/// `checkpoint list` as a tree: each checkpoint under the one it descends from; `*` marks the
+/// checkpoint the live volume descends from.
+pub fn print_checkpoint_tree(v: &Value) {
+    let Some(items) = v.as_array() else {
+        return print_human(v);
+    };
+    if items.is_empty() {
+        println!("(no checkpoints)");
+        return;
+    }
+    let key = |c: &Value| {
+        format!(
+            "{}@{}",
+            c["volume"].as_str().unwrap_or(""),
+            c["name"].as_str().unwrap_or("")
+        )
+    };
+    let names: Vec<String> = items.iter().map(key).collect();
+    let parent_of = |c: &Value| {
+        c["parent"]
+            .as_str()
+            .filter(|p| names.iter().any(|n| n == p))
+            .map(str::to_string)
+    };
+    fn walk(
+        items: &[Value],
+        names: &[String],
+        parent: Option<&str>,
+        prefix: &str,
+        parent_of: &dyn Fn(&Value) -> Option<String>,
+    ) {
+        let kids: Vec<usize> = (0..items.len())
+            .filter(|&i| parent_of(&items[i]).as_deref() == parent)
+            .collect();
+        for (k, &i) in kids.iter().enumerate() {
+            let c = &items[i];
+            let last = k + 1 == kids.len();
+            let (branch, cont) = if parent.is_none() {
+                ("", "")
+            } else if last {
+                ("└─ ", "   ")
+            } else {
+                ("├─ ", "│  ")
+            };
+            let from = match (parent, c["parent"].as_str()) {
+                (None, Some(p)) => format!("  (forked from {p})"),
+                _ => String::new(),
+            };
+            println!(
+                "{prefix}{branch}{}{}  mapped {}, exclusive {}{from}",
+                c["name"].as_str().unwrap_or("?"),
+                if c["is_base"].as_bool() == Some(true) {
+                    " *"
+                } else {
+                    ""
+                },
+                human_bytes(c["mapped_bytes"].as_u64().unwrap_or(0)),
+                human_bytes(c["exclusive_bytes"].as_u64().unwrap_or(0)),
+            );
+            walk(
+                items,
+                names,
+                Some(&names[i]),
+                &format!("{prefix}{cont}"),
+                parent_of,
+            );
+        }
+    }
+    walk(items, &names, None, "", &parent_of);
+    println!("(* = the live volume descends from this checkpoint)");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

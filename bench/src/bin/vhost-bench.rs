@@ -169,6 +169,18 @@ impl Client {
 
     /// Keeps `depth` requests of `bs` bytes in flight for `secs`; returns ops per second.
     fn run(&mut self, write: bool, random: bool, bs: usize, depth: usize, secs: f64) -> R<f64> {
+        Ok(self.run_timed(write, random, bs, depth, secs)?.0)
+    }
+
+    /// Like `run`, also returning every request's latency.
+    fn run_timed(
+        &mut self,
+        write: bool,
+        random: bool,
+        bs: usize,
+        depth: usize,
+        secs: f64,
+    ) -> R<(f64, Vec<Duration>)> {
         let blocks = self.capacity / bs as u64;
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut seq = 0u64;
@@ -193,7 +205,10 @@ impl Client {
                 q.read(off, buf, bs, slot, ReqFlags::empty());
             }
         };
-        for slot in 0..depth {
+        let mut issued_at = vec![Instant::now(); depth];
+        let mut lat = Vec::new();
+        for (slot, at) in issued_at.iter_mut().enumerate() {
+            *at = Instant::now();
             submit(&mut self.q, slot, next(slot), self.base);
         }
         let mut comps: Vec<MaybeUninit<Completion>> =
@@ -212,14 +227,17 @@ impl Client {
                 }
                 done += 1;
                 inflight -= 1;
+                let slot = c.user_data;
+                lat.push(issued_at[slot].elapsed());
                 stopping |= start.elapsed().as_secs_f64() >= secs;
                 if !stopping {
-                    submit(&mut self.q, c.user_data, next(c.user_data), self.base);
+                    issued_at[slot] = Instant::now();
+                    submit(&mut self.q, slot, next(slot), self.base);
                     inflight += 1;
                 }
             }
         }
-        Ok(done as f64 / start.elapsed().as_secs_f64())
+        Ok((done as f64 / start.elapsed().as_secs_f64(), lat))
     }
 
     fn fill(&mut self) -> R<()> {
@@ -298,6 +316,7 @@ fn main() -> R<()> {
     let mut strata = measure(&srv.socket, a.secs)?;
     strata_cli(&store, &["checkpoint", "create", "bench@c1"])?;
     strata.after = Client::connect(&srv.socket)?.run(true, true, 4096, 32, a.secs)?;
+    let stall = checkpoint_stall(&srv.socket, &store, a.secs)?;
     drop(srv);
 
     let srv = qsd(&a.dir, &raw, "raw", "qsd-raw")?;
@@ -351,6 +370,46 @@ fn main() -> R<()> {
         "-",
         strata.after / qq.after
     );
+    println!("{stall}");
     let _ = std::fs::remove_dir_all(&a.dir);
     Ok(())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v.get(((v.len().max(1) - 1) as f64 * p) as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Guest-visible stall from checkpoints: 4 KiB random writes at QD32 with and without a
+/// checkpoint every 250 ms; request latency p99.9 and max for each.
+fn checkpoint_stall(socket: &Path, store: &Path, secs: f64) -> R<String> {
+    let mut c = Client::connect(socket)?;
+    let (_, mut quiet) = c.run_timed(true, true, 4096, 32, secs)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, store2) = (stop.clone(), store.to_path_buf());
+    let taker = std::thread::spawn(move || -> Result<u32, String> {
+        let mut n = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(250));
+            strata_cli(
+                &store2,
+                &["checkpoint", "create", &format!("bench@stall{n}")],
+            )
+            .map_err(|e| e.to_string())?;
+            n += 1;
+        }
+        Ok(n)
+    });
+    let (_, mut busy) = c.run_timed(true, true, 4096, 32, secs)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let taken = taker.join().map_err(|_| "checkpoint thread panicked")??;
+    Ok(format!(
+        "checkpoint stall, 4K randwrite QD32: without checkpoints p99.9 {:.2?} max {:.2?}; with {taken} checkpoints (every 250 ms) p99.9 {:.2?} max {:.2?}",
+        pct(&mut quiet, 0.999),
+        pct(&mut quiet, 1.0),
+        pct(&mut busy, 0.999),
+        pct(&mut busy, 1.0)
+    ))
 }
