@@ -6,78 +6,9 @@
 //! checkpoint exports its own content after the live volume changed; `checkpoint list` draws
 //! the history tree.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-struct Daemon {
-    child: Child,
-    store: PathBuf,
-}
-
-impl Daemon {
-    fn start(store: &Path) -> Daemon {
-        let child = Command::new(STRATA)
-            .args(["--store", store.to_str().unwrap(), "serve"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(store.join("strata.sock")).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            store: store.to_path_buf(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(STRATA)
-            .arg("--store")
-            .arg(&self.store)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, text) = self.run(args);
-        assert!(ok, "strata {args:?}: {text}");
-        text
-    }
-
-    fn fails(&self, args: &[&str], needle: &str) {
-        let (ok, text) = self.run(args);
-        assert!(!ok, "strata {args:?} should fail");
-        assert!(
-            text.starts_with("strata: ") || text.starts_with("error:"),
-            "one clear line expected: {text}"
-        );
-        assert!(
-            text.contains(needle),
-            "strata {args:?}: expected {needle:?} in {text:?}"
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::Daemon;
+use std::process::Command;
 
 fn pattern(len: usize) -> Vec<u8> {
     let mut x = 0x1234_5678_9abc_def1u64;
@@ -160,16 +91,10 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
         ("GET", "/v1/nothing", "", "404"),
         ("DELETE", "/v1/exports/vm", "", "404"),
     ] {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(d.store.join("strata.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        s.write_all(req.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let out = d.http(method, path, body);
         assert!(
             out.starts_with(&format!("HTTP/1.1 {code}")),
-            "{req:?} -> {out}"
+            "{method} {path} {body} -> {out}"
         );
         assert!(out.contains("\"error\""), "{out}");
     }

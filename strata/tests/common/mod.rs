@@ -1,0 +1,95 @@
+#![allow(dead_code, clippy::unwrap_used)]
+//! A `strata serve` process for the integration tests, driven through the real CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+pub struct Daemon {
+    child: Child,
+    pub store: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `store` (its log goes next to it) and waits for its API socket.
+    pub fn start(store: &Path) -> Daemon {
+        let log = std::fs::File::create(store.with_extension("log")).unwrap();
+        let child = Command::new(STRATA)
+            .args(["--store", store.to_str().unwrap(), "serve"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            store: store.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(store.join("strata.sock")).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// Runs a CLI command against this daemon; returns (success, stdout+stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(STRATA)
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Runs a command that must succeed; returns its output.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.run(args);
+        assert!(ok, "strata {args:?}: {text}");
+        text
+    }
+
+    /// Runs a command that must fail with one clear line containing `needle`.
+    pub fn fails(&self, args: &[&str], needle: &str) {
+        let (ok, text) = self.run(args);
+        assert!(!ok, "strata {args:?} should fail");
+        assert!(
+            text.starts_with("strata: ") || text.starts_with("error:"),
+            "one clear line expected: {text}"
+        );
+        assert!(
+            text.contains(needle),
+            "strata {args:?}: expected {needle:?} in {text:?}"
+        );
+    }
+
+    /// A raw HTTP request to the control API; returns the whole response.
+    pub fn http(&self, method: &str, path: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s =
+            std::os::unix::net::UnixStream::connect(self.store.join("strata.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
