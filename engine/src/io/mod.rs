@@ -185,7 +185,7 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn pooled(len: usize) -> Option<Vec<u8>> {
+fn pooled_empty(len: usize) -> Option<Vec<u8>> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         // The smallest buffer that fits, so small requests do not take the big buffers.
@@ -198,10 +198,19 @@ fn pooled(len: usize) -> Option<Vec<u8>> {
     })
 }
 
-/// A zeroed buffer of `len` bytes, reusing one returned with [`give_buf`] when possible.
+/// A buffer of `len` bytes to read into, reusing one returned with [`give_buf`] when
+/// possible. Its content is unspecified (a reused buffer keeps old bytes): every read fills
+/// it completely or fails.
 pub fn take_buf(len: usize) -> Vec<u8> {
-    match pooled(len) {
+    match POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let i = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity())?;
+        Some(p.swap_remove(i))
+    }) {
         Some(mut b) => {
+            // Only bytes past the old length need initialising; shrinking costs nothing.
             b.resize(len, 0);
             b
         }
@@ -211,7 +220,7 @@ pub fn take_buf(len: usize) -> Vec<u8> {
 
 /// An empty buffer with room for `len` bytes, reusing a pooled one when possible.
 pub fn take_empty_buf(len: usize) -> Vec<u8> {
-    pooled(len).unwrap_or_else(|| Vec::with_capacity(len))
+    pooled_empty(len).unwrap_or_else(|| Vec::with_capacity(len))
 }
 
 /// Returns a buffer to this thread's pool.
