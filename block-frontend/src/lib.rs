@@ -42,6 +42,8 @@ pub struct Export {
 pub enum ExportError {
     #[error("socket path {0} is in use by a listening process")]
     SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
     #[error("socket directory {0} does not exist")]
     NoSocketDir(PathBuf),
     #[error("listening on {path}")]
@@ -71,6 +73,13 @@ impl Export {
     ) -> Result<Export, ExportError> {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Err(ExportError::SocketInUse(socket.to_path_buf()));
+        }
+        // A stale socket from a crashed daemon is replaced; anything else is left alone.
+        if let Ok(md) = std::fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !md.file_type().is_socket() {
+                return Err(ExportError::NotASocket(socket.to_path_buf()));
+            }
         }
         if let Some(dir) = socket
             .parent()
