@@ -41,10 +41,10 @@ fn guest_dir() -> PathBuf {
     dir
 }
 
-/// Boots a guest on `socket` running tests/guest/TEST.sh; returns its console output.
-fn boot(guest: &Path, socket: &Path, test: &str, queues: u16) -> String {
-    let out = Command::new("timeout")
-        .arg("600")
+/// The QEMU command for a guest on `socket` running tests/guest/TEST.sh.
+fn qemu(guest: &Path, socket: &Path, test: &str, queues: u16) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("600")
         .arg("qemu-system-x86_64")
         .args(["-machine", "q35,accel=tcg,memory-backend=mem"])
         .args([
@@ -79,10 +79,24 @@ fn boot(guest: &Path, socket: &Path, test: &str, queues: u16) -> String {
             "-device",
             &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
         ])
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    c
+}
+
+/// Boots a guest on `socket` running tests/guest/TEST.sh; returns its console output.
+fn boot(guest: &Path, socket: &Path, test: &str, queues: u16) -> String {
+    let out = qemu(guest, socket, test, queues)
         .output()
         .expect("qemu-system-x86_64 must be installed (scripts/setup.sh)");
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn ops(d: &Daemon, op: &str) -> u64 {
+    let text = d.http("GET", "/metrics", "");
+    let prefix = format!("strata_io_ops_total{{volume=\"vm\",op=\"{op}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn assert_ok(out: &str, test: &str) {
@@ -210,4 +224,62 @@ fn checkpoint_restore_and_fork_with_real_guests() {
     // The newer checkpoints are still there: history is a tree, not a line.
     let list = d.ok(&["checkpoint", "list", "vm"]);
     assert!(list.contains("during4"), "{list}");
+}
+
+#[test]
+fn daemon_killed_under_a_running_guest_comes_back_and_fio_verifies() {
+    // SIGKILL the daemon while the guest runs a verified fio job, start a new one on the same
+    // store and socket: QEMU reconnects (reconnect=1). Requests the dead daemon had taken but
+    // not completed are sent again: QEMU cannot read the ring state back from a dead backend,
+    // so it resumes from the used index, and since this device completes each queue's
+    // requests in order, that is exactly the first request not completed. fio's verify pass
+    // must then read back every block it wrote, before and after the kill.
+    let guest = guest_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut d = Daemon::start(&store);
+    d.ok(&["volume", "create", "vm", "--size", "128M"]);
+    let sock = dir.path().join("vm.sock");
+    d.ok(&[
+        "export",
+        "vhost-user",
+        "vm",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let console = dir.path().join("console.txt");
+    let mut vm = qemu(&guest, &sock, "fio-long", 1)
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 must be installed (scripts/setup.sh)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while ops(&d, "write") < 2000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never got going: {}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = ops(&d, "write");
+    drop(d); // SIGKILL
+    d = Daemon::start(&store);
+    d.ok(&[
+        "export",
+        "vhost-user",
+        "vm",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let status = vm.wait().unwrap();
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert!(status.success(), "qemu failed: {out}");
+    assert_ok(&out, "fio-long");
+    assert!(out.contains("fio-long verified"), "{out}");
+    let after = ops(&d, "write") + ops(&d, "read");
+    assert!(
+        after > 0,
+        "the guest did no IO against the restarted daemon ({before} writes before the kill)"
+    );
 }
