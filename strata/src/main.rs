@@ -177,7 +177,10 @@ fn run(cli: Cli) -> Result<()> {
     let c = client::Client::new(cli.store.join("strata.sock"));
     let tree = matches!(cli.cmd, Cmd::Checkpoint(CheckpointCmd::List { .. }));
     let out: Value = match cli.cmd {
-        Cmd::Serve { .. } => unreachable_serve()?,
+        Cmd::Serve { api_socket } => {
+            let socket = api_socket.unwrap_or_else(|| cli.store.join("strata.sock"));
+            return server::serve(&cli.store, &socket);
+        }
         Cmd::Volume(v) => volume(&c, v)?,
         Cmd::Checkpoint(k) => checkpoint(&c, k)?,
         Cmd::Export(ExportCmd::VhostUser {
@@ -268,10 +271,6 @@ fn wait_job(c: &client::Client, started: &Value, verb: &str) -> Result<Value> {
             }
         }
     }
-}
-
-fn unreachable_serve() -> Result<Value> {
-    bail!("serve is handled before connecting")
 }
 
 fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
