@@ -114,12 +114,12 @@ fn info(out: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("guest printed no {key}:\n{out}"))
 }
 
-#[test]
-fn guest_sees_write_back_and_passes_fio_and_ext4() {
+/// The guest image, a running daemon, and volume `vm` of `size` exported on `DIR/vm.sock`.
+fn setup(size: &str, queues: u16) -> (PathBuf, tempfile::TempDir, Daemon, PathBuf) {
     let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&dir.path().join("store"));
-    d.ok(&["volume", "create", "vm", "--size", "256M"]);
+    d.ok(&["volume", "create", "vm", "--size", size]);
     let sock = dir.path().join("vm.sock");
     d.ok(&[
         "export",
@@ -128,8 +128,14 @@ fn guest_sees_write_back_and_passes_fio_and_ext4() {
         "--socket",
         sock.to_str().unwrap(),
         "--queues",
-        "2",
+        &queues.to_string(),
     ]);
+    (guest, dir, d, sock)
+}
+
+#[test]
+fn guest_sees_write_back_and_passes_fio_and_ext4() {
+    let (guest, _dir, d, sock) = setup("256M", 2);
 
     let out = boot(&guest, &sock, "fio", 2);
     assert_ok(&out, "fio");
@@ -162,18 +168,7 @@ fn guest_sees_write_back_and_passes_fio_and_ext4() {
 
 #[test]
 fn checkpoint_restore_and_fork_with_real_guests() {
-    let guest = guest_dir();
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("store"));
-    d.ok(&["volume", "create", "vm", "--size", "160M"]);
-    let sock = dir.path().join("vm.sock");
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "vm",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    let (guest, dir, d, sock) = setup("160M", 1);
 
     let a = info(&boot(&guest, &sock, "pattern-write", 1), "md5");
     d.ok(&["checkpoint", "create", "vm@c1"]);
