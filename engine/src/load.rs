@@ -220,6 +220,11 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
             if !record_verifies(inner, &e, vol.block_size) {
                 continue;
             }
+            // The record may sit only in the page cache (a process crash); the commit that
+            // ends the open must sync it before its mapping goes to RocksDB.
+            if let Some(seg) = inner.segments.get(e.segment) {
+                inner.segments.mark_written(&seg);
+            }
         }
         let change = Change {
             block: j.block,

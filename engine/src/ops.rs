@@ -82,7 +82,7 @@ pub struct ByteRange {
     pub len: u64,
 }
 
-fn check_size(size: u64, block_size: u32) -> Result<()> {
+fn check_size(size: u64) -> Result<()> {
     if size == 0 || size % SECTOR != 0 {
         return Err(Error::InvalidArgument(format!(
             "size {size} must be a positive multiple of 512"
@@ -93,7 +93,6 @@ fn check_size(size: u64, block_size: u32) -> Result<()> {
             "size {size} exceeds the 1 PiB limit"
         )));
     }
-    let _ = block_size;
     Ok(())
 }
 
@@ -122,7 +121,7 @@ pub(crate) fn create_volume(
             "block size {bs} must be a power of two from 4096 to 1048576"
         )));
     }
-    check_size(size, bs)?;
+    check_size(size)?;
     inner.check_poisoned()?;
     let guard = inner.commit.lock();
     let ops = {
@@ -228,7 +227,7 @@ pub(crate) fn grow_volume(inner: &Inner, name: &str, new_size: u64) -> Result<Vo
     let ops = {
         let cat = inner.catalog.lock();
         let vol = cat.volume(name)?;
-        check_size(new_size, vol.block_size)?;
+        check_size(new_size)?;
         if new_size < vol.size() {
             return Err(Error::InvalidArgument(format!(
                 "volume {name} is {} bytes; shrinking to {new_size} is not supported",

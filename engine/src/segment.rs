@@ -10,9 +10,9 @@ use crate::io::{IoEngine, IoFile, Op};
 use crate::tree::Entry;
 use crate::{Error, Result};
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Allocation unit inside a segment.
@@ -31,6 +31,8 @@ pub struct Segment {
     live_pages: AtomicU64,
     /// Dead page ranges waiting for the segment to be sealed before they are punched.
     deferred: Mutex<Vec<(u32, u32)>>,
+    /// Written since the last commit (needs an fdatasync).
+    unsynced: AtomicBool,
 }
 
 impl Segment {
@@ -44,6 +46,7 @@ impl Segment {
             refs,
             live_pages: AtomicU64::new(0),
             deferred: Mutex::new(Vec::new()),
+            unsynced: AtomicBool::new(false),
         }
     }
 
@@ -74,8 +77,6 @@ pub struct Segments {
     active: RwLock<Arc<Segment>>,
     roll: Mutex<()>,
     next_id: AtomicU32,
-    /// Segments written since the last commit (they need an fdatasync).
-    unsynced: Mutex<BTreeSet<u32>>,
     /// Pages in every segment's `deferred` list.
     deferred_pages: AtomicU64,
 }
@@ -134,7 +135,6 @@ impl Segments {
             active: RwLock::new(active),
             roll: Mutex::new(()),
             next_id: AtomicU32::new(first + 1),
-            unsynced: Mutex::new(BTreeSet::new()),
             deferred_pages: AtomicU64::new(0),
         })
     }
@@ -173,7 +173,6 @@ impl Segments {
         loop {
             let seg = self.active.read().clone();
             if let Some(page) = seg.try_alloc(pages) {
-                self.unsynced.lock().insert(seg.id);
                 return Ok((seg, page));
             }
             let _g = self.roll.lock();
@@ -187,11 +186,19 @@ impl Segments {
         }
     }
 
-    /// Takes the set of segments written since the last call, as sync operations.
+    /// Records that data was written to `seg`. Called after the write completes and before
+    /// the map points at it, so a commit whose snapshot includes the mapping also syncs the
+    /// data (marking at allocation could be cleared by a snapshot taken mid-write).
+    pub fn mark_written(&self, seg: &Segment) {
+        seg.unsynced.store(true, Ordering::Release);
+    }
+
+    /// Sync operations for the segments written since the last call.
     pub fn take_unsynced(&self) -> Vec<Op> {
-        let ids = std::mem::take(&mut *self.unsynced.lock());
-        ids.into_iter()
-            .filter_map(|id| self.get(id))
+        self.all
+            .read()
+            .values()
+            .filter(|s| s.unsynced.swap(false, Ordering::AcqRel))
             .map(|s| Op::Sync {
                 file: s.file.clone(),
             })

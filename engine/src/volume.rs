@@ -236,17 +236,10 @@ fn contiguous(a: &Entry, b: &Entry, block_size: u32) -> bool {
         && a.page + a.pages() == b.page
 }
 
-/// Decodes a stored record into a block, verifying its checksum.
-fn decode_record(stored: &[u8], e: &Entry, block_size: usize, out: &mut [u8]) -> bool {
-    if crc32fast::hash(stored) != e.crc {
-        return false;
-    }
-    if e.is_lz4() {
-        matches!(lz4_flex::block::decompress_into(stored, out), Ok(n) if n == block_size)
-    } else {
-        out.copy_from_slice(&stored[..block_size]);
-        true
-    }
+/// Decompresses an lz4 record into `out` (one block), verifying its checksum first.
+fn decode_lz4(stored: &[u8], e: &Entry, out: &mut [u8]) -> bool {
+    crc32fast::hash(stored) == e.crc
+        && matches!(lz4_flex::block::decompress_into(stored, out), Ok(n) if n == out.len())
 }
 
 fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
@@ -301,7 +294,8 @@ pub(crate) fn read(
             groups.push(vec![i]);
         }
         let mut retry = Vec::new();
-        let mut block = vec![0u8; g.block_size as usize];
+        // Only lz4 records need a block to decompress into.
+        let mut block = Vec::new();
         for (done, group) in inner.segments.engine().submit(ops).into_iter().zip(groups) {
             let ok = done.result.is_ok();
             let data = done.op.into_buf();
@@ -315,13 +309,13 @@ pub(crate) fn read(
                 });
                 let stored = &data[at..at + e.stored_len() as usize];
                 at += e.stored_len() as usize;
-                if ok
-                    && crc32fast::hash(stored) == e.crc
-                    && !e.is_lz4()
-                    && stored.len() == block.len()
-                {
+                let raw = !e.is_lz4() && stored.len() == g.block_size as usize;
+                if ok && raw && crc32fast::hash(stored) == e.crc {
                     copy_block(g, offset, first + i as u64, Some(stored), buf);
-                } else if ok && decode_record(stored, &e, g.block_size as usize, &mut block) {
+                } else if ok && e.is_lz4() && {
+                    block.resize(g.block_size as usize, 0);
+                    decode_lz4(stored, &e, &mut block)
+                } {
                     copy_block(g, offset, first + i as u64, Some(&block), buf);
                 } else {
                     retry.push(i);
@@ -478,21 +472,20 @@ impl Writer<'_> {
                     out.push(encode_record(*blk, (*d).into(), self.vol.lz4, None))
                 }
                 BlockWrite::Partial { at, data } => {
+                    // The compare-and-set below expects `cur`: if the block changes between
+                    // this lookup and the read (which looks again, and retries a record
+                    // punched under it), the install fails and the write is redone.
                     let cur = self.vol.map.read().tree.get(*blk);
                     let mut block = vec![0u8; bs];
                     if cur.is_some() {
+                        // The whole block, even past a volume end inside it.
                         let g = Geometry {
                             name: &self.vol.name,
                             block_size: self.vol.block_size,
                             size: u64::MAX,
                         };
-                        read(
-                            self.inner,
-                            &MapSource::Frozen(&single(*blk, cur)),
-                            &g,
-                            blk * bs as u64,
-                            &mut block,
-                        )?;
+                        let src = MapSource::Head(self.vol);
+                        read(self.inner, &src, &g, blk * bs as u64, &mut block)?;
                     }
                     block[*at..*at + data.len()].copy_from_slice(data);
                     out.push(encode_record(*blk, block.into(), self.vol.lz4, Some(cur)));
@@ -507,11 +500,19 @@ impl Writer<'_> {
     fn store_and_map(&self, records: Vec<Record<'_>>) -> Result<HashSet<u64>> {
         let inner = self.inner;
         let bs = self.vol.block_size as usize;
-        let zero =
-            |r: &Record| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0);
-        let pages: u32 = records
+        // All-zero blocks are unmapped instead of stored (thin provisioning); decided once.
+        let zero: Vec<bool> = records
             .iter()
-            .filter(|r| !zero(r))
+            .map(|r| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0))
+            .collect();
+        let stored = || {
+            records
+                .iter()
+                .zip(&zero)
+                .filter(|(_, z)| !**z)
+                .map(|(r, _)| r)
+        };
+        let pages: u32 = stored()
             .map(|r| r.payload.len().div_ceil(PAGE_SIZE) as u32)
             .sum();
         let mut changes = Vec::with_capacity(records.len());
@@ -520,7 +521,7 @@ impl Writer<'_> {
             let (seg, first_page) = inner.segments.allocate(pages)?;
             let mut buf = crate::io::take_empty_buf(pages as usize * PAGE_SIZE);
             let mut page = first_page;
-            for r in records.iter().filter(|r| !zero(r)) {
+            for r in stored() {
                 let e = Entry::new(seg.id, page, r.payload.len() as u32, r.lz4, r.crc);
                 buf.extend_from_slice(&r.payload);
                 buf.resize(buf.len().next_multiple_of(PAGE_SIZE), 0);
@@ -537,11 +538,12 @@ impl Writer<'_> {
                 return Err(inner.poison(Error::io("writing data", e)));
             }
             crate::io::give_buf(done.op.into_buf());
+            inner.segments.mark_written(&seg);
             inner.note_dirty(u64::from(pages) * PAGE_SIZE as u64);
         }
         let mut w = written.iter();
-        for r in &records {
-            let new = if zero(r) { None } else { w.next().copied() };
+        for (r, z) in records.iter().zip(&zero) {
+            let new = if *z { None } else { w.next().copied() };
             changes.push(Change {
                 block: r.block,
                 count: 1,
@@ -641,15 +643,6 @@ impl Writer<'_> {
         }
         Ok(())
     }
-}
-
-/// A one-entry tree, for reading a single known record.
-fn single(blk: u64, e: Option<Entry>) -> Tree {
-    let mut t = Tree::with_capacity(blk.saturating_add(1));
-    if let Some(e) = e {
-        t.update_leaf(leaf_index(blk), |l| l.insert(leaf_slot(blk), e));
-    }
-    t
 }
 
 /// An open volume: read, write and flush. Cheap to clone; an ephemeral volume is deleted
