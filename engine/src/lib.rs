@@ -22,8 +22,8 @@ pub use codec::FORMAT_VERSION;
 pub use error::{Error, Result};
 pub use names::validate as validate_name;
 pub use ops::{
-    ByteRange, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions, DEFAULT_BLOCK_SIZE,
-    DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
+    ByteRange, CheckpointEntry, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions,
+    DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
 };
 pub use scrub::{ScrubProblem, ScrubReport};
 pub use segment::PAGE_SIZE;
@@ -111,14 +111,18 @@ impl Store {
 
     /// A read-only view of a checkpoint.
     pub fn open_checkpoint(&self, volume: &str, name: &str) -> Result<Snapshot> {
-        let (tree, block_size, size) = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name))?;
+        let r = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name))?;
         Ok(Snapshot::new(
             self.inner.clone(),
             format!("{volume}@{name}"),
-            tree,
-            block_size,
-            size,
+            r,
         ))
+    }
+
+    /// A volume's checkpoints by name, with their ids: cheap, for frontends that list them
+    /// often. [`Store::list_checkpoints`] adds the history tree and space accounting.
+    pub fn checkpoint_entries(&self, volume: &str) -> Result<Vec<CheckpointEntry>> {
+        ops::checkpoint_entries(&self.inner, volume)
     }
 
     /// Reads and verifies every stored block.

@@ -664,26 +664,90 @@ pub(crate) fn list_checkpoints(inner: &Inner, vol_name: &str) -> Result<Vec<Chec
     Ok(out)
 }
 
-/// The tree and geometry a reference names, cloned (O(1)).
-pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>) -> Result<(Tree, u32, u64)> {
+/// A map a [`MapRef`] names: its tree (an O(1) clone) and geometry.
+pub(crate) struct Resolved {
+    pub tree: Tree,
+    pub block_size: u32,
+    pub size: u64,
+    /// The layer id (the head layer for a live volume).
+    pub id: u64,
+    pub mapped_blocks: u64,
+}
+
+pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>) -> Result<Resolved> {
     let cat = inner.catalog.lock();
     match r {
         MapRef::Live(v) => {
             let vol = cat.volume(v)?;
-            let tree = vol.map.read().tree.clone();
-            Ok((tree, vol.block_size, vol.size()))
+            let map = vol.map.read();
+            Ok(Resolved {
+                tree: map.tree.clone(),
+                block_size: vol.block_size,
+                size: vol.size(),
+                id: map.layer,
+                mapped_blocks: map.mapped_blocks,
+            })
         }
         MapRef::Checkpoint(v, n) => {
             let (vol, ck) = find_checkpoint(&cat, v, n)?;
             let f = cat.frozen.get(&ck.layer).ok_or_else(|| ckpt_err(v, n))?;
-            Ok((f.tree.clone(), vol.block_size, ck.size))
+            Ok(Resolved {
+                tree: f.tree.clone(),
+                block_size: vol.block_size,
+                size: ck.size,
+                id: ck.layer,
+                mapped_blocks: f.mapped_blocks,
+            })
         }
     }
 }
 
+/// A checkpoint's identity and geometry, without the per-checkpoint space accounting that
+/// [`list_checkpoints`] computes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointEntry {
+    pub name: String,
+    /// Unique in the store and never reused.
+    pub id: u64,
+    pub size: u64,
+    /// Bytes mapped (stored) in the checkpoint.
+    pub mapped_bytes: u64,
+    pub created_unix: u64,
+}
+
+pub(crate) fn checkpoint_entries(inner: &Inner, vol_name: &str) -> Result<Vec<CheckpointEntry>> {
+    let cat = inner.catalog.lock();
+    let vol = cat.volume(vol_name)?;
+    Ok(cat
+        .checkpoints
+        .range((vol.id, String::new())..)
+        .take_while(|((v, _), _)| *v == vol.id)
+        .map(|((_, name), c)| CheckpointEntry {
+            name: name.clone(),
+            id: c.layer,
+            size: c.size,
+            mapped_bytes: cat
+                .frozen
+                .get(&c.layer)
+                .map_or(0, |f| f.mapped_blocks * u64::from(vol.block_size)),
+            created_unix: c.created_unix,
+        })
+        .collect())
+}
+
 pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<ByteRange>> {
-    let (ta, bsa, sa) = resolve(inner, a)?;
-    let (tb, bsb, sb) = resolve(inner, b)?;
+    let Resolved {
+        tree: ta,
+        block_size: bsa,
+        size: sa,
+        ..
+    } = resolve(inner, a)?;
+    let Resolved {
+        tree: tb,
+        block_size: bsb,
+        size: sb,
+        ..
+    } = resolve(inner, b)?;
     if bsa != bsb {
         return Err(Error::InvalidArgument(
             "cannot diff volumes with different block sizes".into(),

@@ -343,6 +343,24 @@ impl Tree {
         let root = self.root.as_ref()?;
         next_rec(root, self.height, 0, block)
     }
+
+    /// First unmapped block at or after `block` (every block past the last mapped one is
+    /// unmapped). Costs one lookup per full leaf skipped.
+    pub fn next_unmapped(&self, block: u64) -> u64 {
+        let mut b = block;
+        loop {
+            let Some(leaf) = self.leaf(leaf_index(b)) else {
+                return b;
+            };
+            let slot = leaf_slot(b);
+            // Unmapped slots at or after `slot`.
+            let free = !leaf.bitmap() & (u64::MAX << slot);
+            if free != 0 {
+                return (b - slot as u64) + u64::from(free.trailing_zeros());
+            }
+            b = (leaf_index(b) + 1) * LEAF_SLOTS as u64;
+        }
+    }
 }
 
 fn initial_node(height: u32) -> Node {
@@ -514,6 +532,21 @@ mod tests {
                 t.next_mapped(probe),
                 m.range(probe..).next().map(|(k, _)| *k)
             );
+        }
+    }
+
+    #[test]
+    fn next_unmapped_against_btreemap() {
+        let mut t = Tree::with_capacity(1 << 14);
+        let mut m = std::collections::BTreeSet::new();
+        // Full leaves (a run of 300 blocks across five leaves), a lone block, sparse tail.
+        for b in (100..400u64).chain([1000]).chain((2000..2200).step_by(3)) {
+            t.update_leaf(leaf_index(b), |l| l.insert(leaf_slot(b), e(b as u32)));
+            m.insert(b);
+        }
+        for probe in 0..2300u64 {
+            let want = (probe..).find(|b| !m.contains(b)).unwrap_or(probe);
+            assert_eq!(t.next_unmapped(probe), want, "probe {probe}");
         }
     }
 

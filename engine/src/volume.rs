@@ -207,8 +207,16 @@ pub(crate) struct Geometry<'a> {
     pub size: u64,
 }
 
-pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64) -> Result<()> {
-    if offset % SECTOR != 0 || len % SECTOR != 0 {
+/// Whether a request must be whole 512-byte sectors (block frontends) or may be any bytes
+/// (file frontends: partial blocks are read-modify-written like any other partial block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Align {
+    Sector,
+    Byte,
+}
+
+pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64, align: Align) -> Result<()> {
+    if align == Align::Sector && (offset % SECTOR != 0 || len % SECTOR != 0) {
         return Err(Error::Misaligned { offset, len });
     }
     if offset.checked_add(len).is_none_or(|end| end > g.size) {
@@ -424,9 +432,9 @@ impl Writer<'_> {
         }
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, offset: u64, data: &[u8], align: Align) -> Result<()> {
         let g = self.geometry();
-        check_range(&g, offset, data.len() as u64)?;
+        check_range(&g, offset, data.len() as u64, align)?;
         self.inner.check_poisoned()?;
         let bs = u64::from(g.block_size);
         let mut reqs = Vec::new();
@@ -589,9 +597,9 @@ impl Writer<'_> {
 
     /// Unmaps `[offset, offset+len)`: whole blocks lose their mapping, partial blocks at the
     /// edges are rewritten with zeros in the range. Serves discard and write-zeroes alike.
-    pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+    pub fn unmap(&self, offset: u64, len: u64, align: Align) -> Result<()> {
         let g = self.geometry();
-        check_range(&g, offset, len)?;
+        check_range(&g, offset, len, align)?;
         self.inner.check_poisoned()?;
         if len == 0 {
             return Ok(());
@@ -695,31 +703,54 @@ impl Volume {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`. Never-written and discarded ranges read as zeros.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_aligned(&self, offset: u64, buf: &mut [u8], align: Align) -> Result<()> {
         let g = Geometry {
             name: &self.state.name,
             block_size: self.state.block_size,
             size: self.state.size(),
         };
-        check_range(&g, offset, buf.len() as u64)?;
+        check_range(&g, offset, buf.len() as u64, align)?;
         read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
     }
 
-    /// Writes `data` at `offset`. Once this returns the data survives a crash of this process;
-    /// after a [`Volume::flush`] it survives a power cut.
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written and
+    /// discarded ranges read as zeros.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_aligned(offset, buf, Align::Sector)
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512). Once this returns the data survives
+    /// a crash of this process; after a [`Volume::flush`] it survives a power cut.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.writer().write(offset, data)
+        self.writer().write(offset, data, Align::Sector)
     }
 
     /// Makes the range read as zeros, releasing its space.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.writer().unmap(offset, len)
+        self.writer().unmap(offset, len, Align::Sector)
     }
 
     /// Releases the range's space; it reads as zeros afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.writer().unmap(offset, len)
+        self.writer().unmap(offset, len, Align::Sector)
+    }
+
+    /// [`Volume::read`] at any byte offset and length, for frontends that serve the volume
+    /// as a file.
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_aligned(offset, buf, Align::Byte)
+    }
+
+    /// [`Volume::write`] at any byte offset and length: partial blocks are
+    /// read-modify-written atomically with respect to other writes.
+    pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.writer().write(offset, data, Align::Byte)
+    }
+
+    /// [`Volume::discard`] at any byte offset and length: whole blocks are released, the
+    /// partial blocks at either edge are rewritten with zeros in the range.
+    pub fn unmap_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        self.writer().unmap(offset, len, Align::Byte)
     }
 
     /// Makes every write acknowledged before this call durable against power loss.
@@ -739,6 +770,14 @@ impl Volume {
         let b = self.state.map.read().tree.next_mapped(offset / bs)?;
         Some((b * bs).max(offset)).filter(|o| *o < self.size())
     }
+
+    /// First byte offset at or after `offset` that lies in a hole, or the size when none
+    /// does: for SEEK_HOLE (the end of the volume counts as a hole).
+    pub fn next_hole(&self, offset: u64) -> u64 {
+        let bs = u64::from(self.state.block_size);
+        let b = self.state.map.read().tree.next_unmapped(offset / bs);
+        (b * bs).max(offset).min(self.size())
+    }
 }
 
 /// A read-only view of a checkpoint (its map is an O(1) clone, unaffected by later writes).
@@ -749,22 +788,20 @@ pub struct Snapshot {
     tree: Tree,
     block_size: u32,
     size: u64,
+    id: u64,
+    mapped_blocks: u64,
 }
 
 impl Snapshot {
-    pub(crate) fn new(
-        inner: Arc<Inner>,
-        name: String,
-        tree: Tree,
-        block_size: u32,
-        size: u64,
-    ) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, name: String, r: crate::ops::Resolved) -> Self {
         Snapshot {
             inner,
             name,
-            tree,
-            block_size,
-            size,
+            tree: r.tree,
+            block_size: r.block_size,
+            size: r.size,
+            id: r.id,
+            mapped_blocks: r.mapped_blocks,
         }
     }
 
@@ -777,14 +814,35 @@ impl Snapshot {
         self.size
     }
 
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_aligned(offset, buf, Align::Sector)
+    }
+
+    /// [`Snapshot::read`] at any byte offset and length.
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_aligned(offset, buf, Align::Byte)
+    }
+
+    fn read_aligned(&self, offset: u64, buf: &mut [u8], align: Align) -> Result<()> {
         let g = Geometry {
             name: &self.name,
             block_size: self.block_size,
             size: self.size,
         };
-        check_range(&g, offset, buf.len() as u64)?;
+        check_range(&g, offset, buf.len() as u64, align)?;
         read(&self.inner, &MapSource::Frozen(&self.tree), &g, offset, buf)
+    }
+
+    /// Bytes mapped (stored) in this checkpoint.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_blocks * u64::from(self.block_size)
+    }
+
+    /// The checkpoint's id: unique in the store and never reused, so a checkpoint deleted
+    /// and taken again under the same name has a new id.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// First mapped byte offset at or after `offset`.
@@ -792,5 +850,14 @@ impl Snapshot {
         let bs = u64::from(self.block_size);
         let b = self.tree.next_mapped(offset / bs)?;
         Some((b * bs).max(offset)).filter(|o| *o < self.size)
+    }
+
+    /// First byte offset at or after `offset` in a hole, or the size: see
+    /// [`Volume::next_hole`].
+    pub fn next_hole(&self, offset: u64) -> u64 {
+        let bs = u64::from(self.block_size);
+        (self.tree.next_unmapped(offset / bs) * bs)
+            .max(offset)
+            .min(self.size)
     }
 }

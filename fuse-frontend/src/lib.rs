@@ -1,1 +1,326 @@
-//! FUSE frontend: serves Strata volumes and trees over FUSE. Not implemented yet (issues 4 and 5).
+//! Serves a Strata volume and its checkpoints as image files over FUSE.
+//!
+//! A mount holds one volume: `VOL.img` is the live volume (read-write unless the export is
+//! read-only) and `VOL@CKPT.img` is each checkpoint, read-only. The directory is listed live
+//! from the store, so checkpoints taken or deleted after mounting show up at once. File
+//! operations map onto the engine: read and write (at any byte offset), `fsync` → flush,
+//! `fallocate` punch-hole and zero-range → unmap, `SEEK_DATA`/`SEEK_HOLE` from the extent
+//! map, `truncate` to grow. `docs/fuse.md` has the user's view.
+
+mod fs;
+
+use fs::ImageFs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use strata_engine::{Store, Volume};
+
+pub use fs::{CHECKPOINT_INO_BASE, ROOT_INO, VOLUME_INO};
+
+/// How a volume is served.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// Refuse writes to the live volume's file too.
+    pub read_only: bool,
+    /// Threads reading requests from the kernel, each with its own `/dev/fuse` clone.
+    pub threads: usize,
+    /// Let users other than the daemon's access the mount (`allow_other`); permissions are
+    /// still checked by the kernel (`default_permissions`).
+    pub allow_other: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            read_only: false,
+            threads: 4,
+            allow_other: false,
+        }
+    }
+}
+
+/// Why an export could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error("mount point {0} does not exist")]
+    NoMountpoint(PathBuf),
+    #[error("mount point {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("mount point {0} is not empty")]
+    NotEmpty(PathBuf),
+    #[error("mount point {0} is busy (a file in it is open or loop-mounted); close it and retry")]
+    Busy(PathBuf),
+    #[error("mount point {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A running FUSE export. [`FuseExport::stop`] unmounts it; dropping it without stopping
+/// detaches the mount lazily.
+#[derive(Debug)]
+pub struct FuseExport {
+    mountpoint: PathBuf,
+    fs: Arc<fs::Shared>,
+    session: Option<fuser::BackgroundSession>,
+    notifier: fuser::Notifier,
+}
+
+impl FuseExport {
+    /// Mounts `volume` (and `store`'s checkpoints of it) at `mountpoint`, which must be an
+    /// existing empty directory. The store is held weakly: the export never keeps a stopped
+    /// daemon's store open.
+    pub fn start(
+        store: Weak<Store>,
+        volume: Volume,
+        mountpoint: &Path,
+        opts: &FuseOptions,
+    ) -> Result<FuseExport, FuseError> {
+        check_mountpoint(mountpoint)?;
+        let mountpoint = mountpoint.canonicalize().map_err(|source| FuseError::Io {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+        let name = volume.name().to_string();
+        let shared = Arc::new(fs::Shared::new(store, volume, opts.read_only));
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("strata:{name}")),
+            fuser::MountOption::Subtype("strata".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoAtime,
+        ];
+        if opts.read_only {
+            config.mount_options.push(fuser::MountOption::RO);
+        }
+        if opts.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(opts.threads.clamp(1, 64));
+        config.clone_fd = true;
+        let session = fuser::Session::new(ImageFs::new(shared.clone()), &mountpoint, &config)
+            .map_err(|source| FuseError::Io {
+                path: mountpoint.clone(),
+                source,
+            })?;
+        let session = session.spawn().map_err(|source| FuseError::Io {
+            path: mountpoint.clone(),
+            source,
+        })?;
+        let notifier = session.notifier();
+        tracing::info!(volume = %name, mountpoint = %mountpoint.display(), "FUSE export mounted");
+        Ok(FuseExport {
+            mountpoint,
+            fs: shared,
+            session: Some(session),
+            notifier,
+        })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Call after the live volume's content or size changed behind the mount (a restore):
+    /// drops the kernel's cached pages and attributes of `VOL.img`.
+    pub fn volume_changed(&self) {
+        self.fs.touch();
+        self.invalidate(VOLUME_INO);
+    }
+
+    /// Call after a checkpoint of the volume was taken or deleted: the directory is listed
+    /// again, and a deleted checkpoint's name stops resolving.
+    pub fn checkpoints_changed(&self, deleted: Option<&str>) {
+        self.invalidate(ROOT_INO);
+        if let Some(ck) = deleted {
+            let name = fs::checkpoint_file_name(self.fs.volume_name(), ck);
+            if let Err(e) = self
+                .notifier
+                .inval_entry(fuser::INodeNo(ROOT_INO), name.as_ref())
+            {
+                tracing::debug!(error = %e, "invalidating a deleted checkpoint's entry");
+            }
+        }
+    }
+
+    /// True while a file of checkpoint `ck` is open in the mount: deleting the checkpoint
+    /// then would pull its blocks from under the reader.
+    pub fn checkpoint_open(&self, ck: &str) -> bool {
+        self.fs.checkpoint_open(ck)
+    }
+
+    fn invalidate(&self, ino: u64) {
+        // ENOENT means the kernel holds nothing for the inode: nothing to drop.
+        if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(ino, error = %e, "invalidating the kernel's cache");
+            }
+        }
+    }
+
+    /// Unmounts and waits for the serving threads. Refused with [`FuseError::Busy`] while a
+    /// file in the mount is open (or loop-mounted): the export then keeps serving.
+    pub fn stop(&mut self) -> Result<(), FuseError> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        unmount(&self.mountpoint, 0).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EBUSY) {
+                FuseError::Busy(self.mountpoint.clone())
+            } else {
+                FuseError::Io {
+                    path: self.mountpoint.clone(),
+                    source,
+                }
+            }
+        })?;
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.join() {
+                tracing::warn!(error = %e, "FUSE session ended with an error");
+            }
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), "FUSE export unmounted");
+        Ok(())
+    }
+
+    /// Unmounts even when busy (a lazy detach: open files keep working until closed, new
+    /// opens see the directory underneath). For daemon shutdown.
+    pub fn detach(mut self) {
+        if self.session.is_none() {
+            return;
+        }
+        match unmount(&self.mountpoint, 0) {
+            Ok(()) => {
+                if let Some(s) = self.session.take() {
+                    let _ = s.join();
+                }
+            }
+            Err(_) => {
+                if let Err(e) = unmount(&self.mountpoint, libc::MNT_DETACH) {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "detaching the FUSE mount");
+                }
+                // The serving threads end when the last open file closes; the process does
+                // not wait for them.
+                if let Some(s) = self.session.take() {
+                    std::mem::forget(s);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FuseExport {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = unmount(&self.mountpoint, libc::MNT_DETACH);
+            std::mem::forget(s);
+        }
+    }
+}
+
+fn check_mountpoint(p: &Path) -> Result<(), FuseError> {
+    let meta = match std::fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(FuseError::NoMountpoint(p.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(FuseError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.is_dir() {
+        return Err(FuseError::NotADirectory(p.to_path_buf()));
+    }
+    let mut entries = std::fs::read_dir(p).map_err(|source| FuseError::Io {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(FuseError::NotEmpty(p.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn unmount(p: &Path, flags: i32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Lazily unmounts Strata FUSE mounts whose daemon died (their mount point answers
+/// `ENOTCONN`), so a crash leaves no dead mount behind once a daemon starts again. Live
+/// mounts, of this store or another, are left alone. Returns the mount points cleaned.
+pub fn clean_dead_mounts() -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut cleaned = Vec::new();
+    for line in info.lines() {
+        // mountinfo: id parent maj:min root mountpoint opts [optional...] - fstype source opts
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        // Ours: fstype fuse (or fuse.strata where the subtype is applied), source strata:VOL.
+        let mut r = right.split(' ');
+        let (fstype, source) = (r.next(), r.next().unwrap_or(""));
+        if !matches!(fstype, Some("fuse" | "fuse.strata")) || !source.starts_with("strata:") {
+            continue;
+        }
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let path = PathBuf::from(unescape_mountinfo(mp));
+        if let Err(e) = std::fs::metadata(&path) {
+            if e.raw_os_error() == Some(libc::ENOTCONN) && unmount(&path, libc::MNT_DETACH).is_ok()
+            {
+                tracing::warn!(mountpoint = %path.display(), "unmounted a dead FUSE export left by a crashed daemon");
+                cleaned.push(path);
+            }
+        }
+    }
+    cleaned
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b"), "/tmp/a b");
+        assert_eq!(unescape_mountinfo(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+}

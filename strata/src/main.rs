@@ -47,7 +47,7 @@ enum Cmd {
     /// Create, list, restore, delete and diff checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
-    /// Export a volume to a hypervisor.
+    /// Export a volume to a hypervisor (vhost-user) or as image files (FUSE).
     #[command(subcommand)]
     Export(ExportCmd),
     /// Stop exporting a volume.
@@ -150,6 +150,20 @@ enum ExportCmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// Mount a volume and its checkpoints as image files: DIR/VOL.img (read-write) and
+    /// DIR/VOL@CKPT.img (read-only), served by the daemon over FUSE.
+    Fuse {
+        volume: String,
+        /// An existing, empty directory.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// VOL.img refuses writes too.
+        #[arg(long)]
+        read_only: bool,
+        /// Let other users in (permissions still apply).
+        #[arg(long)]
+        allow_other: bool,
+    },
 }
 
 fn split_ref(s: &str) -> Result<(&str, &str)> {
@@ -191,6 +205,15 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let socket = std::path::absolute(&socket).context("socket path")?;
             c.call("POST", "/v1/exports", Some(json!({"volume": volume, "kind": "vhost-user", "socket": socket, "queues": queues, "read_only": read_only})))?
+        }
+        Cmd::Export(ExportCmd::Fuse {
+            volume,
+            mountpoint,
+            read_only,
+            allow_other,
+        }) => {
+            let mountpoint = std::path::absolute(&mountpoint).context("mount point path")?;
+            c.call("POST", "/v1/exports", Some(json!({"volume": volume, "kind": "fuse", "mountpoint": mountpoint, "read_only": read_only, "allow_other": allow_other})))?
         }
         Cmd::Unexport { volume } => c.call("DELETE", &format!("/v1/exports/{volume}"), None)?,
         Cmd::Import {

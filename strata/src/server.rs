@@ -20,16 +20,65 @@ use strata_block::{BlockOptions, Export};
 use strata_engine::{
     CheckpointInfo, Error as EngineError, MapRef, Store, StoreOptions, VolumeInfo, VolumeOptions,
 };
+use strata_fuse::{FuseExport, FuseOptions};
 
-struct Exported {
-    export: Export,
-    socket: PathBuf,
-    queues: u16,
-    read_only: bool,
+/// One export per volume: a vhost-user-blk socket or a FUSE mount.
+enum Exported {
+    Vhost {
+        export: Export,
+        socket: PathBuf,
+        queues: u16,
+        read_only: bool,
+    },
+    Fuse {
+        export: FuseExport,
+        read_only: bool,
+    },
+}
+
+impl Exported {
+    /// The socket or mount point.
+    fn path(&self) -> &Path {
+        match self {
+            Exported::Vhost { socket, .. } => socket,
+            Exported::Fuse { export, .. } => export.mountpoint(),
+        }
+    }
+
+    fn fuse(&self) -> Option<&FuseExport> {
+        match self {
+            Exported::Fuse { export, .. } => Some(export),
+            Exported::Vhost { .. } => None,
+        }
+    }
+
+    fn view(&self, vol: &str) -> Value {
+        match self {
+            Exported::Vhost {
+                socket,
+                queues,
+                read_only,
+                ..
+            } => {
+                json!({"volume": vol, "kind": "vhost-user", "socket": socket, "queues": queues, "read_only": read_only})
+            }
+            Exported::Fuse { export, read_only } => {
+                json!({"volume": vol, "kind": "fuse", "mountpoint": export.mountpoint(), "read_only": read_only})
+            }
+        }
+    }
+
+    /// Stops serving at daemon shutdown: a busy FUSE mount is detached lazily.
+    fn shutdown(self) {
+        match self {
+            Exported::Vhost { export, .. } => export.stop(),
+            Exported::Fuse { export, .. } => export.detach(),
+        }
+    }
 }
 
 struct App {
-    store: Store,
+    store: Arc<Store>,
     exports: Mutex<BTreeMap<String, Exported>>,
     jobs: crate::jobs::Jobs,
 }
@@ -107,7 +156,7 @@ struct VolumeView {
 
 fn volume_view(v: VolumeInfo, exports: &BTreeMap<String, Exported>) -> VolumeView {
     VolumeView {
-        exported: exports.get(&v.name).map(|e| e.socket.display().to_string()),
+        exported: exports.get(&v.name).map(|e| e.path().display().to_string()),
         name: v.name,
         size: v.size,
         block_size: v.block_size,
@@ -238,16 +287,19 @@ async fn resize_volume(
 ) -> ApiResult {
     let req: ResizeReq = parse(&body)?;
     let v = blocking(&app, move |a| {
-        if a.exports.lock().contains_key(&name) {
+        let ex = a.exports.lock();
+        // A FUSE mount shows the new size at once; a hypervisor cannot be told.
+        if matches!(ex.get(&name), Some(Exported::Vhost { .. })) {
             return Err(ApiError(
                 StatusCode::CONFLICT,
-                format!("volume {name} is exported; unexport it before resizing"),
+                format!("volume {name} is exported to a hypervisor; unexport it before resizing"),
             ));
         }
-        Ok(volume_view(
-            a.store.grow_volume(&name, req.size)?,
-            &a.exports.lock(),
-        ))
+        let info = a.store.grow_volume(&name, req.size)?;
+        if let Some(f) = ex.get(&name).and_then(Exported::fuse) {
+            f.volume_changed();
+        }
+        Ok(volume_view(info, &ex))
     })
     .await?;
     to_json(v)
@@ -296,7 +348,11 @@ async fn create_checkpoint(
 ) -> ApiResult {
     let req: CheckpointReq = parse(&body)?;
     let v = blocking(&app, move |a| {
-        Ok(CheckpointView::from(a.store.checkpoint(&vol, &req.name)?))
+        let info = a.store.checkpoint(&vol, &req.name)?;
+        if let Some(f) = a.exports.lock().get(&vol).and_then(Exported::fuse) {
+            f.checkpoints_changed(None);
+        }
+        Ok(CheckpointView::from(info))
     })
     .await?;
     to_json(v)
@@ -320,18 +376,26 @@ async fn restore_checkpoint(
         parse(&body)?
     };
     blocking(&app, move |a| {
-        let exported = a.exports.lock().remove(&vol);
-        if let Some(e) = exported {
+        let mut ex = a.exports.lock();
+        if let Some(Exported::Fuse { export, .. }) = ex.get(&vol) {
+            // The mount stays: the kernel drops its cached pages of the image afterwards.
+            a.store.restore(&vol, &ck)?;
+            export.volume_changed();
+            return Ok(());
+        }
+        if ex.contains_key(&vol) {
             if !req.force {
-                a.exports.lock().insert(vol.clone(), e);
                 return Err(ApiError(
                     StatusCode::CONFLICT,
                     format!("volume {vol} is exported; unexport it first, or pass --force to disconnect its hypervisor"),
                 ));
             }
             tracing::warn!(volume = %vol, "restore --force: disconnecting the exported volume");
-            e.export.stop();
+            if let Some(e) = ex.remove(&vol) {
+                e.shutdown();
+            }
         }
+        drop(ex);
         a.store.restore(&vol, &ck)?;
         Ok(())
     })
@@ -343,7 +407,27 @@ async fn delete_checkpoint(
     State(app): State<Arc<App>>,
     UrlPath((vol, ck)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    blocking(&app, move |a| Ok(a.store.delete_checkpoint(&vol, &ck)?)).await?;
+    blocking(&app, move |a| {
+        let ex = a.exports.lock();
+        let fuse = ex.get(&vol).and_then(Exported::fuse);
+        if let Some(f) = fuse {
+            if f.checkpoint_open(&ck) {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "checkpoint {vol}@{ck} is open in the FUSE mount at {}; close it first",
+                        f.mountpoint().display()
+                    ),
+                ));
+            }
+        }
+        a.store.delete_checkpoint(&vol, &ck)?;
+        if let Some(f) = fuse {
+            f.checkpoints_changed(Some(&ck));
+        }
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({"deleted": true})))
 }
 
@@ -380,46 +464,82 @@ async fn diff(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 struct ExportReq {
     volume: String,
     kind: String,
-    socket: PathBuf,
+    /// vhost-user: the socket to listen on.
+    socket: Option<PathBuf>,
+    /// fuse: the (empty) directory to mount on.
+    mountpoint: Option<PathBuf>,
     #[serde(default = "one")]
     queues: u16,
     #[serde(default)]
     read_only: bool,
+    #[serde(default)]
+    allow_other: bool,
 }
 
 fn one() -> u16 {
     1
 }
 
+fn absolute(p: Option<PathBuf>, what: &str, kind: &str) -> Result<PathBuf, ApiError> {
+    let p = p.ok_or_else(|| bad(format!("a {kind} export needs {what}")))?;
+    if !p.is_absolute() {
+        return Err(bad(format!("{what} must be an absolute path")));
+    }
+    Ok(p)
+}
+
 async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let req: ExportReq = parse(&body)?;
-    if req.kind != "vhost-user" {
-        return Err(bad(format!(
-            "unknown export kind {:?} (supported: vhost-user)",
-            req.kind
-        )));
-    }
-    if !(1..=strata_block::backend::MAX_QUEUES).contains(&req.queues) {
-        return Err(bad(format!(
-            "queues must be 1 to {}",
-            strata_block::backend::MAX_QUEUES
-        )));
-    }
-    if !req.socket.is_absolute() {
-        return Err(bad("socket must be an absolute path"));
-    }
+    let kind = req.kind.clone();
+    let (socket, mountpoint) = match kind.as_str() {
+        "vhost-user" => {
+            if !(1..=strata_block::backend::MAX_QUEUES).contains(&req.queues) {
+                return Err(bad(format!(
+                    "queues must be 1 to {}",
+                    strata_block::backend::MAX_QUEUES
+                )));
+            }
+            if req.mountpoint.is_some() || req.allow_other {
+                return Err(bad("mountpoint and allow_other are for fuse exports"));
+            }
+            (Some(absolute(req.socket.clone(), "socket", &kind)?), None)
+        }
+        "fuse" => {
+            if req.socket.is_some() || req.queues != 1 {
+                return Err(bad("socket and queues are for vhost-user exports"));
+            }
+            (
+                None,
+                Some(absolute(req.mountpoint.clone(), "mountpoint", &kind)?),
+            )
+        }
+        other => {
+            return Err(bad(format!(
+                "unknown export kind {other:?} (supported: vhost-user, fuse)"
+            )))
+        }
+    };
     let v = blocking(&app, move |a| {
         let mut ex = a.exports.lock();
         if let Some(e) = ex.get(&req.volume) {
-            return Err(ApiError(StatusCode::CONFLICT, format!("volume {} is already exported on {}", req.volume, e.socket.display())));
+            return Err(ApiError(StatusCode::CONFLICT, format!("volume {} is already exported on {}", req.volume, e.path().display())));
         }
         let vol = a.store.open_volume(&req.volume)?;
-        let block_size = vol.block_size();
-        let opts = BlockOptions { queues: req.queues, read_only: req.read_only };
-        let export = Export::start(Arc::new(vol), block_size, opts, &req.socket).map_err(|e| bad(format!("{e}")))?;
-        tracing::info!(volume = %req.volume, socket = %req.socket.display(), queues = req.queues, "exported");
-        ex.insert(req.volume.clone(), Exported { export, socket: req.socket.clone(), queues: req.queues, read_only: req.read_only });
-        Ok(json!({"volume": req.volume, "socket": req.socket, "queues": req.queues, "read_only": req.read_only}))
+        let exported = if let Some(socket) = socket {
+            let block_size = vol.block_size();
+            let opts = BlockOptions { queues: req.queues, read_only: req.read_only };
+            let export = Export::start(Arc::new(vol), block_size, opts, &socket).map_err(|e| bad(format!("{e}")))?;
+            tracing::info!(volume = %req.volume, socket = %socket.display(), queues = req.queues, "exported");
+            Exported::Vhost { export, socket, queues: req.queues, read_only: req.read_only }
+        } else {
+            let mountpoint = mountpoint.ok_or_else(|| bad("a fuse export needs mountpoint"))?;
+            let opts = FuseOptions { read_only: req.read_only, allow_other: req.allow_other, ..FuseOptions::default() };
+            let export = FuseExport::start(Arc::downgrade(&a.store), vol, &mountpoint, &opts).map_err(|e| bad(format!("{e}")))?;
+            Exported::Fuse { export, read_only: req.read_only }
+        };
+        let view = exported.view(&req.volume);
+        ex.insert(req.volume.clone(), exported);
+        Ok(view)
     })
     .await?;
     Ok(Json(v))
@@ -427,22 +547,28 @@ async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 
 async fn list_exports(State(app): State<Arc<App>>) -> ApiResult {
     let ex = app.exports.lock();
-    let v: Vec<Value> = ex
-        .iter()
-        .map(|(vol, e)| json!({"volume": vol, "kind": "vhost-user", "socket": e.socket, "queues": e.queues, "read_only": e.read_only}))
-        .collect();
+    let v: Vec<Value> = ex.iter().map(|(vol, e)| e.view(vol)).collect();
     Ok(Json(Value::Array(v)))
 }
 
 async fn delete_export(State(app): State<Arc<App>>, UrlPath(vol): UrlPath<String>) -> ApiResult {
     blocking(&app, move |a| {
-        let e = a.exports.lock().remove(&vol).ok_or_else(|| {
+        let mut ex = a.exports.lock();
+        let e = ex.get_mut(&vol).ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
                 format!("volume {vol} is not exported"),
             )
         })?;
-        e.export.stop();
+        // A busy FUSE mount refuses and keeps serving.
+        if let Exported::Fuse { export, .. } = e {
+            export
+                .stop()
+                .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?;
+        }
+        if let Some(e) = ex.remove(&vol) {
+            e.shutdown();
+        }
         Ok(())
     })
     .await?;
@@ -516,7 +642,10 @@ fn render_metrics(app: &App) -> String {
     }
     let _ = writeln!(out, "# TYPE strata_io_ops_total counter\n# TYPE strata_io_bytes_total counter\n# TYPE strata_io_errors_total counter\n# TYPE strata_io_latency_seconds histogram");
     for (vol, e) in app.exports.lock().iter() {
-        let st = &e.export.stats;
+        let Exported::Vhost { export, .. } = e else {
+            continue;
+        };
+        let st = &export.stats;
         for (i, op) in OPS.iter().enumerate() {
             let l = format!("volume=\"{vol}\",op=\"{op}\"");
             let load =
@@ -672,9 +801,11 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     }
     let store = Store::open(store_dir, StoreOptions::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
+    // A daemon that crashed left its FUSE mounts dead (ENOTCONN): clear them.
+    strata_fuse::clean_dead_mounts();
     let _ = std::fs::remove_file(socket);
     let app = Arc::new(App {
-        store,
+        store: Arc::new(store),
         exports: Mutex::new(BTreeMap::new()),
         jobs: Default::default(),
     });
@@ -694,7 +825,7 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     tracing::info!("shutting down: stopping exports, committing the store");
     let exports = std::mem::take(&mut *app.exports.lock());
     for (_, e) in exports {
-        e.export.stop();
+        e.shutdown();
     }
     let _ = std::fs::remove_file(socket);
     Ok(())
