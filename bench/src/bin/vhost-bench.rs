@@ -12,10 +12,9 @@
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-type R<T> = Result<T, Box<dyn std::error::Error>>;
+use strata_bench::{strata_cli, strata_daemon, wait_for, Server, R};
 
 struct Args {
     dir: PathBuf,
@@ -42,30 +41,6 @@ fn args() -> R<Args> {
     Ok(a)
 }
 
-/// A backend process serving a vhost-user-blk socket.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(path: &Path) -> R<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("{} never appeared", path.display()).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 fn qsd(dir: &Path, image: &Path, format: &str, name: &str) -> R<Server> {
     let socket = dir.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
@@ -83,46 +58,8 @@ fn qsd(dir: &Path, image: &Path, format: &str, name: &str) -> R<Server> {
     Ok(s)
 }
 
-fn strata_bin() -> R<PathBuf> {
-    let p = std::env::current_exe()?
-        .parent()
-        .ok_or("no exe dir")?
-        .join("strata");
-    if !p.exists() {
-        return Err(format!(
-            "{} not found: build it with cargo build --release -p strata",
-            p.display()
-        )
-        .into());
-    }
-    Ok(p)
-}
-
-fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
-    let out = Command::new(strata_bin()?)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("strata {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(())
-}
-
 fn strata_server(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
-    let store = dir.join("strata-store");
-    let child = Command::new(strata_bin()?)
-        .arg("--store")
-        .arg(&store)
-        .arg("serve")
-        .stderr(Stdio::null())
-        .spawn()?;
-    wait_for(&store.join("strata.sock"))?;
-    strata_cli(
-        &store,
-        &["volume", "create", "bench", "--size", &size.to_string()],
-    )?;
+    let (mut srv, store) = strata_daemon(dir, size)?;
     let socket = dir.join("strata.vhost.sock");
     strata_cli(
         &store,
@@ -134,7 +71,8 @@ fn strata_server(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
             socket.to_str().ok_or("path")?,
         ],
     )?;
-    Ok((Server { child, socket }, store))
+    srv.socket = socket;
+    Ok((srv, store))
 }
 
 /// One libblkio connection with a shared-memory buffer area.
