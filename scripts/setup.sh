@@ -3,7 +3,7 @@
 set -euo pipefail
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
-      qemu-system-x86 qemu-utils busybox-static cpio xz-utils)
+      qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -16,6 +16,9 @@ elif ! apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | grep
   # The QEMU test guest's kernel is fetched with apt-get download: it needs package lists.
   apt-get update -qq
 fi
+
+# FUSE exports and their tests need /dev/fuse (the daemon mounts directly, as root).
+[ -e /dev/fuse ] || modprobe fuse || { echo "setup: /dev/fuse is missing and modprobe fuse failed" >&2; exit 1; }
 
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
