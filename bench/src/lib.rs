@@ -1,7 +1,7 @@
 //! Shared helpers for the benchmark binaries: the `strata` daemon and peer processes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub type R<T> = Result<T, Box<dyn std::error::Error>>;
@@ -62,21 +62,38 @@ pub fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
     Ok(())
 }
 
+/// Lazily unmounts whatever a failed earlier run left mounted under `dir` (FUSE exports
+/// whose server died answer ENOTCONN and cannot be removed otherwise).
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dir = dir.to_string_lossy().into_owned();
+    for mp in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+        if mp.starts_with(dir.as_str()) {
+            let _ = Command::new("umount").args(["-l", mp]).status();
+        }
+    }
+}
+
 /// Starts `strata serve` on `DIR/strata-store` with a volume `bench` of `size` bytes.
-/// Returns the daemon (its `socket` is the API socket) and the store path.
+/// Returns the daemon (its `socket` is the API socket) and the store path. The daemon's log
+/// is `DIR/strata-daemon.log`.
 pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
     let store = dir.join("strata-store");
+    let log = std::fs::File::create(dir.join("strata-daemon.log"))?;
     let child = Command::new(strata_bin()?)
         .arg("--store")
         .arg(&store)
         .arg("serve")
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()?;
     let api = store.join("strata.sock");
-    wait_for(&api)?;
+    let srv = Server { child, socket: api };
+    wait_for(&srv.socket)?;
     strata_cli(
         &store,
         &["volume", "create", "bench", "--size", &size.to_string()],
     )?;
-    Ok((Server { child, socket: api }, store))
+    Ok((srv, store))
 }

@@ -494,3 +494,27 @@ fn a_killed_daemon_leaves_no_hanging_mount_and_flushed_data_survives() {
     d.ok(&["unexport", "vm"]);
     s.d = d;
 }
+
+fn mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p(path)))
+}
+
+#[test]
+fn shutdown_unmounts_every_export_even_a_busy_one() {
+    let mut s = Setup::new("vm", "16M");
+    s.d.ok(&["volume", "create", "busy", "--size", "16M"]);
+    let busy_mnt = s.path("busy-mnt");
+    std::fs::create_dir(&busy_mnt).unwrap();
+    s.d.ok(&["export", "fuse", "busy", "--mountpoint", p(&busy_mnt)]);
+    let open = std::fs::File::open(busy_mnt.join("busy.img")).unwrap();
+    assert!(mounted(&s.mnt) && mounted(&busy_mnt));
+    let st = s.d.terminate();
+    assert!(st.success(), "clean exit: {st:?}");
+    assert!(!mounted(&s.mnt), "idle export unmounted");
+    assert!(!mounted(&busy_mnt), "busy export detached");
+    drop(open);
+    assert_eq!(std::fs::read_dir(&s.mnt).unwrap().count(), 0);
+}

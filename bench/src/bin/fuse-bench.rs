@@ -171,6 +171,7 @@ fn qsd_fuse(raw: &Path, mountpoint: &Path) -> R<Server> {
             mountpoint.display()
         ))
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(mountpoint.with_extension("log"))?)
         .spawn()?;
     let s = Server {
         child,
@@ -193,6 +194,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> R<()> {
     let a = args()?;
+    strata_bench::unmount_under(&a.dir);
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
     println!(
@@ -271,6 +273,8 @@ fn main() -> R<()> {
             runs.join(" ")
         );
     }
+    // The killed peer leaves its FUSE mount dead.
+    strata_bench::unmount_under(&a.dir);
     let _ = std::fs::remove_dir_all(&a.dir);
     Ok(())
 }

@@ -88,6 +88,21 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// SIGTERMs the daemon (a clean shutdown) and waits up to 30 s for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs the daemon (a crash) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
