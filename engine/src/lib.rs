@@ -26,7 +26,7 @@ pub use ops::{
     DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
 };
 pub use scrub::{ScrubProblem, ScrubReport};
-pub use segment::PAGE_SIZE;
+pub use segment::{DEFAULT_REUSE_BYTES, PAGE_SIZE};
 pub use store::{Store, StoreOptions};
 pub use volume::{Snapshot, Volume, SECTOR};
 

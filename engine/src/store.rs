@@ -41,6 +41,10 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Background commit period; `None` commits only on flush and metadata operations.
     pub commit_interval: Option<Duration>,
+    /// Freed space (bytes) kept for reuse by new writes instead of punched at once; it is
+    /// punched when the store goes idle (with a background committer) or closes. `0` punches
+    /// every freed page at the next opportunity.
+    pub reuse_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -50,6 +54,7 @@ impl Default for StoreOptions {
             engine: None,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             commit_interval: Some(Duration::from_secs(1)),
+            reuse_bytes: crate::segment::DEFAULT_REUSE_BYTES,
         }
     }
 }
@@ -246,6 +251,7 @@ impl Store {
             &path.join(DATA_DIR),
             engine.clone(),
             opts.segment_bytes,
+            opts.reuse_bytes,
             state.next_segment,
         )?;
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
@@ -369,7 +375,7 @@ impl Inner {
     /// Punches what durable commits left dead; `idle` includes the active segment.
     fn drain_reclaim(&self, idle: bool) {
         let dead = std::mem::take(&mut *self.reclaim_queue.lock());
-        if let Err(e) = self.segments.reclaim(&dead, idle) {
+        if let Err(e) = self.segments.reclaim(&dead, !idle, idle) {
             tracing::warn!(error = %e, "reclaiming space failed");
         }
     }
@@ -461,7 +467,8 @@ impl Inner {
             self.wake.1.notify_all();
             Ok(())
         } else {
-            self.segments.reclaim(&dead, true)
+            // No committer to punch later: freed pages beyond the reuse cap are punched now.
+            self.segments.reclaim(&dead, true, true)
         }
     }
 

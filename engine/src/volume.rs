@@ -525,8 +525,12 @@ impl Writer<'_> {
             .sum();
         let mut changes = Vec::with_capacity(records.len());
         let mut written = Vec::new();
+        // Held until the records are installed (or abandoned): see `Allocation`.
+        let mut _reservation = None;
         if pages > 0 {
-            let (seg, first_page) = inner.segments.allocate(pages)?;
+            let alloc = inner.segments.allocate(pages)?;
+            let (seg, first_page) = (alloc.seg.clone(), alloc.page);
+            _reservation = Some(alloc);
             let mut buf = crate::io::take_empty_buf(pages as usize * PAGE_SIZE);
             let mut page = first_page;
             for r in stored() {

@@ -19,6 +19,7 @@ pub fn options(engine: Arc<dyn IoEngine>) -> StoreOptions {
         engine: Some(engine),
         segment_bytes: 1 << 20,
         commit_interval: None,
+        ..StoreOptions::default()
     }
 }
 

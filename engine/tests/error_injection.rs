@@ -20,6 +20,7 @@ fn opts(engine: Arc<dyn strata_engine::io::IoEngine>) -> StoreOptions {
         engine: Some(engine),
         segment_bytes: 1 << 20,
         commit_interval: None,
+        ..StoreOptions::default()
     }
 }
 

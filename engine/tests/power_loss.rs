@@ -71,6 +71,7 @@ fn opts(engine: Arc<dyn strata_engine::io::IoEngine>) -> StoreOptions {
         engine: Some(engine),
         segment_bytes: 256 << 10,
         commit_interval: None,
+        ..StoreOptions::default()
     }
 }
 

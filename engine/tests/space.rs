@@ -14,10 +14,70 @@ const MIB: u64 = 1 << 20;
 const SLACK: u64 = 4 * MIB;
 
 #[test]
+fn overwrites_reuse_freed_space() {
+    // With the default reuse cap, freed pages are kept and new writes land in them: a volume
+    // overwritten again and again stays within one generation of dead space.
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(engines().remove(1).1);
+    opts.segment_bytes = 8 * MIB;
+    let store = Store::open(dir.path(), opts).unwrap();
+    store
+        .create_volume("v", 32 * MIB, VolumeOptions::default())
+        .unwrap();
+    let vol = store.open_volume("v").unwrap();
+    for i in 0..32 {
+        vol.write(i * MIB, &pattern(i, MIB as usize)).unwrap();
+    }
+    vol.flush().unwrap();
+    let full = du(dir.path());
+    for round in 1..=8u64 {
+        for i in 0..32 {
+            vol.write(i * MIB, &pattern(round * 100 + i, MIB as usize))
+                .unwrap();
+        }
+        vol.flush().unwrap();
+    }
+    let after = du(dir.path());
+    assert!(
+        after <= full + 32 * MIB + SLACK,
+        "8 overwrites of 32 MiB grew du from {full} to {after}"
+    );
+    // The writes went into freed pages, not into new segment files: 256 MiB appended would
+    // have needed 32 more 8 MiB segments.
+    let newest = std::fs::read_dir(dir.path().join("data"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("seg-")?
+                .strip_suffix(".dat")?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        newest <= 8,
+        "segment {newest} was created: freed space was not reused"
+    );
+    for i in 0..32 {
+        let mut buf = vec![0u8; MIB as usize];
+        vol.read(i * MIB, &mut buf).unwrap();
+        assert!(buf == pattern(800 + i, MIB as usize), "block {i}");
+    }
+    // Closing punches what was kept.
+    drop(vol);
+    drop(store);
+    let closed = du(dir.path());
+    assert!(closed <= full + SLACK, "after close: {closed} vs {full}");
+}
+
+#[test]
 fn disk_usage_follows_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(engines().remove(1).1);
     opts.segment_bytes = 8 * MIB;
+    // Exact accounting: freed pages are punched at once rather than kept for reuse.
+    opts.reuse_bytes = 0;
     let store = Store::open(dir.path(), opts.clone()).unwrap();
     store.flush().unwrap();
     let empty = du(dir.path());
