@@ -29,6 +29,8 @@ const JOURNAL_DIR: &str = "journal";
 pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
 /// Commit early once this much data was written since the last commit.
 const DIRTY_COMMIT_BYTES: u64 = 256 << 20;
+/// Commit intervals without writes after which free runs kept for reuse are punched.
+const FREE_RUNS_IDLE_PERIODS: u32 = 5;
 
 /// How to open a store.
 #[derive(Clone, Debug)]
@@ -306,7 +308,7 @@ impl Drop for Store {
             let _ = h.join();
         }
         self.inner.background.store(false, Ordering::Relaxed);
-        self.inner.drain_reclaim(true);
+        self.inner.drain_reclaim(true, false);
         if !self.inner.poisoned.load(Ordering::Relaxed) {
             if let Err(e) = self.inner.commit(Vec::new()) {
                 tracing::warn!(error = %e, "final commit failed");
@@ -322,6 +324,7 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
         .spawn(move || {
             let mut last = std::time::Instant::now();
             let mut last_seq = u64::MAX;
+            let mut quiet_since = std::time::Instant::now();
             loop {
                 let Some(strong) = inner.upgrade() else {
                     return;
@@ -339,9 +342,17 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                         return;
                     }
                 }
-                // No write since the last look: the active segment can be punched too.
+                // No write since the last look: the active segment can be punched too. Free
+                // runs kept for reuse are punched only after a longer quiet spell, so a pause
+                // between bursts of writes does not throw them away (and a read-heavy phase
+                // right after writes does not compete with a burst of punching).
                 let seq = strong.seq.load(Ordering::Relaxed);
-                strong.drain_reclaim(seq == last_seq);
+                let idle = seq == last_seq;
+                if !idle {
+                    quiet_since = std::time::Instant::now();
+                }
+                let retain = quiet_since.elapsed() < period * FREE_RUNS_IDLE_PERIODS;
+                strong.drain_reclaim(idle, retain);
                 last_seq = seq;
                 let due = last.elapsed() >= period
                     || strong.dirty_bytes.load(Ordering::Relaxed) >= DIRTY_COMMIT_BYTES;
@@ -373,9 +384,9 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
 
 impl Inner {
     /// Punches what durable commits left dead; `idle` includes the active segment.
-    fn drain_reclaim(&self, idle: bool) {
+    fn drain_reclaim(&self, idle: bool, retain: bool) {
         let dead = std::mem::take(&mut *self.reclaim_queue.lock());
-        if let Err(e) = self.segments.reclaim(&dead, !idle, idle) {
+        if let Err(e) = self.segments.reclaim(&dead, retain, idle) {
             tracing::warn!(error = %e, "reclaiming space failed");
         }
     }
