@@ -8,6 +8,7 @@
 //! map, `truncate` to grow. `docs/fuse.md` has the user's view.
 
 mod fs;
+mod prefetch;
 
 use fs::ImageFs;
 use std::io;
@@ -81,6 +82,7 @@ impl FuseExport {
         })?;
         let name = volume.name().to_string();
         let shared = Arc::new(fs::Shared::new(store, volume, opts.read_only));
+        shared.start_readahead();
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("strata:{name}")),
