@@ -1,4 +1,5 @@
 //! Per-export IO counters and a latency histogram, read by the daemon's metrics endpoint.
+//! Shared by both frontends: the FUSE export counts its operations with [`Op`] too.
 
 use crate::request::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -14,6 +15,17 @@ pub const LATENCY_BUCKETS_US: [u64; 10] =
 /// Request kinds counted separately.
 pub const OPS: [&str; 6] = ["read", "write", "flush", "discard", "write_zeroes", "other"];
 
+/// Index into [`OPS`] and the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read = 0,
+    Write = 1,
+    Flush = 2,
+    Discard = 3,
+    WriteZeroes = 4,
+    Other = 5,
+}
+
 #[derive(Debug, Default)]
 pub struct IoStats {
     pub ops: [AtomicU64; 6],
@@ -24,20 +36,25 @@ pub struct IoStats {
     pub latency_sum_us: [AtomicU64; 6],
 }
 
-fn op_index(kind: u32) -> usize {
+fn op_of(kind: u32) -> Op {
     match kind {
-        VIRTIO_BLK_T_IN => 0,
-        VIRTIO_BLK_T_OUT => 1,
-        VIRTIO_BLK_T_FLUSH => 2,
-        VIRTIO_BLK_T_DISCARD => 3,
-        VIRTIO_BLK_T_WRITE_ZEROES => 4,
-        _ => 5,
+        VIRTIO_BLK_T_IN => Op::Read,
+        VIRTIO_BLK_T_OUT => Op::Write,
+        VIRTIO_BLK_T_FLUSH => Op::Flush,
+        VIRTIO_BLK_T_DISCARD => Op::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes,
+        _ => Op::Other,
     }
 }
 
 impl IoStats {
+    /// Counts a virtio-blk request of type `kind`.
     pub fn record(&self, kind: u32, bytes: u64, ok: bool, latency: Duration) {
-        let i = op_index(kind);
+        self.record_op(op_of(kind), bytes, ok, latency);
+    }
+
+    pub fn record_op(&self, op: Op, bytes: u64, ok: bool, latency: Duration) {
+        let i = op as usize;
         self.ops[i].fetch_add(1, Ordering::Relaxed);
         self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
         if !ok {

@@ -14,6 +14,7 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use strata_block::stats::{IoStats, Op};
 use strata_engine::{CheckpointEntry, Snapshot, Store, Volume};
 
 /// The mount's directory.
@@ -59,6 +60,7 @@ pub(crate) struct Shared {
     handles: Mutex<HashMap<u64, Arc<OpenCheckpoint>>>,
     next_fh: AtomicU64,
     pub(crate) readahead: crate::prefetch::Prefetcher,
+    pub(crate) stats: Arc<IoStats>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -91,6 +93,7 @@ impl Shared {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             readahead: crate::prefetch::Prefetcher::new(),
+            stats: Arc::new(IoStats::default()),
         }
     }
 
@@ -552,9 +555,17 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let t = std::time::Instant::now();
         self.shared.read(ino.0, fh.0, offset, size, |r| match r {
-            Ok(data) => reply.data(data),
-            Err(e) => reply.error(e),
+            Ok(data) => {
+                let n = data.len() as u64;
+                reply.data(data);
+                self.shared.stats.record_op(Op::Read, n, true, t.elapsed());
+            }
+            Err(e) => {
+                reply.error(e);
+                self.shared.stats.record_op(Op::Read, 0, false, t.elapsed());
+            }
         })
     }
 
@@ -570,7 +581,11 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.shared.write(ino.0, offset, data) {
+        let t = std::time::Instant::now();
+        let r = self.shared.write(ino.0, offset, data);
+        let (n, ok) = r.map_or((0, false), |n| (u64::from(n), true));
+        self.shared.stats.record_op(Op::Write, n, ok, t.elapsed());
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -599,7 +614,12 @@ impl Filesystem for ImageFs {
         if ino.0 != VOLUME_INO {
             return reply.ok();
         }
-        match self.shared.vol.flush() {
+        let t = std::time::Instant::now();
+        let r = self.shared.vol.flush();
+        self.shared
+            .stats
+            .record_op(Op::Flush, 0, r.is_ok(), t.elapsed());
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(engine_errno("fsync", &e)),
         }
@@ -663,7 +683,20 @@ impl Filesystem for ImageFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.shared.fallocate(ino.0, offset, length, mode) {
+        let t = std::time::Instant::now();
+        let r = self.shared.fallocate(ino.0, offset, length, mode);
+        let op = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            Op::Discard
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            Op::WriteZeroes
+        } else {
+            Op::Other
+        };
+        let bytes = if r.is_ok() { length } else { 0 };
+        self.shared
+            .stats
+            .record_op(op, bytes, r.is_ok(), t.elapsed());
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

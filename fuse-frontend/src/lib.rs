@@ -123,6 +123,11 @@ impl FuseExport {
         &self.mountpoint
     }
 
+    /// IO counters of `VOL.img` and the checkpoint files, for the metrics endpoint.
+    pub fn stats(&self) -> &strata_block::IoStats {
+        &self.fs.stats
+    }
+
     /// Call after the live volume's content or size changed behind the mount (a restore):
     /// drops the kernel's cached pages and attributes of `VOL.img`.
     pub fn volume_changed(&self) {

@@ -642,10 +642,10 @@ fn render_metrics(app: &App) -> String {
     }
     let _ = writeln!(out, "# TYPE strata_io_ops_total counter\n# TYPE strata_io_bytes_total counter\n# TYPE strata_io_errors_total counter\n# TYPE strata_io_latency_seconds histogram");
     for (vol, e) in app.exports.lock().iter() {
-        let Exported::Vhost { export, .. } = e else {
-            continue;
+        let st: &strata_block::IoStats = match e {
+            Exported::Vhost { export, .. } => &export.stats,
+            Exported::Fuse { export, .. } => export.stats(),
         };
-        let st = &export.stats;
         for (i, op) in OPS.iter().enumerate() {
             let l = format!("volume=\"{vol}\",op=\"{op}\"");
             let load =

@@ -319,6 +319,20 @@ fn fio_verifies_and_punch_hole_returns_space_to_the_store() {
     assert!(got[1024..5120].iter().all(|&b| b == 0));
     assert_eq!(&got[5120..], &data[5120..8192]);
     drop(file);
+
+    // The export's IO shows in the daemon's metrics.
+    let metrics = s.d.http("GET", "/metrics", "");
+    for op in ["read", "write", "flush", "discard", "write_zeroes"] {
+        let key = format!("strata_io_ops_total{{volume=\"vm\",op=\"{op}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .unwrap_or_else(|| panic!("no {key} in metrics"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(count > 0, "{op} not counted");
+    }
     s.d.ok(&["unexport", "vm"]);
 }
 
