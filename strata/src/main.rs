@@ -150,6 +150,8 @@ enum ExportCmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// List the exports the daemon serves.
+    List,
     /// Mount a volume and its checkpoints as image files: DIR/VOL.img (read-write) and
     /// DIR/VOL@CKPT.img (read-only), served by the daemon over FUSE.
     Fuse {
@@ -215,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             let mountpoint = std::path::absolute(&mountpoint).context("mount point path")?;
             c.call("POST", "/v1/exports", Some(json!({"volume": volume, "kind": "fuse", "mountpoint": mountpoint, "read_only": read_only, "allow_other": allow_other})))?
         }
+        Cmd::Export(ExportCmd::List) => c.call("GET", "/v1/exports", None)?,
         Cmd::Unexport { volume } => c.call("DELETE", &format!("/v1/exports/{volume}"), None)?,
         Cmd::Import {
             volume,

@@ -33,6 +33,7 @@ enum Exported {
     Fuse {
         export: FuseExport,
         read_only: bool,
+        allow_other: bool,
     },
 }
 
@@ -62,8 +63,12 @@ impl Exported {
             } => {
                 json!({"volume": vol, "kind": "vhost-user", "socket": socket, "queues": queues, "read_only": read_only})
             }
-            Exported::Fuse { export, read_only } => {
-                json!({"volume": vol, "kind": "fuse", "mountpoint": export.mountpoint(), "read_only": read_only})
+            Exported::Fuse {
+                export,
+                read_only,
+                allow_other,
+            } => {
+                json!({"volume": vol, "kind": "fuse", "mountpoint": export.mountpoint(), "read_only": read_only, "allow_other": allow_other})
             }
         }
     }
@@ -394,6 +399,7 @@ async fn restore_checkpoint(
             if let Some(e) = ex.remove(&vol) {
                 e.shutdown();
             }
+            save_exports(a, &ex);
         }
         drop(ex);
         a.store.restore(&vol, &ck)?;
@@ -490,6 +496,12 @@ fn absolute(p: Option<PathBuf>, what: &str, kind: &str) -> Result<PathBuf, ApiEr
 
 async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let req: ExportReq = parse(&body)?;
+    let v = blocking(&app, move |a| start_export(a, req)).await?;
+    Ok(Json(v))
+}
+
+/// Validates and starts an export, and records it so a restarted daemon serves it again.
+fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
     let kind = req.kind.clone();
     let (socket, mountpoint) = match kind.as_str() {
         "vhost-user" => {
@@ -519,30 +531,108 @@ async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
             )))
         }
     };
-    let v = blocking(&app, move |a| {
-        let mut ex = a.exports.lock();
-        if let Some(e) = ex.get(&req.volume) {
-            return Err(ApiError(StatusCode::CONFLICT, format!("volume {} is already exported on {}", req.volume, e.path().display())));
-        }
-        let vol = a.store.open_volume(&req.volume)?;
-        let exported = if let Some(socket) = socket {
-            let block_size = vol.block_size();
-            let opts = BlockOptions { queues: req.queues, read_only: req.read_only };
-            let export = Export::start(Arc::new(vol), block_size, opts, &socket).map_err(|e| bad(format!("{e}")))?;
-            tracing::info!(volume = %req.volume, socket = %socket.display(), queues = req.queues, "exported");
-            Exported::Vhost { export, socket, queues: req.queues, read_only: req.read_only }
-        } else {
-            let mountpoint = mountpoint.ok_or_else(|| bad("a fuse export needs mountpoint"))?;
-            let opts = FuseOptions { read_only: req.read_only, allow_other: req.allow_other, ..FuseOptions::default() };
-            let export = FuseExport::start(Arc::downgrade(&a.store), vol, &mountpoint, &opts).map_err(|e| bad(format!("{e}")))?;
-            Exported::Fuse { export, read_only: req.read_only }
+    let mut ex = a.exports.lock();
+    if let Some(e) = ex.get(&req.volume) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "volume {} is already exported on {}",
+                req.volume,
+                e.path().display()
+            ),
+        ));
+    }
+    let vol = a.store.open_volume(&req.volume)?;
+    let exported = if let Some(socket) = socket {
+        let block_size = vol.block_size();
+        let opts = BlockOptions {
+            queues: req.queues,
+            read_only: req.read_only,
         };
-        let view = exported.view(&req.volume);
-        ex.insert(req.volume.clone(), exported);
-        Ok(view)
-    })
-    .await?;
-    Ok(Json(v))
+        let export = Export::start(Arc::new(vol), block_size, opts, &socket)
+            .map_err(|e| bad(format!("{e}")))?;
+        tracing::info!(volume = %req.volume, socket = %socket.display(), queues = req.queues, "exported");
+        Exported::Vhost {
+            export,
+            socket,
+            queues: req.queues,
+            read_only: req.read_only,
+        }
+    } else {
+        let mountpoint = mountpoint.ok_or_else(|| bad("a fuse export needs mountpoint"))?;
+        let opts = FuseOptions {
+            read_only: req.read_only,
+            allow_other: req.allow_other,
+            ..FuseOptions::default()
+        };
+        let export = FuseExport::start(Arc::downgrade(&a.store), vol, &mountpoint, &opts)
+            .map_err(|e| bad(format!("{e}")))?;
+        Exported::Fuse {
+            export,
+            read_only: req.read_only,
+            allow_other: req.allow_other,
+        }
+    };
+    let view = exported.view(&req.volume);
+    ex.insert(req.volume.clone(), exported);
+    save_exports(a, &ex);
+    Ok(view)
+}
+
+const EXPORTS_FILE: &str = "exports.json";
+
+/// Records the exports in `STORE/exports.json` (written to a temporary file, synced, renamed)
+/// so that the next `strata serve` starts them again. A failure is logged: the exports keep
+/// serving, they are just not restored after a restart.
+fn save_exports(a: &App, ex: &BTreeMap<String, Exported>) {
+    let list: Vec<Value> = ex.iter().map(|(vol, e)| e.view(vol)).collect();
+    let dir = a.store.path();
+    let tmp = dir.join(format!("{EXPORTS_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(Value::Array(list).to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(EXPORTS_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        tracing::error!(error = %e, "recording the exports failed; they will not be restored after a restart");
+    }
+}
+
+/// Starts the exports a previous daemon recorded. One that cannot start (its volume is gone,
+/// its mount point is no longer empty, ...) is logged and dropped from the record.
+fn restore_exports(a: &App) {
+    let path = a.store.path().join(EXPORTS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "reading the recorded exports");
+            return;
+        }
+    };
+    let list: Vec<Value> = match serde_json::from_str(&text) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "recorded exports are not valid JSON; none restored");
+            return;
+        }
+    };
+    for item in list {
+        let volume = item["volume"].as_str().unwrap_or("?").to_string();
+        let started = serde_json::from_value::<ExportReq>(item)
+            .map_err(|e| bad(e.to_string()))
+            .and_then(|req| start_export(a, req));
+        match started {
+            Ok(_) => tracing::info!(volume = %volume, "export restored"),
+            Err(ApiError(_, msg)) => {
+                tracing::warn!(volume = %volume, error = %msg, "could not restore export; dropped")
+            }
+        }
+    }
+    save_exports(a, &a.exports.lock());
 }
 
 async fn list_exports(State(app): State<Arc<App>>) -> ApiResult {
@@ -569,6 +659,7 @@ async fn delete_export(State(app): State<Arc<App>>, UrlPath(vol): UrlPath<String
         if let Some(e) = ex.remove(&vol) {
             e.shutdown();
         }
+        save_exports(a, &ex);
         Ok(())
     })
     .await?;
@@ -809,6 +900,7 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
         exports: Mutex::new(BTreeMap::new()),
         jobs: Default::default(),
     });
+    restore_exports(&app);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -4,7 +4,8 @@
 //! old content while the live file changes; fio verifies random and sequential writes; a
 //! punch-hole job returns space to the store; `qemu-img compare` matches an imported file;
 //! restores and new checkpoints show up without remounting; bad input gets clear errors and
-//! changes nothing; a daemon killed with SIGKILL leaves no mount that hangs.
+//! changes nothing; a daemon killed with SIGKILL leaves no mount that hangs, and the next
+//! daemon mounts the recorded export again; after a clean shutdown it does too.
 //!
 //! Needs root, /dev/fuse, e2fsprogs, fio and qemu-img (scripts/setup.sh installs them); the
 //! tests fail, loudly, without them.
@@ -376,6 +377,9 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
         .unwrap();
     let data = content(11, 1 << 20);
     file.write_all_at(&data, 0).unwrap();
+    let list = s.json(&["export", "list"]);
+    assert_eq!(list[0]["kind"], "fuse", "{list}");
+    assert_eq!(list[0]["mountpoint"], p(&s.mnt), "{list}");
 
     // Mount points that cannot be used.
     s.d.ok(&["volume", "create", "other", "--size", "16M"]);
@@ -495,14 +499,12 @@ fn a_killed_daemon_leaves_no_hanging_mount_and_flushed_data_survives() {
         .expect("stat of a dead mount must not hang");
     assert_eq!(r.err(), Some(Some(libc::ENOTCONN)));
 
-    // A new daemon clears the dead mount; exporting again works and the data is there.
+    // A new daemon clears the dead mount and mounts the recorded export again by itself;
+    // the data is there.
     let d = Daemon::start(&s.dir.path().join("store"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&s.mnt).is_err() {
-        assert!(Instant::now() < deadline, "dead mount not cleaned");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d.ok(&["export", "fuse", "vm", "--mountpoint", p(&s.mnt)]);
+    assert!(mounted(&s.mnt), "export restored");
+    let list = d.ok(&["--json", "export", "list"]);
+    assert!(list.contains(p(&s.mnt)), "{list}");
     let got = std::fs::read(&img).unwrap();
     assert!(got[..4 << 20] == data[..], "flushed data after the crash");
     d.ok(&["unexport", "vm"]);
@@ -531,4 +533,13 @@ fn shutdown_unmounts_every_export_even_a_busy_one() {
     assert!(!mounted(&busy_mnt), "busy export detached");
     drop(open);
     assert_eq!(std::fs::read_dir(&s.mnt).unwrap().count(), 0);
+
+    // The next daemon serves both exports again; an unexported volume stays unexported.
+    let d = Daemon::start(&s.dir.path().join("store"));
+    assert!(mounted(&s.mnt) && mounted(&busy_mnt), "exports restored");
+    d.ok(&["unexport", "busy"]);
+    drop(d);
+    let d = Daemon::start(&s.dir.path().join("store"));
+    assert!(mounted(&s.mnt) && !mounted(&busy_mnt));
+    d.ok(&["unexport", "vm"]);
 }

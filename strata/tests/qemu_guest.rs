@@ -224,7 +224,8 @@ fn checkpoint_restore_and_fork_with_real_guests() {
 #[test]
 fn daemon_killed_under_a_running_guest_comes_back_and_fio_verifies() {
     // SIGKILL the daemon while the guest runs a verified fio job, start a new one on the same
-    // store and socket: QEMU reconnects (reconnect=1). Requests the dead daemon had taken but
+    // store: it serves the recorded export on the same socket again, and QEMU reconnects
+    // (reconnect=1). Requests the dead daemon had taken but
     // not completed are sent again: QEMU cannot read the ring state back from a dead backend,
     // so it resumes from the used index, and since this device completes each queue's
     // requests in order, that is exactly the first request not completed. fio's verify pass
@@ -259,14 +260,13 @@ fn daemon_killed_under_a_running_guest_comes_back_and_fio_verifies() {
     }
     let before = ops(&d, "write");
     drop(d); // SIGKILL
+             // The new daemon starts the recorded export by itself, on the same socket.
     d = Daemon::start(&store);
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "vm",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    let list = d.ok(&["--json", "export", "list"]);
+    assert!(
+        list.contains(sock.to_str().unwrap()),
+        "export restored: {list}"
+    );
     let status = vm.wait().unwrap();
     let out = std::fs::read_to_string(&console).unwrap();
     assert!(status.success(), "qemu failed: {out}");
