@@ -38,6 +38,10 @@ pub enum Error {
     NoSuchCheckpoint { volume: String, name: String },
     #[error("volume {0:?} is open; close it first")]
     VolumeBusy(String),
+    #[error(
+        "checkpoint {volume}@{name} is open (an export or a job is reading it); close it first"
+    )]
+    CheckpointBusy { volume: String, name: String },
     #[error("offset {offset} and length {len} must be multiples of 512")]
     Misaligned { offset: u64, len: u64 },
     #[error("range {offset}+{len} is beyond the end of volume {volume:?} ({size} bytes)")]

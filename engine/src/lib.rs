@@ -94,7 +94,8 @@ impl Store {
         ops::fork(&self.inner, volume, name, new_volume, ephemeral)
     }
 
-    /// Deletes a checkpoint, freeing every block nothing else references.
+    /// Deletes a checkpoint, freeing every block nothing else references. Refused
+    /// ([`Error::CheckpointBusy`]) while a [`Snapshot`] of it is open.
     pub fn delete_checkpoint(&self, volume: &str, name: &str) -> Result<()> {
         ops::delete_checkpoint(&self.inner, volume, name)
     }
@@ -109,9 +110,10 @@ impl Store {
         ops::diff(&self.inner, a, b)
     }
 
-    /// A read-only view of a checkpoint.
+    /// A read-only view of a checkpoint. The checkpoint cannot be deleted while the view is
+    /// open.
     pub fn open_checkpoint(&self, volume: &str, name: &str) -> Result<Snapshot> {
-        let r = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name))?;
+        let r = ops::resolve(&self.inner, MapRef::Checkpoint(volume, name), true)?;
         Ok(Snapshot::new(
             self.inner.clone(),
             format!("{volume}@{name}"),

@@ -100,6 +100,7 @@ pub(crate) fn load(
                 layer: rec.layer,
                 size: rec.size,
                 created_unix: rec.created_unix,
+                pins: Default::default(),
             },
         );
     }

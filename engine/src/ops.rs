@@ -436,6 +436,7 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
                 layer: old,
                 size,
                 created_unix,
+                pins: Default::default(),
             },
         );
         ops
@@ -580,6 +581,12 @@ pub(crate) fn delete_checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Re
     let gone = {
         let mut cat = inner.catalog.lock();
         let (vol, ck) = find_checkpoint(&cat, vol_name, name)?;
+        if ck.pins.load(Ordering::Acquire) > 0 {
+            return Err(Error::CheckpointBusy {
+                volume: vol_name.to_string(),
+                name: name.to_string(),
+            });
+        }
         let (vid, layer) = (vol.id, ck.layer);
         cat.checkpoints.remove(&(vid, name.to_string()));
         ops.push(DbOp::Delete(
@@ -672,9 +679,13 @@ pub(crate) struct Resolved {
     /// The layer id (the head layer for a live volume).
     pub id: u64,
     pub mapped_blocks: u64,
+    /// For a checkpoint resolved with `pin`: its pin count, already incremented.
+    pub pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
-pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>) -> Result<Resolved> {
+/// Resolves `r`; with `pin`, a checkpoint is also pinned (under the same lock, so it cannot be
+/// deleted in between) and the caller must unpin it.
+pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolved> {
     let cat = inner.catalog.lock();
     match r {
         MapRef::Live(v) => {
@@ -686,6 +697,7 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>) -> Result<Resolved> {
                 size: vol.size(),
                 id: map.layer,
                 mapped_blocks: map.mapped_blocks,
+                pin: None,
             })
         }
         MapRef::Checkpoint(v, n) => {
@@ -697,6 +709,10 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>) -> Result<Resolved> {
                 size: ck.size,
                 id: ck.layer,
                 mapped_blocks: f.mapped_blocks,
+                pin: pin.then(|| {
+                    ck.pins.fetch_add(1, Ordering::AcqRel);
+                    ck.pins.clone()
+                }),
             })
         }
     }
@@ -741,13 +757,13 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
         block_size: bsa,
         size: sa,
         ..
-    } = resolve(inner, a)?;
+    } = resolve(inner, a, false)?;
     let Resolved {
         tree: tb,
         block_size: bsb,
         size: sb,
         ..
-    } = resolve(inner, b)?;
+    } = resolve(inner, b, false)?;
     if bsa != bsb {
         return Err(Error::InvalidArgument(
             "cannot diff volumes with different block sizes".into(),
@@ -792,6 +808,20 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
 }
 
 /// Every distinct record referenced by any layer, with one place that references it.
+/// Whether block `blk` of `label` (a volume, or `VOL@CKPT`) still maps to `e`.
+pub(crate) fn still_mapped(inner: &Inner, label: &str, blk: u64, e: &Entry) -> bool {
+    let cat = inner.catalog.lock();
+    match label.split_once('@') {
+        None => cat
+            .volume(label)
+            .is_ok_and(|v| v.map.read().tree.get(blk) == Some(*e)),
+        Some((v, c)) => find_checkpoint(&cat, v, c)
+            .ok()
+            .and_then(|(_, ck)| cat.frozen.get(&ck.layer))
+            .is_some_and(|f| f.tree.get(blk) == Some(*e)),
+    }
+}
+
 pub(crate) fn all_records(inner: &Inner) -> Vec<(Entry, String, u64)> {
     let cat = inner.catalog.lock();
     let mut seen = HashSet::new();

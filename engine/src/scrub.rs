@@ -55,26 +55,50 @@ pub(crate) fn scrub(inner: &Inner) -> Result<ScrubReport> {
                         offset: u64::from(e.page) * PAGE_SIZE as u64,
                         buf: vec![0; e.stored_len() as usize],
                     });
-                    meta.push((*e, problem(String::new())));
+                    meta.push((*e, problem(String::new()), loc.clone(), *blk));
                 }
                 None => report
                     .problems
                     .push(problem("data segment is missing".into())),
             }
         }
-        for (done, (e, mut p)) in inner.segments.engine().submit(ops).into_iter().zip(meta) {
+        for (done, (e, mut p, loc, blk)) in
+            inner.segments.engine().submit(ops).into_iter().zip(meta)
+        {
             report.records += 1;
             report.bytes += u64::from(e.stored_len());
-            match done.result {
-                Err(err) => {
-                    p.detail = format!("read failed: {err}");
-                    report.problems.push(p);
-                }
+            let detail = match done.result {
+                Err(err) => format!("read failed: {err}"),
                 Ok(()) if crc32fast::hash(&done.op.into_buf()) != e.crc => {
-                    p.detail = "checksum mismatch".into();
-                    report.problems.push(p);
+                    "checksum mismatch".into()
                 }
-                Ok(()) => {}
+                Ok(()) => continue,
+            };
+            // The record may have died (and its pages been punched or reused) since the list
+            // was taken: look again with reuse held off, and report only what is still mapped
+            // and still bad.
+            let _reuse = inner.segments.read_guard();
+            if !crate::ops::still_mapped(inner, &loc, blk, &e) {
+                continue;
+            }
+            let Some(seg) = inner.segments.get(e.segment) else {
+                p.detail = "data segment is missing".into();
+                report.problems.push(p);
+                continue;
+            };
+            let again = inner.segments.engine().run(Op::Read {
+                file: seg.file.clone(),
+                offset: u64::from(e.page) * PAGE_SIZE as u64,
+                buf: vec![0; e.stored_len() as usize],
+            });
+            let bad = match again.result {
+                Err(err) => Some(format!("read failed: {err}")),
+                Ok(()) if crc32fast::hash(&again.op.into_buf()) != e.crc => Some(detail),
+                Ok(()) => None,
+            };
+            if let Some(d) = bad {
+                p.detail = d;
+                report.problems.push(p);
             }
         }
     }

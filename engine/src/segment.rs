@@ -45,6 +45,10 @@ pub struct Segment {
     /// Pages handed out by [`Segments::allocate`] whose records are not installed yet: the
     /// segment is not deleted while any are.
     reserved: AtomicU64,
+    /// Pages of records that died but have not been through [`Segments::reclaim`] yet, i.e.
+    /// that the last durable map may still reference: the segment is not deleted while any
+    /// are.
+    pending_dead: AtomicU64,
 }
 
 impl Segment {
@@ -60,6 +64,7 @@ impl Segment {
             deferred: Mutex::new(Vec::new()),
             unsynced: AtomicBool::new(false),
             reserved: AtomicU64::new(0),
+            pending_dead: AtomicU64::new(0),
         }
     }
 
@@ -96,6 +101,10 @@ pub struct Segments {
     /// `free_cap` pages.
     free: Mutex<FreeRuns>,
     free_cap: u64,
+    /// Readers hold it shared from map lookup to the end of their IO; [`Segments::reclaim`]
+    /// takes it exclusively before dead pages become reusable, so no reader still holding an
+    /// entry that died can read a page rewritten with other data.
+    reuse_gate: RwLock<()>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +188,7 @@ impl Segments {
             deferred_pages: AtomicU64::new(0),
             free: Mutex::new(FreeRuns::default()),
             free_cap: reuse_bytes / PAGE_SIZE as u64,
+            reuse_gate: RwLock::new(()),
         })
     }
 
@@ -250,7 +260,12 @@ impl Segments {
             .rev()
             .find(|&i| free.runs[i].2 >= pages)?;
         let (id, start, len) = free.runs[i];
-        let seg = self.get(id)?;
+        let Some(seg) = self.get(id) else {
+            // Cannot happen (a segment with free runs is not deleted); drop the run.
+            free.runs.remove(i);
+            free.pages -= u64::from(len);
+            return None;
+        };
         if len == pages {
             free.runs.remove(i);
         } else {
@@ -296,6 +311,20 @@ impl Segments {
         }
     }
 
+    /// Notes that record `e` died (its last reference went, or it lost its compare-and-set
+    /// and was never referenced): its segment is kept until the record is reclaimed.
+    pub fn mark_dead(&self, e: &Entry) {
+        if let Some(seg) = self.get(e.segment) {
+            seg.pending_dead
+                .fetch_add(u64::from(e.pages()), Ordering::AcqRel);
+        }
+    }
+
+    /// Held by a reader from its map lookup to the end of its IO (see `reuse_gate`).
+    pub fn read_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.reuse_gate.read()
+    }
+
     /// Drops one reference to `e`; true when it was the last one.
     pub fn decref(&self, e: &Entry) -> bool {
         let Some(seg) = self.get(e.segment) else {
@@ -334,13 +363,23 @@ impl Segments {
         // what exceeds the cap, and everything once the store is idle, goes to punching.
         let mut sorted: Vec<(u32, u32, u32)> = dead
             .iter()
+            .filter(|e| self.get(e.segment).is_some())
             .map(|e| (e.segment, e.page, e.pages()))
             .collect();
         sorted.sort_unstable();
         let mut evicted = Vec::new();
         {
+            // Every reader that could still hold one of these entries finishes first.
+            drop(self.reuse_gate.write());
             let mut free = self.free.lock();
             for (id, start, len) in sorted {
+                if let Some(seg) = self.get(id) {
+                    let _ =
+                        seg.pending_dead
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                                Some(v.saturating_sub(u64::from(len)))
+                            });
+                }
                 free.pages += u64::from(len);
                 match free.runs.back_mut() {
                     Some((bid, bs, bl)) if *bid == id && *bs + *bl == start => *bl += len,
@@ -400,6 +439,7 @@ impl Segments {
         // Under the free-run lock, so no allocation takes pages of a segment being deleted.
         // A segment with free runs is kept: its pages are about to be written again.
         let free = self.free.lock();
+        let with_runs: std::collections::HashSet<u32> = free.runs.iter().map(|r| r.0).collect();
         let dead: Vec<u32> = self
             .all
             .read()
@@ -408,7 +448,8 @@ impl Segments {
                 s.id != active
                     && s.live_pages() == 0
                     && s.reserved.load(Ordering::Acquire) == 0
-                    && !free.runs.iter().any(|r| r.0 == s.id)
+                    && s.pending_dead.load(Ordering::Acquire) == 0
+                    && !with_runs.contains(&s.id)
             })
             .map(|s| s.id)
             .collect();
@@ -494,7 +535,33 @@ fn coalesce(sorted: &[(u32, u32)]) -> Vec<(u32, u32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::coalesce;
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_segment_emptied_by_uncommitted_deaths_is_kept_until_they_are_reclaimed() {
+        // Records die in memory before the commit that stops referencing them is durable;
+        // until `reclaim` sees them, the last durable map may still point into the segment.
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
+        let segs = Segments::open(dir.path(), engine, 16 * PAGE_SIZE as u64, 0, 1).unwrap();
+        let a = segs.allocate(16).unwrap();
+        let first = a.seg.id;
+        let e = Entry::new(first, a.page, PAGE_SIZE as u32, false, 0);
+        segs.incref(&e);
+        drop(a);
+        // Fill the rest so the next allocation rolls to a new active segment.
+        drop(segs.allocate(1).unwrap());
+        assert!(segs.decref(&e));
+        segs.mark_dead(&e);
+        segs.reclaim(&[], false, true).unwrap();
+        assert!(
+            segs.get(first).is_some(),
+            "deleted before its dead record was reclaimed"
+        );
+        segs.reclaim(&[e], false, true).unwrap();
+        assert!(segs.get(first).is_none(), "empty and reclaimed: deleted");
+    }
 
     #[test]
     fn coalesce_merges_touching_ranges() {

@@ -77,6 +77,8 @@ pub(crate) struct CheckpointMeta {
     pub layer: u64,
     pub size: u64,
     pub created_unix: u64,
+    /// Open [`crate::Snapshot`]s of the checkpoint: it cannot be deleted while any are.
+    pub pins: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Metadata held in memory, mirrored in RocksDB.
@@ -314,6 +316,10 @@ impl Drop for Store {
                 tracing::warn!(error = %e, "final commit failed");
             }
         }
+        // The final commit kept what it freed for reuse; nothing will reuse it now.
+        if let Err(e) = self.inner.segments.reclaim(&[], false, true) {
+            tracing::warn!(error = %e, "returning freed space at close failed");
+        }
     }
 }
 
@@ -516,6 +522,7 @@ impl Inner {
         let mut dead = Vec::new();
         for e in entries {
             if self.segments.decref(&e) {
+                self.segments.mark_dead(&e);
                 dead.push(e);
             }
         }

@@ -272,6 +272,9 @@ pub(crate) fn read(
     if buf.is_empty() {
         return Ok(());
     }
+    // From lookup to the end of the IO: pages of entries looked up here are not handed to
+    // writers meanwhile (see `Segments::reclaim`).
+    let _reuse = inner.segments.read_guard();
     let bs = u64::from(g.block_size);
     let first = offset / bs;
     let last = (offset + buf.len() as u64 - 1) / bs;
@@ -573,6 +576,9 @@ impl Writer<'_> {
             }
         }
         // Records that lost their compare-and-set were never referenced.
+        for e in &orphans {
+            inner.segments.mark_dead(e);
+        }
         inner.dead.lock().extend(orphans);
         Ok(conflicted)
     }
@@ -794,6 +800,15 @@ pub struct Snapshot {
     size: u64,
     id: u64,
     mapped_blocks: u64,
+    pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pin {
+            p.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Snapshot {
@@ -806,6 +821,7 @@ impl Snapshot {
             size: r.size,
             id: r.id,
             mapped_blocks: r.mapped_blocks,
+            pin: r.pin,
         }
     }
 

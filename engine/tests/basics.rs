@@ -206,3 +206,25 @@ fn store_errors_on_open() {
         Err(Error::NoStore { .. })
     ));
 }
+
+#[test]
+fn an_open_checkpoint_view_cannot_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), engines().remove(0).1);
+    store
+        .create_volume("v", 1 << 20, VolumeOptions::default())
+        .unwrap();
+    let vol = store.open_volume("v").unwrap();
+    vol.write(0, &[7u8; 4096]).unwrap();
+    store.checkpoint("v", "c").unwrap();
+    let snap = store.open_checkpoint("v", "c").unwrap();
+    assert!(matches!(
+        store.delete_checkpoint("v", "c"),
+        Err(Error::CheckpointBusy { .. })
+    ));
+    let mut buf = vec![0u8; 4096];
+    snap.read(0, &mut buf).unwrap();
+    assert_eq!(buf, vec![7u8; 4096]);
+    drop(snap);
+    store.delete_checkpoint("v", "c").unwrap();
+}

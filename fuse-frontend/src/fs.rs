@@ -248,6 +248,11 @@ impl Shared {
         if ino == VOLUME_INO {
             let size = self.vol.size();
             let n = size.saturating_sub(offset).min(n_max) as usize;
+            if n == 0 {
+                // At or past the end (the kernel's idea of the size may be stale after a
+                // restore): end of file, not an error.
+                return done(Ok(&[]));
+            }
             let prefetched = self.readahead.take(offset, n);
             // Queue the next range first, so it is read while this one travels back.
             self.readahead.note_read(offset, n, size);
@@ -264,6 +269,9 @@ impl Shared {
             Err(e) => return done(Err(e)),
         };
         let n = h.snap.size().saturating_sub(offset).min(n_max) as usize;
+        if n == 0 {
+            return done(Ok(&[]));
+        }
         with_buf(n, |buf| {
             let r = h.snap.read_bytes(offset, buf);
             done(r.map(|()| &*buf).map_err(|e| engine_errno("read", &e)))
@@ -870,6 +878,10 @@ mod tests {
         // And an unchanged range keeps being served correctly from the prefetch.
         assert_eq!(read(&s, 3 * MIB, MIB as u32), stamp(1, MIB as usize));
         assert_eq!(read(&s, 4 * MIB, MIB as u32), stamp(1, MIB as usize));
+        // Reads at or past the end are empty, not errors.
+        assert!(read(&s, 8 * MIB, 4096).is_empty());
+        assert!(read(&s, 8 * MIB + 12345, 4096).is_empty());
+        assert_eq!(read(&s, 8 * MIB - 100, 4096).len(), 100);
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl From<EngineError> for ApiError {
         use EngineError::*;
         let code = match &e {
             NoSuchVolume(_) | NoSuchCheckpoint { .. } => StatusCode::NOT_FOUND,
-            VolumeExists(_) | CheckpointExists { .. } | VolumeBusy(_) => StatusCode::CONFLICT,
+            VolumeExists(_) | CheckpointExists { .. } | VolumeBusy(_) | CheckpointBusy { .. } => {
+                StatusCode::CONFLICT
+            }
             InvalidName { .. } | InvalidArgument(_) | Misaligned { .. } | OutOfRange { .. } => {
                 StatusCode::BAD_REQUEST
             }
