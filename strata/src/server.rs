@@ -84,6 +84,9 @@ impl Exported {
 
 struct App {
     store: Arc<Store>,
+    /// Volumes an import job is writing into: not exported until it ends (the export would
+    /// not see those writes coming, and a FUSE export's cache would go stale).
+    importing: Arc<Mutex<std::collections::HashSet<String>>>,
     exports: Mutex<BTreeMap<String, Exported>>,
     jobs: crate::jobs::Jobs,
 }
@@ -534,6 +537,15 @@ fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
         }
     };
     let mut ex = a.exports.lock();
+    if a.importing.lock().contains(&req.volume) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "volume {} is being imported into; export it when the import job ends",
+                req.volume
+            ),
+        ));
+    }
     if let Some(e) = ex.get(&req.volume) {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -791,7 +803,9 @@ async fn import_image(
         )));
     }
     let id = blocking(&app, move |a| {
-        if a.exports.lock().contains_key(&name) {
+        // Held until the import is registered, so no export starts in between.
+        let exports = a.exports.lock();
+        if exports.contains_key(&name) {
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 format!("volume {name} is exported; unexport it before importing into it"),
@@ -799,11 +813,23 @@ async fn import_image(
         }
         let vol = a.store.open_volume(&name)?;
         let scratch = a.store.path().to_path_buf();
-        a.jobs
-            .spawn(move |job| {
-                crate::jobs::import(job, &vol, &req.path, req.format.as_deref(), &scratch)
-            })
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+        if !a.importing.lock().insert(name.clone()) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is already being imported into"),
+            ));
+        }
+        let importing = a.importing.clone();
+        let spawned = a.jobs.spawn(move |job| {
+            let r = crate::jobs::import(job, &vol, &req.path, req.format.as_deref(), &scratch);
+            importing.lock().remove(vol.name());
+            r
+        });
+        if spawned.is_err() {
+            a.importing.lock().remove(&name);
+        }
+        drop(exports);
+        spawned.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
     })
     .await?;
     Ok(Json(json!({"job": id})))
@@ -899,6 +925,7 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     let _ = std::fs::remove_file(socket);
     let app = Arc::new(App {
         store: Arc::new(store),
+        importing: Default::default(),
         exports: Mutex::new(BTreeMap::new()),
         jobs: Default::default(),
     });
