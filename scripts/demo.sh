@@ -19,7 +19,12 @@ trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null' EXIT
 for _ in $(seq 100); do [ -S "$store/strata.sock" ] && break; sleep 0.1; done
 "$strata" --store "$store" volume info "$vol" >/dev/null 2>&1 || "$strata" --store "$store" volume create "$vol" --size "$size"
 sock="$store/$vol.vhost.sock"
-"$strata" --store "$store" export vhost-user "$vol" --socket "$sock" --queues 2
+# A daemon restarted on the same store serves its recorded exports again by itself.
+if "$strata" --store "$store" --json volume info "$vol" | grep -q '"exported": null'; then
+  "$strata" --store "$store" export vhost-user "$vol" --socket "$sock" --queues 2
+else
+  sock=$("$strata" --store "$store" --json volume info "$vol" | sed -n 's/.*"exported": "\(.*\)",/\1/p')
+fi
 cat <<MSG
 
 strata is serving $store (log: $store.log). Attach the volume to a VM with:
