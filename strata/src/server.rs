@@ -649,9 +649,18 @@ fn restore_exports(a: &App) {
     save_exports(a, &a.exports.lock());
 }
 
+// The handlers below take the exports lock, which export changes hold across slow work
+// (mounting, unmounting, commits): they wait on the blocking pool, not on the runtime's
+// worker threads.
 async fn list_exports(State(app): State<Arc<App>>) -> ApiResult {
-    let ex = app.exports.lock();
-    let v: Vec<Value> = ex.iter().map(|(vol, e)| e.view(vol)).collect();
+    let v = blocking(&app, |a| {
+        let ex = a.exports.lock();
+        Ok(ex
+            .iter()
+            .map(|(vol, e)| e.view(vol))
+            .collect::<Vec<Value>>())
+    })
+    .await?;
     Ok(Json(Value::Array(v)))
 }
 
@@ -693,15 +702,22 @@ async fn scrub(State(app): State<Arc<App>>) -> ApiResult {
 }
 
 async fn stats(State(app): State<Arc<App>>) -> ApiResult {
-    let s = app.store.stats();
-    Ok(Json(json!({
-        "volumes": s.volumes, "checkpoints": s.checkpoints, "live_bytes": s.live_bytes,
-        "segment_files": s.segment_files, "io_engine": s.io_engine, "exports": app.exports.lock().len(),
-    })))
+    let v = blocking(&app, |a| {
+        let s = a.store.stats();
+        Ok(json!({
+            "volumes": s.volumes, "checkpoints": s.checkpoints, "live_bytes": s.live_bytes,
+            "segment_files": s.segment_files, "io_engine": s.io_engine, "exports": a.exports.lock().len(),
+        }))
+    })
+    .await?;
+    Ok(Json(v))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let text = render_metrics(&app);
+    let text = match blocking(&app, |a| Ok(render_metrics(a))).await {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     (
         [(
             axum::http::header::CONTENT_TYPE,
