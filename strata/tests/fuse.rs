@@ -81,15 +81,7 @@ impl Setup {
 
 /// Deterministic file content: `len` bytes seeded by `seed`.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    strata_tests::block_content(seed, 0, len)
 }
 
 fn errno(r: std::io::Result<impl Sized>) -> i32 {
