@@ -62,20 +62,6 @@ pub fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
     Ok(())
 }
 
-/// Lazily unmounts whatever a failed earlier run left mounted under `dir` (FUSE exports
-/// whose server died answer ENOTCONN and cannot be removed otherwise).
-pub fn unmount_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let dir = dir.to_string_lossy().into_owned();
-    for mp in info.lines().filter_map(|l| l.split(' ').nth(4)) {
-        if mp.starts_with(dir.as_str()) {
-            let _ = Command::new("umount").args(["-l", mp]).status();
-        }
-    }
-}
-
 /// Starts `strata serve` on `DIR/strata-store` with a volume `bench` of `size` bytes.
 /// Returns the daemon (its `socket` is the API socket) and the store path. The daemon's log
 /// is `DIR/strata-daemon.log`.

@@ -678,7 +678,6 @@ pub(crate) struct Resolved {
     pub size: u64,
     /// The layer id (the head layer for a live volume).
     pub id: u64,
-    pub mapped_blocks: u64,
     /// For a checkpoint resolved with `pin`: its pin count, already incremented.
     pub pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
@@ -696,7 +695,6 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
                 block_size: vol.block_size,
                 size: vol.size(),
                 id: map.layer,
-                mapped_blocks: map.mapped_blocks,
                 pin: None,
             })
         }
@@ -708,7 +706,6 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
                 block_size: vol.block_size,
                 size: ck.size,
                 id: ck.layer,
-                mapped_blocks: f.mapped_blocks,
                 pin: pin.then(|| {
                     ck.pins.fetch_add(1, Ordering::AcqRel);
                     ck.pins.clone()

@@ -799,7 +799,6 @@ pub struct Snapshot {
     block_size: u32,
     size: u64,
     id: u64,
-    mapped_blocks: u64,
     pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
@@ -820,7 +819,6 @@ impl Snapshot {
             block_size: r.block_size,
             size: r.size,
             id: r.id,
-            mapped_blocks: r.mapped_blocks,
             pin: r.pin,
         }
     }
@@ -852,11 +850,6 @@ impl Snapshot {
         };
         check_range(&g, offset, buf.len() as u64, align)?;
         read(&self.inner, &MapSource::Frozen(&self.tree), &g, offset, buf)
-    }
-
-    /// Bytes mapped (stored) in this checkpoint.
-    pub fn mapped_bytes(&self) -> u64 {
-        self.mapped_blocks * u64::from(self.block_size)
     }
 
     /// The checkpoint's id: unique in the store and never reused, so a checkpoint deleted

@@ -257,7 +257,8 @@ impl Shared {
             // Queue the next range first, so it is read while this one travels back.
             self.readahead.note_read(offset, n, size);
             if let Some(data) = prefetched {
-                return done(Ok(&data));
+                done(Ok(&data));
+                return self.readahead.recycle(data);
             }
             return with_buf(n, |buf| {
                 let r = self.vol.read_bytes(offset, buf);

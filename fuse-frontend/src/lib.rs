@@ -264,38 +264,66 @@ fn unmount(p: &Path, flags: i32) -> io::Result<()> {
     }
 }
 
+/// One line of `/proc/self/mountinfo`: mount point, filesystem type, source.
+struct MountInfo {
+    mountpoint: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+fn mounts() -> Vec<MountInfo> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            // id parent maj:min root mountpoint opts [optional...] - fstype source opts
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split(' ');
+            Some(MountInfo {
+                mountpoint: PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)),
+                fstype: r.next()?.to_string(),
+                source: r.next().unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
 /// Lazily unmounts Strata FUSE mounts whose daemon died (their mount point answers
 /// `ENOTCONN`), so a crash leaves no dead mount behind once a daemon starts again. Live
 /// mounts, of this store or another, are left alone. Returns the mount points cleaned.
 pub fn clean_dead_mounts() -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
     let mut cleaned = Vec::new();
-    for line in info.lines() {
-        // mountinfo: id parent maj:min root mountpoint opts [optional...] - fstype source opts
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
+    for m in mounts() {
         // Ours: fstype fuse (or fuse.strata where the subtype is applied), source strata:VOL.
-        let mut r = right.split(' ');
-        let (fstype, source) = (r.next(), r.next().unwrap_or(""));
-        if !matches!(fstype, Some("fuse" | "fuse.strata")) || !source.starts_with("strata:") {
+        if !matches!(m.fstype.as_str(), "fuse" | "fuse.strata") || !m.source.starts_with("strata:")
+        {
             continue;
         }
-        let Some(mp) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let path = PathBuf::from(unescape_mountinfo(mp));
-        if let Err(e) = std::fs::metadata(&path) {
-            if e.raw_os_error() == Some(libc::ENOTCONN) && unmount(&path, libc::MNT_DETACH).is_ok()
+        if let Err(e) = std::fs::metadata(&m.mountpoint) {
+            if e.raw_os_error() == Some(libc::ENOTCONN)
+                && unmount(&m.mountpoint, libc::MNT_DETACH).is_ok()
             {
-                tracing::warn!(mountpoint = %path.display(), "unmounted a dead FUSE export left by a crashed daemon");
-                cleaned.push(path);
+                tracing::warn!(mountpoint = %m.mountpoint.display(), "unmounted a dead FUSE export left by a crashed daemon");
+                cleaned.push(m.mountpoint);
             }
         }
     }
     cleaned
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first, whatever it is: for tests
+/// and benchmarks clearing up after a server they killed (a dead FUSE mount cannot be
+/// removed otherwise). Returns the mount points detached.
+pub fn detach_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mounts()
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.retain(|p| unmount(p, libc::MNT_DETACH).is_ok());
+    points
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

@@ -43,6 +43,9 @@ pub(crate) struct Prefetcher {
     slot: Mutex<Slot>,
     loaded: Condvar,
     jobs: Mutex<Option<Sender<(u64, usize)>>>,
+    /// The buffer of the last prefetch served, for the next one: a fresh 1 MiB buffer per
+    /// prefetch would cost an mmap, page faults and an munmap every time.
+    spare: Mutex<Vec<u8>>,
 }
 
 impl Prefetcher {
@@ -53,6 +56,7 @@ impl Prefetcher {
             slot: Mutex::new(Slot::Empty),
             loaded: Condvar::new(),
             jobs: Mutex::new(None),
+            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -89,7 +93,8 @@ impl Prefetcher {
 
     fn load(&self, vol: &Volume, offset: u64, len: usize) {
         let gen = self.gen.load(Ordering::Acquire);
-        let mut data = vec![0u8; len];
+        let mut data = std::mem::take(&mut *self.spare.lock());
+        data.resize(len, 0);
         let ok = vol.read_bytes(offset, &mut data).is_ok();
         let mut slot = self.slot.lock();
         if matches!(*slot, Slot::Loading { offset: o, .. } if o == offset) {
@@ -101,6 +106,11 @@ impl Prefetcher {
             };
         }
         self.loaded.notify_all();
+    }
+
+    /// Gives back the buffer [`Prefetcher::take`] returned, once its bytes were sent.
+    pub(crate) fn recycle(&self, buf: Vec<u8>) {
+        *self.spare.lock() = buf;
     }
 
     /// Serves `offset..offset+len` from a prefetch if one covers it exactly and is still

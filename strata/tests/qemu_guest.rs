@@ -230,19 +230,8 @@ fn daemon_killed_under_a_running_guest_comes_back_and_fio_verifies() {
     // so it resumes from the used index, and since this device completes each queue's
     // requests in order, that is exactly the first request not completed. fio's verify pass
     // must then read back every block it wrote, before and after the kill.
-    let guest = guest_dir();
-    let dir = tempfile::tempdir().unwrap();
+    let (guest, dir, mut d, sock) = setup("128M", 1);
     let store = dir.path().join("store");
-    let mut d = Daemon::start(&store);
-    d.ok(&["volume", "create", "vm", "--size", "128M"]);
-    let sock = dir.path().join("vm.sock");
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "vm",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
     let console = dir.path().join("console.txt");
     let mut vm = qemu(&guest, &sock, "fio-long", 1)
         .stdout(std::fs::File::create(&console).unwrap())

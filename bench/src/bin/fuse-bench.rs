@@ -194,7 +194,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> R<()> {
     let a = args()?;
-    strata_bench::unmount_under(&a.dir);
+    strata_fuse::detach_mounts_under(&a.dir);
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
     println!(
@@ -274,7 +274,7 @@ fn main() -> R<()> {
         );
     }
     // The killed peer leaves its FUSE mount dead.
-    strata_bench::unmount_under(&a.dir);
+    strata_fuse::detach_mounts_under(&a.dir);
     let _ = std::fs::remove_dir_all(&a.dir);
     Ok(())
 }

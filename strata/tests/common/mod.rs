@@ -110,30 +110,13 @@ impl Daemon {
     }
 }
 
-/// Lazily unmounts every mount under `dir` (FUSE exports a killed daemon left behind, loop
-/// mounts a failed test left), so the test's temporary directory can be removed.
-pub fn unmount_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let dir = dir.to_string_lossy().replace(' ', "\\040");
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(dir.as_str()))
-        .collect();
-    // Deepest first.
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = Command::new("umount").args(["-l", p]).status();
-    }
-}
-
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        // FUSE exports a killed daemon left, loop mounts a failed test left: detached, so the
+        // test's temporary directory can be removed.
         if let Some(parent) = self.store.parent() {
-            unmount_under(parent);
+            strata_fuse::detach_mounts_under(parent);
         }
     }
 }
