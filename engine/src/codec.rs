@@ -97,6 +97,16 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// An opaque value sealed with a trailing crc32 (remote pack descriptors).
+pub fn with_crc(v: Vec<u8>) -> Vec<u8> {
+    Writer(v).sealed()
+}
+
+/// The payload of a value sealed by [`with_crc`], checked.
+pub fn strip_crc(v: &[u8]) -> Result<&[u8]> {
+    Ok(Reader::sealed(v, "remote pack")?.buf)
+}
+
 /// `meta/format`.
 pub fn encode_format() -> Vec<u8> {
     let mut w = Writer::new();

@@ -51,6 +51,12 @@ pub enum Error {
         len: u64,
         size: u64,
     },
+    #[error("remote data for {volume:?} at byte offset {offset}: {detail}")]
+    Remote {
+        volume: String,
+        offset: u64,
+        detail: String,
+    },
     #[error("checksum mismatch in volume {volume:?} at byte offset {offset}")]
     Checksum { volume: String, offset: u64 },
     #[error("{op} failed")]

@@ -12,6 +12,7 @@ mod journal;
 mod load;
 mod names;
 mod ops;
+mod remote;
 mod scrub;
 mod segment;
 mod store;
@@ -25,6 +26,7 @@ pub use ops::{
     ByteRange, CheckpointEntry, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions,
     DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
 };
+pub use remote::{RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};
 pub use segment::{DEFAULT_REUSE_BYTES, PAGE_SIZE};
 pub use store::{Store, StoreOptions};
@@ -119,6 +121,16 @@ impl Store {
             format!("{volume}@{name}"),
             r,
         ))
+    }
+
+    /// Opens a checkpoint by its id ([`Snapshot::id`]), as [`Store::open_checkpoint`].
+    pub fn open_checkpoint_id(&self, id: u64) -> Result<Snapshot> {
+        let (v, n) = ops::checkpoint_by_id(&self.inner, id)?;
+        let s = self.open_checkpoint(&v, &n)?;
+        if s.id() != id {
+            return Err(Error::InvalidArgument(format!("no checkpoint with id {id}")));
+        }
+        Ok(s)
     }
 
     /// A volume's checkpoints by name, with their ids: cheap, for frontends that list them

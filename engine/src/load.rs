@@ -244,6 +244,10 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
 }
 
 fn record_verifies(inner: &Inner, e: &crate::tree::Entry, block_size: u32) -> bool {
+    // A remote entry has no local bytes: it is verified when fetched.
+    if let Some(x) = e.remote() {
+        return inner.remote.has_pack(x.pack) && x.stored_len > 0 && x.stored_len <= block_size;
+    }
     let Some(seg) = inner.segments.get(e.segment) else {
         return false;
     };

@@ -484,6 +484,7 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
         map.layer = new;
         map.parent = ck.layer;
         map.mapped_blocks = frozen.mapped_blocks;
+        vol.maybe_remote.store(true, Ordering::Relaxed);
         let mut ops: Vec<DbOp> = Inner::delete_layer_ops(old_layer).into();
         ops.push(Inner::layer_record(
             new,
@@ -713,6 +714,37 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
             })
         }
     }
+}
+
+/// Ids (layers) of the checkpoints `layer` descends from, nearest first: the parent chain of
+/// frozen layers, through forks, keeping only layers some checkpoint names.
+pub(crate) fn checkpoint_ancestors(inner: &Inner, layer: u64) -> Vec<u64> {
+    let cat = inner.catalog.lock();
+    let named: HashSet<u64> = cat.checkpoints.values().map(|c| c.layer).collect();
+    let mut out = Vec::new();
+    let mut at = cat.frozen.get(&layer).map_or(0, |f| f.parent);
+    let mut steps = 0;
+    while at != 0 && steps <= cat.frozen.len() {
+        steps += 1;
+        if named.contains(&at) {
+            out.push(at);
+        }
+        at = cat.frozen.get(&at).map_or(0, |f| f.parent);
+    }
+    out
+}
+
+/// The volume and name of the checkpoint whose layer is `id`.
+pub(crate) fn checkpoint_by_id(inner: &Inner, id: u64) -> Result<(String, String)> {
+    let cat = inner.catalog.lock();
+    cat.checkpoints
+        .iter()
+        .find(|(_, c)| c.layer == id)
+        .and_then(|((vid, name), _)| {
+            cat.volume_by_id(*vid)
+                .map(|v| (v.name.clone(), name.clone()))
+        })
+        .ok_or_else(|| Error::InvalidArgument(format!("no checkpoint with id {id}")))
 }
 
 /// A checkpoint's identity and geometry, without the per-checkpoint space accounting that

@@ -141,6 +141,8 @@ pub(crate) struct Inner {
     /// True while the committer thread runs.
     background: AtomicBool,
     wake: (Mutex<bool>, Condvar),
+    /// Remote packs and the fetcher for lazily restored volumes.
+    pub remote: crate::remote::Remotes,
 }
 
 /// An open store. Dropping it stops the background committer and commits once more.
@@ -275,7 +277,9 @@ impl Store {
             reclaim_queue: Mutex::new(Vec::new()),
             background: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            remote: Default::default(),
         });
+        crate::remote::Remotes::load(&inner)?;
         crate::load::load(&inner, &state, recovered.entries)?;
         let committer = opts
             .commit_interval

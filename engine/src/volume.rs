@@ -58,10 +58,18 @@ pub(crate) struct VolumeState {
     pub map: RwLock<HeadMap>,
     pub handles: AtomicUsize,
     pub deleted: AtomicBool,
+    /// Set when the map may hold remote entries (lazy restore, a restore, load): reads then
+    /// hydrate the remote blocks they touch. Only a hint; reads are correct either way.
+    pub maybe_remote: AtomicBool,
 }
 
 impl VolumeState {
     pub fn new(rec: &crate::codec::VolumeRecord, name: String, head: HeadMap) -> Self {
+        let remote = head
+            .tree
+            .leaves()
+            .iter()
+            .any(|(_, l)| l.entries().iter().any(|e| e.is_remote()));
         VolumeState {
             id: rec.id,
             name,
@@ -73,6 +81,7 @@ impl VolumeState {
             map: RwLock::new(head),
             handles: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
+            maybe_remote: AtomicBool::new(remote),
         }
     }
 
@@ -283,11 +292,16 @@ pub(crate) fn read(
     for attempt in 0..=MAX_READ_RETRIES {
         let mut ops = Vec::new();
         let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut remote = Vec::new();
         for &i in &pending {
             let Some(e) = entries[i] else {
                 copy_block(g, offset, first + i as u64, None, buf);
                 continue;
             };
+            if e.is_remote() {
+                remote.push((first + i as u64, e));
+                continue;
+            }
             if let (Some(group), Some(Op::Read { buf: rbuf, .. })) =
                 (groups.last_mut(), ops.last_mut())
             {
@@ -307,6 +321,31 @@ pub(crate) fn read(
         let mut retry = Vec::new();
         // Only lz4 records need a block to decompress into.
         let mut block = Vec::new();
+        if !remote.is_empty() {
+            // Verified against their crc32 by the fetch; a failure is an error, never data.
+            let fetched = crate::remote::fetch_records(inner, g.name, g.block_size, &remote)?;
+            for ((blk, e), stored) in remote.iter().zip(fetched) {
+                if e.is_lz4() {
+                    block.resize(g.block_size as usize, 0);
+                    if !decode_lz4(&stored, e, &mut block) {
+                        return Err(Error::Remote {
+                            volume: g.name.to_string(),
+                            offset: blk * bs,
+                            detail: "lz4 record does not decode".into(),
+                        });
+                    }
+                    copy_block(g, offset, *blk, Some(&block), buf);
+                } else if stored.len() == g.block_size as usize {
+                    copy_block(g, offset, *blk, Some(&stored), buf);
+                } else {
+                    return Err(Error::Remote {
+                        volume: g.name.to_string(),
+                        offset: blk * bs,
+                        detail: format!("raw record of {} bytes", stored.len()),
+                    });
+                }
+            }
+        }
         for (done, group) in inner.segments.engine().submit(ops).into_iter().zip(groups) {
             let ok = done.result.is_ok();
             let data = done.op.into_buf();
@@ -583,6 +622,35 @@ impl Writer<'_> {
         Ok(conflicted)
     }
 
+    /// Replaces remote entries by local copies of their records: fetches and verifies them,
+    /// stores them and installs each with compare-and-set against the remote entry (a block
+    /// written meanwhile keeps the new write). Returns the bytes fetched.
+    pub(crate) fn hydrate(&self, items: &[(u64, Entry)]) -> Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let data = crate::remote::fetch_records(
+            self.inner,
+            &self.vol.name,
+            self.vol.block_size,
+            items,
+        )?;
+        let bytes = data.iter().map(|d| d.len() as u64).sum();
+        let records = items
+            .iter()
+            .zip(data)
+            .map(|(&(block, e), d)| Record {
+                block,
+                payload: d.into(),
+                lz4: e.is_lz4(),
+                crc: e.crc,
+                expect: Some(Some(e)),
+            })
+            .collect();
+        self.store_and_map(records)?;
+        Ok(bytes)
+    }
+
     /// Installs changes in the map and writes their journal entries.
     pub(crate) fn install(&self, changes: &[Change]) -> Result<Vec<bool>> {
         let inner = self.inner;
@@ -720,7 +788,103 @@ impl Volume {
             size: self.state.size(),
         };
         check_range(&g, offset, buf.len() as u64, align)?;
+        if !buf.is_empty() && self.state.maybe_remote.load(Ordering::Relaxed) {
+            // Blocks still remote are fetched once and kept (hydrated), not fetched per read.
+            let bs = u64::from(g.block_size);
+            let (first, last) = (offset / bs, (offset + buf.len() as u64 - 1) / bs);
+            let remote: Vec<(u64, Entry)> = {
+                let m = self.state.map.read();
+                (first..=last)
+                    .filter_map(|b| m.tree.get(b).filter(|e| e.is_remote()).map(|e| (b, e)))
+                    .collect()
+            };
+            self.writer().hydrate(&remote)?;
+        }
         read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
+    }
+
+    /// Points blocks at records in remote packs (a lazy restore): reads fetch them on demand
+    /// and [`Volume::hydrate_step`] copies them in. Each block must be inside the volume and
+    /// each pack registered. Durable after the next flush, like a write.
+    pub fn install_remote(&self, extents: &[(u64, crate::RemoteExtent)]) -> Result<()> {
+        let blocks = self.state.blocks();
+        let mut changes = Vec::with_capacity(extents.len().min(4096));
+        for (i, (blk, x)) in extents.iter().enumerate() {
+            if *blk >= blocks {
+                return Err(Error::InvalidArgument(format!(
+                    "remote extent for block {blk} is beyond the volume's {blocks} blocks"
+                )));
+            }
+            if !self.inner.remote.has_pack(x.pack) {
+                return Err(Error::InvalidArgument(format!(
+                    "remote pack {} is not registered",
+                    x.pack
+                )));
+            }
+            if x.stored_len == 0 || x.stored_len > self.state.block_size {
+                return Err(Error::InvalidArgument(format!(
+                    "remote extent for block {blk} has stored length {}",
+                    x.stored_len
+                )));
+            }
+            changes.push(Change {
+                block: *blk,
+                count: 1,
+                new: Some(x.entry()),
+                expect: None,
+            });
+            if changes.len() == 4096 || i + 1 == extents.len() {
+                self.state.maybe_remote.store(true, Ordering::Relaxed);
+                self.writer().install(&changes)?;
+                changes.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Hydrates remote blocks at or after block `from`: fetches up to about `max_bytes` of
+    /// them (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on
+    /// from, or `None` once the end of the volume is reached, and the bytes fetched.
+    pub fn hydrate_step(&self, from: u64, max_bytes: u64) -> Result<(Option<u64>, u64)> {
+        const SCAN: u64 = 1 << 16;
+        let (items, next) = {
+            let m = self.state.map.read();
+            let mut items = Vec::new();
+            let mut bytes = 0u64;
+            let mut at = from;
+            let limit = from.saturating_add(SCAN);
+            let next = loop {
+                let Some(b) = m.tree.next_mapped(at) else {
+                    break None;
+                };
+                if b >= limit || bytes >= max_bytes {
+                    break Some(b);
+                }
+                if let Some(e) = m.tree.get(b).filter(|e| e.is_remote()) {
+                    bytes += u64::from(e.stored_len());
+                    items.push((b, e));
+                }
+                at = b + 1;
+            };
+            (items, next)
+        };
+        let fetched = self.writer().hydrate(&items)?;
+        Ok((next, fetched))
+    }
+
+    /// Blocks of the live volume still held only remotely.
+    pub fn remote_blocks(&self) -> u64 {
+        let m = self.state.map.read();
+        let n: u64 = m
+            .tree
+            .leaves()
+            .iter()
+            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
+            .sum();
+        if n == 0 {
+            self.state.maybe_remote.store(false, Ordering::Relaxed);
+        }
+        n
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written and
@@ -856,6 +1020,50 @@ impl Snapshot {
     /// and taken again under the same name has a new id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Every mapped block and its record, in block order.
+    pub fn records(&self) -> Vec<(u64, Entry)> {
+        let mut out = Vec::new();
+        for (idx, leaf) in self.tree.leaves() {
+            for (slot, e) in leaf.iter() {
+                out.push((idx * crate::tree::LEAF_SLOTS as u64 + slot as u64, e));
+            }
+        }
+        out.sort_unstable_by_key(|(b, _)| *b);
+        out
+    }
+
+    /// Blocks whose record differs from `base`'s (mapped, unmapped or replaced), in block
+    /// order. Costs what differs: subtrees the two share are skipped.
+    pub fn changed_since(&self, base: &Snapshot) -> Vec<u64> {
+        let mut out = Vec::new();
+        let empty = crate::tree::Leaf::default();
+        for idx in self.tree.diff_leaves(&base.tree) {
+            let a = self.tree.leaf(idx).unwrap_or(&empty);
+            let b = base.tree.leaf(idx).unwrap_or(&empty);
+            for slot in 0..crate::tree::LEAF_SLOTS {
+                if a.get(slot) != b.get(slot) {
+                    out.push(idx * crate::tree::LEAF_SLOTS as u64 + slot as u64);
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// The record block `block` maps to, if any.
+    pub fn record(&self, block: u64) -> Option<Entry> {
+        self.tree.get(block)
+    }
+
+    /// Ids of the checkpoints this one descends from (through forks too), nearest first.
+    pub fn ancestors(&self) -> Vec<u64> {
+        crate::ops::checkpoint_ancestors(&self.inner, self.id)
     }
 
     /// First mapped byte offset at or after `offset`.
