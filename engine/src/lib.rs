@@ -139,6 +139,40 @@ impl Store {
         ops::checkpoint_entries(&self.inner, volume)
     }
 
+    /// Blocks of the live volume still held only in remote packs (a lazy restore not yet
+    /// hydrated). Does not open the volume.
+    pub fn remote_blocks(&self, volume: &str) -> Result<u64> {
+        let cat = self.inner.catalog.lock();
+        let m = cat.volume(volume)?.map.read();
+        Ok(m.tree
+            .leaves()
+            .iter()
+            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
+            .sum())
+    }
+
+    /// Remote packs the volume or any of its checkpoints still references.
+    pub fn remote_packs_of(&self, volume: &str) -> Result<Vec<u32>> {
+        let cat = self.inner.catalog.lock();
+        let vol = cat.volume(volume)?;
+        let mut trees = vec![vol.map.read().tree.clone()];
+        for ((v, _), ck) in &cat.checkpoints {
+            if *v == vol.id {
+                if let Some(f) = cat.frozen.get(&ck.layer) {
+                    trees.push(f.tree.clone());
+                }
+            }
+        }
+        drop(cat);
+        let mut packs = std::collections::BTreeSet::new();
+        for t in &trees {
+            for (_, l) in t.leaves() {
+                packs.extend(l.entries().iter().filter_map(|e| e.remote().map(|x| x.pack)));
+            }
+        }
+        Ok(packs.into_iter().collect())
+    }
+
     /// Reads and verifies every stored block.
     pub fn scrub(&self) -> Result<ScrubReport> {
         scrub::scrub(&self.inner)

@@ -842,21 +842,24 @@ impl Volume {
         Ok(())
     }
 
-    /// Hydrates remote blocks at or after block `from`: fetches up to about `max_bytes` of
-    /// them (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on
-    /// from, or `None` once the end of the volume is reached, and the bytes fetched.
-    pub fn hydrate_step(&self, from: u64, max_bytes: u64) -> Result<(Option<u64>, u64)> {
+    /// Hydrates remote blocks in `[from, to)`: fetches up to about `max_bytes` of them
+    /// (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on from,
+    /// or `None` once `to` (or the end of the map) is reached, and the bytes fetched.
+    pub fn hydrate_step(&self, from: u64, to: u64, max_bytes: u64) -> Result<(Option<u64>, u64)> {
         const SCAN: u64 = 1 << 16;
         let (items, next) = {
             let m = self.state.map.read();
             let mut items = Vec::new();
             let mut bytes = 0u64;
             let mut at = from;
-            let limit = from.saturating_add(SCAN);
+            let limit = from.saturating_add(SCAN).min(to);
             let next = loop {
                 let Some(b) = m.tree.next_mapped(at) else {
                     break None;
                 };
+                if b >= to {
+                    break None;
+                }
                 if b >= limit || bytes >= max_bytes {
                     break Some(b);
                 }

@@ -118,7 +118,7 @@ fn lazy_volume_reads_hydrates_and_survives_reopen() {
         assert!(lazy.remote_blocks() > 0);
         let mut from = Some(0);
         while let Some(f) = from {
-            from = lazy.hydrate_step(f, 256 * 1024).unwrap().0;
+            from = lazy.hydrate_step(f, u64::MAX, 256 * 1024).unwrap().0;
         }
         assert_eq!(lazy.remote_blocks(), 0, "lz4={lz4}");
         let mut all = vec![0u8; 8 * MIB as usize];

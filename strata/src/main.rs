@@ -3,7 +3,9 @@
 
 mod client;
 mod jobs;
+mod remote;
 mod server;
+mod state;
 mod units;
 
 use anyhow::{bail, Context, Result};
@@ -68,6 +70,9 @@ enum Cmd {
         #[arg(long, default_value = "raw")]
         format: String,
     },
+    /// S3-compatible object stores that checkpoints are pushed to and restored from.
+    #[command(subcommand)]
+    Remote(RemoteCmd),
     /// Verify the checksum of every stored block.
     Scrub,
     /// Store-wide figures.
@@ -88,9 +93,14 @@ enum VolumeCmd {
         /// Block size (4K to 1M; default 4K, 64K with lz4).
         #[arg(long)]
         block_size: Option<String>,
-        /// Fork from a checkpoint, VOL@CKPT (O(1), shares every block).
+        /// Fork from a checkpoint, VOL@CKPT (O(1), shares every block), or restore one
+        /// from a remote, REMOTE:VOL@CKPT.
         #[arg(long)]
         from: Option<String>,
+        /// With REMOTE:VOL@CKPT: usable at once; blocks are fetched on first read and the
+        /// rest copied in the background (see `volume info`).
+        #[arg(long)]
+        lazy: bool,
         /// Discard the volume when it is closed or the daemon restarts.
         #[arg(long)]
         ephemeral: bool,
@@ -116,9 +126,19 @@ enum CheckpointCmd {
     Create {
         target: String,
     },
-    /// List a volume's checkpoints as a tree.
+    /// List a volume's checkpoints as a tree, or with --remote the checkpoints a remote
+    /// holds.
     List {
-        volume: String,
+        volume: Option<String>,
+        #[arg(long)]
+        remote: Option<String>,
+    },
+    /// Upload a checkpoint, VOL@CKPT, to a remote (incremental against what it holds).
+    Push {
+        target: String,
+        /// Needed when more than one remote is configured.
+        #[arg(long)]
+        remote: Option<String>,
     },
     /// Make the live volume equal to a checkpoint again; newer checkpoints stay.
     Restore {
@@ -129,6 +149,9 @@ enum CheckpointCmd {
     },
     Delete {
         target: String,
+        /// Delete it from this remote instead of the local store.
+        #[arg(long)]
+        remote: Option<String>,
     },
     /// Byte ranges that differ between VOL@A and VOL@B (VOL alone means the live volume).
     Diff {
@@ -168,6 +191,54 @@ enum ExportCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum RemoteCmd {
+    /// Add a remote; the daemon checks that the bucket answers. Credentials come from the
+    /// daemon's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or --credentials-file.
+    Add {
+        name: String,
+        /// http(s)://host:port of the S3 API.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        bucket: String,
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// Key prefix inside the bucket.
+        #[arg(long, default_value = "strata")]
+        prefix: String,
+        /// A file readable only by its owner with access_key_id = ... and
+        /// secret_access_key = ... lines.
+        #[arg(long)]
+        credentials_file: Option<PathBuf>,
+    },
+    List,
+    /// Forget a remote (nothing in the bucket is deleted).
+    Remove { name: String },
+    /// Delete packs no remote checkpoint references.
+    Gc {
+        name: String,
+        /// Keep unreferenced packs younger than this (a push may be writing them): 30s, 10m, 1h.
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<u64> {
+    let (n, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("invalid duration {s:?} (use 30s, 10m, 1h)"))?;
+    n.checked_mul(mult).context("duration too large")
+}
+
 fn split_ref(s: &str) -> Result<(&str, &str)> {
     match s.split_once('@') {
         Some((v, c)) if !v.is_empty() && !c.is_empty() => Ok((v, c)),
@@ -191,7 +262,10 @@ fn run(cli: Cli) -> Result<()> {
         return server::serve(&cli.store, &socket);
     }
     let c = client::Client::new(cli.store.join("strata.sock"));
-    let tree = matches!(cli.cmd, Cmd::Checkpoint(CheckpointCmd::List { .. }));
+    let tree = matches!(
+        cli.cmd,
+        Cmd::Checkpoint(CheckpointCmd::List { remote: None, .. })
+    );
     let out: Value = match cli.cmd {
         Cmd::Serve { api_socket } => {
             let socket = api_socket.unwrap_or_else(|| cli.store.join("strata.sock"));
@@ -245,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             wait_job(&c, &job, "exporting")?
         }
+        Cmd::Remote(r) => remote(&c, r)?,
         Cmd::Scrub => c.call("POST", "/v1/scrub", None)?,
         Cmd::Stats => c.call("GET", "/v1/stats", None)?,
     };
@@ -308,7 +383,18 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
             block_size,
             from,
             ephemeral,
+            lazy,
         } => {
+            if let Some(src) = from.as_deref().filter(|f| f.contains(':')) {
+                if remote::pull::parse_source(src).is_none() {
+                    bail!("expected REMOTE:VOL@CKPT, got {src:?}");
+                }
+                let r = c.call("POST", "/v1/volumes", Some(json!({"name": name, "from": src, "lazy": lazy})))?;
+                return if lazy { Ok(r) } else { wait_job(c, &r, "restoring") };
+            }
+            if lazy {
+                bail!("--lazy needs --from REMOTE:VOL@CKPT");
+            }
             let size = size.as_deref().map(units::parse_size).transpose()?;
             let block_size = block_size.as_deref().map(units::parse_size).transpose()?;
             if from.is_none() && size.is_none() {
@@ -343,8 +429,36 @@ fn checkpoint(c: &client::Client, k: CheckpointCmd) -> Result<Value> {
                 Some(json!({"name": n})),
             )
         }
-        CheckpointCmd::List { volume } => {
-            c.call("GET", &format!("/v1/volumes/{volume}/checkpoints"), None)
+        CheckpointCmd::List {
+            volume,
+            remote: Some(r),
+        } => {
+            let all = c.call("GET", &format!("/v1/remotes/{r}/checkpoints"), None)?;
+            Ok(match volume {
+                None => all,
+                Some(v) => Value::Array(
+                    all.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|x| x["volume"] == v.as_str())
+                        .cloned()
+                        .collect(),
+                ),
+            })
+        }
+        CheckpointCmd::List {
+            volume: Some(volume),
+            remote: None,
+        } => c.call("GET", &format!("/v1/volumes/{volume}/checkpoints"), None),
+        CheckpointCmd::List { .. } => bail!("name a volume, or pass --remote REMOTE"),
+        CheckpointCmd::Push { target, remote } => {
+            let (v, n) = split_ref(&target)?;
+            let job = c.call(
+                "POST",
+                &format!("/v1/volumes/{v}/checkpoints/{n}/push"),
+                Some(json!({"remote": remote})),
+            )?;
+            wait_job(c, &job, "pushing")
         }
         CheckpointCmd::Restore { target, force } => {
             let (v, n) = split_ref(&target)?;
@@ -354,10 +468,50 @@ fn checkpoint(c: &client::Client, k: CheckpointCmd) -> Result<Value> {
                 Some(json!({"force": force})),
             )
         }
-        CheckpointCmd::Delete { target } => {
+        CheckpointCmd::Delete { target, remote } => {
             let (v, n) = split_ref(&target)?;
-            c.call("DELETE", &format!("/v1/volumes/{v}/checkpoints/{n}"), None)
+            match remote {
+                Some(r) => c.call("DELETE", &format!("/v1/remotes/{r}/checkpoints/{v}/{n}"), None),
+                None => c.call("DELETE", &format!("/v1/volumes/{v}/checkpoints/{n}"), None),
+            }
         }
         CheckpointCmd::Diff { a, b } => c.call("POST", "/v1/diff", Some(json!({"a": a, "b": b}))),
+    }
+}
+
+fn remote(c: &client::Client, r: RemoteCmd) -> Result<Value> {
+    match r {
+        RemoteCmd::Add {
+            name,
+            endpoint,
+            bucket,
+            region,
+            prefix,
+            credentials_file,
+        } => {
+            let credentials_file = credentials_file
+                .map(|f| std::path::absolute(&f).context("credentials file path"))
+                .transpose()?;
+            c.call(
+                "POST",
+                "/v1/remotes",
+                Some(json!({"name": name, "endpoint": endpoint, "bucket": bucket, "region": region,
+                            "prefix": prefix, "credentials_file": credentials_file})),
+            )
+        }
+        RemoteCmd::List => c.call("GET", "/v1/remotes", None),
+        RemoteCmd::Remove { name } => c.call("DELETE", &format!("/v1/remotes/{name}"), None),
+        RemoteCmd::Gc {
+            name,
+            grace,
+            dry_run,
+        } => {
+            let grace = parse_duration(&grace)?;
+            c.call(
+                "POST",
+                &format!("/v1/remotes/{name}/gc"),
+                Some(json!({"grace_secs": grace, "dry_run": dry_run})),
+            )
+        }
     }
 }

@@ -21,6 +21,7 @@ use strata_engine::{
     CheckpointInfo, Error as EngineError, MapRef, Store, StoreOptions, VolumeInfo, VolumeOptions,
 };
 use strata_fuse::{FuseExport, FuseOptions};
+use crate::remote::{self, Remotes};
 
 /// One export per volume: a vhost-user-blk socket or a FUSE mount.
 enum Exported {
@@ -89,6 +90,7 @@ struct App {
     importing: Arc<Mutex<std::collections::HashSet<String>>>,
     exports: Mutex<BTreeMap<String, Exported>>,
     jobs: crate::jobs::Jobs,
+    remotes: Arc<Remotes>,
 }
 
 /// An API failure: status code and message.
@@ -115,6 +117,27 @@ impl From<EngineError> for ApiError {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<EngineError>() {
+            Ok(e) => e.into(),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                let code = if msg.contains("no remote named") || msg.contains("has no checkpoint") {
+                    StatusCode::NOT_FOUND
+                } else if msg.contains("already") || msg.contains("still") {
+                    StatusCode::CONFLICT
+                } else if msg.contains("does not answer") || msg.contains("uploading") || msg.contains("reading ") || msg.contains("listing ") {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                ApiError(code, msg)
+            }
+        }
     }
 }
 
@@ -229,6 +252,9 @@ struct CreateReq {
     from: Option<String>,
     #[serde(default)]
     ephemeral: bool,
+    /// With a remote source: usable at once, hydrated in the background.
+    #[serde(default)]
+    lazy: bool,
 }
 
 async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
@@ -242,6 +268,37 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         .block_size
         .map(|b| u32::try_from(b).map_err(|_| bad("block size too large")))
         .transpose()?;
+    if let Some(src) = req.from.as_deref().filter(|f| f.contains(':')) {
+        if lz4 || block_size.is_some() || req.size.is_some() || req.ephemeral {
+            return Err(bad("a volume restored from a remote keeps the checkpoint's size, block size and compression, and cannot be ephemeral"));
+        }
+        let src = src.to_string();
+        return blocking(&app, move |a| {
+            if req.lazy {
+                let (info, _) = remote::pull::create(&a.remotes, &a.store, &req.name, &src, false)?;
+                remote::pull::spawn_hydration(&a.remotes, &a.store, &req.name);
+                return to_json(volume_view(info, &a.exports.lock()));
+            }
+            let (remotes, store, name) = (a.remotes.clone(), a.store.clone(), req.name.clone());
+            let id = a
+                .jobs
+                .spawn(move |job| {
+                    let run = || -> anyhow::Result<Value> {
+                        let (_, total) = remote::pull::create(&remotes, &store, &name, &src, true)?;
+                        job.total.store(total, std::sync::atomic::Ordering::Relaxed);
+                        remote::pull::hydrate(&remotes, &store, &name, Some(job))?;
+                        Ok(json!({"volume": name, "source": src, "restored_bytes": total}))
+                    };
+                    run().map_err(|e| format!("{e:#}"))
+                })
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            Ok(Json(json!({"job": id})))
+        })
+        .await;
+    }
+    if req.lazy {
+        return Err(bad("--lazy needs a remote source (--from REMOTE:VOL@CKPT)"));
+    }
     let info = blocking(&app, move |a| {
         let info = match &req.from {
             Some(from) => {
@@ -278,10 +335,25 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 
 async fn volume_info(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
     let v = blocking(&app, move |a| {
-        Ok(volume_view(a.store.volume_info(&name)?, &a.exports.lock()))
+        let info = a.store.volume_info(&name)?;
+        let bs = u64::from(info.block_size);
+        let mut v = serde_json::to_value(volume_view(info, &a.exports.lock()))
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let remote_blocks = a.store.remote_blocks(&name)?;
+        v["remote_bytes"] = json!(remote_blocks * bs);
+        if let Some(r) = a.remotes.restoring().get(&name) {
+            let h = a.remotes.hydrating.lock().get(&name).cloned();
+            v["hydration"] = json!({
+                "source": r.source, "state": r.state, "running": h.is_some(),
+                "remote_blocks": remote_blocks,
+                "fetched_bytes": h.as_ref().map(|h| h.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                "last_error": h.as_ref().and_then(|h| h.error.lock().clone()),
+            });
+        }
+        Ok(v)
     })
     .await?;
-    to_json(v)
+    Ok(Json(v))
 }
 
 #[derive(Deserialize)]
@@ -323,7 +395,11 @@ async fn delete_volume(State(app): State<Arc<App>>, UrlPath(name): UrlPath<Strin
                 format!("volume {name} is exported; unexport it first"),
             ));
         }
+        remote::pull::cancel(&a.remotes, &name);
         a.store.delete_volume(&name)?;
+        if a.remotes.restoring().contains_key(&name) {
+            a.remotes.set_restoring(&name, None)?;
+        }
         Ok(())
     })
     .await?;
@@ -600,17 +676,8 @@ const EXPORTS_FILE: &str = "exports.json";
 /// serving, they are just not restored after a restart.
 fn save_exports(a: &App, ex: &BTreeMap<String, Exported>) {
     let list: Vec<Value> = ex.iter().map(|(vol, e)| e.view(vol)).collect();
-    let dir = a.store.path();
-    let tmp = dir.join(format!("{EXPORTS_FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(Value::Array(list).to_string().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(EXPORTS_FILE))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    if let Err(e) = write() {
+    let bytes = Value::Array(list).to_string();
+    if let Err(e) = crate::state::write_atomic(a.store.path(), EXPORTS_FILE, bytes.as_bytes()) {
         tracing::error!(error = %e, "recording the exports failed; they will not be restored after a restart");
     }
 }
@@ -697,7 +764,7 @@ async fn scrub(State(app): State<Arc<App>>) -> ApiResult {
         .map(|p| json!({"location": p.location, "offset": p.offset, "segment": p.segment, "detail": p.detail}))
         .collect();
     Ok(Json(
-        json!({"records": r.records, "checked_bytes": r.bytes, "problems": problems}),
+        json!({"records": r.records, "checked_bytes": r.bytes, "remote_records": r.remote_records, "problems": problems}),
     ))
 }
 
@@ -882,6 +949,123 @@ async fn export_image(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     Ok(Json(json!({"job": id})))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PushReq {
+    remote: Option<String>,
+}
+
+async fn push_checkpoint(
+    State(app): State<Arc<App>>,
+    UrlPath((vol, ck)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let req: PushReq = if body.is_empty() { PushReq::default() } else { parse(&body)? };
+    let id = blocking(&app, move |a| {
+        let remote = a.remotes.default_remote(req.remote.as_deref())?;
+        a.remotes.config(&remote)?;
+        let snap = a.store.open_checkpoint(&vol, &ck)?;
+        let (remotes, store) = (a.remotes.clone(), a.store.clone());
+        a.jobs
+            .spawn(move |job| {
+                remote::push::push(&remotes, &store, job, snap, &remote).map_err(|e| format!("{e:#}"))
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })
+    .await?;
+    Ok(Json(json!({"job": id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoteReq {
+    name: String,
+    endpoint: String,
+    bucket: String,
+    region: Option<String>,
+    prefix: Option<String>,
+    credentials_file: Option<PathBuf>,
+}
+
+fn remote_view(name: &str, c: &remote::RemoteConfig) -> Value {
+    let creds = match &c.credentials {
+        remote::Credentials::Env => json!("env"),
+        remote::Credentials::File(p) => json!({"file": p}),
+    };
+    json!({"name": name, "endpoint": c.endpoint, "bucket": c.bucket, "region": c.region,
+           "prefix": c.prefix, "credentials": creds})
+}
+
+async fn add_remote(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: RemoteReq = parse(&body)?;
+    if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+        return Err(bad("--endpoint must be an http:// or https:// URL"));
+    }
+    if let Some(f) = &req.credentials_file {
+        if !f.is_absolute() {
+            return Err(bad("the credentials file path must be absolute"));
+        }
+    }
+    let v = blocking(&app, move |a| {
+        let cfg = remote::RemoteConfig {
+            endpoint: req.endpoint.trim_end_matches('/').to_string(),
+            bucket: req.bucket,
+            region: req.region.unwrap_or_else(|| "us-east-1".into()),
+            prefix: req.prefix.unwrap_or_else(|| "strata".into()).trim_matches('/').to_string(),
+            credentials: match req.credentials_file {
+                Some(f) => remote::Credentials::File(f),
+                None => remote::Credentials::Env,
+            },
+        };
+        a.remotes.add(&req.name, cfg.clone())?;
+        Ok(remote_view(&req.name, &cfg))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+async fn list_remotes(State(app): State<Arc<App>>) -> ApiResult {
+    let v: Vec<Value> = app.remotes.list().iter().map(|(n, c)| remote_view(n, c)).collect();
+    Ok(Json(Value::Array(v)))
+}
+
+async fn remove_remote(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
+    blocking(&app, move |a| Ok(a.remotes.remove(&name, &a.store)?)).await?;
+    Ok(Json(json!({"removed": true})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GcReq {
+    grace_secs: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn gc_remote(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult {
+    let req: GcReq = if body.is_empty() { GcReq::default() } else { parse(&body)? };
+    let grace = std::time::Duration::from_secs(req.grace_secs.unwrap_or(3600));
+    let v = blocking(&app, move |a| Ok(remote::gc::gc(&a.remotes, &name, grace, req.dry_run)?)).await?;
+    Ok(Json(v))
+}
+
+async fn remote_checkpoints(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
+    let v = blocking(&app, move |a| Ok(remote::gc::list_checkpoints(&a.remotes, &name)?)).await?;
+    Ok(Json(v))
+}
+
+async fn delete_remote_checkpoint(
+    State(app): State<Arc<App>>,
+    UrlPath((name, vol, ck)): UrlPath<(String, String, String)>,
+) -> ApiResult {
+    blocking(&app, move |a| Ok(remote::gc::delete_checkpoint(&a.remotes, &name, &vol, &ck)?)).await?;
+    Ok(Json(json!({"deleted": true})))
+}
+
 async fn job_status(State(app): State<Arc<App>>, UrlPath(id): UrlPath<u64>) -> ApiResult {
     let job = app
         .jobs
@@ -911,6 +1095,18 @@ fn router(app: Arc<App>) -> Router {
             "/v1/volumes/{name}/checkpoints/{ck}/restore",
             post(restore_checkpoint),
         )
+        .route(
+            "/v1/volumes/{name}/checkpoints/{ck}/push",
+            post(push_checkpoint),
+        )
+        .route("/v1/remotes", get(list_remotes).post(add_remote))
+        .route("/v1/remotes/{name}", delete(remove_remote))
+        .route("/v1/remotes/{name}/gc", post(gc_remote))
+        .route("/v1/remotes/{name}/checkpoints", get(remote_checkpoints))
+        .route(
+            "/v1/remotes/{name}/checkpoints/{vol}/{ck}",
+            delete(delete_remote_checkpoint),
+        )
         .route("/v1/diff", post(diff))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{volume}", delete(delete_export))
@@ -939,12 +1135,16 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     // A daemon that crashed left its FUSE mounts dead (ENOTCONN): clear them.
     strata_fuse::clean_dead_mounts();
     let _ = std::fs::remove_file(socket);
+    let remotes = Remotes::open(store_dir)?;
+    store.set_remote_fetcher(Arc::new(remote::PackFetcher(remotes.clone())));
     let app = Arc::new(App {
         store: Arc::new(store),
         importing: Default::default(),
         exports: Mutex::new(BTreeMap::new()),
         jobs: Default::default(),
+        remotes,
     });
+    remote::pull::resume(&app.remotes, &app.store);
     restore_exports(&app);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -960,6 +1160,9 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
             .context("serving the API")
     })?;
     tracing::info!("shutting down: stopping exports, committing the store");
+    app.remotes
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let exports = std::mem::take(&mut *app.exports.lock());
     for (_, e) in exports {
         e.shutdown();

@@ -1,0 +1,169 @@
+//! `strata remote gc`: delete packs no manifest references, safe against concurrent pushes.
+//!
+//! Listing order matters: leases first, then packs, then manifests. A push that finishes
+//! after the pack listing has its manifest in the (later) manifest listing; a push running
+//! at the lease listing is protected by its lease (its own packs by push id, the existing
+//! packs it reuses by the lease's list); a push that starts after the lease listing writes
+//! only packs younger than the grace period. Leases older than `LEASE_TTL` are ignored (a
+//! crashed push) and deleted.
+
+use super::manifest::Manifest;
+use super::{clean, key, Remotes};
+use anyhow::{anyhow, Result};
+use futures::TryStreamExt;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A lease older than this belongs to a push that died.
+pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+async fn list(c: &Arc<dyn ObjectStore>, prefix: object_store::path::Path) -> Result<Vec<ObjectMeta>> {
+    c.list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| anyhow!("listing {prefix}: {}", clean(&e)))
+}
+
+async fn get(c: &Arc<dyn ObjectStore>, p: &object_store::path::Path) -> Result<Option<Vec<u8>>> {
+    match c.get(p).await {
+        Ok(g) => Ok(Some(g.bytes().await.map_err(|e| anyhow!("reading {p}: {}", clean(&e)))?.to_vec())),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(anyhow!("reading {p}: {}", clean(&e))),
+    }
+}
+
+/// The key relative to the remote's prefix.
+fn rel(prefix: &str, p: &object_store::path::Path) -> String {
+    let s = p.to_string();
+    if prefix.is_empty() {
+        s
+    } else {
+        s.strip_prefix(&format!("{prefix}/")).unwrap_or(&s).to_string()
+    }
+}
+
+pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Result<Value> {
+    let (cfg, c) = remotes.client(remote)?;
+    let now = chrono_now();
+    remotes.run(async move {
+        let mut live_push_ids = HashSet::new();
+        let mut protected = HashSet::new();
+        let mut expired_leases = Vec::new();
+        for l in list(&c, key(&cfg, "leases")).await? {
+            let age = now - l.last_modified.timestamp();
+            let id = rel(&cfg.prefix, &l.location).trim_start_matches("leases/").to_string();
+            if age > LEASE_TTL.as_secs() as i64 {
+                expired_leases.push(l.location.clone());
+                continue;
+            }
+            live_push_ids.insert(id);
+            if let Some(b) = get(&c, &l.location).await? {
+                if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                    for k in v["reused"].as_array().into_iter().flatten() {
+                        if let Some(k) = k.as_str() {
+                            protected.insert(k.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let packs = list(&c, key(&cfg, "packs")).await?;
+        let mut referenced = HashSet::new();
+        let mut manifests = 0usize;
+        for m in list(&c, key(&cfg, "manifests")).await? {
+            let Some(b) = get(&c, &m.location).await? else { continue };
+            // A manifest that does not decode cannot be trusted to list its packs: stop
+            // rather than delete what it might reference.
+            let man = Manifest::decode(&b).map_err(|e| anyhow!("manifest {}: {e:#}; gc stopped, nothing deleted", m.location))?;
+            manifests += 1;
+            referenced.extend(man.header.packs.into_iter().map(|p| p.key));
+        }
+        let (mut deleted, mut deleted_bytes, mut kept) = (0u64, 0u64, 0u64);
+        for p in packs {
+            let k = rel(&cfg.prefix, &p.location);
+            let push_id = k
+                .trim_start_matches("packs/")
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let young = now - p.last_modified.timestamp() < grace.as_secs() as i64;
+            if referenced.contains(&k) || protected.contains(&k) || live_push_ids.contains(&push_id) || young {
+                kept += 1;
+                continue;
+            }
+            if !dry_run {
+                match c.delete(&p.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(anyhow!("deleting {}: {}", p.location, clean(&e))),
+                }
+            }
+            deleted += 1;
+            deleted_bytes += p.size;
+        }
+        if !dry_run {
+            for l in &expired_leases {
+                let _ = c.delete(l).await;
+            }
+        }
+        Ok(json!({"manifests": manifests, "packs_kept": kept, "packs_deleted": deleted,
+                  "bytes_deleted": deleted_bytes, "expired_leases": expired_leases.len(), "dry_run": dry_run}))
+    })?
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The checkpoints a remote holds (its manifests), each checked as it is read.
+pub fn list_checkpoints(remotes: &Remotes, remote: &str) -> Result<Value> {
+    let (cfg, c) = remotes.client(remote)?;
+    let remote = remote.to_string();
+    remotes.run(async move {
+        let mut out = Vec::new();
+        for m in list(&c, key(&cfg, "manifests")).await? {
+            let Some(b) = get(&c, &m.location).await? else { continue };
+            match Manifest::decode(&b) {
+                Ok(man) => {
+                    let h = &man.header;
+                    out.push(json!({"remote": remote, "volume": h.volume, "name": h.checkpoint,
+                        "size": h.size, "block_size": h.block_size, "stored_bytes": man.stored_bytes(),
+                        "blocks": man.extents.len(), "base": h.base, "created_unix": h.created_unix,
+                        "packs": h.packs.len()}));
+                }
+                Err(e) => out.push(json!({"remote": remote, "manifest": m.location.to_string(),
+                                          "error": format!("{e:#}")})),
+            }
+        }
+        Ok(Value::Array(out))
+    })?
+}
+
+/// Deletes a checkpoint from a remote (its manifest); its packs go at the next gc unless
+/// another checkpoint references them.
+pub fn delete_checkpoint(remotes: &Remotes, remote: &str, vol: &str, ckpt: &str) -> Result<()> {
+    let (cfg, c) = remotes.client(remote)?;
+    let rel = super::manifest_rel(vol, ckpt);
+    let path = key(&cfg, &rel);
+    let shown = format!("{vol}@{ckpt}");
+    let remote_name = remote.to_string();
+    remotes.run(async move {
+        match c.head(&path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(anyhow!("remote {remote_name:?} has no checkpoint {shown}"))
+            }
+            Err(e) => return Err(anyhow!("looking up {path}: {}", clean(&e))),
+        }
+        c.delete(&path)
+            .await
+            .map_err(|e| anyhow!("deleting {path}: {}", clean(&e)))
+    })??;
+    remotes.forget_manifest(remote, &rel)
+}

@@ -1,0 +1,463 @@
+//! Remotes: checkpoints shipped to S3-compatible object storage (docs/design/remotes.md).
+//!
+//! The daemon keeps, in `STORE/remotes.json` (replaced atomically): the configured remotes
+//! (endpoint, bucket, region, prefix and where the credentials come from — never the
+//! credentials themselves), which local checkpoints each remote holds (checkpoint id →
+//! manifest key, the bases of incremental pushes), the push id of each push in progress
+//! (so an interrupted push resumes into the same objects), and the volumes being restored
+//! from a remote (so hydration resumes after a restart).
+//!
+//! All object-store IO runs on a small runtime of its own; engine threads (vhost-user
+//! workers, FUSE threads, jobs) block on it through [`Remotes::run`].
+
+pub mod gc;
+pub mod manifest;
+pub mod pull;
+pub mod push;
+
+use anyhow::{anyhow, bail, Context, Result};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const STATE_FILE: &str = "remotes.json";
+
+/// Where a remote's credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Credentials {
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) in the daemon's
+    /// environment.
+    Env,
+    /// A file readable only by its owner with `access_key_id = ...` and
+    /// `secret_access_key = ...` lines (the `aws_`-prefixed names of an AWS credentials file
+    /// are accepted too).
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    /// Every key lives under this prefix, so a bucket can be shared.
+    pub prefix: String,
+    pub credentials: Credentials,
+}
+
+/// A volume being restored from a remote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restoring {
+    pub remote: String,
+    /// `VOL@CKPT` in the remote.
+    pub source: String,
+    /// `creating` until every extent is installed, then `hydrating`.
+    pub state: String,
+    /// An eager restore takes checkpoint CKPT on the volume once it is fully local.
+    pub eager: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    #[serde(default)]
+    remotes: BTreeMap<String, RemoteConfig>,
+    /// remote → local checkpoint id → manifest key.
+    #[serde(default)]
+    pushed: BTreeMap<String, BTreeMap<u64, String>>,
+    /// remote → local checkpoint id → push id of a push not finished yet.
+    #[serde(default)]
+    pending: BTreeMap<String, BTreeMap<u64, String>>,
+    #[serde(default)]
+    restoring: BTreeMap<String, Restoring>,
+}
+
+/// A remote pack, as the engine's opaque descriptor names it.
+#[derive(Debug, Serialize, Deserialize)]
+struct PackDesc {
+    remote: String,
+    key: String,
+}
+
+/// Hydration progress of one volume, for `volume info`.
+#[derive(Debug, Default)]
+pub struct Hydration {
+    pub fetched_bytes: std::sync::atomic::AtomicU64,
+    pub error: Mutex<Option<String>>,
+    pub cancel: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct Remotes {
+    dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    state: Mutex<State>,
+    clients: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    pub hydrating: Mutex<HashMap<String, Arc<Hydration>>>,
+    /// Set at shutdown: background hydration stops.
+    pub stopping: std::sync::atomic::AtomicBool,
+}
+
+/// A remote object's key under the remote's prefix.
+pub fn key(cfg: &RemoteConfig, rel: &str) -> ObjPath {
+    if cfg.prefix.is_empty() {
+        ObjPath::from(rel)
+    } else {
+        ObjPath::from(format!("{}/{rel}", cfg.prefix))
+    }
+}
+
+pub fn manifest_rel(volume: &str, checkpoint: &str) -> String {
+    format!("manifests/{volume}/{checkpoint}.manifest")
+}
+
+fn read_credentials(c: &Credentials) -> Result<(String, String, Option<String>)> {
+    match c {
+        Credentials::Env => {
+            let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let id = get("AWS_ACCESS_KEY_ID")
+                .context("AWS_ACCESS_KEY_ID is not set in the daemon's environment")?;
+            let secret = get("AWS_SECRET_ACCESS_KEY")
+                .context("AWS_SECRET_ACCESS_KEY is not set in the daemon's environment")?;
+            Ok((id, secret, get("AWS_SESSION_TOKEN")))
+        }
+        Credentials::File(path) => {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("credentials file {}", path.display()))?;
+            if meta.mode() & 0o077 != 0 {
+                bail!(
+                    "credentials file {} is readable by group or others (mode {:o}); chmod 600 it",
+                    path.display(),
+                    meta.mode() & 0o777
+                );
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading credentials file {}", path.display()))?;
+            let (mut id, mut secret, mut token) = (None, None, None);
+            for line in text.lines() {
+                let Some((k, v)) = line.split_once('=') else {
+                    continue;
+                };
+                let v = v.trim().to_string();
+                match k.trim().trim_start_matches("aws_") {
+                    "access_key_id" => id = Some(v),
+                    "secret_access_key" => secret = Some(v),
+                    "session_token" => token = Some(v),
+                    _ => {}
+                }
+            }
+            match (id, secret) {
+                (Some(i), Some(s)) => Ok((i, s, token)),
+                _ => bail!(
+                    "credentials file {} needs access_key_id and secret_access_key lines",
+                    path.display()
+                ),
+            }
+        }
+    }
+}
+
+fn build_client(cfg: &RemoteConfig) -> Result<Arc<dyn ObjectStore>> {
+    let (id, secret, token) = read_credentials(&cfg.credentials)?;
+    let mut b = AmazonS3Builder::new()
+        .with_endpoint(&cfg.endpoint)
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id(id)
+        .with_secret_access_key(secret)
+        .with_retry(RetryConfig {
+            max_retries: 8,
+            retry_timeout: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(120)),
+        )
+        // After the client options, which would reset it.
+        .with_allow_http(cfg.endpoint.starts_with("http://"));
+    if let Some(t) = token {
+        b = b.with_token(t);
+    }
+    Ok(Arc::new(b.build().context("configuring the S3 client")?))
+}
+
+impl Remotes {
+    pub fn open(dir: &Path) -> Result<Arc<Remotes>> {
+        let path = dir.join(STATE_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is damaged", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("strata-remote")
+            .enable_all()
+            .build()
+            .context("starting the remote IO runtime")?;
+        Ok(Arc::new(Remotes {
+            dir: dir.to_path_buf(),
+            rt,
+            state: Mutex::new(state),
+            clients: Mutex::new(HashMap::new()),
+            hydrating: Mutex::new(HashMap::new()),
+            stopping: Default::default(),
+        }))
+    }
+
+    fn save(&self, st: &State) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(st)?;
+        crate::state::write_atomic(&self.dir, STATE_FILE, &bytes)
+            .with_context(|| format!("writing {}", self.dir.join(STATE_FILE).display()))
+    }
+
+    /// Runs `f` on the remote runtime and waits for it; callable from any thread.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().map_err(|_| anyhow!("remote IO task was dropped"))
+    }
+
+    /// Starts `f` on the remote runtime without waiting.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.rt.spawn(f)
+    }
+
+    pub fn config(&self, name: &str) -> Result<RemoteConfig> {
+        self.state
+            .lock()
+            .remotes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no remote named {name:?} (see `strata remote list`)"))
+    }
+
+    pub fn client(&self, name: &str) -> Result<(RemoteConfig, Arc<dyn ObjectStore>)> {
+        let cfg = self.config(name)?;
+        let mut clients = self.clients.lock();
+        if let Some(c) = clients.get(name) {
+            return Ok((cfg, c.clone()));
+        }
+        let c = build_client(&cfg)?;
+        clients.insert(name.to_string(), c.clone());
+        Ok((cfg, c))
+    }
+
+    /// The remote to use when a command names none: the only one configured.
+    pub fn default_remote(&self, named: Option<&str>) -> Result<String> {
+        if let Some(n) = named {
+            return Ok(n.to_string());
+        }
+        let st = self.state.lock();
+        let mut names = st.remotes.keys();
+        match (names.next(), names.next()) {
+            (Some(n), None) => Ok(n.clone()),
+            (None, _) => bail!("no remote is configured (strata remote add)"),
+            _ => bail!("several remotes are configured; pass --remote NAME"),
+        }
+    }
+
+    /// Adds a remote after checking that its bucket answers with these credentials.
+    pub fn add(&self, name: &str, cfg: RemoteConfig) -> Result<()> {
+        strata_engine::validate_name("remote", name)?;
+        if self.state.lock().remotes.contains_key(name) {
+            bail!("remote {name:?} already exists");
+        }
+        let client = build_client(&cfg)?;
+        let probe = key(&cfg, "probe-missing-object");
+        let c = client.clone();
+        match self.run(async move { c.head(&probe).await })? {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => bail!("remote {name:?} does not answer: {}", clean(&e)),
+        }
+        let mut st = self.state.lock();
+        st.remotes.insert(name.to_string(), cfg);
+        self.save(&st)?;
+        self.clients.lock().insert(name.to_string(), client);
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<(String, RemoteConfig)> {
+        self.state
+            .lock()
+            .remotes
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Removes a remote, refused while a volume still reads from it.
+    pub fn remove(&self, name: &str, store: &strata_engine::Store) -> Result<()> {
+        let mut st = self.state.lock();
+        if !st.remotes.contains_key(name) {
+            bail!("no remote named {name:?}");
+        }
+        if let Some((v, _)) = st.restoring.iter().find(|(_, r)| r.remote == name) {
+            bail!("volume {v:?} is still being restored from remote {name:?}; wait for hydration to finish or delete the volume");
+        }
+        for v in store.list_volumes() {
+            if store.remote_blocks(&v.name).unwrap_or(0) > 0 && self.volume_uses(store, &v.name, name) {
+                bail!("volume {:?} still reads blocks from remote {name:?}", v.name);
+            }
+        }
+        st.remotes.remove(name);
+        st.pushed.remove(name);
+        st.pending.remove(name);
+        self.save(&st)?;
+        self.clients.lock().remove(name);
+        Ok(())
+    }
+
+    fn volume_uses(&self, store: &strata_engine::Store, vol: &str, remote: &str) -> bool {
+        store.remote_packs_of(vol).unwrap_or_default().iter().any(|id| {
+            store
+                .remote_pack(*id)
+                .and_then(|d| serde_json::from_slice::<PackDesc>(&d).ok())
+                .is_some_and(|d| d.remote == remote)
+        })
+    }
+
+    pub fn pushed_key(&self, remote: &str, ckpt_id: u64) -> Option<String> {
+        self.state.lock().pushed.get(remote)?.get(&ckpt_id).cloned()
+    }
+
+    pub fn record_pushed(&self, remote: &str, ckpt_id: u64, key: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        st.pushed
+            .entry(remote.to_string())
+            .or_default()
+            .insert(ckpt_id, key.to_string());
+        if let Some(p) = st.pending.get_mut(remote) {
+            p.remove(&ckpt_id);
+        }
+        self.save(&st)
+    }
+
+    /// Forgets pushed records naming `key` (the remote checkpoint was deleted).
+    pub fn forget_manifest(&self, remote: &str, key: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        if let Some(p) = st.pushed.get_mut(remote) {
+            p.retain(|_, k| k != key);
+        }
+        self.save(&st)
+    }
+
+    /// The push id for pushing checkpoint `ckpt_id` to `remote`: the interrupted push's, so
+    /// its packs are found again, or a new one.
+    pub fn push_id(&self, remote: &str, ckpt_id: u64) -> Result<String> {
+        let mut st = self.state.lock();
+        if let Some(id) = st.pending.get(remote).and_then(|p| p.get(&ckpt_id)) {
+            return Ok(id.clone());
+        }
+        let id = new_id();
+        st.pending
+            .entry(remote.to_string())
+            .or_default()
+            .insert(ckpt_id, id.clone());
+        self.save(&st)?;
+        Ok(id)
+    }
+
+    pub fn restoring(&self) -> BTreeMap<String, Restoring> {
+        self.state.lock().restoring.clone()
+    }
+
+    pub fn set_restoring(&self, vol: &str, r: Option<Restoring>) -> Result<()> {
+        let mut st = self.state.lock();
+        match r {
+            Some(r) => st.restoring.insert(vol.to_string(), r),
+            None => st.restoring.remove(vol),
+        };
+        self.save(&st)
+    }
+
+    /// The engine descriptor of pack `key` in `remote`.
+    pub fn pack_desc(remote: &str, key: &str) -> Vec<u8> {
+        serde_json::to_vec(&PackDesc {
+            remote: remote.to_string(),
+            key: key.to_string(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The (remote, key) an engine pack descriptor names.
+    pub fn parse_desc(desc: &[u8]) -> Option<(String, String)> {
+        serde_json::from_slice::<PackDesc>(desc)
+            .ok()
+            .map(|d| (d.remote, d.key))
+    }
+}
+
+/// A fresh random id (push ids): 16 hex digits from the OS's random source.
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An object-store error as a one-line message (object_store's messages name the URL and
+/// the status; they never carry credentials).
+pub fn clean(e: &object_store::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        let m = x.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = x.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// The engine's view of remote packs: fetches byte ranges through the configured clients.
+#[derive(Debug)]
+pub struct PackFetcher(pub Arc<Remotes>);
+
+impl strata_engine::RemoteFetcher for PackFetcher {
+    fn fetch(&self, pack: &[u8], offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let (remote, k) =
+            Remotes::parse_desc(pack).ok_or_else(|| "unreadable remote pack descriptor".to_string())?;
+        let (cfg, client) = self.0.client(&remote).map_err(|e| format!("{e:#}"))?;
+        let path = key(&cfg, &k);
+        let shown = format!("remote {remote:?} object {k}");
+        let r = self
+            .0
+            .run(async move { client.get_range(&path, offset..offset + len).await })
+            .map_err(|e| format!("{e:#}"))?;
+        match r {
+            Ok(b) => Ok(b.to_vec()),
+            Err(object_store::Error::NotFound { .. }) => Err(format!("{shown} is missing")),
+            Err(e) => Err(format!("{shown}: {}", clean(&e))),
+        }
+    }
+}

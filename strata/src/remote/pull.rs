@@ -1,0 +1,281 @@
+//! `strata volume create NAME --from REMOTE:VOL@CKPT [--lazy]`.
+//!
+//! The manifest is fetched and verified, its packs are registered with the engine, and the
+//! new volume's map is pointed at the remote records (one O(extents) pass, no data moved).
+//! From then on the volume is usable: a read of a block still remote fetches it (ranged GET,
+//! crc-checked) and keeps it, while hydration copies the rest in the background. An eager
+//! restore is the same followed by waiting for hydration, and ends by taking checkpoint
+//! CKPT on the volume (recorded as pushed, so later pushes are incremental against it).
+
+use super::manifest::Manifest;
+use super::push::get_manifest;
+use super::{key, manifest_rel, Hydration, Remotes, Restoring};
+use crate::jobs::Job;
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use strata_engine::{Error as EngineError, RemoteExtent, Store, VolumeInfo, VolumeOptions};
+
+/// Hydration workers per volume, each taking the next stripe of blocks.
+const WORKERS: usize = 4;
+/// Blocks per stripe.
+const STRIPE: u64 = 1 << 16;
+/// Bytes fetched per engine step.
+const STEP_BYTES: u64 = 8 << 20;
+
+/// `REMOTE:VOL@CKPT` → (remote, vol, ckpt).
+pub fn parse_source(s: &str) -> Option<(&str, &str, &str)> {
+    let (r, rest) = s.split_once(':')?;
+    let (v, c) = rest.split_once('@')?;
+    (!r.is_empty() && !v.is_empty() && !c.is_empty()).then_some((r, v, c))
+}
+
+/// Fetches the manifest of `vol@ckpt` in `remote`.
+pub fn fetch_manifest(remotes: &Remotes, remote: &str, vol: &str, ckpt: &str) -> Result<Manifest> {
+    let (cfg, client) = remotes.client(remote)?;
+    get_manifest(remotes, &client, key(&cfg, &manifest_rel(vol, ckpt)))?
+        .ok_or_else(|| anyhow!("remote {remote:?} has no checkpoint {vol}@{ckpt}"))
+}
+
+/// Creates `name` pointing at the remote checkpoint's records. Returns the volume's info and
+/// the manifest's stored bytes.
+pub fn create(
+    remotes: &Arc<Remotes>,
+    store: &Store,
+    name: &str,
+    source: &str,
+    eager: bool,
+) -> Result<(VolumeInfo, u64)> {
+    let (remote, vol, ckpt) =
+        parse_source(source).ok_or_else(|| anyhow!("expected REMOTE:VOL@CKPT, got {source:?}"))?;
+    strata_engine::validate_name("volume", name)?;
+    if store.volume_info(name).is_ok() {
+        return Err(EngineError::VolumeExists(name.to_string()).into());
+    }
+    let m = fetch_manifest(remotes, remote, vol, ckpt)?;
+    let mut ids = Vec::with_capacity(m.header.packs.len());
+    for p in &m.header.packs {
+        ids.push(store.register_remote_pack(&Remotes::pack_desc(remote, &p.key))?);
+    }
+    remotes.set_restoring(
+        name,
+        Some(Restoring {
+            remote: remote.to_string(),
+            source: source.to_string(),
+            state: "creating".into(),
+            eager,
+        }),
+    )?;
+    let made = (|| -> Result<VolumeInfo> {
+        store.create_volume(
+            name,
+            m.header.size,
+            VolumeOptions {
+                block_size: Some(m.header.block_size),
+                lz4: m.header.lz4,
+                ephemeral: false,
+            },
+        )?;
+        let v = store.open_volume(name)?;
+        let extents: Vec<(u64, RemoteExtent)> = m
+            .extents
+            .iter()
+            .map(|x| {
+                (
+                    x.block,
+                    RemoteExtent {
+                        pack: ids[x.pack as usize],
+                        offset: x.offset,
+                        stored_len: x.stored_len,
+                        lz4: x.lz4,
+                        crc: x.crc,
+                    },
+                )
+            })
+            .collect();
+        v.install_remote(&extents)?;
+        v.flush()?;
+        Ok(store.volume_info(name)?)
+    })();
+    match made {
+        Ok(info) => {
+            remotes.set_restoring(
+                name,
+                Some(Restoring {
+                    remote: remote.to_string(),
+                    source: source.to_string(),
+                    state: "hydrating".into(),
+                    eager,
+                }),
+            )?;
+            Ok((info, m.stored_bytes()))
+        }
+        Err(e) => {
+            let _ = store.delete_volume(name);
+            remotes.set_restoring(name, None)?;
+            Err(e)
+        }
+    }
+}
+
+/// Copies every remote block of `name` in, with [`WORKERS`] threads; then, for an eager
+/// restore, takes the source checkpoint on it. Returns early (Ok) when hydration is
+/// cancelled or the daemon stops; retries a failing remote until then.
+pub fn hydrate(
+    remotes: &Arc<Remotes>,
+    store: &Arc<Store>,
+    name: &str,
+    job: Option<&Job>,
+) -> Result<()> {
+    let h = Arc::new(Hydration::default());
+    remotes.hydrating.lock().insert(name.to_string(), h.clone());
+    let r = hydrate_inner(remotes, store, name, job, &h);
+    remotes.hydrating.lock().remove(name);
+    r
+}
+
+fn hydrate_inner(
+    remotes: &Arc<Remotes>,
+    store: &Arc<Store>,
+    name: &str,
+    job: Option<&Job>,
+    h: &Arc<Hydration>,
+) -> Result<()> {
+    let stop = || remotes.stopping.load(Ordering::Relaxed) || h.cancel.load(Ordering::Relaxed);
+    loop {
+        let blocks = {
+            let info = match store.volume_info(name) {
+                Ok(i) => i,
+                Err(EngineError::NoSuchVolume(_)) => {
+                    remotes.set_restoring(name, None)?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            info.size.div_ceil(u64::from(info.block_size))
+        };
+        let next = AtomicU64::new(0);
+        let failed = parking_lot::Mutex::new(None::<String>);
+        std::thread::scope(|s| {
+            for _ in 0..WORKERS {
+                s.spawn(|| {
+                    while !stop() {
+                        let first = next.fetch_add(STRIPE, Ordering::Relaxed);
+                        if first >= blocks {
+                            return;
+                        }
+                        let mut from = Some(first);
+                        while let Some(f) = from {
+                            if stop() {
+                                return;
+                            }
+                            let step = store.open_volume(name).and_then(|v| {
+                                v.hydrate_step(f, first + STRIPE, STEP_BYTES)
+                            });
+                            match step {
+                                Ok((n, bytes)) => {
+                                    from = n;
+                                    h.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+                                    if let Some(j) = job {
+                                        j.done.fetch_add(bytes, Ordering::Relaxed);
+                                    }
+                                }
+                                Err(e) => {
+                                    *failed.lock() = Some(e.to_string());
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if stop() {
+            return Ok(());
+        }
+        if let Some(e) = failed.into_inner() {
+            if store.volume_info(name).is_err() {
+                remotes.set_restoring(name, None)?;
+                return Ok(());
+            }
+            tracing::warn!(volume = name, error = %e, "hydration failed; retrying");
+            *h.error.lock() = Some(e.clone());
+            if job.is_some() {
+                bail!("hydrating {name}: {e}");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            continue;
+        }
+        *h.error.lock() = None;
+        if store.remote_blocks(name)? == 0 {
+            break;
+        }
+    }
+    let Some(r) = remotes.restoring().get(name).cloned() else {
+        return Ok(());
+    };
+    if r.eager {
+        if let Some((remote, vol, ckpt)) = parse_source(&r.source) {
+            match store.checkpoint(name, ckpt) {
+                Ok(_) | Err(EngineError::CheckpointExists { .. }) => {}
+                Err(e) => return Err(e).context("taking the restored checkpoint"),
+            }
+            // Later pushes of this volume to the same remote are incremental against it.
+            if let Some(c) = store
+                .checkpoint_entries(name)?
+                .into_iter()
+                .find(|c| c.name == ckpt)
+            {
+                remotes.record_pushed(remote, c.id, &manifest_rel(vol, ckpt))?;
+            }
+        }
+    }
+    remotes.set_restoring(name, None)?;
+    tracing::info!(volume = name, source = %r.source, "hydration complete");
+    Ok(())
+}
+
+/// Starts background hydration of `name` on its own thread.
+pub fn spawn_hydration(remotes: &Arc<Remotes>, store: &Arc<Store>, name: &str) {
+    let (remotes, store, name) = (remotes.clone(), store.clone(), name.to_string());
+    let spawned = std::thread::Builder::new()
+        .name(format!("hydrate-{name}"))
+        .spawn(move || {
+            if let Err(e) = hydrate(&remotes, &store, &name, None) {
+                tracing::error!(volume = %name, error = %format!("{e:#}"), "hydration stopped");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting hydration");
+    }
+}
+
+/// At daemon start: drops volumes whose creation from a remote was interrupted (their map
+/// is incomplete) and resumes hydration of the others.
+pub fn resume(remotes: &Arc<Remotes>, store: &Arc<Store>) {
+    for (name, r) in remotes.restoring() {
+        if r.state == "creating" {
+            tracing::warn!(volume = %name, source = %r.source, "restore from remote was interrupted before the volume was complete; deleting it");
+            let _ = store.delete_volume(&name);
+            let _ = remotes.set_restoring(&name, None);
+        } else {
+            tracing::info!(volume = %name, source = %r.source, "resuming hydration");
+            spawn_hydration(remotes, store, &name);
+        }
+    }
+}
+
+/// Stops the hydration of `name` (before deleting the volume) and waits for it to let go.
+pub fn cancel(remotes: &Remotes, name: &str) {
+    let h = remotes.hydrating.lock().get(name).cloned();
+    if let Some(h) = h {
+        h.cancel.store(true, Ordering::Relaxed);
+        for _ in 0..3000 {
+            if !remotes.hydrating.lock().contains_key(name) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! `strata checkpoint push`: upload a checkpoint as packs plus a manifest, manifest last.
+//!
+//! Incremental: the nearest ancestor of the checkpoint (through forks) that this remote
+//! already holds is the base; blocks whose map entry is unchanged since the base keep the
+//! base manifest's extents, blocks still held remotely in this remote (a lazily restored
+//! volume) keep their pack, and only the rest is read and uploaded. A push in progress is
+//! announced by a lease object (which also lists the existing packs it will reference, so a
+//! concurrent `remote gc` keeps them); an interrupted push resumes with the same push id and
+//! skips packs already in the bucket.
+
+use super::manifest::{Extent, Header, Manifest, PackRef};
+use super::{clean, key, manifest_rel, Remotes};
+use crate::jobs::Job;
+use anyhow::{anyhow, bail, Context, Result};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use strata_engine::{Snapshot, Store};
+
+/// Target size of one pack object.
+pub const PACK_BYTES: usize = 32 << 20;
+/// Pack uploads in flight at once.
+const IN_FLIGHT: usize = 4;
+
+enum Plan {
+    Reuse(Extent),
+    Upload(strata_engine::tree::Entry),
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Gets and decodes a manifest; `Ok(None)` when it does not exist.
+pub fn get_manifest(
+    remotes: &Remotes,
+    client: &Arc<dyn ObjectStore>,
+    path: object_store::path::Path,
+) -> Result<Option<Manifest>> {
+    let c = client.clone();
+    let shown = path.to_string();
+    let r = remotes.run(async move {
+        match c.get(&path).await {
+            Ok(g) => g.bytes().await.map(Some),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })?;
+    match r {
+        Ok(Some(b)) => Manifest::decode(&b)
+            .with_context(|| format!("manifest {shown}"))
+            .map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => bail!("reading {shown}: {}", clean(&e)),
+    }
+}
+
+/// Size of an object, `None` when it does not exist.
+fn object_len(
+    remotes: &Remotes,
+    client: &Arc<dyn ObjectStore>,
+    path: object_store::path::Path,
+) -> Result<Option<u64>> {
+    let c = client.clone();
+    let shown = path.to_string();
+    match remotes.run(async move { c.head(&path).await })? {
+        Ok(m) => Ok(Some(m.size)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => bail!("looking up {shown}: {}", clean(&e)),
+    }
+}
+
+pub fn push(
+    remotes: &Arc<Remotes>,
+    store: &Store,
+    job: &Job,
+    snap: Snapshot,
+    remote: &str,
+) -> Result<Value> {
+    let started = std::time::Instant::now();
+    let (cfg, client) = remotes.client(remote)?;
+    let (vol, ckpt) = snap
+        .name()
+        .split_once('@')
+        .map(|(v, c)| (v.to_string(), c.to_string()))
+        .ok_or_else(|| anyhow!("not a checkpoint: {}", snap.name()))?;
+    let mrel = manifest_rel(&vol, &ckpt);
+    if object_len(remotes, &client, key(&cfg, &mrel))?.is_some() {
+        if remotes.pushed_key(remote, snap.id()).as_deref() == Some(mrel.as_str()) {
+            return Ok(json!({"manifest": mrel, "already_pushed": true, "uploaded_bytes": 0}));
+        }
+        bail!("remote {remote:?} already holds {vol}@{ckpt} (from another store, or from a checkpoint since deleted and retaken); delete it there first");
+    }
+
+    // The base: the nearest ancestor this remote holds, whose manifest is still there.
+    let mut base: Option<(Snapshot, Manifest, String)> = None;
+    for a in snap.ancestors() {
+        let Some(brel) = remotes.pushed_key(remote, a) else {
+            continue;
+        };
+        let Ok(bsnap) = store.open_checkpoint_id(a) else {
+            continue;
+        };
+        match get_manifest(remotes, &client, key(&cfg, &brel))? {
+            Some(m) if m.header.block_size == snap.block_size() => {
+                base = Some((bsnap, m, brel));
+                break;
+            }
+            Some(_) => continue,
+            None => remotes.forget_manifest(remote, &brel)?,
+        }
+    }
+    let push_id = remotes.push_id(remote, snap.id())?;
+
+    // Plan every mapped block: reuse an extent already in the remote, or upload.
+    let mut packs: Vec<PackRef> = Vec::new();
+    let mut pack_idx: HashMap<String, u32> = HashMap::new();
+    let mut add_pack = |packs: &mut Vec<PackRef>, key: &str, len: u64| -> u32 {
+        *pack_idx.entry(key.to_string()).or_insert_with(|| {
+            packs.push(PackRef {
+                key: key.to_string(),
+                len,
+            });
+            (packs.len() - 1) as u32
+        })
+    };
+    let records = snap.records();
+    let (changed, base_ext): (HashSet<u64>, HashMap<u64, Extent>) = match &base {
+        Some((bsnap, m, _)) => (
+            snap.changed_since(bsnap).into_iter().collect(),
+            m.extents.iter().map(|e| (e.block, *e)).collect(),
+        ),
+        None => (HashSet::new(), HashMap::new()),
+    };
+    let mut remote_pack_len: HashMap<u32, Option<(String, u64)>> = HashMap::new();
+    let mut plan = Vec::with_capacity(records.len());
+    let mut upload_bytes = 0u64;
+    for (blk, e) in &records {
+        if let Some((_, m, _)) = &base {
+            if !changed.contains(blk) {
+                if let Some(x) = base_ext.get(blk) {
+                    let p = &m.header.packs[x.pack as usize];
+                    let idx = add_pack(&mut packs, &p.key, p.len);
+                    plan.push((*blk, Plan::Reuse(Extent { pack: idx, ..*x })));
+                    continue;
+                }
+            }
+        }
+        if let Some(x) = e.remote() {
+            // Still remote in this very remote: keep pointing at its pack.
+            let found = match remote_pack_len.get(&x.pack) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = match store
+                        .remote_pack(x.pack)
+                        .and_then(|d| Remotes::parse_desc(&d))
+                    {
+                        Some((r, k)) if r == remote => {
+                            object_len(remotes, &client, key(&cfg, &k))?.map(|len| (k, len))
+                        }
+                        _ => None,
+                    };
+                    remote_pack_len.insert(x.pack, f.clone());
+                    f
+                }
+            };
+            if let Some((k, len)) = found {
+                let idx = add_pack(&mut packs, &k, len);
+                plan.push((
+                    *blk,
+                    Plan::Reuse(Extent {
+                        block: *blk,
+                        pack: idx,
+                        offset: x.offset,
+                        stored_len: x.stored_len,
+                        crc: x.crc,
+                        lz4: x.lz4,
+                    }),
+                ));
+                continue;
+            }
+        }
+        upload_bytes += u64::from(e.stored_len());
+        plan.push((*blk, Plan::Upload(*e)));
+    }
+    job.total.store(upload_bytes, Ordering::Relaxed);
+
+    // The lease: announces the push and the existing packs it references.
+    let lease_path = key(&cfg, &format!("leases/{push_id}"));
+    let lease = json!({"started_unix": now_unix(), "checkpoint": snap.name(),
+                       "reused": packs.iter().map(|p| p.key.clone()).collect::<Vec<_>>()});
+    put(remotes, &client, lease_path.clone(), lease.to_string().into_bytes())?;
+
+    // Upload the rest into packs, a few in flight.
+    let mut extents = Vec::with_capacity(plan.len());
+    let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>> =
+        Default::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(PACK_BYTES + (1 << 20));
+    let (mut uploaded, mut skipped, mut pack_no) = (0u64, 0u64, 0u32);
+    let mut finish = |buf: Vec<u8>,
+                      packs: &mut Vec<PackRef>,
+                      inflight: &mut std::collections::VecDeque<_>,
+                      pack_no: &mut u32|
+     -> Result<u32> {
+        let k = format!("packs/{push_id}-{:06}.pack", *pack_no);
+        *pack_no += 1;
+        let len = buf.len() as u64;
+        let idx = add_pack(packs, &k, len);
+        let path = key(&cfg, &k);
+        let c = client.clone();
+        inflight.push_back(remotes.spawn(async move {
+            // A resumed push finds its earlier packs; the same plan makes the same bytes.
+            match c.head(&path).await {
+                Ok(m) if m.size == len => return Ok(0),
+                _ => {}
+            }
+            c.put(&path, PutPayload::from(buf))
+                .await
+                .map_err(|e| anyhow!("uploading {path}: {}", clean(&e)))?;
+            Ok(len)
+        }));
+        Ok(idx)
+    };
+    let wait_one = |inflight: &mut std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>>,
+                        uploaded: &mut u64,
+                        skipped: &mut u64|
+     -> Result<()> {
+        if let Some(h) = inflight.pop_front() {
+            let n = remotes.run(h)?.map_err(|e| anyhow!("pack upload task: {e}"))??;
+            if n == 0 {
+                *skipped += 1;
+            }
+            *uploaded += n;
+        }
+        Ok(())
+    };
+    // Extents of the pack being filled, completed with its index when it is sent.
+    let mut open: Vec<Extent> = Vec::new();
+    let mut done_bytes = 0u64;
+    for (blk, p) in plan {
+        match p {
+            Plan::Reuse(x) => extents.push(x),
+            Plan::Upload(e) => {
+                let stored = store
+                    .read_record(&e)
+                    .with_context(|| format!("reading block {blk} of {}", snap.name()))?;
+                open.push(Extent {
+                    block: blk,
+                    pack: u32::MAX,
+                    offset: buf.len() as u32,
+                    stored_len: stored.len() as u32,
+                    crc: e.crc,
+                    lz4: e.is_lz4(),
+                });
+                buf.extend_from_slice(&stored);
+                done_bytes += stored.len() as u64;
+                if buf.len() >= PACK_BYTES {
+                    while inflight.len() >= IN_FLIGHT {
+                        wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
+                        job.done.store(uploaded.min(done_bytes), Ordering::Relaxed);
+                    }
+                    let full = std::mem::replace(&mut buf, Vec::with_capacity(PACK_BYTES + (1 << 20)));
+                    let idx = finish(full, &mut packs, &mut inflight, &mut pack_no)?;
+                    extents.extend(open.drain(..).map(|x| Extent { pack: idx, ..x }));
+                }
+            }
+        }
+    }
+    if !buf.is_empty() {
+        let idx = finish(buf, &mut packs, &mut inflight, &mut pack_no)?;
+        extents.extend(open.drain(..).map(|x| Extent { pack: idx, ..x }));
+    }
+    while !inflight.is_empty() {
+        wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
+        job.done.store(uploaded, Ordering::Relaxed);
+    }
+    extents.sort_unstable_by_key(|x| x.block);
+
+    // The commit point: the manifest, once every pack it names is in the bucket.
+    let manifest = Manifest {
+        header: Header {
+            volume: vol.clone(),
+            checkpoint: ckpt.clone(),
+            size: snap.size(),
+            block_size: snap.block_size(),
+            lz4: extents.iter().any(|x| x.lz4),
+            created_unix: now_unix(),
+            base: base.as_ref().map(|(_, m, _)| {
+                format!("{}@{}", m.header.volume, m.header.checkpoint)
+            }),
+            push_id: push_id.clone(),
+            packs,
+        },
+        extents,
+    };
+    let bytes = manifest.encode()?;
+    let manifest_bytes = bytes.len() as u64;
+    put(remotes, &client, key(&cfg, &mrel), bytes)?;
+    remotes.record_pushed(remote, snap.id(), &mrel)?;
+    let c = client.clone();
+    if let Ok(Err(e)) = remotes.run(async move { c.delete(&lease_path).await }) {
+        tracing::warn!(error = %clean(&e), "deleting the push lease failed; gc ignores it once it expires");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(checkpoint = %snap.name(), remote, uploaded, secs, "pushed");
+    Ok(json!({
+        "manifest": mrel,
+        "base": manifest.header.base,
+        "blocks": manifest.extents.len(),
+        "uploaded_bytes": uploaded,
+        "uploaded_packs": pack_no as u64 - skipped,
+        "resumed_packs": skipped,
+        "manifest_bytes": manifest_bytes,
+        "stored_bytes": manifest.stored_bytes(),
+        "seconds": secs,
+    }))
+}
+
+pub fn put(
+    remotes: &Remotes,
+    client: &Arc<dyn ObjectStore>,
+    path: object_store::path::Path,
+    bytes: Vec<u8>,
+) -> Result<()> {
+    let c = client.clone();
+    let shown = path.to_string();
+    remotes
+        .run(async move { c.put(&path, PutPayload::from(bytes)).await })?
+        .map_err(|e| anyhow!("uploading {shown}: {}", clean(&e)))?;
+    Ok(())
+}
