@@ -25,3 +25,12 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+
+# Garage, the S3 server the remote tests and benchmarks run against (issue 6). Built once
+# from crates.io (about 8 minutes on 2 cores) into a directory outside the clone, reused by
+# every later run.
+GARAGE_ROOT=/var/tmp/strata-tools
+if ! "$GARAGE_ROOT/bin/garage" --version 2>/dev/null | grep -q 'cargo:2\.5\.0'; then
+  echo "setup: building garage 2.5.0 into $GARAGE_ROOT (once)"
+  CARGO_TARGET_DIR=/var/tmp/strata-garage-target cargo install garage --version 2.5.0 --locked --root "$GARAGE_ROOT" -q
+fi

@@ -128,7 +128,9 @@ impl Store {
         let (v, n) = ops::checkpoint_by_id(&self.inner, id)?;
         let s = self.open_checkpoint(&v, &n)?;
         if s.id() != id {
-            return Err(Error::InvalidArgument(format!("no checkpoint with id {id}")));
+            return Err(Error::InvalidArgument(format!(
+                "no checkpoint with id {id}"
+            )));
         }
         Ok(s)
     }
@@ -167,7 +169,11 @@ impl Store {
         let mut packs = std::collections::BTreeSet::new();
         for t in &trees {
             for (_, l) in t.leaves() {
-                packs.extend(l.entries().iter().filter_map(|e| e.remote().map(|x| x.pack)));
+                packs.extend(
+                    l.entries()
+                        .iter()
+                        .filter_map(|e| e.remote().map(|x| x.pack)),
+                );
             }
         }
         Ok(packs.into_iter().collect())

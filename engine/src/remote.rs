@@ -148,7 +148,9 @@ pub(crate) fn fetch_records(
         let mut j = i + 1;
         let mut end = u64::from(x.offset) + u64::from(x.stored_len);
         while j < entries.len() {
-            let Some(y) = entries[j].1.remote() else { break };
+            let Some(y) = entries[j].1.remote() else {
+                break;
+            };
             if y.pack != x.pack
                 || u64::from(y.offset) != end
                 || end + u64::from(y.stored_len) - u64::from(x.offset) > MAX_FETCH
@@ -212,13 +214,7 @@ impl Store {
         {
             return Ok(*id);
         }
-        let id = inner
-            .remote
-            .packs
-            .read()
-            .keys()
-            .max()
-            .map_or(0, |m| m + 1);
+        let id = inner.remote.packs.read().keys().max().map_or(0, |m| m + 1);
         if id >= u32::MAX - REMOTE_SEGMENT_BASE {
             return Err(Error::InvalidArgument("too many remote packs".into()));
         }
@@ -258,7 +254,8 @@ impl Store {
             offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
             buf: vec![0; e.stored_len() as usize],
         });
-        done.result.map_err(|err| Error::io("reading a record", err))?;
+        done.result
+            .map_err(|err| Error::io("reading a record", err))?;
         let data = done.op.into_buf();
         if crc32fast::hash(&data) != e.crc {
             return Err(Error::Checksum {

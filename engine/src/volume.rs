@@ -629,12 +629,8 @@ impl Writer<'_> {
         if items.is_empty() {
             return Ok(0);
         }
-        let data = crate::remote::fetch_records(
-            self.inner,
-            &self.vol.name,
-            self.vol.block_size,
-            items,
-        )?;
+        let data =
+            crate::remote::fetch_records(self.inner, &self.vol.name, self.vol.block_size, items)?;
         let bytes = data.iter().map(|d| d.len() as u64).sum();
         let records = items
             .iter()

@@ -34,7 +34,11 @@ impl RemoteFetcher for FakeRemote {
 }
 
 /// Writes a pattern into `src`, checkpoints it, and packs the checkpoint's records.
-fn pack_source(store: &Store, remote: &FakeRemote, lz4: bool) -> (Vec<u8>, Vec<(u64, RemoteExtent)>) {
+fn pack_source(
+    store: &Store,
+    remote: &FakeRemote,
+    lz4: bool,
+) -> (Vec<u8>, Vec<(u64, RemoteExtent)>) {
     let opts = VolumeOptions {
         lz4,
         ..Default::default()
@@ -100,10 +104,17 @@ fn lazy_volume_reads_hydrates_and_survives_reopen() {
             lazy.read(MIB, &mut buf).unwrap();
             assert_eq!(buf, image[MIB as usize..MIB as usize + buf.len()]);
             let after_read = lazy.remote_blocks();
-            assert!(after_read < extents.len() as u64, "a read hydrates what it fetched");
+            assert!(
+                after_read < extents.len() as u64,
+                "a read hydrates what it fetched"
+            );
             let fetched = remote.fetched.load(Ordering::Relaxed);
             lazy.read(MIB, &mut buf).unwrap();
-            assert_eq!(remote.fetched.load(Ordering::Relaxed), fetched, "kept, not fetched again");
+            assert_eq!(
+                remote.fetched.load(Ordering::Relaxed),
+                fetched,
+                "kept, not fetched again"
+            );
             // A partial write over a remote block patches the remote content.
             lazy.write(3 * MIB + 512, &[0xAB; 512]).unwrap();
             let mut expect = image.clone();
@@ -123,7 +134,10 @@ fn lazy_volume_reads_hydrates_and_survives_reopen() {
         assert_eq!(lazy.remote_blocks(), 0, "lz4={lz4}");
         let mut all = vec![0u8; 8 * MIB as usize];
         lazy.read(0, &mut all).unwrap();
-        assert!(all == image, "lz4={lz4}: hydrated volume differs from the source");
+        assert!(
+            all == image,
+            "lz4={lz4}: hydrated volume differs from the source"
+        );
         // Hydrated: no further fetches, and scrub verifies local records only.
         let before = remote.fetched.load(Ordering::Relaxed);
         lazy.read(0, &mut all).unwrap();
@@ -156,8 +170,15 @@ fn damaged_or_missing_remote_data_is_an_error() {
     // One flipped byte in the pack: the block's read fails its checksum.
     remote.packs.lock().get_mut(&b"pack-0".to_vec()).unwrap()[x.offset as usize + 7] ^= 1;
     let err = lazy.read(blk * u64::from(bs), &mut buf).unwrap_err();
-    assert!(err.to_string().contains("checksum mismatch in remote data"), "{err}");
-    assert_eq!(lazy.remote_blocks(), extents.len() as u64, "nothing bad was kept");
+    assert!(
+        err.to_string().contains("checksum mismatch in remote data"),
+        "{err}"
+    );
+    assert_eq!(
+        lazy.remote_blocks(),
+        extents.len() as u64,
+        "nothing bad was kept"
+    );
     // The object gone: an error naming it.
     remote.packs.lock().clear();
     let err = lazy.read(blk * u64::from(bs), &mut buf).unwrap_err();

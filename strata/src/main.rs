@@ -42,6 +42,10 @@ enum Cmd {
         /// Control socket (default: STORE/strata.sock).
         #[arg(long)]
         api_socket: Option<PathBuf>,
+        /// Limit the background copy-in of volumes restored from a remote to this many
+        /// bytes per second per volume (K/M/G suffixes); unlimited by default.
+        #[arg(long)]
+        hydrate_rate: Option<String>,
     },
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
@@ -123,9 +127,7 @@ enum VolumeCmd {
 #[derive(Subcommand, Debug)]
 enum CheckpointCmd {
     /// Take a checkpoint: VOL@NAME.
-    Create {
-        target: String,
-    },
+    Create { target: String },
     /// List a volume's checkpoints as a tree, or with --remote the checkpoints a remote
     /// holds.
     List {
@@ -154,10 +156,7 @@ enum CheckpointCmd {
         remote: Option<String>,
     },
     /// Byte ranges that differ between VOL@A and VOL@B (VOL alone means the live volume).
-    Diff {
-        a: String,
-        b: String,
-    },
+    Diff { a: String, b: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,7 +213,9 @@ enum RemoteCmd {
     },
     List,
     /// Forget a remote (nothing in the bucket is deleted).
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     /// Delete packs no remote checkpoint references.
     Gc {
         name: String,
@@ -255,11 +256,16 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Cmd::Serve { api_socket } = &cli.cmd {
+    if let Cmd::Serve {
+        api_socket,
+        hydrate_rate,
+    } = &cli.cmd
+    {
         let socket = api_socket
             .clone()
             .unwrap_or_else(|| cli.store.join("strata.sock"));
-        return server::serve(&cli.store, &socket);
+        let rate = hydrate_rate.as_deref().map(units::parse_size).transpose()?;
+        return server::serve(&cli.store, &socket, rate);
     }
     let c = client::Client::new(cli.store.join("strata.sock"));
     let tree = matches!(
@@ -267,10 +273,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Checkpoint(CheckpointCmd::List { remote: None, .. })
     );
     let out: Value = match cli.cmd {
-        Cmd::Serve { api_socket } => {
-            let socket = api_socket.unwrap_or_else(|| cli.store.join("strata.sock"));
-            return server::serve(&cli.store, &socket);
-        }
+        Cmd::Serve { .. } => unreachable!("handled above"),
         Cmd::Volume(v) => volume(&c, v)?,
         Cmd::Checkpoint(k) => checkpoint(&c, k)?,
         Cmd::Export(ExportCmd::VhostUser {
@@ -389,8 +392,16 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
                 if remote::pull::parse_source(src).is_none() {
                     bail!("expected REMOTE:VOL@CKPT, got {src:?}");
                 }
-                let r = c.call("POST", "/v1/volumes", Some(json!({"name": name, "from": src, "lazy": lazy})))?;
-                return if lazy { Ok(r) } else { wait_job(c, &r, "restoring") };
+                let r = c.call(
+                    "POST",
+                    "/v1/volumes",
+                    Some(json!({"name": name, "from": src, "lazy": lazy})),
+                )?;
+                return if lazy {
+                    Ok(r)
+                } else {
+                    wait_job(c, &r, "restoring")
+                };
             }
             if lazy {
                 bail!("--lazy needs --from REMOTE:VOL@CKPT");
@@ -471,7 +482,11 @@ fn checkpoint(c: &client::Client, k: CheckpointCmd) -> Result<Value> {
         CheckpointCmd::Delete { target, remote } => {
             let (v, n) = split_ref(&target)?;
             match remote {
-                Some(r) => c.call("DELETE", &format!("/v1/remotes/{r}/checkpoints/{v}/{n}"), None),
+                Some(r) => c.call(
+                    "DELETE",
+                    &format!("/v1/remotes/{r}/checkpoints/{v}/{n}"),
+                    None,
+                ),
                 None => c.call("DELETE", &format!("/v1/volumes/{v}/checkpoints/{n}"), None),
             }
         }
@@ -495,8 +510,10 @@ fn remote(c: &client::Client, r: RemoteCmd) -> Result<Value> {
             c.call(
                 "POST",
                 "/v1/remotes",
-                Some(json!({"name": name, "endpoint": endpoint, "bucket": bucket, "region": region,
-                            "prefix": prefix, "credentials_file": credentials_file})),
+                Some(
+                    json!({"name": name, "endpoint": endpoint, "bucket": bucket, "region": region,
+                            "prefix": prefix, "credentials_file": credentials_file}),
+                ),
             )
         }
         RemoteCmd::List => c.call("GET", "/v1/remotes", None),

@@ -3,6 +3,7 @@
 //! 4xx/5xx answer with a JSON `{"error": ...}` body — nothing a client sends can take the
 //! daemon down.
 
+use crate::remote::{self, Remotes};
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
@@ -21,7 +22,6 @@ use strata_engine::{
     CheckpointInfo, Error as EngineError, MapRef, Store, StoreOptions, VolumeInfo, VolumeOptions,
 };
 use strata_fuse::{FuseExport, FuseOptions};
-use crate::remote::{self, Remotes};
 
 /// One export per volume: a vhost-user-blk socket or a FUSE mount.
 enum Exported {
@@ -130,7 +130,11 @@ impl From<anyhow::Error> for ApiError {
                     StatusCode::NOT_FOUND
                 } else if msg.contains("already") || msg.contains("still") {
                     StatusCode::CONFLICT
-                } else if msg.contains("does not answer") || msg.contains("uploading") || msg.contains("reading ") || msg.contains("listing ") {
+                } else if msg.contains("does not answer")
+                    || msg.contains("uploading")
+                    || msg.contains("reading ")
+                    || msg.contains("listing ")
+                {
                     StatusCode::BAD_GATEWAY
                 } else {
                     StatusCode::BAD_REQUEST
@@ -286,7 +290,12 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
                     let run = || -> anyhow::Result<Value> {
                         let (_, total) = remote::pull::create(&remotes, &store, &name, &src, true)?;
                         job.total.store(total, std::sync::atomic::Ordering::Relaxed);
-                        remote::pull::hydrate(&remotes, &store, &name, Some(job))?;
+                        if let Err(e) = remote::pull::hydrate(&remotes, &store, &name, Some(job)) {
+                            // An eager restore is all or nothing.
+                            let _ = store.delete_volume(&name);
+                            let _ = remotes.set_restoring(&name, None);
+                            return Err(e);
+                        }
                         Ok(json!({"volume": name, "source": src, "restored_bytes": total}))
                     };
                     run().map_err(|e| format!("{e:#}"))
@@ -960,7 +969,11 @@ async fn push_checkpoint(
     UrlPath((vol, ck)): UrlPath<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let req: PushReq = if body.is_empty() { PushReq::default() } else { parse(&body)? };
+    let req: PushReq = if body.is_empty() {
+        PushReq::default()
+    } else {
+        parse(&body)?
+    };
     let id = blocking(&app, move |a| {
         let remote = a.remotes.default_remote(req.remote.as_deref())?;
         a.remotes.config(&remote)?;
@@ -968,7 +981,8 @@ async fn push_checkpoint(
         let (remotes, store) = (a.remotes.clone(), a.store.clone());
         a.jobs
             .spawn(move |job| {
-                remote::push::push(&remotes, &store, job, snap, &remote).map_err(|e| format!("{e:#}"))
+                remote::push::push(&remotes, &store, job, snap, &remote)
+                    .map_err(|e| format!("{e:#}"))
             })
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
     })
@@ -1011,7 +1025,11 @@ async fn add_remote(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
             endpoint: req.endpoint.trim_end_matches('/').to_string(),
             bucket: req.bucket,
             region: req.region.unwrap_or_else(|| "us-east-1".into()),
-            prefix: req.prefix.unwrap_or_else(|| "strata".into()).trim_matches('/').to_string(),
+            prefix: req
+                .prefix
+                .unwrap_or_else(|| "strata".into())
+                .trim_matches('/')
+                .to_string(),
             credentials: match req.credentials_file {
                 Some(f) => remote::Credentials::File(f),
                 None => remote::Credentials::Env,
@@ -1025,7 +1043,12 @@ async fn add_remote(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 }
 
 async fn list_remotes(State(app): State<Arc<App>>) -> ApiResult {
-    let v: Vec<Value> = app.remotes.list().iter().map(|(n, c)| remote_view(n, c)).collect();
+    let v: Vec<Value> = app
+        .remotes
+        .list()
+        .iter()
+        .map(|(n, c)| remote_view(n, c))
+        .collect();
     Ok(Json(Value::Array(v)))
 }
 
@@ -1047,14 +1070,27 @@ async fn gc_remote(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult {
-    let req: GcReq = if body.is_empty() { GcReq::default() } else { parse(&body)? };
+    let req: GcReq = if body.is_empty() {
+        GcReq::default()
+    } else {
+        parse(&body)?
+    };
     let grace = std::time::Duration::from_secs(req.grace_secs.unwrap_or(3600));
-    let v = blocking(&app, move |a| Ok(remote::gc::gc(&a.remotes, &name, grace, req.dry_run)?)).await?;
+    let v = blocking(&app, move |a| {
+        Ok(remote::gc::gc(&a.remotes, &name, grace, req.dry_run)?)
+    })
+    .await?;
     Ok(Json(v))
 }
 
-async fn remote_checkpoints(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    let v = blocking(&app, move |a| Ok(remote::gc::list_checkpoints(&a.remotes, &name)?)).await?;
+async fn remote_checkpoints(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
+    let v = blocking(&app, move |a| {
+        Ok(remote::gc::list_checkpoints(&a.remotes, &name)?)
+    })
+    .await?;
     Ok(Json(v))
 }
 
@@ -1062,7 +1098,10 @@ async fn delete_remote_checkpoint(
     State(app): State<Arc<App>>,
     UrlPath((name, vol, ck)): UrlPath<(String, String, String)>,
 ) -> ApiResult {
-    blocking(&app, move |a| Ok(remote::gc::delete_checkpoint(&a.remotes, &name, &vol, &ck)?)).await?;
+    blocking(&app, move |a| {
+        Ok(remote::gc::delete_checkpoint(&a.remotes, &name, &vol, &ck)?)
+    })
+    .await?;
     Ok(Json(json!({"deleted": true})))
 }
 
@@ -1120,7 +1159,7 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
+pub fn serve(store_dir: &Path, socket: &Path, hydrate_rate: Option<u64>) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -1135,7 +1174,7 @@ pub fn serve(store_dir: &Path, socket: &Path) -> Result<()> {
     // A daemon that crashed left its FUSE mounts dead (ENOTCONN): clear them.
     strata_fuse::clean_dead_mounts();
     let _ = std::fs::remove_file(socket);
-    let remotes = Remotes::open(store_dir)?;
+    let remotes = Remotes::open(store_dir, hydrate_rate)?;
     store.set_remote_fetcher(Arc::new(remote::PackFetcher(remotes.clone())));
     let app = Arc::new(App {
         store: Arc::new(store),

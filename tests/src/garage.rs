@@ -176,13 +176,21 @@ impl Garage {
                         let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
                         break s.split('@').next().unwrap_or_default().to_string();
                     }
-                    assert!(Instant::now() < deadline, "garage node did not start: {}", n.log_text());
+                    assert!(
+                        Instant::now() < deadline,
+                        "garage node did not start: {}",
+                        n.log_text()
+                    );
                     std::thread::sleep(Duration::from_millis(200));
                 }
             })
             .collect();
         for (i, n) in nodes.iter().enumerate().skip(1) {
-            nodes[0].cli(&["node", "connect", &format!("{}@127.0.0.1:{}", ids[i], n.rpc_port)]);
+            nodes[0].cli(&[
+                "node",
+                "connect",
+                &format!("{}@127.0.0.1:{}", ids[i], n.rpc_port),
+            ]);
         }
         for id in &ids {
             nodes[0].cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id[..16]]);
@@ -190,7 +198,9 @@ impl Garage {
         nodes[0].cli(&["layout", "apply", "--version", "1"]);
         nodes[0].cli(&["key", "import", "--yes", "-n", "strata", KEY_ID, SECRET]);
         nodes[0].cli(&["bucket", "create", BUCKET]);
-        nodes[0].cli(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "strata"]);
+        nodes[0].cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "strata",
+        ]);
         let g = Garage { nodes };
         g.wait_ready();
         g

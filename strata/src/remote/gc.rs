@@ -20,7 +20,10 @@ use std::time::Duration;
 /// A lease older than this belongs to a push that died.
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 
-async fn list(c: &Arc<dyn ObjectStore>, prefix: object_store::path::Path) -> Result<Vec<ObjectMeta>> {
+async fn list(
+    c: &Arc<dyn ObjectStore>,
+    prefix: object_store::path::Path,
+) -> Result<Vec<ObjectMeta>> {
     c.list(Some(&prefix))
         .try_collect()
         .await
@@ -29,7 +32,12 @@ async fn list(c: &Arc<dyn ObjectStore>, prefix: object_store::path::Path) -> Res
 
 async fn get(c: &Arc<dyn ObjectStore>, p: &object_store::path::Path) -> Result<Option<Vec<u8>>> {
     match c.get(p).await {
-        Ok(g) => Ok(Some(g.bytes().await.map_err(|e| anyhow!("reading {p}: {}", clean(&e)))?.to_vec())),
+        Ok(g) => Ok(Some(
+            g.bytes()
+                .await
+                .map_err(|e| anyhow!("reading {p}: {}", clean(&e)))?
+                .to_vec(),
+        )),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(anyhow!("reading {p}: {}", clean(&e))),
     }
@@ -41,7 +49,9 @@ fn rel(prefix: &str, p: &object_store::path::Path) -> String {
     if prefix.is_empty() {
         s
     } else {
-        s.strip_prefix(&format!("{prefix}/")).unwrap_or(&s).to_string()
+        s.strip_prefix(&format!("{prefix}/"))
+            .unwrap_or(&s)
+            .to_string()
     }
 }
 

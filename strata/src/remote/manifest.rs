@@ -73,7 +73,11 @@ impl Manifest {
             raw.extend_from_slice(&e.crc.to_le_bytes());
             raw.push(u8::from(e.lz4));
         }
-        ensure!(raw.len() <= MAX_BODY, "manifest too large ({} bytes)", raw.len());
+        ensure!(
+            raw.len() <= MAX_BODY,
+            "manifest too large ({} bytes)",
+            raw.len()
+        );
         let body = lz4_flex::block::compress_prepend_size(&raw);
         let mut out = Vec::with_capacity(body.len() + 24);
         out.extend_from_slice(MAGIC);
@@ -94,13 +98,19 @@ impl Manifest {
         ensure!(crc32fast::hash(all) == crc, "manifest fails its checksum");
         ensure!(&all[..8] == MAGIC, "not a Strata manifest");
         let format = u32::from_le_bytes(all[8..12].try_into()?);
-        ensure!(format == FORMAT, "manifest format {format} is not supported");
+        ensure!(
+            format == FORMAT,
+            "manifest format {format} is not supported"
+        );
         let len = u64::from_le_bytes(all[12..20].try_into()?);
         let body = &all[20..];
         ensure!(body.len() as u64 == len, "manifest body length mismatch");
         ensure!(body.len() >= 4, "manifest body is truncated");
         let claimed = u32::from_le_bytes(body[..4].try_into()?) as usize;
-        ensure!(claimed <= MAX_BODY, "manifest body too large ({claimed} bytes)");
+        ensure!(
+            claimed <= MAX_BODY,
+            "manifest body too large ({claimed} bytes)"
+        );
         let raw = lz4_flex::block::decompress_size_prepended(body)
             .map_err(|e| anyhow::anyhow!("manifest body does not decode: {e}"))?;
         ensure!(raw.len() >= 4, "manifest body is truncated");
@@ -109,7 +119,10 @@ impl Manifest {
         let header: Header =
             serde_json::from_slice(&raw[4..4 + hlen]).context("manifest header")?;
         let rest = &raw[4 + hlen..];
-        ensure!(rest.len() % EXTENT_LEN == 0, "manifest extents are truncated");
+        ensure!(
+            rest.len() % EXTENT_LEN == 0,
+            "manifest extents are truncated"
+        );
         let bs = header.block_size;
         ensure!(
             bs.is_power_of_two() && (4096..=1 << 20).contains(&bs),
@@ -127,13 +140,21 @@ impl Manifest {
                 crc: u32_at(20),
                 lz4: c[24] & 1 != 0,
             };
-            ensure!(e.block < blocks, "manifest extent for block {} is beyond the volume", e.block);
+            ensure!(
+                e.block < blocks,
+                "manifest extent for block {} is beyond the volume",
+                e.block
+            );
             if let Some(prev) = extents.last() {
                 let prev: &Extent = prev;
                 ensure!(prev.block < e.block, "manifest extents are not sorted");
             }
             let Some(pack) = header.packs.get(e.pack as usize) else {
-                bail!("manifest extent names pack {} of {}", e.pack, header.packs.len());
+                bail!(
+                    "manifest extent names pack {} of {}",
+                    e.pack,
+                    header.packs.len()
+                );
             };
             ensure!(
                 e.stored_len > 0 && e.stored_len <= bs,

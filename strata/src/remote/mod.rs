@@ -102,6 +102,8 @@ pub struct Remotes {
     pub hydrating: Mutex<HashMap<String, Arc<Hydration>>>,
     /// Set at shutdown: background hydration stops.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Bytes per second one volume's hydration may fetch (`strata serve --hydrate-rate`).
+    pub hydrate_rate: Option<u64>,
 }
 
 /// A remote object's key under the remote's prefix.
@@ -164,7 +166,9 @@ fn read_credentials(c: &Credentials) -> Result<(String, String, Option<String>)>
     }
 }
 
-fn build_client(cfg: &RemoteConfig) -> Result<Arc<dyn ObjectStore>> {
+/// A client for `cfg`. `retries` bounds retries of failed requests (transient errors, a
+/// node restarting); the probe of `remote add` uses few so a wrong endpoint fails fast.
+fn build_client(cfg: &RemoteConfig, retries: usize) -> Result<Arc<dyn ObjectStore>> {
     let (id, secret, token) = read_credentials(&cfg.credentials)?;
     let mut b = AmazonS3Builder::new()
         .with_endpoint(&cfg.endpoint)
@@ -174,7 +178,7 @@ fn build_client(cfg: &RemoteConfig) -> Result<Arc<dyn ObjectStore>> {
         .with_access_key_id(id)
         .with_secret_access_key(secret)
         .with_retry(RetryConfig {
-            max_retries: 8,
+            max_retries: retries,
             retry_timeout: Duration::from_secs(60),
             ..Default::default()
         })
@@ -192,7 +196,7 @@ fn build_client(cfg: &RemoteConfig) -> Result<Arc<dyn ObjectStore>> {
 }
 
 impl Remotes {
-    pub fn open(dir: &Path) -> Result<Arc<Remotes>> {
+    pub fn open(dir: &Path, hydrate_rate: Option<u64>) -> Result<Arc<Remotes>> {
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -213,6 +217,7 @@ impl Remotes {
             clients: Mutex::new(HashMap::new()),
             hydrating: Mutex::new(HashMap::new()),
             stopping: Default::default(),
+            hydrate_rate,
         }))
     }
 
@@ -257,7 +262,7 @@ impl Remotes {
         if let Some(c) = clients.get(name) {
             return Ok((cfg, c.clone()));
         }
-        let c = build_client(&cfg)?;
+        let c = build_client(&cfg, 8)?;
         clients.insert(name.to_string(), c.clone());
         Ok((cfg, c))
     }
@@ -282,7 +287,7 @@ impl Remotes {
         if self.state.lock().remotes.contains_key(name) {
             bail!("remote {name:?} already exists");
         }
-        let client = build_client(&cfg)?;
+        let client = build_client(&cfg, 1)?;
         let probe = key(&cfg, "probe-missing-object");
         let c = client.clone();
         match self.run(async move { c.head(&probe).await })? {
@@ -292,7 +297,6 @@ impl Remotes {
         let mut st = self.state.lock();
         st.remotes.insert(name.to_string(), cfg);
         self.save(&st)?;
-        self.clients.lock().insert(name.to_string(), client);
         Ok(())
     }
 
@@ -315,8 +319,13 @@ impl Remotes {
             bail!("volume {v:?} is still being restored from remote {name:?}; wait for hydration to finish or delete the volume");
         }
         for v in store.list_volumes() {
-            if store.remote_blocks(&v.name).unwrap_or(0) > 0 && self.volume_uses(store, &v.name, name) {
-                bail!("volume {:?} still reads blocks from remote {name:?}", v.name);
+            if store.remote_blocks(&v.name).unwrap_or(0) > 0
+                && self.volume_uses(store, &v.name, name)
+            {
+                bail!(
+                    "volume {:?} still reads blocks from remote {name:?}",
+                    v.name
+                );
             }
         }
         st.remotes.remove(name);
@@ -328,12 +337,16 @@ impl Remotes {
     }
 
     fn volume_uses(&self, store: &strata_engine::Store, vol: &str, remote: &str) -> bool {
-        store.remote_packs_of(vol).unwrap_or_default().iter().any(|id| {
-            store
-                .remote_pack(*id)
-                .and_then(|d| serde_json::from_slice::<PackDesc>(&d).ok())
-                .is_some_and(|d| d.remote == remote)
-        })
+        store
+            .remote_packs_of(vol)
+            .unwrap_or_default()
+            .iter()
+            .any(|id| {
+                store
+                    .remote_pack(*id)
+                    .and_then(|d| serde_json::from_slice::<PackDesc>(&d).ok())
+                    .is_some_and(|d| d.remote == remote)
+            })
     }
 
     pub fn pushed_key(&self, remote: &str, ckpt_id: u64) -> Option<String> {
@@ -445,8 +458,8 @@ pub struct PackFetcher(pub Arc<Remotes>);
 
 impl strata_engine::RemoteFetcher for PackFetcher {
     fn fetch(&self, pack: &[u8], offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let (remote, k) =
-            Remotes::parse_desc(pack).ok_or_else(|| "unreadable remote pack descriptor".to_string())?;
+        let (remote, k) = Remotes::parse_desc(pack)
+            .ok_or_else(|| "unreadable remote pack descriptor".to_string())?;
         let (cfg, client) = self.0.client(&remote).map_err(|e| format!("{e:#}"))?;
         let path = key(&cfg, &k);
         let shown = format!("remote {remote:?} object {k}");

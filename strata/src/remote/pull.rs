@@ -143,6 +143,19 @@ fn hydrate_inner(
     h: &Arc<Hydration>,
 ) -> Result<()> {
     let stop = || remotes.stopping.load(Ordering::Relaxed) || h.cancel.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    // Holds hydration to `--hydrate-rate`, so copying in leaves the guest its bandwidth.
+    let pace = || {
+        if let Some(rate) = remotes.hydrate_rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(
+                h.fetched_bytes.load(Ordering::Relaxed) as f64 / rate as f64,
+            );
+            let elapsed = started.elapsed();
+            if due > elapsed && !stop() {
+                std::thread::sleep((due - elapsed).min(Duration::from_secs(1)));
+            }
+        }
+    };
     loop {
         let blocks = {
             let info = match store.volume_info(name) {
@@ -170,9 +183,9 @@ fn hydrate_inner(
                             if stop() {
                                 return;
                             }
-                            let step = store.open_volume(name).and_then(|v| {
-                                v.hydrate_step(f, first + STRIPE, STEP_BYTES)
-                            });
+                            let step = store
+                                .open_volume(name)
+                                .and_then(|v| v.hydrate_step(f, first + STRIPE, STEP_BYTES));
                             match step {
                                 Ok((n, bytes)) => {
                                     from = n;
@@ -180,6 +193,7 @@ fn hydrate_inner(
                                     if let Some(j) = job {
                                         j.done.fetch_add(bytes, Ordering::Relaxed);
                                     }
+                                    pace();
                                 }
                                 Err(e) => {
                                     *failed.lock() = Some(e.to_string());

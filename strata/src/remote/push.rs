@@ -140,15 +140,30 @@ pub fn push(
     let mut remote_pack_len: HashMap<u32, Option<(String, u64)>> = HashMap::new();
     let mut plan = Vec::with_capacity(records.len());
     let mut upload_bytes = 0u64;
+    let mut rewritten_same = 0u64;
     for (blk, e) in &records {
-        if let Some((_, m, _)) = &base {
-            if !changed.contains(blk) {
-                if let Some(x) = base_ext.get(blk) {
-                    let p = &m.header.packs[x.pack as usize];
-                    let idx = add_pack(&mut packs, &p.key, p.len);
-                    plan.push((*blk, Plan::Reuse(Extent { pack: idx, ..*x })));
-                    continue;
-                }
+        if let (Some((bsnap, m, _)), Some(x)) = (&base, base_ext.get(blk)) {
+            // Unchanged since the base, or rewritten with the same bytes (a block copied
+            // again, an image imported again): the base's extent holds this content.
+            let same = !changed.contains(blk)
+                || match bsnap.record(*blk) {
+                    Some(be)
+                        if be.crc == e.crc
+                            && be.len_flags == e.len_flags
+                            && !be.is_remote()
+                            && !e.is_remote() =>
+                    {
+                        let eq = store.read_record(&be)? == store.read_record(e)?;
+                        rewritten_same += u64::from(eq);
+                        eq
+                    }
+                    _ => false,
+                };
+            if same {
+                let p = &m.header.packs[x.pack as usize];
+                let idx = add_pack(&mut packs, &p.key, p.len);
+                plan.push((*blk, Plan::Reuse(Extent { pack: idx, ..*x })));
+                continue;
             }
         }
         if let Some(x) = e.remote() {
@@ -194,7 +209,12 @@ pub fn push(
     let lease_path = key(&cfg, &format!("leases/{push_id}"));
     let lease = json!({"started_unix": now_unix(), "checkpoint": snap.name(),
                        "reused": packs.iter().map(|p| p.key.clone()).collect::<Vec<_>>()});
-    put(remotes, &client, lease_path.clone(), lease.to_string().into_bytes())?;
+    put(
+        remotes,
+        &client,
+        lease_path.clone(),
+        lease.to_string().into_bytes(),
+    )?;
 
     // Upload the rest into packs, a few in flight.
     let mut extents = Vec::with_capacity(plan.len());
@@ -226,19 +246,22 @@ pub fn push(
         }));
         Ok(idx)
     };
-    let wait_one = |inflight: &mut std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>>,
-                        uploaded: &mut u64,
-                        skipped: &mut u64|
-     -> Result<()> {
-        if let Some(h) = inflight.pop_front() {
-            let n = remotes.run(h)?.map_err(|e| anyhow!("pack upload task: {e}"))??;
-            if n == 0 {
-                *skipped += 1;
+    let wait_one =
+        |inflight: &mut std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>>,
+         uploaded: &mut u64,
+         skipped: &mut u64|
+         -> Result<()> {
+            if let Some(h) = inflight.pop_front() {
+                let n = remotes
+                    .run(h)?
+                    .map_err(|e| anyhow!("pack upload task: {e}"))??;
+                if n == 0 {
+                    *skipped += 1;
+                }
+                *uploaded += n;
             }
-            *uploaded += n;
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     // Extents of the pack being filled, completed with its index when it is sent.
     let mut open: Vec<Extent> = Vec::new();
     let mut done_bytes = 0u64;
@@ -264,7 +287,8 @@ pub fn push(
                         wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
                         job.done.store(uploaded.min(done_bytes), Ordering::Relaxed);
                     }
-                    let full = std::mem::replace(&mut buf, Vec::with_capacity(PACK_BYTES + (1 << 20)));
+                    let full =
+                        std::mem::replace(&mut buf, Vec::with_capacity(PACK_BYTES + (1 << 20)));
                     let idx = finish(full, &mut packs, &mut inflight, &mut pack_no)?;
                     extents.extend(open.drain(..).map(|x| Extent { pack: idx, ..x }));
                 }
@@ -290,9 +314,9 @@ pub fn push(
             block_size: snap.block_size(),
             lz4: extents.iter().any(|x| x.lz4),
             created_unix: now_unix(),
-            base: base.as_ref().map(|(_, m, _)| {
-                format!("{}@{}", m.header.volume, m.header.checkpoint)
-            }),
+            base: base
+                .as_ref()
+                .map(|(_, m, _)| format!("{}@{}", m.header.volume, m.header.checkpoint)),
             push_id: push_id.clone(),
             packs,
         },
@@ -315,6 +339,7 @@ pub fn push(
         "uploaded_bytes": uploaded,
         "uploaded_packs": pack_no as u64 - skipped,
         "resumed_packs": skipped,
+        "rewritten_unchanged_blocks": rewritten_same,
         "manifest_bytes": manifest_bytes,
         "stored_bytes": manifest.stored_bytes(),
         "seconds": secs,

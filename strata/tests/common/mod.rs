@@ -15,9 +15,19 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `store` (its log goes next to it) and waits for its API socket.
     pub fn start(store: &Path) -> Daemon {
-        let log = std::fs::File::create(store.with_extension("log")).unwrap();
+        Daemon::start_with(store, &[])
+    }
+
+    /// [`Daemon::start`] with extra `strata serve` arguments.
+    pub fn start_with(store: &Path, serve_args: &[&str]) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(store.with_extension("log"))
+            .unwrap();
         let child = Command::new(STRATA)
             .args(["--store", store.to_str().unwrap(), "serve"])
+            .args(serve_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,0 +1,604 @@
+#![allow(clippy::unwrap_used)]
+//! Remotes against a real S3 server: Garage 2.5.0 on loopback (single node, and a three-node
+//! cluster with replication factor 3), driven through the real daemon and CLI.
+//!
+//! Push, delete the local volume, restore into a fresh store (eager and lazy) and compare
+//! every byte; incremental pushes upload only what changed (counted); a daemon killed
+//! mid-push leaves nothing visible and the next push resumes; gc keeps what a live push or a
+//! checkpoint needs and deletes the rest; lazy hydration survives a SIGKILL; a corrupted
+//! object is an error, never data; a pull survives the loss of one of three nodes.
+
+mod common;
+use common::Daemon;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde_json::Value;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use strata_tests::garage::{self, Garage};
+
+const MIB: usize = 1 << 20;
+const BS: usize = 4096;
+
+/// A raw image of `mib` MiB: deterministic blocks, every 16th block a hole.
+fn image(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
+    let mut img = vec![0u8; mib * MIB];
+    for (b, chunk) in img.chunks_mut(BS).enumerate() {
+        if b % 16 != 5 {
+            chunk.copy_from_slice(&strata_tests::block_content(b as u64, seed, BS));
+        }
+    }
+    std::fs::write(path, &img).unwrap();
+    img
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    garage: Garage,
+    creds: PathBuf,
+}
+
+impl Env {
+    fn single() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let garage = Garage::single(&dir.path().join("garage"));
+        Env::with(dir, garage)
+    }
+
+    fn with(dir: tempfile::TempDir, garage: Garage) -> Env {
+        let creds = dir.path().join("s3.creds");
+        std::fs::write(
+            &creds,
+            format!(
+                "access_key_id = {}\nsecret_access_key = {}\n",
+                garage::KEY_ID,
+                garage::SECRET
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Env { dir, garage, creds }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A daemon on store `name` with the remote `g` configured.
+    fn daemon(&self, name: &str, serve_args: &[&str]) -> Daemon {
+        let d = Daemon::start_with(&self.path(name), serve_args);
+        let listed = d.ok(&["--json", "remote", "list"]);
+        if !listed.contains("\"g\"") {
+            d.ok(&[
+                "remote",
+                "add",
+                "g",
+                "--endpoint",
+                &self.garage.endpoint(),
+                "--bucket",
+                garage::BUCKET,
+                "--region",
+                garage::REGION,
+                "--credentials-file",
+                self.creds.to_str().unwrap(),
+            ]);
+        }
+        d
+    }
+
+    /// An S3 client of our own, for tampering with objects.
+    fn s3(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(self.garage.endpoint())
+                .with_bucket_name(garage::BUCKET)
+                .with_region(garage::REGION)
+                .with_access_key_id(garage::KEY_ID)
+                .with_secret_access_key(garage::SECRET)
+                .with_allow_http(true)
+                .build()
+                .unwrap(),
+        )
+    }
+}
+
+fn json(d: &Daemon, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&d.ok(&a)).unwrap()
+}
+
+/// Exports `source` to a raw file and returns its bytes.
+fn read_back(d: &Daemon, source: &str, path: &Path) -> Vec<u8> {
+    d.ok(&["export-image", source, path.to_str().unwrap()]);
+    std::fs::read(path).unwrap()
+}
+
+fn same(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
+    if let Some(i) = (0..a.len())
+        .step_by(BS)
+        .find(|&i| a[i..i + BS] != b[i..i + BS])
+    {
+        panic!("{what}: block {} differs", i / BS);
+    }
+}
+
+/// The JSON body of a raw API response.
+fn body(resp: &str) -> Value {
+    serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap_or("{}")).unwrap_or(Value::Null)
+}
+
+/// The job id a job-starting API call answered with.
+fn job_id(resp: &str) -> u64 {
+    body(resp)["job"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no job in {resp}"))
+}
+
+fn job(d: &Daemon, id: u64) -> Value {
+    body(&d.http("GET", &format!("/v1/jobs/{id}"), ""))
+}
+
+/// Waits until `f` holds, up to `secs`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn remote_checkpoints(d: &Daemon) -> Vec<String> {
+    json(d, &["checkpoint", "list", "--remote", "g"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}@{}",
+                c["volume"].as_str().unwrap(),
+                c["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn push_restore_incremental_and_gc() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = image(&env.path("vm.raw"), 64, 1);
+    a.ok(&["volume", "create", "vm", "--size", "64M"]);
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@c1"]);
+    let full = json(&a, &["checkpoint", "push", "vm@c1", "--remote", "g"]);
+    let mapped = (64 * MIB / BS) as u64 * 15 / 16;
+    assert_eq!(full["blocks"], mapped);
+    assert_eq!(full["uploaded_bytes"], mapped * BS as u64, "{full}");
+
+    // Change 1% of the volume (164 blocks); the next push uploads exactly those.
+    let mut img2 = img.clone();
+    let changed: Vec<usize> = (0..164).map(|i| i * 97 + 3).collect();
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(env.path("vm.raw"))
+            .unwrap();
+        for &b in &changed {
+            let data = strata_tests::block_content(b as u64, 2, BS);
+            img2[b * BS..(b + 1) * BS].copy_from_slice(&data);
+            f.write_all_at(&data, (b * BS) as u64).unwrap();
+        }
+    }
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@c2"]);
+    let inc = json(&a, &["checkpoint", "push", "vm@c2"]);
+    let changed_mapped = changed.iter().filter(|&&b| b % 16 != 5).count() as u64;
+    println!(
+        "incremental push: {} of {} bytes uploaded ({:.2}%), base {}",
+        inc["uploaded_bytes"],
+        mapped * BS as u64,
+        inc["uploaded_bytes"].as_f64().unwrap() * 100.0 / (mapped * BS as u64) as f64,
+        inc["base"]
+    );
+    assert_eq!(inc["base"], "vm@c1");
+    assert!(
+        inc["uploaded_bytes"].as_u64().unwrap() >= changed_mapped * BS as u64
+            && inc["uploaded_bytes"].as_u64().unwrap() <= 164 * BS as u64,
+        "{inc}"
+    );
+    // Pushing again is a no-op; pushing a name the remote holds from elsewhere is refused.
+    assert_eq!(
+        json(&a, &["checkpoint", "push", "vm@c2"])["already_pushed"],
+        true
+    );
+    assert_eq!(remote_checkpoints(&a), vec!["vm@c1", "vm@c2"]);
+
+    // Delete the local volume; restore into a fresh store.
+    a.ok(&["volume", "delete", "vm"]);
+    let b = env.daemon("b", &[]);
+    b.ok(&["volume", "create", "vm", "--from", "g:vm@c2"]);
+    same(
+        &read_back(&b, "vm", &env.path("b.raw")),
+        &img2,
+        "eager restore of vm@c2",
+    );
+    same(
+        &read_back(&b, "vm@c2", &env.path("b2.raw")),
+        &img2,
+        "the restored checkpoint",
+    );
+    b.ok(&["volume", "create", "old", "--from", "g:vm@c1"]);
+    same(
+        &read_back(&b, "old", &env.path("b3.raw")),
+        &img,
+        "eager restore of vm@c1",
+    );
+    // A push from the restored volume is incremental against what it came from.
+    b.ok(&["checkpoint", "create", "vm@c3"]);
+    let again = json(&b, &["checkpoint", "push", "vm@c3"]);
+    assert_eq!(again["uploaded_bytes"], 0, "{again}");
+    assert_eq!(again["base"], "vm@c2");
+
+    // gc: a checkpoint deleted from the remote frees the packs only it referenced.
+    let other = image(&env.path("other.raw"), 8, 9);
+    b.ok(&["volume", "create", "other", "--size", "8M"]);
+    b.ok(&["import", "other", env.path("other.raw").to_str().unwrap()]);
+    b.ok(&["checkpoint", "create", "other@x"]);
+    b.ok(&["checkpoint", "push", "other@x"]);
+    let dry = json(&b, &["remote", "gc", "g", "--grace", "0s"]);
+    assert_eq!(dry["packs_deleted"], 0, "nothing is garbage yet: {dry}");
+    b.ok(&["checkpoint", "delete", "--remote", "g", "other@x"]);
+    b.fails(
+        &["checkpoint", "delete", "--remote", "g", "other@x"],
+        "has no checkpoint",
+    );
+    let young = json(&b, &["remote", "gc", "g"]);
+    assert_eq!(
+        young["packs_deleted"], 0,
+        "the grace period keeps young packs: {young}"
+    );
+    let gc = json(&b, &["remote", "gc", "g", "--grace", "0s"]);
+    assert_eq!(gc["packs_deleted"], 1, "{gc}");
+    assert_eq!(
+        gc["bytes_deleted"],
+        (8 * MIB / BS * 15 / 16 * BS) as u64,
+        "{gc}"
+    );
+    // Everything still listed restores intact after gc.
+    assert_eq!(remote_checkpoints(&b), vec!["vm@c1", "vm@c2", "vm@c3"]);
+    let c = env.daemon("c", &[]);
+    c.ok(&["volume", "create", "vm", "--from", "g:vm@c3"]);
+    same(
+        &read_back(&c, "vm", &env.path("c.raw")),
+        &img2,
+        "restore after gc",
+    );
+    c.ok(&["volume", "create", "v1", "--from", "g:vm@c1"]);
+    same(
+        &read_back(&c, "v1", &env.path("c1.raw")),
+        &img,
+        "c1 after gc",
+    );
+    drop(other);
+
+    // Bad input: clear errors.
+    c.fails(
+        &["volume", "create", "x", "--from", "g:vm@nope"],
+        "has no checkpoint vm@nope",
+    );
+    c.fails(
+        &["volume", "create", "x", "--from", "h:vm@c1"],
+        "no remote named",
+    );
+    c.fails(
+        &["volume", "create", "x", "--from", "g:vm"],
+        "REMOTE:VOL@CKPT",
+    );
+    c.fails(
+        &["volume", "create", "x", "--lazy", "--size", "1M"],
+        "--lazy needs",
+    );
+    c.fails(&["checkpoint", "push", "vm@nope"], "no checkpoint vm@nope");
+    c.fails(
+        &[
+            "remote",
+            "add",
+            "g",
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--bucket",
+            "b",
+        ],
+        "already exists",
+    );
+    c.fails(
+        &[
+            "remote",
+            "add",
+            "h",
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--bucket",
+            "b",
+            "--credentials-file",
+            env.creds.to_str().unwrap(),
+        ],
+        "does not answer",
+    );
+    std::fs::set_permissions(&env.creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    c.fails(
+        &[
+            "remote",
+            "add",
+            "h",
+            "--endpoint",
+            &env.garage.endpoint(),
+            "--bucket",
+            garage::BUCKET,
+            "--credentials-file",
+            env.creds.to_str().unwrap(),
+        ],
+        "readable by group or others",
+    );
+    std::fs::set_permissions(&env.creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    c.fails(&["remote", "remove", "h"], "no remote named");
+    // Secrets never appear in what the daemon prints or stores.
+    let listed = c.ok(&["--json", "remote", "list"]);
+    let state = std::fs::read_to_string(env.path("c").join("remotes.json")).unwrap();
+    let log = std::fs::read_to_string(env.path("c.log")).unwrap();
+    for text in [&listed, &state, &log] {
+        assert!(!text.contains(garage::SECRET), "a secret leaked: {text}");
+    }
+}
+
+#[test]
+fn a_push_killed_midway_is_invisible_kept_by_gc_and_resumes() {
+    let env = Env::single();
+    let mut a = env.daemon("a", &[]);
+    let img = image(&env.path("big.raw"), 320, 3);
+    a.ok(&["volume", "create", "big", "--size", "320M"]);
+    a.ok(&["import", "big", env.path("big.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "big@c"]);
+    // Start the push through the API, and kill the daemon once some packs are in.
+    let id = job_id(&a.http("POST", "/v1/volumes/big/checkpoints/c/push", "{}"));
+    wait_until(60, "the first packs", || {
+        job(&a, id)["done_bytes"].as_u64().unwrap_or(0) >= 64 * MIB as u64
+    });
+    a.kill();
+    let a = env.daemon("a", &[]);
+    assert!(
+        remote_checkpoints(&a).is_empty(),
+        "an interrupted push is not listed"
+    );
+    // Its lease keeps its packs from gc, even with no grace period.
+    let gc = json(&a, &["remote", "gc", "g", "--grace", "0s"]);
+    assert_eq!(gc["packs_deleted"], 0, "{gc}");
+    assert!(gc["packs_kept"].as_u64().unwrap() >= 2, "{gc}");
+    // The next push resumes: packs already uploaded are found, not sent again.
+    let done = json(&a, &["checkpoint", "push", "big@c"]);
+    println!("resumed push: {done}");
+    assert!(done["resumed_packs"].as_u64().unwrap() >= 2, "{done}");
+    assert!(done["uploaded_bytes"].as_u64().unwrap() < 320 * MIB as u64 * 15 / 16);
+    assert_eq!(remote_checkpoints(&a), vec!["big@c"]);
+    let b = env.daemon("b", &[]);
+    b.ok(&["volume", "create", "big", "--from", "g:big@c"]);
+    same(
+        &read_back(&b, "big", &env.path("b.raw")),
+        &img,
+        "restore of a resumed push",
+    );
+}
+
+#[test]
+fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = image(&env.path("vm.raw"), 128, 5);
+    a.ok(&["volume", "create", "vm", "--size", "128M"]);
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@gold"]);
+    a.ok(&["checkpoint", "push", "vm@gold"]);
+
+    // A slow background copy (8 MiB/s) so that the kill lands mid-hydration.
+    let mut b = env.daemon("b", &["--hydrate-rate", "8M"]);
+    let t = Instant::now();
+    b.ok(&["volume", "create", "vm", "--from", "g:vm@gold", "--lazy"]);
+    println!("lazy create of 128 MiB: {:?}", t.elapsed());
+    let info = json(&b, &["volume", "info", "vm"]);
+    assert!(info["remote_bytes"].as_u64().unwrap() > 0, "{info}");
+    assert_eq!(info["hydration"]["state"], "hydrating");
+    // Random reads through the engine (the FUSE image) while hydration runs.
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    b.ok(&[
+        "export",
+        "fuse",
+        "vm",
+        "--mountpoint",
+        mnt.to_str().unwrap(),
+    ]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("vm.img"))
+        .unwrap();
+    let mut x = 12345u64;
+    let mut buf = vec![0u8; 3 * BS];
+    for _ in 0..300 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) as usize % (img.len() - buf.len());
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(
+            buf == img[off..off + buf.len()],
+            "lazy read at {off} returned wrong data"
+        );
+    }
+    // A write during hydration wins over the remote copy.
+    let mine = vec![0x5Au8; BS];
+    f.write_all_at(&mine, 100 * BS as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mid = json(&b, &["volume", "info", "vm"]);
+    assert!(
+        mid["remote_bytes"].as_u64().unwrap() > 0,
+        "still hydrating before the kill: {mid}"
+    );
+    b.kill();
+
+    // Restart (no rate limit): hydration resumes by itself and completes.
+    let b = env.daemon("b", &[]);
+    wait_until(120, "hydration to complete", || {
+        let v = json(&b, &["volume", "info", "vm"]);
+        v["remote_bytes"] == 0 && v["hydration"].is_null()
+    });
+    let mut expect = img.clone();
+    expect[100 * BS..101 * BS].copy_from_slice(&mine);
+    same(
+        &read_back(&b, "vm", &env.path("b.raw")),
+        &expect,
+        "hydrated volume",
+    );
+    let scrub = json(&b, &["scrub"]);
+    assert_eq!(scrub["remote_records"], 0, "{scrub}");
+    assert!(scrub["problems"].as_array().unwrap().is_empty(), "{scrub}");
+}
+
+#[test]
+fn corrupted_or_missing_objects_are_errors_not_data() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = image(&env.path("vm.raw"), 16, 7);
+    a.ok(&["volume", "create", "vm", "--size", "16M"]);
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@c"]);
+    a.ok(&["checkpoint", "push", "vm@c"]);
+    let s3 = env.s3();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let packs: Vec<object_store::path::Path> = rt.block_on(async {
+        use futures::TryStreamExt;
+        let p = object_store::path::Path::from("strata/packs");
+        s3.list(Some(&p))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .unwrap()
+    });
+    assert_eq!(packs.len(), 1);
+    // Flip one byte in the middle of the pack.
+    let pack = packs[0].clone();
+    let mut bytes = rt
+        .block_on(async { s3.get(&pack).await.unwrap().bytes().await.unwrap() })
+        .to_vec();
+    let at = bytes.len() / 2 + 17;
+    bytes[at] ^= 0x40;
+    rt.block_on(s3.put(&pack, bytes.into())).unwrap();
+
+    // Eager restore: fails naming the object; no volume is left behind.
+    let b = env.daemon("b", &[]);
+    b.fails(
+        &["volume", "create", "vm", "--from", "g:vm@c"],
+        "checksum mismatch in remote data",
+    );
+    // Lazy restore: the volume exists; reading the damaged block is an IO error, the rest
+    // reads right.
+    b.ok(&["volume", "create", "lazy", "--from", "g:vm@c", "--lazy"]);
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    b.ok(&[
+        "export",
+        "fuse",
+        "lazy",
+        "--mountpoint",
+        mnt.to_str().unwrap(),
+    ]);
+    let f = std::fs::File::open(mnt.join("lazy.img")).unwrap();
+    // The damaged record is block `bad` of the image (records are packed in block order,
+    // holes skipped).
+    let bad = (0..img.len() / BS)
+        .filter(|b| b % 16 != 5)
+        .nth(at / BS)
+        .unwrap();
+    let mut buf = vec![0u8; BS];
+    let err = f.read_exact_at(&mut buf, (bad * BS) as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    f.read_exact_at(&mut buf, ((bad + 1) * BS) as u64).unwrap();
+    assert!(buf == img[(bad + 1) * BS..(bad + 2) * BS]);
+    drop(f);
+    b.ok(&["unexport", "lazy"]);
+    // The damaged block can never hydrate: it stays remote, and reads keep failing.
+    let info = json(&b, &["volume", "info", "lazy"]);
+    assert!(
+        info["remote_bytes"].as_u64().unwrap() >= BS as u64,
+        "{info}"
+    );
+
+    // A damaged manifest, and a missing pack: clear errors.
+    let manifest = object_store::path::Path::from("strata/manifests/vm/c.manifest");
+    let mut m = rt
+        .block_on(async { s3.get(&manifest).await.unwrap().bytes().await.unwrap() })
+        .to_vec();
+    m[30] ^= 1;
+    rt.block_on(s3.put(&manifest, m.into())).unwrap();
+    b.fails(
+        &["volume", "create", "m", "--from", "g:vm@c"],
+        "manifest fails its checksum",
+    );
+    let listed = json(&b, &["checkpoint", "list", "--remote", "g"]);
+    assert!(
+        listed[0]["error"].as_str().unwrap().contains("checksum"),
+        "{listed}"
+    );
+    a.ok(&["checkpoint", "delete", "--remote", "g", "vm@c"]);
+    a.ok(&["checkpoint", "create", "vm@d"]);
+    a.ok(&["checkpoint", "push", "vm@d"]);
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        let p = object_store::path::Path::from("strata/packs");
+        let all: Vec<_> = s3
+            .list(Some(&p))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .unwrap();
+        for k in all {
+            s3.delete(&k).await.unwrap();
+        }
+    });
+    let (ok, text) = b.run(&["volume", "create", "gone", "--from", "g:vm@d"]);
+    assert!(!ok && text.contains("is missing"), "{text}");
+}
+
+#[test]
+fn pull_from_a_three_node_cluster_survives_losing_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let garage = Garage::cluster3(&dir.path().join("garage"));
+    let mut env = Env::with(dir, garage);
+    let a = env.daemon("a", &[]);
+    let img = image(&env.path("vm.raw"), 96, 11);
+    a.ok(&["volume", "create", "vm", "--size", "96M"]);
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@c"]);
+    a.ok(&["checkpoint", "push", "vm@c"]);
+    // A slow pull; stop node 2 once it is under way.
+    let b = env.daemon("b", &["--hydrate-rate", "16M"]);
+    let id = job_id(&b.http("POST", "/v1/volumes", r#"{"name":"vm","from":"g:vm@c"}"#));
+    wait_until(60, "the pull to start", || {
+        job(&b, id)["done_bytes"].as_u64().unwrap_or(0) > 8 * MIB as u64
+    });
+    env.garage.nodes[2].kill();
+    wait_until(120, "the pull to finish", || {
+        job(&b, id)["state"] != "running"
+    });
+    let j = job(&b, id);
+    assert_eq!(j["state"], "done", "{j}");
+    same(
+        &read_back(&b, "vm", &env.path("b.raw")),
+        &img,
+        "pull with a node down",
+    );
+}
