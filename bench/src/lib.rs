@@ -83,3 +83,14 @@ pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
     )?;
     Ok((srv, store))
 }
+
+/// The command line as `--flag value` pairs (every flag of the bench binaries takes a value).
+pub fn flag_values() -> R<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let v = it.next().ok_or(format!("{x} needs a value"))?;
+        out.push((x, v));
+    }
+    Ok(out)
+}

@@ -203,36 +203,116 @@ impl Store {
     /// Registers a remote pack by its descriptor (durable when this returns) and returns its
     /// id; an identical descriptor registered before returns the same id.
     pub fn register_remote_pack(&self, desc: &[u8]) -> Result<u32> {
+        Ok(self.register_remote_packs(&[desc])?[0])
+    }
+
+    /// [`Store::register_remote_pack`] for many descriptors, in one synced write.
+    pub fn register_remote_packs(&self, descs: &[&[u8]]) -> Result<Vec<u32>> {
         let inner = &self.inner;
         let _one = inner.remote.register.lock();
-        if let Some((id, _)) = inner
+        let mut known: HashMap<Vec<u8>, u32> = inner
             .remote
             .packs
             .read()
             .iter()
-            .find(|(_, d)| &***d == desc)
-        {
-            return Ok(*id);
+            .map(|(id, d)| (d.to_vec(), *id))
+            .collect();
+        let mut next = known.values().max().map_or(0, |m| m + 1);
+        let mut batch = rocksdb::WriteBatch::default();
+        let meta = cf(&inner.db, codec::CF_META)?;
+        let mut ids = Vec::with_capacity(descs.len());
+        let mut new = Vec::new();
+        for d in descs {
+            if let Some(id) = known.get(*d) {
+                ids.push(*id);
+                continue;
+            }
+            if next >= u32::MAX - REMOTE_SEGMENT_BASE {
+                return Err(Error::InvalidArgument("too many remote packs".into()));
+            }
+            batch.put_cf(meta, pack_key(next), codec::with_crc(d.to_vec()));
+            known.insert(d.to_vec(), next);
+            new.push((next, *d));
+            ids.push(next);
+            next += 1;
         }
-        let id = inner.remote.packs.read().keys().max().map_or(0, |m| m + 1);
-        if id >= u32::MAX - REMOTE_SEGMENT_BASE {
-            return Err(Error::InvalidArgument("too many remote packs".into()));
+        if !new.is_empty() {
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            inner.db.write_opt(batch, &wo)?;
+            let mut packs = inner.remote.packs.write();
+            for (id, d) in new {
+                packs.insert(id, d.into());
+            }
         }
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        inner.db.put_cf_opt(
-            cf(&inner.db, codec::CF_META)?,
-            pack_key(id),
-            codec::with_crc(desc.to_vec()),
-            &wo,
-        )?;
-        inner.remote.packs.write().insert(id, desc.into());
-        Ok(id)
+        Ok(ids)
     }
 
     /// The descriptor of a registered pack.
     pub fn remote_pack(&self, id: u32) -> Option<Vec<u8>> {
         self.inner.remote.pack(id).map(|d| d.to_vec())
+    }
+
+    /// [`Store::read_record`] for many records, appended to `out` back to back (no padding),
+    /// in order. Local records that sit next to each other in a segment are read with one IO
+    /// of up to 4 MiB, and the IOs of a call are submitted together.
+    pub fn read_records(&self, entries: &[Entry], out: &mut Vec<u8>) -> Result<()> {
+        const SPAN: u32 = (4 << 20) / crate::PAGE_SIZE as u32;
+        if entries.iter().any(|e| e.is_remote()) {
+            for e in entries {
+                out.extend_from_slice(&self.read_record(e)?);
+            }
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let _reuse = inner.segments.read_guard();
+        // (first page, pages, entries) per IO.
+        let mut spans: Vec<(u32, u32, std::ops::Range<usize>)> = Vec::new();
+        let mut ops = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if let Some((first, pages, range)) = spans.last_mut() {
+                let prev = entries[range.end - 1];
+                if prev.segment == e.segment
+                    && *first + *pages == e.page
+                    && *pages + e.pages() <= SPAN
+                {
+                    *pages += e.pages();
+                    range.end = i + 1;
+                    continue;
+                }
+            }
+            spans.push((e.page, e.pages(), i..i + 1));
+        }
+        for (first, pages, range) in &spans {
+            let seg_id = entries[range.start].segment;
+            let seg = inner.segments.get(seg_id).ok_or_else(|| {
+                Error::Corrupt(format!("map points at missing data segment {seg_id}"))
+            })?;
+            ops.push(crate::io::Op::Read {
+                file: seg.file.clone(),
+                offset: u64::from(*first) * crate::PAGE_SIZE as u64,
+                buf: crate::io::take_buf(*pages as usize * crate::PAGE_SIZE),
+            });
+        }
+        for (done, (first, _, range)) in inner.segments.engine().submit(ops).into_iter().zip(spans)
+        {
+            done.result
+                .map_err(|err| Error::io("reading records", err))?;
+            let data = done.op.into_buf();
+            for e in &entries[range] {
+                let at = (e.page - first) as usize * crate::PAGE_SIZE;
+                let rec = &data[at..at + e.stored_len() as usize];
+                if crc32fast::hash(rec) != e.crc {
+                    return Err(Error::Checksum {
+                        volume: format!("segment {}", e.segment),
+                        offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
+                    });
+                }
+                out.extend_from_slice(rec);
+            }
+            crate::io::give_buf(data);
+        }
+        Ok(())
     }
 
     /// Reads one record's stored bytes (raw or lz4, exactly as stored) and verifies its crc32:

@@ -76,6 +76,11 @@ fn pack_source(
         ));
         pack.extend_from_slice(&stored);
     }
+    // The batched reader returns the same bytes (coalescing adjacent records).
+    let entries: Vec<_> = snap.records().into_iter().map(|(_, e)| e).collect();
+    let mut batched = Vec::new();
+    store.read_records(&entries, &mut batched).unwrap();
+    assert!(batched == pack, "read_records differs from read_record");
     remote.packs.lock().insert(b"pack-0".to_vec(), pack);
     (image, extents)
 }

@@ -343,6 +343,8 @@ fn wait_job(c: &client::Client, started: &Value, verb: &str) -> Result<Value> {
         .as_u64()
         .context("daemon did not return a job id")?;
     let tty = std::io::stderr().is_terminal();
+    // Short jobs answer within milliseconds: poll fast first, then back off.
+    let mut pause = std::time::Duration::from_millis(5);
     loop {
         let v = c.call("GET", &format!("/v1/jobs/{id}"), None)?;
         let (done, total) = (
@@ -360,7 +362,10 @@ fn wait_job(c: &client::Client, started: &Value, verb: &str) -> Result<Value> {
             let _ = std::io::stderr().flush();
         }
         match v["state"].as_str() {
-            Some("running") => std::thread::sleep(std::time::Duration::from_millis(200)),
+            Some("running") => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(25));
+            }
             Some("done") => {
                 if tty {
                     eprintln!();

@@ -318,6 +318,7 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
                     return Err(bad("a fork keeps its source's block size and compression"));
                 }
                 let info = a.store.fork(v, c, &req.name, req.ephemeral)?;
+                remote::pull::ensure_hydrating(&a.remotes, &a.store, &req.name);
                 match req.size {
                     Some(s) if s != info.size => a.store.grow_volume(&req.name, s)?,
                     _ => info,
@@ -476,6 +477,7 @@ async fn restore_checkpoint(
             // The mount stays: the kernel drops its cached pages of the image afterwards.
             a.store.restore(&vol, &ck)?;
             export.volume_changed();
+            remote::pull::ensure_hydrating(&a.remotes, &a.store, &vol);
             return Ok(());
         }
         if ex.contains_key(&vol) {
@@ -493,6 +495,7 @@ async fn restore_checkpoint(
         }
         drop(ex);
         a.store.restore(&vol, &ck)?;
+        remote::pull::ensure_hydrating(&a.remotes, &a.store, &vol);
         Ok(())
     })
     .await?;

@@ -28,9 +28,7 @@ fn args() -> R<Args> {
         size: 1 << 30,
         secs: 5.0,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(x) = it.next() {
-        let v = it.next().ok_or(format!("{x} needs a value"))?;
+    for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
             "--dir" => a.dir = PathBuf::from(v),
             "--size-mib" => a.size = v.parse::<u64>()? << 20,

@@ -319,11 +319,9 @@ impl Remotes {
             bail!("volume {v:?} is still being restored from remote {name:?}; wait for hydration to finish or delete the volume");
         }
         for v in store.list_volumes() {
-            if store.remote_blocks(&v.name).unwrap_or(0) > 0
-                && self.volume_uses(store, &v.name, name)
-            {
+            if self.volume_uses(store, &v.name, name) {
                 bail!(
-                    "volume {:?} still reads blocks from remote {name:?}",
+                    "volume {:?} (or one of its checkpoints) still reads blocks from remote {name:?}",
                     v.name
                 );
             }
@@ -375,11 +373,11 @@ impl Remotes {
     }
 
     /// The push id for pushing checkpoint `ckpt_id` to `remote`: the interrupted push's, so
-    /// its packs are found again, or a new one.
-    pub fn push_id(&self, remote: &str, ckpt_id: u64) -> Result<String> {
+    /// its packs are found again (`true`), or a new one (`false`).
+    pub fn push_id(&self, remote: &str, ckpt_id: u64) -> Result<(String, bool)> {
         let mut st = self.state.lock();
         if let Some(id) = st.pending.get(remote).and_then(|p| p.get(&ckpt_id)) {
-            return Ok(id.clone());
+            return Ok((id.clone(), true));
         }
         let id = new_id();
         st.pending
@@ -387,7 +385,7 @@ impl Remotes {
             .or_default()
             .insert(ckpt_id, id.clone());
         self.save(&st)?;
-        Ok(id)
+        Ok((id, false))
     }
 
     pub fn restoring(&self) -> BTreeMap<String, Restoring> {

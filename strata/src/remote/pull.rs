@@ -54,10 +54,14 @@ pub fn create(
         return Err(EngineError::VolumeExists(name.to_string()).into());
     }
     let m = fetch_manifest(remotes, remote, vol, ckpt)?;
-    let mut ids = Vec::with_capacity(m.header.packs.len());
-    for p in &m.header.packs {
-        ids.push(store.register_remote_pack(&Remotes::pack_desc(remote, &p.key))?);
-    }
+    let descs: Vec<Vec<u8>> = m
+        .header
+        .packs
+        .iter()
+        .map(|p| Remotes::pack_desc(remote, &p.key))
+        .collect();
+    let refs: Vec<&[u8]> = descs.iter().map(|d| d.as_slice()).collect();
+    let ids = store.register_remote_packs(&refs)?;
     remotes.set_restoring(
         name,
         Some(Restoring {
@@ -278,6 +282,35 @@ pub fn resume(remotes: &Arc<Remotes>, store: &Arc<Store>) {
             spawn_hydration(remotes, store, &name);
         }
     }
+}
+
+/// After a restore or a fork: a checkpoint taken while its volume was still hydrating holds
+/// remote entries, and so does a volume restored to it or forked from it. Hydrate those too.
+pub fn ensure_hydrating(remotes: &Arc<Remotes>, store: &Arc<Store>, name: &str) {
+    if store.remote_blocks(name).unwrap_or(0) == 0
+        || remotes.restoring().contains_key(name)
+        || remotes.hydrating.lock().contains_key(name)
+    {
+        return;
+    }
+    let remote = store
+        .remote_packs_of(name)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|id| store.remote_pack(id).and_then(|d| Remotes::parse_desc(&d)))
+        .map(|(r, _)| r)
+        .unwrap_or_default();
+    let r = Restoring {
+        remote,
+        source: format!("{name} (restored or forked from a checkpoint with remote blocks)"),
+        state: "hydrating".into(),
+        eager: false,
+    };
+    if let Err(e) = remotes.set_restoring(name, Some(r)) {
+        tracing::error!(volume = name, error = %format!("{e:#}"), "recording hydration");
+        return;
+    }
+    spawn_hydration(remotes, store, name);
 }
 
 /// Stops the hydration of `name` (before deleting the volume) and waits for it to let go.

@@ -14,15 +14,17 @@ use crate::jobs::Job;
 use anyhow::{anyhow, bail, Context, Result};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use strata_engine::{Snapshot, Store};
 
 /// Target size of one pack object.
-pub const PACK_BYTES: usize = 32 << 20;
+pub const PACK_BYTES: usize = 16 << 20;
 /// Pack uploads in flight at once.
 const IN_FLIGHT: usize = 4;
+/// Bytes of records read per batch.
+const READ_BATCH: usize = 4 << 20;
 
 enum Plan {
     Reuse(Extent),
@@ -90,12 +92,11 @@ pub fn push(
         .map(|(v, c)| (v.to_string(), c.to_string()))
         .ok_or_else(|| anyhow!("not a checkpoint: {}", snap.name()))?;
     let mrel = manifest_rel(&vol, &ckpt);
-    if object_len(remotes, &client, key(&cfg, &mrel))?.is_some() {
-        if remotes.pushed_key(remote, snap.id()).as_deref() == Some(mrel.as_str()) {
-            return Ok(json!({"manifest": mrel, "already_pushed": true, "uploaded_bytes": 0}));
-        }
-        bail!("remote {remote:?} already holds {vol}@{ckpt} (from another store, or from a checkpoint since deleted and retaken); delete it there first");
-    }
+    // Whether the remote already holds it, asked while the base is looked up.
+    let exists = {
+        let (c, path) = (client.clone(), key(&cfg, &mrel));
+        remotes.spawn(async move { c.head(&path).await })
+    };
 
     // The base: the nearest ancestor this remote holds, whose manifest is still there.
     let mut base: Option<(Snapshot, Manifest, String)> = None;
@@ -115,7 +116,19 @@ pub fn push(
             None => remotes.forget_manifest(remote, &brel)?,
         }
     }
-    let push_id = remotes.push_id(remote, snap.id())?;
+    match remotes.run(exists)? {
+        Ok(Ok(_)) => {
+            if remotes.pushed_key(remote, snap.id()).as_deref() == Some(mrel.as_str()) {
+                return Ok(json!({"manifest": mrel, "already_pushed": true, "uploaded_bytes": 0}));
+            }
+            bail!("remote {remote:?} already holds {vol}@{ckpt} (from another store, or from a checkpoint since deleted and retaken); delete it there first");
+        }
+        Ok(Err(object_store::Error::NotFound { .. })) => {}
+        Ok(Err(e)) => bail!("looking up {mrel}: {}", clean(&e)),
+        Err(e) => bail!("looking up {mrel}: {e}"),
+    }
+    let based_at = started.elapsed();
+    let (push_id, resuming) = remotes.push_id(remote, snap.id())?;
 
     // Plan every mapped block: reuse an extent already in the remote, or upload.
     let mut packs: Vec<PackRef> = Vec::new();
@@ -130,22 +143,31 @@ pub fn push(
         })
     };
     let records = snap.records();
-    let (changed, base_ext): (HashSet<u64>, HashMap<u64, Extent>) = match &base {
-        Some((bsnap, m, _)) => (
-            snap.changed_since(bsnap).into_iter().collect(),
-            m.extents.iter().map(|e| (e.block, *e)).collect(),
-        ),
-        None => (HashSet::new(), HashMap::new()),
-    };
+    // Blocks changed since the base, and the base's extents: both sorted by block, walked
+    // alongside the records (no hash tables over every block).
+    let changed: Vec<u64> = base
+        .as_ref()
+        .map(|(bsnap, _, _)| snap.changed_since(bsnap))
+        .unwrap_or_default();
+    let base_extents: &[Extent] = base.as_ref().map_or(&[], |(_, m, _)| &m.extents);
+    let (mut ci, mut bi) = (0usize, 0usize);
     let mut remote_pack_len: HashMap<u32, Option<(String, u64)>> = HashMap::new();
     let mut plan = Vec::with_capacity(records.len());
     let mut upload_bytes = 0u64;
     let mut rewritten_same = 0u64;
     for (blk, e) in &records {
-        if let (Some((bsnap, m, _)), Some(x)) = (&base, base_ext.get(blk)) {
+        while ci < changed.len() && changed[ci] < *blk {
+            ci += 1;
+        }
+        while bi < base_extents.len() && base_extents[bi].block < *blk {
+            bi += 1;
+        }
+        let is_changed = changed.get(ci) == Some(blk);
+        let base_x = base_extents.get(bi).filter(|x| x.block == *blk);
+        if let (Some((bsnap, m, _)), Some(x)) = (&base, base_x) {
             // Unchanged since the base, or rewritten with the same bytes (a block copied
             // again, an image imported again): the base's extent holds this content.
-            let same = !changed.contains(blk)
+            let same = !is_changed
                 || match bsnap.record(*blk) {
                     Some(be)
                         if be.crc == e.crc
@@ -204,17 +226,17 @@ pub fn push(
         plan.push((*blk, Plan::Upload(*e)));
     }
     job.total.store(upload_bytes, Ordering::Relaxed);
+    let planned_at = started.elapsed();
 
     // The lease: announces the push and the existing packs it references.
     let lease_path = key(&cfg, &format!("leases/{push_id}"));
     let lease = json!({"started_unix": now_unix(), "checkpoint": snap.name(),
                        "reused": packs.iter().map(|p| p.key.clone()).collect::<Vec<_>>()});
-    put(
-        remotes,
-        &client,
-        lease_path.clone(),
-        lease.to_string().into_bytes(),
-    )?;
+    // Written while the first packs upload; waited for before the manifest.
+    let lease_put = {
+        let (c, path, body) = (client.clone(), lease_path.clone(), lease.to_string());
+        remotes.spawn(async move { c.put(&path, PutPayload::from(body.into_bytes())).await })
+    };
 
     // Upload the rest into packs, a few in flight.
     let mut extents = Vec::with_capacity(plan.len());
@@ -235,9 +257,12 @@ pub fn push(
         let c = client.clone();
         inflight.push_back(remotes.spawn(async move {
             // A resumed push finds its earlier packs; the same plan makes the same bytes.
-            match c.head(&path).await {
-                Ok(m) if m.size == len => return Ok(0),
-                _ => {}
+            if resuming {
+                if let Ok(m) = c.head(&path).await {
+                    if m.size == len {
+                        return Ok(0);
+                    }
+                }
             }
             c.put(&path, PutPayload::from(buf))
                 .await
@@ -265,23 +290,43 @@ pub fn push(
     // Extents of the pack being filled, completed with its index when it is sent.
     let mut open: Vec<Extent> = Vec::new();
     let mut done_bytes = 0u64;
-    for (blk, p) in plan {
+    // Records to upload are read in batches (adjacent records in one IO, straight into the
+    // pack), verified against their crc32 as they are read.
+    let mut batch: Vec<(u64, strata_engine::tree::Entry)> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let last = plan.len();
+    for (i, (blk, p)) in plan.into_iter().enumerate() {
         match p {
             Plan::Reuse(x) => extents.push(x),
             Plan::Upload(e) => {
-                let stored = store
-                    .read_record(&e)
-                    .with_context(|| format!("reading block {blk} of {}", snap.name()))?;
+                batch_bytes += e.stored_len() as usize;
+                batch.push((blk, e));
+            }
+        }
+        if batch.is_empty() || (batch_bytes < READ_BATCH && i + 1 < last) {
+            continue;
+        }
+        {
+            let entries: Vec<_> = batch.iter().map(|(_, e)| *e).collect();
+            let start = buf.len();
+            store
+                .read_records(&entries, &mut buf)
+                .with_context(|| format!("reading {} to push it", snap.name()))?;
+            let mut at = start;
+            for (b, e) in batch.drain(..) {
                 open.push(Extent {
-                    block: blk,
+                    block: b,
                     pack: u32::MAX,
-                    offset: buf.len() as u32,
-                    stored_len: stored.len() as u32,
+                    offset: at as u32,
+                    stored_len: e.stored_len(),
                     crc: e.crc,
                     lz4: e.is_lz4(),
                 });
-                buf.extend_from_slice(&stored);
-                done_bytes += stored.len() as u64;
+                at += e.stored_len() as usize;
+            }
+            done_bytes += batch_bytes as u64;
+            batch_bytes = 0;
+            {
                 if buf.len() >= PACK_BYTES {
                     while inflight.len() >= IN_FLIGHT {
                         wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
@@ -303,6 +348,7 @@ pub fn push(
         wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
         job.done.store(uploaded, Ordering::Relaxed);
     }
+    let uploaded_at = started.elapsed();
     extents.sort_unstable_by_key(|x| x.block);
 
     // The commit point: the manifest, once every pack it names is in the bucket.
@@ -323,14 +369,29 @@ pub fn push(
         extents,
     };
     let bytes = manifest.encode()?;
+    let encoded_at = started.elapsed();
     let manifest_bytes = bytes.len() as u64;
-    put(remotes, &client, key(&cfg, &mrel), bytes)?;
-    remotes.record_pushed(remote, snap.id(), &mrel)?;
-    let c = client.clone();
-    if let Ok(Err(e)) = remotes.run(async move { c.delete(&lease_path).await }) {
-        tracing::warn!(error = %clean(&e), "deleting the push lease failed; gc ignores it once it expires");
+    match remotes.run(lease_put)? {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => bail!("uploading the push lease: {}", clean(&e)),
+        Err(e) => bail!("uploading the push lease: {e}"),
     }
+    put(remotes, &client, key(&cfg, &mrel), bytes)?;
+    let put_at = started.elapsed();
+    remotes.record_pushed(remote, snap.id(), &mrel)?;
+    // The lease has done its job; its deletion is not waited for (gc ignores it once it
+    // expires if it fails).
+    let c = client.clone();
+    remotes.spawn(async move {
+        if let Err(e) = c.delete(&lease_path).await {
+            tracing::warn!(error = %clean(&e), "deleting the push lease failed");
+        }
+    });
     let secs = started.elapsed().as_secs_f64();
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1000.0).round();
+    let phases = json!({"base": ms(based_at), "plan": ms(planned_at - based_at), "upload": ms(uploaded_at - planned_at),
+                        "encode": ms(encoded_at - uploaded_at), "manifest_put": ms(put_at - encoded_at),
+                        "record": ms(started.elapsed() - put_at)});
     tracing::info!(checkpoint = %snap.name(), remote, uploaded, secs, "pushed");
     Ok(json!({
         "manifest": mrel,
@@ -343,6 +404,7 @@ pub fn push(
         "manifest_bytes": manifest_bytes,
         "stored_bytes": manifest.stored_bytes(),
         "seconds": secs,
+        "phases_ms": phases,
     }))
 }
 

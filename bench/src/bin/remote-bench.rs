@@ -1,0 +1,372 @@
+//! Remotes (issue 6) against a plain S3 client, in one run, on one Garage 2.5.0 node on
+//! loopback:
+//!
+//! - push of a fully written checkpoint (`strata checkpoint push`, wall clock of the CLI)
+//!   against uploading the same raw image with the AWS CLI (`aws s3 cp`, multipart, 10
+//!   concurrent requests), `--runs` times alternating, medians and their ratio;
+//! - incremental pushes after changing 1% of the volume (4 KiB writes through the FUSE
+//!   image), median, and the full/incremental ratio;
+//! - lazy restore on a fresh store: `volume create --lazy` and the first 4 KiB read through
+//!   a FUSE export (time to first IO), then the time until background hydration finishes;
+//! - eager restore (`volume create --from`) against downloading the raw image with
+//!   `aws s3 cp` to a file.
+//!
+//! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N]
+//! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
+//! (`pip install awscli`).
+
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use strata_bench::{strata_bin, wait_for, Server, R};
+use strata_tests::garage::{self, Garage};
+
+struct Args {
+    dir: PathBuf,
+    size_mib: usize,
+    runs: usize,
+}
+
+fn args() -> R<Args> {
+    let mut a = Args {
+        dir: PathBuf::from("/var/tmp/strata-remote-bench"),
+        size_mib: 2048,
+        runs: 3,
+    };
+    for (x, v) in strata_bench::flag_values()? {
+        match x.as_str() {
+            "--dir" => a.dir = PathBuf::from(v),
+            "--size-mib" => a.size_mib = v.parse()?,
+            "--runs" => a.runs = v.parse()?,
+            _ => return Err(format!("unknown argument {x}").into()),
+        }
+    }
+    if a.runs == 0 || a.size_mib < 16 {
+        return Err("--runs must be at least 1 and --size-mib at least 16".into());
+    }
+    Ok(a)
+}
+
+fn cli(store: &Path, args: &[&str]) -> R<Value> {
+    let out = Command::new(strata_bin()?)
+        .arg("--store")
+        .arg(store)
+        .arg("--json")
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("strata {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn daemon(dir: &Path, name: &str) -> R<(Server, PathBuf)> {
+    let store = dir.join(name);
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(strata_bin()?)
+        .arg("--store")
+        .arg(&store)
+        .arg("serve")
+        .env("AWS_ACCESS_KEY_ID", garage::KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", garage::SECRET)
+        .stderr(log)
+        .spawn()?;
+    let srv = Server {
+        child,
+        socket: store.join("strata.sock"),
+    };
+    wait_for(&srv.socket)?;
+    Ok((srv, store))
+}
+
+fn add_remote(store: &Path, name: &str, endpoint: &str) -> R<()> {
+    cli(
+        store,
+        &[
+            "remote",
+            "add",
+            name,
+            "--endpoint",
+            endpoint,
+            "--bucket",
+            garage::BUCKET,
+            "--region",
+            garage::REGION,
+            "--prefix",
+            name,
+        ],
+    )?;
+    Ok(())
+}
+
+fn aws(endpoint: &str, args: &[&str]) -> R<Duration> {
+    let t = Instant::now();
+    let out = Command::new("aws")
+        .args(["--endpoint-url", endpoint])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", garage::KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", garage::SECRET)
+        .env("AWS_DEFAULT_REGION", garage::REGION)
+        .output()
+        .map_err(|e| format!("running aws (pip install awscli): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("aws {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(t.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn timed<T>(f: impl FnOnce() -> R<T>) -> R<(T, f64)> {
+    let t = Instant::now();
+    let r = f()?;
+    Ok((r, t.elapsed().as_secs_f64()))
+}
+
+fn fuse_mount(store: &Path, vol: &str, mnt: &Path) -> R<()> {
+    std::fs::create_dir_all(mnt)?;
+    cli(
+        store,
+        &[
+            "export",
+            "fuse",
+            vol,
+            "--mountpoint",
+            mnt.to_str().ok_or("path")?,
+        ],
+    )?;
+    Ok(())
+}
+
+fn main() -> R<()> {
+    let a = args()?;
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let garage = Garage::single(&a.dir.join("garage"));
+    let ep = garage.endpoint();
+    let size = a.size_mib << 20;
+    let bytes = size as f64;
+    let mib = |b: f64| b / (1 << 20) as f64;
+
+    // A fully written image (no holes, not compressible): what both sides upload.
+    let raw = a.dir.join("image.raw");
+    {
+        let f = std::fs::File::create(&raw)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for chunk in 0..a.size_mib as u64 {
+            buf.clear();
+            for b in 0..256 {
+                buf.extend_from_slice(&strata_tests::block_content(chunk * 256 + b, 77, 4096));
+            }
+            f.write_all_at(&buf, chunk << 20)?;
+        }
+        f.sync_all()?;
+    }
+    let (_a, sa) = daemon(&a.dir, "store-a")?;
+    cli(
+        &sa,
+        &[
+            "volume",
+            "create",
+            "vm",
+            "--size",
+            &format!("{}M", a.size_mib),
+        ],
+    )?;
+    cli(&sa, &["import", "vm", raw.to_str().ok_or("path")?])?;
+    cli(&sa, &["checkpoint", "create", "vm@c0"])?;
+
+    println!(
+        "# remote-bench: {} MiB, {} runs, garage {ep}",
+        a.size_mib, a.runs
+    );
+    // Garage's first large upload pays for setting up its data files: a warm-up upload
+    // (not timed) so that neither side pays it.
+    aws(
+        &ep,
+        &[
+            "s3",
+            "cp",
+            "--quiet",
+            raw.to_str().ok_or("path")?,
+            &format!("s3://{}/warmup.img", garage::BUCKET),
+        ],
+    )?;
+    let (mut push, mut peer) = (Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let r = format!("r{run}");
+        add_remote(&sa, &r, &ep)?;
+        // Both sides start with the image's pages written back and cached.
+        Command::new("sync").status()?;
+        let (v, t) = timed(|| cli(&sa, &["checkpoint", "push", "vm@c0", "--remote", &r]))?;
+        println!(
+            "run {run}: strata push {:.2} s ({:.0} MiB/s, {} MiB uploaded, in-daemon {:.2} s)",
+            t,
+            mib(bytes) / t,
+            v["uploaded_bytes"].as_u64().unwrap_or(0) >> 20,
+            v["seconds"].as_f64().unwrap_or(0.0)
+        );
+        push.push(t);
+        let key = format!("s3://{}/raw/{run}.img", garage::BUCKET);
+        Command::new("sync").status()?;
+        let t = aws(
+            &ep,
+            &["s3", "cp", "--quiet", raw.to_str().ok_or("path")?, &key],
+        )?
+        .as_secs_f64();
+        println!(
+            "run {run}: aws s3 cp   {:.2} s ({:.0} MiB/s)",
+            t,
+            mib(bytes) / t
+        );
+        peer.push(t);
+    }
+    let (mp, mq) = (median(push.clone()), median(peer.clone()));
+    println!(
+        "full push: strata {:.2} s ({:.0} MiB/s), aws s3 cp {:.2} s ({:.0} MiB/s), throughput ratio {:.2}",
+        mp,
+        mib(bytes) / mp,
+        mq,
+        mib(bytes) / mq,
+        mq / mp
+    );
+
+    // Incremental: 1% of the blocks rewritten through the FUSE image, then pushed to r0.
+    let mnt = a.dir.join("mnt-a");
+    let blocks = (size / 4096) as u64;
+    let mut incr = Vec::new();
+    let mut x = 0x9E37_79B9u64;
+    for run in 0..a.runs {
+        fuse_mount(&sa, "vm", &mnt)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("vm.img"))?;
+        for _ in 0..blocks / 100 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x % blocks;
+            f.write_all_at(
+                &strata_tests::block_content(b, 1000 + run as u64, 4096),
+                b * 4096,
+            )?;
+        }
+        f.sync_all()?;
+        drop(f);
+        cli(&sa, &["unexport", "vm"])?;
+        let ck = format!("vm@c{}", run + 1);
+        cli(&sa, &["checkpoint", "create", &ck])?;
+        let (v, t) = timed(|| cli(&sa, &["checkpoint", "push", &ck, "--remote", "r0"]))?;
+        println!(
+            "run {run}: incremental push {:.3} s, {} KiB uploaded ({:.2}% of the volume), base {}, phases (ms) {}, manifest {} KiB",
+            t,
+            v["uploaded_bytes"].as_u64().unwrap_or(0) >> 10,
+            v["uploaded_bytes"].as_f64().unwrap_or(0.0) * 100.0 / bytes,
+            v["base"],
+            v["phases_ms"],
+            v["manifest_bytes"].as_u64().unwrap_or(0) >> 10
+        );
+        incr.push(t);
+    }
+    let mi = median(incr);
+    println!(
+        "incremental push (1%): {:.3} s; full push / incremental = {:.1}x",
+        mi,
+        mp / mi
+    );
+
+    // Restores on a fresh store.
+    let (_b, sb) = daemon(&a.dir, "store-b")?;
+    add_remote(&sb, "r0", &ep)?;
+    let (mut ttfio, mut hyd, mut eager, mut down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let vol = format!("lazy{run}");
+        let t0 = Instant::now();
+        cli(
+            &sb,
+            &["volume", "create", &vol, "--from", "r0:vm@c0", "--lazy"],
+        )?;
+        let create = t0.elapsed().as_secs_f64();
+        let m = a.dir.join(format!("mnt-{vol}"));
+        let (_, export) = timed(|| fuse_mount(&sb, &vol, &m))?;
+        let f = std::fs::File::open(m.join(format!("{vol}.img")))?;
+        let mut buf = vec![0u8; 4096];
+        let off = (blocks / 3 + run as u64 * 7919) % blocks * 4096;
+        let (_, first) = timed(|| Ok(f.read_exact_at(&mut buf, off)?))?;
+        let expect = strata_tests::block_content(off / 4096, 77, 4096);
+        if buf != expect {
+            return Err(format!("lazy read at {off} returned wrong data").into());
+        }
+        drop(f);
+        println!(
+            "run {run}: lazy create {:.3} s, export {:.3} s, first 4 KiB read {:.1} ms: time to first IO {:.3} s",
+            create,
+            export,
+            first * 1000.0,
+            create + first
+        );
+        ttfio.push(create + first);
+        loop {
+            let v = cli(&sb, &["volume", "info", &vol])?;
+            if v["remote_bytes"] == 0 && v["hydration"].is_null() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let h = t0.elapsed().as_secs_f64();
+        println!(
+            "run {run}: background hydration done {:.2} s after create ({:.0} MiB/s)",
+            h,
+            mib(bytes) / h
+        );
+        hyd.push(h);
+        cli(&sb, &["unexport", &vol])?;
+        cli(&sb, &["volume", "delete", &vol])?;
+
+        let ev = format!("eager{run}");
+        let (_, t) = timed(|| cli(&sb, &["volume", "create", &ev, "--from", "r0:vm@c0"]))?;
+        println!(
+            "run {run}: eager restore {:.2} s ({:.0} MiB/s)",
+            t,
+            mib(bytes) / t
+        );
+        eager.push(t);
+        cli(&sb, &["volume", "delete", &ev])?;
+        let out = a.dir.join("download.raw");
+        let key = format!("s3://{}/raw/0.img", garage::BUCKET);
+        let t = aws(
+            &ep,
+            &["s3", "cp", "--quiet", &key, out.to_str().ok_or("path")?],
+        )?
+        .as_secs_f64();
+        std::fs::remove_file(&out)?;
+        println!(
+            "run {run}: aws s3 cp download {:.2} s ({:.0} MiB/s)",
+            t,
+            mib(bytes) / t
+        );
+        down.push(t);
+    }
+    let (mt, mh, me, md) = (median(ttfio), median(hyd), median(eager), median(down));
+    println!(
+        "lazy restore: time to first IO {:.3} s (target < 1 s); hydration {:.2} s ({:.0} MiB/s)",
+        mt,
+        mh,
+        mib(bytes) / mh
+    );
+    println!(
+        "eager restore: {:.2} s ({:.0} MiB/s); aws s3 cp download {:.2} s ({:.0} MiB/s); ratio {:.2}",
+        me,
+        mib(bytes) / me,
+        md,
+        mib(bytes) / md,
+        md / me
+    );
+    Ok(())
+}
