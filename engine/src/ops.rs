@@ -676,6 +676,8 @@ pub(crate) fn list_checkpoints(inner: &Inner, vol_name: &str) -> Result<Vec<Chec
 pub(crate) struct Resolved {
     pub tree: Tree,
     pub block_size: u32,
+    /// The volume stores lz4-compressed records.
+    pub lz4: bool,
     pub size: u64,
     /// The layer id (the head layer for a live volume).
     pub id: u64,
@@ -694,6 +696,7 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
             Ok(Resolved {
                 tree: map.tree.clone(),
                 block_size: vol.block_size,
+                lz4: vol.lz4,
                 size: vol.size(),
                 id: map.layer,
                 pin: None,
@@ -705,6 +708,7 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
             Ok(Resolved {
                 tree: f.tree.clone(),
                 block_size: vol.block_size,
+                lz4: vol.lz4,
                 size: ck.size,
                 id: ck.layer,
                 pin: pin.then(|| {

@@ -185,7 +185,13 @@ pub(crate) fn fetch_records(
             let rec = &data[at..at + n];
             at += n;
             if crc32fast::hash(rec) != e.crc {
-                return Err(err(b, "checksum mismatch in remote data".into()));
+                return Err(err(
+                    b,
+                    format!(
+                        "checksum mismatch in remote data (pack {})",
+                        String::from_utf8_lossy(&desc)
+                    ),
+                ));
             }
             out.push(rec.to_vec());
         }

@@ -281,12 +281,27 @@ pub(crate) fn read(
     if buf.is_empty() {
         return Ok(());
     }
-    // From lookup to the end of the IO: pages of entries looked up here are not handed to
-    // writers meanwhile (see `Segments::reclaim`).
-    let _reuse = inner.segments.read_guard();
     let bs = u64::from(g.block_size);
     let first = offset / bs;
     let last = (offset + buf.len() as u64 - 1) / bs;
+    // Records still in a remote pack are fetched (and verified) before the reuse guard is
+    // taken: a slow network must not hold off page reuse for the whole store.
+    let mut prefetched: std::collections::HashMap<u64, (Entry, Vec<u8>)> = Default::default();
+    {
+        let remote: Vec<(u64, Entry)> = src
+            .lookup(first, last - first + 1)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.filter(|e| e.is_remote()).map(|e| (first + i as u64, e)))
+            .collect();
+        if !remote.is_empty() {
+            let data = crate::remote::fetch_records(inner, g.name, g.block_size, &remote)?;
+            prefetched.extend(remote.into_iter().zip(data).map(|((b, e), d)| (b, (e, d))));
+        }
+    }
+    // From lookup to the end of the IO: pages of entries looked up here are not handed to
+    // writers meanwhile (see `Segments::reclaim`).
+    let _reuse = inner.segments.read_guard();
     let mut entries = src.lookup(first, last - first + 1);
     let mut pending: Vec<usize> = (0..entries.len()).collect();
     for attempt in 0..=MAX_READ_RETRIES {
@@ -323,7 +338,21 @@ pub(crate) fn read(
         let mut block = Vec::new();
         if !remote.is_empty() {
             // Verified against their crc32 by the fetch; a failure is an error, never data.
-            let fetched = crate::remote::fetch_records(inner, g.name, g.block_size, &remote)?;
+            // Fetched above unless the map changed since (then fetched here, under the guard).
+            let missing: Vec<(u64, Entry)> = remote
+                .iter()
+                .filter(|(b, e)| prefetched.get(b).is_none_or(|(pe, _)| pe != e))
+                .copied()
+                .collect();
+            let mut late =
+                crate::remote::fetch_records(inner, g.name, g.block_size, &missing)?.into_iter();
+            let fetched: Vec<Vec<u8>> = remote
+                .iter()
+                .map(|(b, e)| match prefetched.remove(b) {
+                    Some((pe, d)) if pe == *e => d,
+                    _ => late.next().unwrap_or_default(),
+                })
+                .collect();
             for ((blk, e), stored) in remote.iter().zip(fetched) {
                 if e.is_lz4() {
                     block.resize(g.block_size as usize, 0);
@@ -525,7 +554,14 @@ impl Writer<'_> {
                     // The compare-and-set below expects `cur`: if the block changes between
                     // this lookup and the read (which looks again, and retries a record
                     // punched under it), the install fails and the write is redone.
-                    let cur = self.vol.map.read().tree.get(*blk);
+                    let mut cur = self.vol.map.read().tree.get(*blk);
+                    if let Some(e) = cur.filter(|e| e.is_remote()) {
+                        // Copied in first, so the read below is local (a failure to keep
+                        // it only means the read fetches it again).
+                        if self.hydrate(&[(*blk, e)]).is_ok() {
+                            cur = self.vol.map.read().tree.get(*blk);
+                        }
+                    }
                     let mut block = vec![0u8; bs];
                     if cur.is_some() {
                         // The whole block, even past a volume end inside it.
@@ -629,6 +665,7 @@ impl Writer<'_> {
         if items.is_empty() {
             return Ok(0);
         }
+        self.inner.check_poisoned()?;
         let data =
             crate::remote::fetch_records(self.inner, &self.vol.name, self.vol.block_size, items)?;
         let bytes = data.iter().map(|d| d.len() as u64).sum();
@@ -794,7 +831,16 @@ impl Volume {
                     .filter_map(|b| m.tree.get(b).filter(|e| e.is_remote()).map(|e| (b, e)))
                     .collect()
             };
-            self.writer().hydrate(&remote)?;
+            match self.writer().hydrate(&remote) {
+                // The remote failed (or sent bad data): that is the read's answer.
+                Err(e @ Error::Remote { .. }) => return Err(e),
+                // Keeping the blocks failed (a full disk, a store refusing writes): the read
+                // below still fetches and serves them.
+                Err(e) => {
+                    tracing::debug!(volume = %self.state.name, error = %e, "blocks read but not kept")
+                }
+                Ok(_) => {}
+            }
         }
         read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
     }
@@ -960,6 +1006,7 @@ pub struct Snapshot {
     name: String,
     tree: Tree,
     block_size: u32,
+    lz4: bool,
     size: u64,
     id: u64,
     pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
@@ -980,6 +1027,7 @@ impl Snapshot {
             name,
             tree: r.tree,
             block_size: r.block_size,
+            lz4: r.lz4,
             size: r.size,
             id: r.id,
             pin: r.pin,
@@ -1023,6 +1071,11 @@ impl Snapshot {
 
     pub fn block_size(&self) -> u32 {
         self.block_size
+    }
+
+    /// Whether the volume stores lz4-compressed records.
+    pub fn lz4(&self) -> bool {
+        self.lz4
     }
 
     /// Every mapped block and its record, in block order.

@@ -290,11 +290,15 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
                     let run = || -> anyhow::Result<Value> {
                         let (_, total) = remote::pull::create(&remotes, &store, &name, &src, true)?;
                         job.total.store(total, std::sync::atomic::Ordering::Relaxed);
-                        if let Err(e) = remote::pull::hydrate(&remotes, &store, &name, Some(job)) {
-                            // An eager restore is all or nothing.
-                            let _ = store.delete_volume(&name);
-                            let _ = remotes.set_restoring(&name, None);
-                            return Err(e);
+                        match remote::pull::hydrate(&remotes, &store, &name, Some(job)) {
+                            Ok(true) => {}
+                            Ok(false) => anyhow::bail!("restoring {name} was cancelled (the volume was deleted, or the daemon is stopping; a restarted daemon finishes it)"),
+                            Err(e) => {
+                                // An eager restore is all or nothing.
+                                let _ = store.delete_volume(&name);
+                                let _ = remotes.set_restoring(&name, None);
+                                return Err(e);
+                            }
                         }
                         Ok(json!({"volume": name, "source": src, "restored_bytes": total}))
                     };
@@ -379,6 +383,9 @@ async fn resize_volume(
 ) -> ApiResult {
     let req: ResizeReq = parse(&body)?;
     let v = blocking(&app, move |a| {
+        if let Some(why) = a.remotes.write_blocked(&name) {
+            return Err(ApiError(StatusCode::CONFLICT, why));
+        }
         let ex = a.exports.lock();
         // A FUSE mount shows the new size at once; a hypervisor cannot be told.
         if matches!(ex.get(&name), Some(Exported::Vhost { .. })) {
@@ -472,6 +479,9 @@ async fn restore_checkpoint(
         parse(&body)?
     };
     blocking(&app, move |a| {
+        if let Some(why) = a.remotes.write_blocked(&vol) {
+            return Err(ApiError(StatusCode::CONFLICT, why));
+        }
         let mut ex = a.exports.lock();
         if let Some(Exported::Fuse { export, .. }) = ex.get(&vol) {
             // The mount stays: the kernel drops its cached pages of the image afterwards.
@@ -625,6 +635,9 @@ fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
         }
     };
     let mut ex = a.exports.lock();
+    if let Some(why) = a.remotes.write_blocked(&req.volume) {
+        return Err(ApiError(StatusCode::CONFLICT, why));
+    }
     if a.importing.lock().contains(&req.volume) {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -905,6 +918,9 @@ async fn import_image(
                 StatusCode::CONFLICT,
                 format!("volume {name} is exported; unexport it before importing into it"),
             ));
+        }
+        if let Some(why) = a.remotes.write_blocked(&name) {
+            return Err(ApiError(StatusCode::CONFLICT, why));
         }
         let vol = a.store.open_volume(&name)?;
         let scratch = a.store.path().to_path_buf();

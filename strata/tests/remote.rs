@@ -591,6 +591,19 @@ fn pull_from_a_three_node_cluster_survives_losing_a_node() {
         job(&b, id)["done_bytes"].as_u64().unwrap_or(0) > 8 * MIB as u64
     });
     env.garage.nodes[2].kill();
+    // Nothing writes to a volume while it is restored eagerly.
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    b.fails(
+        &[
+            "export",
+            "fuse",
+            "vm",
+            "--mountpoint",
+            mnt.to_str().unwrap(),
+        ],
+        "is being restored from g:vm@c",
+    );
     wait_until(120, "the pull to finish", || {
         job(&b, id)["state"] != "running"
     });
@@ -600,5 +613,48 @@ fn pull_from_a_three_node_cluster_survives_losing_a_node() {
         &read_back(&b, "vm", &env.path("b.raw")),
         &img,
         "pull with a node down",
+    );
+}
+
+#[test]
+fn a_checkpoint_replaced_in_the_remote_by_another_store_is_never_a_base() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let mut mine = image(&env.path("a.raw"), 16, 1);
+    a.ok(&["volume", "create", "vm", "--size", "16M"]);
+    a.ok(&["import", "vm", env.path("a.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@golden"]);
+    a.ok(&["checkpoint", "push", "vm@golden"]);
+    // Another store replaces vm@golden in the remote with different data.
+    let b = env.daemon("b", &[]);
+    image(&env.path("b.raw"), 16, 2);
+    b.ok(&["volume", "create", "vm", "--size", "16M"]);
+    b.ok(&["import", "vm", env.path("b.raw").to_str().unwrap()]);
+    b.ok(&["checkpoint", "create", "vm@golden"]);
+    b.ok(&["checkpoint", "delete", "--remote", "g", "vm@golden"]);
+    b.ok(&["checkpoint", "push", "vm@golden"]);
+    // A's vm@golden is no longer what the remote holds under that name.
+    a.fails(
+        &["checkpoint", "push", "vm@golden"],
+        "already holds vm@golden",
+    );
+    // A pushes a descendant: the remote's vm@golden is not its base, so every block goes up.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.path("a.raw"))
+        .unwrap();
+    let data = strata_tests::block_content(7, 3, BS);
+    f.write_all_at(&data, 7 * BS as u64).unwrap();
+    mine[7 * BS..8 * BS].copy_from_slice(&data);
+    a.ok(&["import", "vm", env.path("a.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "vm@next"]);
+    let next = json(&a, &["checkpoint", "push", "vm@next"]);
+    assert!(next["base"].is_null(), "{next}");
+    let c = env.daemon("c", &[]);
+    c.ok(&["volume", "create", "vm", "--from", "g:vm@next"]);
+    same(
+        &read_back(&c, "vm", &env.path("c.raw")),
+        &mine,
+        "vm@next restored",
     );
 }

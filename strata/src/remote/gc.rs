@@ -66,7 +66,7 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
             let age = now - l.last_modified.timestamp();
             let id = rel(&cfg.prefix, &l.location).trim_start_matches("leases/").to_string();
             if age > LEASE_TTL.as_secs() as i64 {
-                expired_leases.push(l.location.clone());
+                expired_leases.push((l.location.clone(), l.last_modified));
                 continue;
             }
             live_push_ids.insert(id);
@@ -115,8 +115,11 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
             deleted_bytes += p.size;
         }
         if !dry_run {
-            for l in &expired_leases {
-                let _ = c.delete(l).await;
+            for (l, seen) in &expired_leases {
+                // A push resumed since the listing rewrote it: not expired any more.
+                if matches!(c.head(l).await, Ok(m) if m.last_modified == *seen) {
+                    let _ = c.delete(l).await;
+                }
             }
         }
         Ok(json!({"manifests": manifests, "packs_kept": kept, "packs_deleted": deleted,

@@ -132,11 +132,13 @@ impl Manifest {
         let n = usize::try_from(r.u64()?)?;
         // Every extent has a 4-byte checksum in the body: bounds n before allocating.
         ensure!(n <= body.len() / 4, "manifest extent count is impossible");
-        let blocks_col = r.unrle(n)?;
-        let packs_col = r.unrle(n)?;
-        let offsets_col = r.unrle(n)?;
-        let lens_col = r.unrle(n)?;
-        let flags_col = r.unrle(n)?;
+        // Columns stay run-length coded (the runs cost at most the body's size) and are
+        // expanded one extent at a time.
+        let mut blocks_col = r.runs(n)?;
+        let mut packs_col = r.runs(n)?;
+        let mut offsets_col = r.runs(n)?;
+        let mut lens_col = r.runs(n)?;
+        let mut flags_col = r.runs(n)?;
         let crcs_col = r.take(4 * n)?;
         ensure!(r.0.is_empty(), "manifest has trailing bytes");
         let bs = header.block_size;
@@ -154,12 +156,12 @@ impl Manifest {
                 block: extents
                     .last()
                     .map_or(0, |p| p.block)
-                    .wrapping_add(blocks_col[i]),
-                pack: small(packs_col[i], "pack index")?,
-                offset: small(offsets_col[i], "offset")?,
-                stored_len: small(lens_col[i], "stored length")?,
+                    .wrapping_add(blocks_col.next_value()),
+                pack: small(packs_col.next_value(), "pack index")?,
+                offset: small(offsets_col.next_value(), "offset")?,
+                stored_len: small(lens_col.next_value(), "stored length")?,
                 crc: u32::from_le_bytes(crcs_col[4 * i..4 * i + 4].try_into()?),
-                lz4: match flags_col[i] {
+                lz4: match flags_col.next_value() {
                     0 => false,
                     1 => true,
                     f => bail!("manifest flags {f} are invalid"),
@@ -232,22 +234,45 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
     }
-    /// A run-length coded column of exactly `n` values.
-    fn unrle(&mut self, n: usize) -> Result<Vec<u64>> {
-        let runs = usize::try_from(self.u64()?)?;
+    /// A run-length coded column of exactly `n` values, as its runs.
+    fn runs(&mut self, n: usize) -> Result<Runs> {
+        let count = usize::try_from(self.u64()?)?;
         ensure!(
-            runs <= n && runs <= self.0.len() / 16,
+            count <= n && count <= self.0.len() / 16,
             "manifest column is damaged"
         );
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..runs {
+        let mut runs = Vec::with_capacity(count);
+        let mut total = 0usize;
+        for _ in 0..count {
             let v = self.u64()?;
-            let count = usize::try_from(self.u64()?)?;
-            ensure!(count <= n - out.len(), "manifest column is damaged");
-            out.resize(out.len() + count, v);
+            let c = usize::try_from(self.u64()?)?;
+            ensure!(c > 0 && c <= n - total, "manifest column is damaged");
+            total += c;
+            runs.push((v, c));
         }
-        ensure!(out.len() == n, "manifest column is damaged");
-        Ok(out)
+        ensure!(total == n, "manifest column is damaged");
+        runs.reverse();
+        Ok(Runs(runs))
+    }
+}
+
+/// A column's runs, consumed front to back (stored reversed).
+struct Runs(Vec<(u64, usize)>);
+
+impl Runs {
+    /// The next value; called exactly as many times as the column has values.
+    fn next_value(&mut self) -> u64 {
+        match self.0.last_mut() {
+            Some((v, c)) => {
+                let v = *v;
+                *c -= 1;
+                if *c == 0 {
+                    self.0.pop();
+                }
+                v
+            }
+            None => 0,
+        }
     }
 }
 
@@ -319,6 +344,28 @@ mod tests {
     }
 
     proptest! {
+        /// Any valid extent list survives the column coding (runs, predicted offsets across
+        /// pack changes, wrapping deltas, mixed flags).
+        #[test]
+        fn any_extents_round_trip(
+            raw in proptest::collection::vec((1u64..5, 0u32..3, 0u32..8192, 1u32..=4096, any::<u32>(), any::<bool>()), 0..300)
+        ) {
+            let mut block = 0u64;
+            let extents: Vec<Extent> = raw
+                .iter()
+                .map(|&(step, pack, offset, stored_len, crc, lz4)| {
+                    block += step;
+                    Extent { block, pack, offset, stored_len, crc, lz4 }
+                })
+                .collect();
+            let mut m = sample(0);
+            m.header.packs = (0..3)
+                .map(|i| PackRef { key: format!("packs/x-{i}.pack"), len: 1 << 20 })
+                .collect();
+            m.extents = extents;
+            prop_assert_eq!(Manifest::decode(&m.encode().unwrap()).unwrap(), m);
+        }
+
         /// Any single flipped bit, and any truncation, is detected.
         #[test]
         fn damage_is_detected(bit in 0usize..8 * 600, cut in 0usize..600) {

@@ -52,6 +52,14 @@ pub struct RemoteConfig {
     pub credentials: Credentials,
 }
 
+/// A manifest a local checkpoint is known to equal: its key, and the push id written in it
+/// (a manifest under the same key written by anyone else has another push id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    pub key: String,
+    pub push_id: String,
+}
+
 /// A volume being restored from a remote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restoring {
@@ -60,17 +68,22 @@ pub struct Restoring {
     pub source: String,
     /// `creating` until every extent is installed, then `hydrating`.
     pub state: String,
-    /// An eager restore takes checkpoint CKPT on the volume once it is fully local.
+    /// An eager restore takes checkpoint CKPT on the volume once it is fully local; until
+    /// then nothing may write to it (no export, import or restore).
     pub eager: bool,
+    /// The push id in the source manifest (recorded with the checkpoint an eager restore
+    /// takes).
+    #[serde(default)]
+    pub push_id: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     #[serde(default)]
     remotes: BTreeMap<String, RemoteConfig>,
-    /// remote → local checkpoint id → manifest key.
+    /// remote → local checkpoint id → the manifest that holds it.
     #[serde(default)]
-    pushed: BTreeMap<String, BTreeMap<u64, String>>,
+    pushed: BTreeMap<String, BTreeMap<u64, Pushed>>,
     /// remote → local checkpoint id → push id of a push not finished yet.
     #[serde(default)]
     pending: BTreeMap<String, BTreeMap<u64, String>>,
@@ -100,6 +113,8 @@ pub struct Remotes {
     state: Mutex<State>,
     clients: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     pub hydrating: Mutex<HashMap<String, Arc<Hydration>>>,
+    /// Volume names a restore from a remote is creating right now.
+    pub creating: Mutex<std::collections::HashSet<String>>,
     /// Set at shutdown: background hydration stops.
     pub stopping: std::sync::atomic::AtomicBool,
     /// Bytes per second one volume's hydration may fetch (`strata serve --hydrate-rate`).
@@ -216,6 +231,7 @@ impl Remotes {
             state: Mutex::new(state),
             clients: Mutex::new(HashMap::new()),
             hydrating: Mutex::new(HashMap::new()),
+            creating: Default::default(),
             stopping: Default::default(),
             hydrate_rate,
         }))
@@ -347,16 +363,35 @@ impl Remotes {
             })
     }
 
-    pub fn pushed_key(&self, remote: &str, ckpt_id: u64) -> Option<String> {
+    pub fn pushed(&self, remote: &str, ckpt_id: u64) -> Option<Pushed> {
         self.state.lock().pushed.get(remote)?.get(&ckpt_id).cloned()
     }
 
-    pub fn record_pushed(&self, remote: &str, ckpt_id: u64, key: &str) -> Result<()> {
+    /// The push id of an unfinished push of `ckpt_id` to `remote`.
+    pub fn pending(&self, remote: &str, ckpt_id: u64) -> Option<String> {
+        self.state
+            .lock()
+            .pending
+            .get(remote)?
+            .get(&ckpt_id)
+            .cloned()
+    }
+
+    pub fn record_pushed(
+        &self,
+        remote: &str,
+        ckpt_id: u64,
+        key: &str,
+        push_id: &str,
+    ) -> Result<()> {
         let mut st = self.state.lock();
-        st.pushed
-            .entry(remote.to_string())
-            .or_default()
-            .insert(ckpt_id, key.to_string());
+        st.pushed.entry(remote.to_string()).or_default().insert(
+            ckpt_id,
+            Pushed {
+                key: key.to_string(),
+                push_id: push_id.to_string(),
+            },
+        );
         if let Some(p) = st.pending.get_mut(remote) {
             p.remove(&ckpt_id);
         }
@@ -367,7 +402,7 @@ impl Remotes {
     pub fn forget_manifest(&self, remote: &str, key: &str) -> Result<()> {
         let mut st = self.state.lock();
         if let Some(p) = st.pushed.get_mut(remote) {
-            p.retain(|_, k| k != key);
+            p.retain(|_, p| p.key != key);
         }
         self.save(&st)
     }
@@ -386,6 +421,22 @@ impl Remotes {
             .insert(ckpt_id, id.clone());
         self.save(&st)?;
         Ok((id, false))
+    }
+
+    /// Why `vol` may not be written now, if it is being restored eagerly (the checkpoint
+    /// taken at the end must equal the remote one).
+    pub fn write_blocked(&self, vol: &str) -> Option<String> {
+        if self.creating.lock().contains(vol) {
+            return Some(format!(
+                "volume {vol} is being created from a remote; try again when that ends"
+            ));
+        }
+        let st = self.state.lock();
+        let r = st.restoring.get(vol).filter(|r| r.eager)?;
+        Some(format!(
+            "volume {vol} is being restored from {}; wait for the restore to finish (or restore with --lazy)",
+            r.source
+        ))
     }
 
     pub fn restoring(&self) -> BTreeMap<String, Restoring> {

@@ -50,6 +50,9 @@ pub fn create(
     let (remote, vol, ckpt) =
         parse_source(source).ok_or_else(|| anyhow!("expected REMOTE:VOL@CKPT, got {source:?}"))?;
     strata_engine::validate_name("volume", name)?;
+    // The name is ours until this returns: a second restore to it waits its turn, and only
+    // a volume this call created is ever deleted by it.
+    let _reserved = Reservation::take(remotes, name)?;
     if store.volume_info(name).is_ok() {
         return Err(EngineError::VolumeExists(name.to_string()).into());
     }
@@ -62,57 +65,51 @@ pub fn create(
         .collect();
     let refs: Vec<&[u8]> = descs.iter().map(|d| d.as_slice()).collect();
     let ids = store.register_remote_packs(&refs)?;
-    remotes.set_restoring(
+    let record = |state: &str| Restoring {
+        remote: remote.to_string(),
+        source: source.to_string(),
+        state: state.into(),
+        eager,
+        push_id: m.header.push_id.clone(),
+    };
+    store.create_volume(
         name,
-        Some(Restoring {
-            remote: remote.to_string(),
-            source: source.to_string(),
-            state: "creating".into(),
-            eager,
-        }),
+        m.header.size,
+        VolumeOptions {
+            block_size: Some(m.header.block_size),
+            lz4: m.header.lz4,
+            ephemeral: false,
+        },
     )?;
-    let made = (|| -> Result<VolumeInfo> {
-        store.create_volume(
-            name,
-            m.header.size,
-            VolumeOptions {
-                block_size: Some(m.header.block_size),
-                lz4: m.header.lz4,
-                ephemeral: false,
-            },
-        )?;
-        let v = store.open_volume(name)?;
-        let extents: Vec<(u64, RemoteExtent)> = m
-            .extents
-            .iter()
-            .map(|x| {
-                (
-                    x.block,
-                    RemoteExtent {
-                        pack: ids[x.pack as usize],
-                        offset: x.offset,
-                        stored_len: x.stored_len,
-                        lz4: x.lz4,
-                        crc: x.crc,
-                    },
-                )
-            })
-            .collect();
-        v.install_remote(&extents)?;
-        v.flush()?;
-        Ok(store.volume_info(name)?)
-    })();
+    // Recorded once the volume is ours; a crash from here until `hydrating` deletes it at
+    // the next start (its map may be incomplete).
+    let made = remotes
+        .set_restoring(name, Some(record("creating")))
+        .and_then(|()| {
+            let v = store.open_volume(name)?;
+            let extents: Vec<(u64, RemoteExtent)> = m
+                .extents
+                .iter()
+                .map(|x| {
+                    (
+                        x.block,
+                        RemoteExtent {
+                            pack: ids[x.pack as usize],
+                            offset: x.offset,
+                            stored_len: x.stored_len,
+                            lz4: x.lz4,
+                            crc: x.crc,
+                        },
+                    )
+                })
+                .collect();
+            v.install_remote(&extents)?;
+            v.flush()?;
+            Ok(store.volume_info(name)?)
+        });
     match made {
         Ok(info) => {
-            remotes.set_restoring(
-                name,
-                Some(Restoring {
-                    remote: remote.to_string(),
-                    source: source.to_string(),
-                    state: "hydrating".into(),
-                    eager,
-                }),
-            )?;
+            remotes.set_restoring(name, Some(record("hydrating")))?;
             Ok((info, m.stored_bytes()))
         }
         Err(e) => {
@@ -123,15 +120,34 @@ pub fn create(
     }
 }
 
+/// A volume name being created from a remote, released on drop.
+struct Reservation<'a>(&'a Remotes, String);
+
+impl<'a> Reservation<'a> {
+    fn take(remotes: &'a Remotes, name: &str) -> Result<Self> {
+        if !remotes.creating.lock().insert(name.to_string()) {
+            bail!("volume {name:?} is already being restored from a remote");
+        }
+        Ok(Reservation(remotes, name.to_string()))
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.creating.lock().remove(&self.1);
+    }
+}
+
 /// Copies every remote block of `name` in, with [`WORKERS`] threads; then, for an eager
-/// restore, takes the source checkpoint on it. Returns early (Ok) when hydration is
-/// cancelled or the daemon stops; retries a failing remote until then.
+/// restore, takes the source checkpoint on it. Returns whether it completed (`false`: the
+/// hydration was cancelled, the volume deleted or the daemon is stopping); a background
+/// hydration retries a failing remote until then, a job's fails.
 pub fn hydrate(
     remotes: &Arc<Remotes>,
     store: &Arc<Store>,
     name: &str,
     job: Option<&Job>,
-) -> Result<()> {
+) -> Result<bool> {
     let h = Arc::new(Hydration::default());
     remotes.hydrating.lock().insert(name.to_string(), h.clone());
     let r = hydrate_inner(remotes, store, name, job, &h);
@@ -145,7 +161,7 @@ fn hydrate_inner(
     name: &str,
     job: Option<&Job>,
     h: &Arc<Hydration>,
-) -> Result<()> {
+) -> Result<bool> {
     let stop = || remotes.stopping.load(Ordering::Relaxed) || h.cancel.load(Ordering::Relaxed);
     let started = std::time::Instant::now();
     // Holds hydration to `--hydrate-rate`, so copying in leaves the guest its bandwidth.
@@ -166,7 +182,7 @@ fn hydrate_inner(
                 Ok(i) => i,
                 Err(EngineError::NoSuchVolume(_)) => {
                     remotes.set_restoring(name, None)?;
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -210,12 +226,12 @@ fn hydrate_inner(
             }
         });
         if stop() {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(e) = failed.into_inner() {
             if store.volume_info(name).is_err() {
                 remotes.set_restoring(name, None)?;
-                return Ok(());
+                return Ok(false);
             }
             tracing::warn!(volume = name, error = %e, "hydration failed; retrying");
             *h.error.lock() = Some(e.clone());
@@ -231,27 +247,44 @@ fn hydrate_inner(
         }
     }
     let Some(r) = remotes.restoring().get(name).cloned() else {
-        return Ok(());
+        return Ok(false);
     };
     if r.eager {
         if let Some((remote, vol, ckpt)) = parse_source(&r.source) {
+            // Nothing could write to the volume while it was restored eagerly, so it equals
+            // the remote checkpoint: take it locally, and record it as held by the remote so
+            // that later pushes of this volume are incremental against it.
             match store.checkpoint(name, ckpt) {
-                Ok(_) | Err(EngineError::CheckpointExists { .. }) => {}
+                Ok(c) => {
+                    if let Some(e) = store
+                        .checkpoint_entries(name)?
+                        .into_iter()
+                        .find(|e| e.name == c.name)
+                    {
+                        remotes.record_pushed(
+                            remote,
+                            e.id,
+                            &manifest_rel(vol, ckpt),
+                            &r.push_id,
+                        )?;
+                    }
+                }
+                // Someone named a checkpoint so meanwhile: its content is not known to
+                // match, so it is not recorded.
+                Err(EngineError::CheckpointExists { .. }) => {
+                    tracing::warn!(
+                        volume = name,
+                        checkpoint = ckpt,
+                        "a checkpoint of that name exists; not taking the restored one"
+                    );
+                }
                 Err(e) => return Err(e).context("taking the restored checkpoint"),
-            }
-            // Later pushes of this volume to the same remote are incremental against it.
-            if let Some(c) = store
-                .checkpoint_entries(name)?
-                .into_iter()
-                .find(|c| c.name == ckpt)
-            {
-                remotes.record_pushed(remote, c.id, &manifest_rel(vol, ckpt))?;
             }
         }
     }
     remotes.set_restoring(name, None)?;
     tracing::info!(volume = name, source = %r.source, "hydration complete");
-    Ok(())
+    Ok(true)
 }
 
 /// Starts background hydration of `name` on its own thread.
@@ -305,6 +338,7 @@ pub fn ensure_hydrating(remotes: &Arc<Remotes>, store: &Arc<Store>, name: &str) 
         source: format!("{name} (restored or forked from a checkpoint with remote blocks)"),
         state: "hydrating".into(),
         eager: false,
+        push_id: String::new(),
     };
     if let Err(e) = remotes.set_restoring(name, Some(r)) {
         tracing::error!(volume = name, error = %format!("{e:#}"), "recording hydration");

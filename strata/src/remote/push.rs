@@ -23,6 +23,8 @@ use strata_engine::{Snapshot, Store};
 pub const PACK_BYTES: usize = 16 << 20;
 /// Pack uploads in flight at once.
 const IN_FLIGHT: usize = 4;
+/// Largest manifest read: 64 Mi mapped blocks (256 GiB of 4 KiB blocks).
+pub const MAX_MANIFEST: u64 = 256 << 20;
 /// Bytes of records read per batch.
 const READ_BATCH: usize = 4 << 20;
 
@@ -48,16 +50,22 @@ pub fn get_manifest(
     let shown = path.to_string();
     let r = remotes.run(async move {
         match c.get(&path).await {
-            Ok(g) => g.bytes().await.map(Some),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // Checked before reading it: a manifest is small, and an object that is not
+            // must not make the daemon allocate whatever it claims.
+            Ok(g) if g.meta.size > MAX_MANIFEST => Ok(Err(g.meta.size)),
+            Ok(g) => g.bytes().await.map(|b| Ok(Some(b))),
+            Err(object_store::Error::NotFound { .. }) => Ok(Ok(None)),
             Err(e) => Err(e),
         }
     })?;
     match r {
-        Ok(Some(b)) => Manifest::decode(&b)
+        Ok(Ok(Some(b))) => Manifest::decode(&b)
             .with_context(|| format!("manifest {shown}"))
             .map(Some),
-        Ok(None) => Ok(None),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Err(size)) => {
+            bail!("manifest {shown} is {size} bytes, over the {MAX_MANIFEST}-byte limit")
+        }
         Err(e) => bail!("reading {shown}: {}", clean(&e)),
     }
 }
@@ -101,25 +109,41 @@ pub fn push(
     // The base: the nearest ancestor this remote holds, whose manifest is still there.
     let mut base: Option<(Snapshot, Manifest, String)> = None;
     for a in snap.ancestors() {
-        let Some(brel) = remotes.pushed_key(remote, a) else {
+        let Some(p) = remotes.pushed(remote, a) else {
             continue;
         };
         let Ok(bsnap) = store.open_checkpoint_id(a) else {
             continue;
         };
-        match get_manifest(remotes, &client, key(&cfg, &brel))? {
-            Some(m) if m.header.block_size == snap.block_size() => {
-                base = Some((bsnap, m, brel));
+        match get_manifest(remotes, &client, key(&cfg, &p.key))? {
+            // Only the very manifest recorded (same push id): one deleted and pushed again
+            // under that key, by another store, holds other data.
+            Some(m)
+                if m.header.push_id == p.push_id && m.header.block_size == snap.block_size() =>
+            {
+                base = Some((bsnap, m, p.key));
                 break;
             }
+            Some(m) if m.header.push_id != p.push_id => remotes.forget_manifest(remote, &p.key)?,
             Some(_) => continue,
-            None => remotes.forget_manifest(remote, &brel)?,
+            None => remotes.forget_manifest(remote, &p.key)?,
         }
     }
     match remotes.run(exists)? {
         Ok(Ok(_)) => {
-            if remotes.pushed_key(remote, snap.id()).as_deref() == Some(mrel.as_str()) {
-                return Ok(json!({"manifest": mrel, "already_pushed": true, "uploaded_bytes": 0}));
+            // Ours if its push id is the one recorded for this checkpoint, or the one of our
+            // unfinished push (a crash after the manifest was written).
+            let ours = [
+                remotes.pushed(remote, snap.id()).map(|p| p.push_id),
+                remotes.pending(remote, snap.id()),
+            ];
+            if let Some(m) = get_manifest(remotes, &client, key(&cfg, &mrel))? {
+                if ours.iter().flatten().any(|id| *id == m.header.push_id) {
+                    remotes.record_pushed(remote, snap.id(), &mrel, &m.header.push_id)?;
+                    return Ok(
+                        json!({"manifest": mrel, "already_pushed": true, "uploaded_bytes": 0}),
+                    );
+                }
             }
             bail!("remote {remote:?} already holds {vol}@{ckpt} (from another store, or from a checkpoint since deleted and retaken); delete it there first");
         }
@@ -240,8 +264,10 @@ pub fn push(
 
     // Upload the rest into packs, a few in flight.
     let mut extents = Vec::with_capacity(plan.len());
-    let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>> =
-        Default::default();
+    type Upload = tokio::task::JoinHandle<Result<(String, u64)>>;
+    let mut inflight: std::collections::VecDeque<Upload> = Default::default();
+    // Packs this push wrote itself (not found from an earlier attempt).
+    let mut fresh_packs: Vec<String> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(PACK_BYTES + (1 << 20));
     let (mut uploaded, mut skipped, mut pack_no) = (0u64, 0u64, 0u32);
     let mut finish = |buf: Vec<u8>,
@@ -249,44 +275,51 @@ pub fn push(
                       inflight: &mut std::collections::VecDeque<_>,
                       pack_no: &mut u32|
      -> Result<u32> {
-        let k = format!("packs/{push_id}-{:06}.pack", *pack_no);
+        // The name carries the content's crc32: a resumed push whose plan came out
+        // differently never mistakes an earlier pack for this one.
+        let k = format!(
+            "packs/{push_id}-{:06}-{:08x}.pack",
+            *pack_no,
+            crc32fast::hash(&buf)
+        );
         *pack_no += 1;
         let len = buf.len() as u64;
         let idx = add_pack(packs, &k, len);
         let path = key(&cfg, &k);
         let c = client.clone();
         inflight.push_back(remotes.spawn(async move {
-            // A resumed push finds its earlier packs; the same plan makes the same bytes.
+            // A resumed push finds its earlier packs (same name: same content).
             if resuming {
                 if let Ok(m) = c.head(&path).await {
                     if m.size == len {
-                        return Ok(0);
+                        return Ok((k, 0));
                     }
                 }
             }
             c.put(&path, PutPayload::from(buf))
                 .await
                 .map_err(|e| anyhow!("uploading {path}: {}", clean(&e)))?;
-            Ok(len)
+            Ok((k, len))
         }));
         Ok(idx)
     };
-    let wait_one =
-        |inflight: &mut std::collections::VecDeque<tokio::task::JoinHandle<Result<u64>>>,
-         uploaded: &mut u64,
-         skipped: &mut u64|
-         -> Result<()> {
-            if let Some(h) = inflight.pop_front() {
-                let n = remotes
-                    .run(h)?
-                    .map_err(|e| anyhow!("pack upload task: {e}"))??;
-                if n == 0 {
-                    *skipped += 1;
-                }
-                *uploaded += n;
+    let mut wait_one = |inflight: &mut std::collections::VecDeque<Upload>,
+                        uploaded: &mut u64,
+                        skipped: &mut u64|
+     -> Result<()> {
+        if let Some(h) = inflight.pop_front() {
+            let (k, n) = remotes
+                .run(h)?
+                .map_err(|e| anyhow!("pack upload task: {e}"))??;
+            if n == 0 {
+                *skipped += 1;
+            } else {
+                fresh_packs.push(k);
             }
-            Ok(())
-        };
+            *uploaded += n;
+        }
+        Ok(())
+    };
     // Extents of the pack being filled, completed with its index when it is sent.
     let mut open: Vec<Extent> = Vec::new();
     let mut done_bytes = 0u64;
@@ -358,7 +391,7 @@ pub fn push(
             checkpoint: ckpt.clone(),
             size: snap.size(),
             block_size: snap.block_size(),
-            lz4: extents.iter().any(|x| x.lz4),
+            lz4: snap.lz4(),
             created_unix: now_unix(),
             base: base
                 .as_ref()
@@ -371,6 +404,31 @@ pub fn push(
     let bytes = manifest.encode()?;
     let encoded_at = started.elapsed();
     let manifest_bytes = bytes.len() as u64;
+    // Every pack the manifest names must be there before it is: the ones this push did not
+    // just upload (the base's, resumed ones) could have been collected meanwhile.
+    let fresh: std::collections::HashSet<String> = fresh_packs.into_iter().collect();
+    let check: Vec<(object_store::path::Path, u64)> = manifest
+        .header
+        .packs
+        .iter()
+        .filter(|p| !fresh.contains(&p.key))
+        .map(|p| (key(&cfg, &p.key), p.len))
+        .collect();
+    let c = client.clone();
+    let missing = remotes.run(async move {
+        let heads = futures::future::join_all(check.iter().map(|(p, _)| c.head(p))).await;
+        check
+            .iter()
+            .zip(heads)
+            .find(|((_, len), h)| !matches!(h, Ok(m) if m.size == *len))
+            .map(|((p, _), h)| match h {
+                Err(e) => format!("{p}: {}", clean(&e)),
+                Ok(m) => format!("{p} is {} bytes", m.size),
+            })
+    })?;
+    if let Some(m) = missing {
+        bail!("a pack this checkpoint shares is no longer in the remote ({m}); push again");
+    }
     match remotes.run(lease_put)? {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => bail!("uploading the push lease: {}", clean(&e)),
@@ -378,7 +436,7 @@ pub fn push(
     }
     put(remotes, &client, key(&cfg, &mrel), bytes)?;
     let put_at = started.elapsed();
-    remotes.record_pushed(remote, snap.id(), &mrel)?;
+    remotes.record_pushed(remote, snap.id(), &mrel, &push_id)?;
     // The lease has done its job; its deletion is not waited for (gc ignores it once it
     // expires if it fails).
     let c = client.clone();
