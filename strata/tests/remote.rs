@@ -658,3 +658,57 @@ fn a_checkpoint_replaced_in_the_remote_by_another_store_is_never_a_base() {
         "vm@next restored",
     );
 }
+
+#[test]
+fn lz4_volumes_round_trip_and_a_remote_in_use_cannot_be_removed() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    // Compressible content: every 64 KiB block is a short pattern repeated.
+    let mut img = vec![0u8; 32 * MIB];
+    for (b, chunk) in img.chunks_mut(64 << 10).enumerate() {
+        if b % 5 != 2 {
+            let pat = strata_tests::block_content(b as u64, 4, 64);
+            for c in chunk.chunks_mut(64) {
+                c.copy_from_slice(&pat);
+            }
+        }
+    }
+    std::fs::write(env.path("z.raw"), &img).unwrap();
+    a.ok(&[
+        "volume",
+        "create",
+        "z",
+        "--size",
+        "32M",
+        "--compress",
+        "lz4",
+    ]);
+    a.ok(&["import", "z", env.path("z.raw").to_str().unwrap()]);
+    a.ok(&["checkpoint", "create", "z@c"]);
+    let pushed = json(&a, &["checkpoint", "push", "z@c"]);
+    // Records travel as stored: compressed.
+    assert!(
+        pushed["uploaded_bytes"].as_u64().unwrap() < (img.len() / 4) as u64,
+        "{pushed}"
+    );
+    let listed = json(&a, &["checkpoint", "list", "--remote", "g", "z"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    // A trickle (1 KiB/s, about three compressed records a second): still hydrating below.
+    let b = env.daemon("b", &["--hydrate-rate", "1K"]);
+    b.ok(&["volume", "create", "z", "--from", "g:z@c", "--lazy"]);
+    let info = json(&b, &["volume", "info", "z"]);
+    assert_eq!(info["compress"], "lz4", "{info}");
+    assert_eq!(info["block_size"], 64 << 10, "{info}");
+    // Still reading from the remote: it cannot be removed.
+    b.fails(&["remote", "remove", "g"], "still");
+    same(
+        &read_back(&b, "z", &env.path("zb.raw")),
+        &img,
+        "lazy lz4 restore",
+    );
+    b.ok(&["volume", "delete", "z"]);
+    b.ok(&["remote", "remove", "g"]);
+    assert_eq!(json(&b, &["remote", "list"]), serde_json::json!([]));
+    b.fails(&["checkpoint", "push", "z@c"], "no remote is configured");
+}

@@ -164,6 +164,10 @@ fn hydrate_inner(
 ) -> Result<bool> {
     let stop = || remotes.stopping.load(Ordering::Relaxed) || h.cancel.load(Ordering::Relaxed);
     let started = std::time::Instant::now();
+    // Under a rate limit, steps of at most a second's worth, so the rate holds from the start.
+    let step_bytes = remotes
+        .hydrate_rate
+        .map_or(STEP_BYTES, |r| r.clamp(1, STEP_BYTES));
     // Holds hydration to `--hydrate-rate`, so copying in leaves the guest its bandwidth.
     let pace = || {
         if let Some(rate) = remotes.hydrate_rate.filter(|r| *r > 0) {
@@ -205,7 +209,7 @@ fn hydrate_inner(
                             }
                             let step = store
                                 .open_volume(name)
-                                .and_then(|v| v.hydrate_step(f, first + STRIPE, STEP_BYTES));
+                                .and_then(|v| v.hydrate_step(f, first + STRIPE, step_bytes));
                             match step {
                                 Ok((n, bytes)) => {
                                     from = n;
