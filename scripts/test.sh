@@ -10,12 +10,17 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release -- --show-output 2>&1 | tee "$log"
 
-# Fuzz the guest-facing request parser and descriptor walker briefly (longer campaigns:
-# STRATA_FUZZ_SECS=3600 scripts/test.sh, or cargo fuzz run in fuzz/).
+# Fuzz what reads untrusted bytes, briefly (longer campaigns: STRATA_FUZZ_SECS=3600
+# scripts/test.sh, or cargo fuzz run in fuzz/): the guest-facing request parser and
+# descriptor walker, and the decoder of remote manifests (seeded with a valid body).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
-(cd fuzz && CARGO_TARGET_DIR=/var/tmp/strata-fuzz-target RUSTC_BOOTSTRAP=1 \
-  cargo fuzz run virtio_request -- -max_total_time="${STRATA_FUZZ_SECS:-30}" 2>&1 | tail -3)
-echo "fuzz: virtio_request ran ${STRATA_FUZZ_SECS:-30}s without a crash"
+for target in virtio_request manifest_decode; do
+  mkdir -p "fuzz/corpus/$target"
+  if [ -d "fuzz/seeds/$target" ]; then cp -n "fuzz/seeds/$target"/* "fuzz/corpus/$target/" || true; fi
+  (cd fuzz && CARGO_TARGET_DIR=/var/tmp/strata-fuzz-target RUSTC_BOOTSTRAP=1 \
+    cargo fuzz run "$target" "corpus/$target" -- -max_total_time="${STRATA_FUZZ_SECS:-30}" 2>&1 | tail -3)
+  echo "fuzz: $target ran ${STRATA_FUZZ_SECS:-30}s without a crash"
+done
 
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"
