@@ -853,6 +853,32 @@ fn render_metrics(app: &App) -> String {
             v.name, v.checkpoints
         );
     }
+    let _ = writeln!(out, "# TYPE strata_remote_fetched_bytes_total counter\n# TYPE strata_remote_fetch_errors_total counter\n# TYPE strata_remote_uploaded_bytes_total counter");
+    for (r, c) in app.remotes.counters.lock().iter() {
+        let _ = writeln!(
+            out,
+            "strata_remote_fetched_bytes_total{{remote=\"{r}\"}} {}",
+            c[0]
+        );
+        let _ = writeln!(
+            out,
+            "strata_remote_fetch_errors_total{{remote=\"{r}\"}} {}",
+            c[1]
+        );
+        let _ = writeln!(
+            out,
+            "strata_remote_uploaded_bytes_total{{remote=\"{r}\"}} {}",
+            c[2]
+        );
+    }
+    // Only volumes being restored: counting remote blocks walks the map.
+    let _ = writeln!(out, "# TYPE strata_volume_remote_bytes gauge");
+    for v in app.remotes.restoring().keys() {
+        if let Ok(info) = app.store.volume_info(v) {
+            let n = app.store.remote_blocks(v).unwrap_or(0) * u64::from(info.block_size);
+            let _ = writeln!(out, "strata_volume_remote_bytes{{volume=\"{v}\"}} {n}");
+        }
+    }
     let _ = writeln!(out, "# TYPE strata_io_ops_total counter\n# TYPE strata_io_bytes_total counter\n# TYPE strata_io_errors_total counter\n# TYPE strata_io_latency_seconds histogram");
     for (vol, e) in app.exports.lock().iter() {
         let st: &strata_block::IoStats = match e {

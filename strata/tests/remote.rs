@@ -141,6 +141,17 @@ fn job(d: &Daemon, id: u64) -> Value {
     body(&d.http("GET", &format!("/v1/jobs/{id}"), ""))
 }
 
+/// One sample of the daemon's /metrics (panics if the series is absent).
+fn metric(d: &Daemon, series: &str) -> u64 {
+    let text = d.http("GET", "/metrics", "");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{series} not in /metrics")) as u64
+}
+
 /// Waits until `f` holds, up to `secs`.
 fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -208,6 +219,13 @@ fn push_restore_incremental_and_gc() {
         inc["uploaded_bytes"].as_u64().unwrap() >= changed_mapped * BS as u64
             && inc["uploaded_bytes"].as_u64().unwrap() <= 164 * BS as u64,
         "{inc}"
+    );
+    // Uploads are counted in /metrics: both pushes' packs plus their manifests.
+    let uploaded = metric(&a, "strata_remote_uploaded_bytes_total{remote=\"g\"}");
+    let packs = full["uploaded_bytes"].as_u64().unwrap() + inc["uploaded_bytes"].as_u64().unwrap();
+    assert!(
+        uploaded > packs && uploaded < packs + (1 << 20),
+        "{uploaded} vs {packs}"
     );
     // Pushing again is a no-op; pushing a name the remote holds from elsewhere is refused.
     assert_eq!(
@@ -448,6 +466,8 @@ fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
         mid["remote_bytes"].as_u64().unwrap() > 0,
         "still hydrating before the kill: {mid}"
     );
+    assert!(metric(&b, "strata_remote_fetched_bytes_total{remote=\"g\"}") > 0);
+    assert!(metric(&b, "strata_volume_remote_bytes{volume=\"vm\"}") > 0);
     b.kill();
 
     // Restart (no rate limit): hydration resumes by itself and completes.

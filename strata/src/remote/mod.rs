@@ -113,6 +113,8 @@ pub struct Remotes {
     state: Mutex<State>,
     clients: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     pub hydrating: Mutex<HashMap<String, Arc<Hydration>>>,
+    /// Per remote: bytes fetched, failed fetches, bytes uploaded (for /metrics).
+    pub counters: Mutex<BTreeMap<String, [u64; 3]>>,
     /// Volume names a restore from a remote is creating right now.
     pub creating: Mutex<std::collections::HashSet<String>>,
     /// Set at shutdown: background hydration stops.
@@ -232,6 +234,7 @@ impl Remotes {
             clients: Mutex::new(HashMap::new()),
             hydrating: Mutex::new(HashMap::new()),
             creating: Default::default(),
+            counters: Default::default(),
             stopping: Default::default(),
             hydrate_rate,
         }))
@@ -439,6 +442,20 @@ impl Remotes {
         ))
     }
 
+    /// Adds to one of a remote's counters (0 fetched bytes, 1 failed fetches, 2 uploaded
+    /// bytes).
+    pub fn count(&self, remote: &str, which: usize, n: u64) {
+        if let Some(c) = self
+            .counters
+            .lock()
+            .entry(remote.to_string())
+            .or_default()
+            .get_mut(which)
+        {
+            *c += n;
+        }
+    }
+
     pub fn restoring(&self) -> BTreeMap<String, Restoring> {
         self.state.lock().restoring.clone()
     }
@@ -517,9 +534,17 @@ impl strata_engine::RemoteFetcher for PackFetcher {
             .run(async move { client.get_range(&path, offset..offset + len).await })
             .map_err(|e| format!("{e:#}"))?;
         match r {
-            Ok(b) => Ok(b.to_vec()),
-            Err(object_store::Error::NotFound { .. }) => Err(format!("{shown} is missing")),
-            Err(e) => Err(format!("{shown}: {}", clean(&e))),
+            Ok(b) => {
+                self.0.count(&remote, 0, b.len() as u64);
+                Ok(b.to_vec())
+            }
+            Err(e) => {
+                self.0.count(&remote, 1, 1);
+                match e {
+                    object_store::Error::NotFound { .. } => Err(format!("{shown} is missing")),
+                    e => Err(format!("{shown}: {}", clean(&e))),
+                }
+            }
         }
     }
 }

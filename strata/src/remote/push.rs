@@ -445,6 +445,7 @@ pub fn push(
             tracing::warn!(error = %clean(&e), "deleting the push lease failed");
         }
     });
+    remotes.count(remote, 2, uploaded + manifest_bytes);
     let secs = started.elapsed().as_secs_f64();
     let ms = |d: std::time::Duration| (d.as_secs_f64() * 1000.0).round();
     let phases = json!({"base": ms(based_at), "plan": ms(planned_at - based_at), "upload": ms(uploaded_at - planned_at),
