@@ -270,6 +270,48 @@ fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
     })
 }
 
+/// Block `blk`'s content as record `e` holds it, decoded. `None` when a local record does not
+/// verify (it may have been freed and its pages reused since `e` was looked up); a remote one
+/// that does not verify is an error.
+fn read_entry(
+    inner: &Inner,
+    name: &str,
+    block_size: u32,
+    blk: u64,
+    e: &Entry,
+) -> Result<Option<Vec<u8>>> {
+    let bs = block_size as usize;
+    let stored = if e.is_remote() {
+        let mut v = crate::remote::fetch_records(inner, name, block_size, &[(blk, *e)])?;
+        v.pop().unwrap_or_default()
+    } else {
+        let _reuse = inner.segments.read_guard();
+        let done = inner.segments.engine().run(read_op(inner, e)?);
+        if done.result.is_err() {
+            return Ok(None);
+        }
+        done.op.into_buf()
+    };
+    let mut block = vec![0u8; bs];
+    let ok = if e.is_lz4() {
+        decode_lz4(&stored, e, &mut block)
+    } else if stored.len() == bs && crc32fast::hash(&stored) == e.crc {
+        block.copy_from_slice(&stored);
+        true
+    } else {
+        false
+    };
+    match (ok, e.is_remote()) {
+        (true, _) => Ok(Some(block)),
+        (false, false) => Ok(None),
+        (false, true) => Err(Error::Remote {
+            volume: name.to_string(),
+            offset: blk * u64::from(block_size),
+            detail: "remote record does not decode to a block".into(),
+        }),
+    }
+}
+
 /// Reads `buf.len()` bytes at `offset` (already range-checked).
 pub(crate) fn read(
     inner: &Inner,
@@ -287,7 +329,11 @@ pub(crate) fn read(
     // Records still in a remote pack are fetched (and verified) before the reuse guard is
     // taken: a slow network must not hold off page reuse for the whole store.
     let mut prefetched: std::collections::HashMap<u64, (Entry, Vec<u8>)> = Default::default();
-    {
+    let may_be_remote = match src {
+        MapSource::Head(v) => v.maybe_remote.load(Ordering::Relaxed),
+        MapSource::Frozen(_) => true,
+    };
+    if may_be_remote {
         let remote: Vec<(u64, Entry)> = src
             .lookup(first, last - first + 1)
             .into_iter()
@@ -543,7 +589,6 @@ impl Writer<'_> {
 
     /// Builds the new content of each block (reading old content for partial blocks).
     fn prepare<'d>(&self, reqs: &[(u64, BlockWrite<'d>)]) -> Result<Vec<Record<'d>>> {
-        let bs = self.vol.block_size as usize;
         let mut out = Vec::with_capacity(reqs.len());
         for (blk, w) in reqs {
             match w {
@@ -551,34 +596,41 @@ impl Writer<'_> {
                     out.push(encode_record(*blk, (*d).into(), self.vol.lz4, None))
                 }
                 BlockWrite::Partial { at, data } => {
-                    // The compare-and-set below expects `cur`: if the block changes between
-                    // this lookup and the read (which looks again, and retries a record
-                    // punched under it), the install fails and the write is redone.
-                    let mut cur = self.vol.map.read().tree.get(*blk);
-                    if let Some(e) = cur.filter(|e| e.is_remote()) {
-                        // Copied in first, so the read below is local (a failure to keep
-                        // it only means the read fetches it again).
-                        if self.hydrate(&[(*blk, e)]).is_ok() {
-                            cur = self.vol.map.read().tree.get(*blk);
-                        }
-                    }
-                    let mut block = vec![0u8; bs];
-                    if cur.is_some() {
-                        // The whole block, even past a volume end inside it.
-                        let g = Geometry {
-                            name: &self.vol.name,
-                            block_size: self.vol.block_size,
-                            size: u64::MAX,
-                        };
-                        let src = MapSource::Head(self.vol);
-                        read(self.inner, &src, &g, blk * bs as u64, &mut block)?;
-                    }
+                    // The old content is read from the very record the compare-and-set
+                    // below expects (`cur`), not through the map again: whatever happens to
+                    // the block meanwhile (a write, a restore bringing `cur` back), the
+                    // patch applies to `cur`'s bytes, or the install fails and the write is
+                    // redone.
+                    let (cur, mut block) = self.old_content(*blk)?;
                     block[*at..*at + data.len()].copy_from_slice(data);
                     out.push(encode_record(*blk, block.into(), self.vol.lz4, Some(cur)));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Block `blk`'s current record and its content (zeros for a hole), read by entry.
+    fn old_content(&self, blk: u64) -> Result<(Option<Entry>, Vec<u8>)> {
+        let bs = self.vol.block_size as usize;
+        for _ in 0..=MAX_READ_RETRIES {
+            let cur = self.vol.map.read().tree.get(blk);
+            let Some(e) = cur else {
+                return Ok((None, vec![0u8; bs]));
+            };
+            if let Some(d) = read_entry(self.inner, &self.vol.name, self.vol.block_size, blk, &e)? {
+                return Ok((cur, d));
+            }
+            // The record did not verify: freed and reused since the lookup (look again),
+            // or damaged (still mapped: report it).
+            if self.vol.map.read().tree.get(blk) == cur {
+                break;
+            }
+        }
+        Err(Error::Checksum {
+            volume: self.vol.name.clone(),
+            offset: blk * bs as u64,
+        })
     }
 
     /// Writes the records' data, installs their mappings, writes the journal. Returns the
@@ -668,6 +720,24 @@ impl Writer<'_> {
         self.inner.check_poisoned()?;
         let data =
             crate::remote::fetch_records(self.inner, &self.vol.name, self.vol.block_size, items)?;
+        // Only records that decode to a block are kept (a hostile manifest can describe a
+        // record whose crc matches but which is not one).
+        let bs = self.vol.block_size as usize;
+        let mut scratch = vec![0u8; bs];
+        for ((blk, e), d) in items.iter().zip(&data) {
+            let fits = if e.is_lz4() {
+                decode_lz4(d, e, &mut scratch)
+            } else {
+                d.len() == bs
+            };
+            if !fits {
+                return Err(Error::Remote {
+                    volume: self.vol.name.clone(),
+                    offset: blk * bs as u64,
+                    detail: "remote record does not decode to a block".into(),
+                });
+            }
+        }
         let bytes = data.iter().map(|d| d.len() as u64).sum();
         let records = items
             .iter()

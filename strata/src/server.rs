@@ -279,7 +279,9 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         let src = src.to_string();
         return blocking(&app, move |a| {
             if req.lazy {
-                let (info, _) = remote::pull::create(&a.remotes, &a.store, &req.name, &src, false)?;
+                let (info, _, reserved) =
+                    remote::pull::create(&a.remotes, &a.store, &req.name, &src, false)?;
+                drop(reserved);
                 remote::pull::spawn_hydration(&a.remotes, &a.store, &req.name);
                 return to_json(volume_view(info, &a.exports.lock()));
             }
@@ -288,15 +290,16 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
                 .jobs
                 .spawn(move |job| {
                     let run = || -> anyhow::Result<Value> {
-                        let (_, total) = remote::pull::create(&remotes, &store, &name, &src, true)?;
+                        // Reserved (no export, delete or other restore of it) until done.
+                        let (_, total, _reserved) =
+                            remote::pull::create(&remotes, &store, &name, &src, true)?;
                         job.total.store(total, std::sync::atomic::Ordering::Relaxed);
                         match remote::pull::hydrate(&remotes, &store, &name, Some(job)) {
                             Ok(true) => {}
                             Ok(false) => anyhow::bail!("restoring {name} was cancelled (the volume was deleted, or the daemon is stopping; a restarted daemon finishes it)"),
                             Err(e) => {
                                 // An eager restore is all or nothing.
-                                let _ = store.delete_volume(&name);
-                                let _ = remotes.set_restoring(&name, None);
+                                remote::pull::discard(&remotes, &store, &name);
                                 return Err(e);
                             }
                         }
@@ -311,6 +314,12 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     }
     if req.lazy {
         return Err(bad("--lazy needs a remote source (--from REMOTE:VOL@CKPT)"));
+    }
+    if app.remotes.creating.lock().contains(&req.name) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("volume {} is being restored from a remote", req.name),
+        ));
     }
     let info = blocking(&app, move |a| {
         let info = match &req.from {
@@ -412,8 +421,20 @@ async fn delete_volume(State(app): State<Arc<App>>, UrlPath(name): UrlPath<Strin
                 format!("volume {name} is exported; unexport it first"),
             ));
         }
+        if a.remotes.creating.lock().contains(&name) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is being restored from a remote; wait for that to end"),
+            ));
+        }
         remote::pull::cancel(&a.remotes, &name);
-        a.store.delete_volume(&name)?;
+        if let Err(e) = a.store.delete_volume(&name) {
+            // Still there: its hydration goes on.
+            if a.remotes.restoring().contains_key(&name) {
+                remote::pull::spawn_hydration(&a.remotes, &a.store, &name);
+            }
+            return Err(e.into());
+        }
         if a.remotes.restoring().contains_key(&name) {
             a.remotes.set_restoring(&name, None)?;
         }

@@ -32,6 +32,12 @@ async fn list(
 
 async fn get(c: &Arc<dyn ObjectStore>, p: &object_store::path::Path) -> Result<Option<Vec<u8>>> {
     match c.get(p).await {
+        // Leases and manifests are small; anything larger is not read into memory.
+        Ok(g) if g.meta.size > super::push::MAX_MANIFEST => Err(anyhow!(
+            "{p} is {} bytes, over the {}-byte limit",
+            g.meta.size,
+            super::push::MAX_MANIFEST
+        )),
         Ok(g) => Ok(Some(
             g.bytes()
                 .await
@@ -91,6 +97,18 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
             manifests += 1;
             referenced.extend(man.header.packs.into_iter().map(|p| p.key));
         }
+        // Leases again: a push that started or resumed since the first listing protects its
+        // packs too.
+        for l in list(&c, key(&cfg, "leases")).await? {
+            if now - l.last_modified.timestamp() <= LEASE_TTL.as_secs() as i64 {
+                live_push_ids.insert(rel(&cfg.prefix, &l.location).trim_start_matches("leases/").to_string());
+                if let Some(b) = get(&c, &l.location).await? {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                        protected.extend(v["reused"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(String::from)));
+                    }
+                }
+            }
+        }
         let (mut deleted, mut deleted_bytes, mut kept) = (0u64, 0u64, 0u64);
         for p in packs {
             let k = rel(&cfg.prefix, &p.location);
@@ -116,8 +134,9 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
         }
         if !dry_run {
             for (l, seen) in &expired_leases {
-                // A push resumed since the listing rewrote it: not expired any more.
-                if matches!(c.head(l).await, Ok(m) if m.last_modified == *seen) {
+                // A push resumed since the listing rewrote it: not expired any more (compared
+                // in whole seconds: HEAD reports no finer).
+                if matches!(c.head(l).await, Ok(m) if m.last_modified.timestamp() == seen.timestamp()) {
                     let _ = c.delete(l).await;
                 }
             }

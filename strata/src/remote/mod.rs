@@ -429,17 +429,15 @@ impl Remotes {
     /// Why `vol` may not be written now, if it is being restored eagerly (the checkpoint
     /// taken at the end must equal the remote one).
     pub fn write_blocked(&self, vol: &str) -> Option<String> {
-        if self.creating.lock().contains(vol) {
+        if let Some(r) = self.state.lock().restoring.get(vol).filter(|r| r.eager) {
             return Some(format!(
-                "volume {vol} is being created from a remote; try again when that ends"
+                "volume {vol} is being restored from {}; wait for the restore to finish (or restore with --lazy)",
+                r.source
             ));
         }
-        let st = self.state.lock();
-        let r = st.restoring.get(vol).filter(|r| r.eager)?;
-        Some(format!(
-            "volume {vol} is being restored from {}; wait for the restore to finish (or restore with --lazy)",
-            r.source
-        ))
+        self.creating.lock().contains(vol).then(|| {
+            format!("volume {vol} is being created from a remote; try again when that ends")
+        })
     }
 
     /// Adds to one of a remote's counters (0 fetched bytes, 1 failed fetches, 2 uploaded

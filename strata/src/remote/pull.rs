@@ -38,21 +38,23 @@ pub fn fetch_manifest(remotes: &Remotes, remote: &str, vol: &str, ckpt: &str) ->
         .ok_or_else(|| anyhow!("remote {remote:?} has no checkpoint {vol}@{ckpt}"))
 }
 
-/// Creates `name` pointing at the remote checkpoint's records. Returns the volume's info and
-/// the manifest's stored bytes.
+/// Creates `name` pointing at the remote checkpoint's records. Returns the volume's info, the
+/// manifest's stored bytes, and the name's reservation (hold it while the volume must not be
+/// touched: an eager restore holds it until hydration ends).
 pub fn create(
     remotes: &Arc<Remotes>,
     store: &Store,
     name: &str,
     source: &str,
     eager: bool,
-) -> Result<(VolumeInfo, u64)> {
+) -> Result<(VolumeInfo, u64, Reservation)> {
     let (remote, vol, ckpt) =
         parse_source(source).ok_or_else(|| anyhow!("expected REMOTE:VOL@CKPT, got {source:?}"))?;
     strata_engine::validate_name("volume", name)?;
-    // The name is ours until this returns: a second restore to it waits its turn, and only
-    // a volume this call created is ever deleted by it.
-    let _reserved = Reservation::take(remotes, name)?;
+    // The name is ours until the caller drops the reservation: a second restore to it, a
+    // plain create, a delete or an export of it is refused meanwhile, and only a volume this
+    // call created is ever deleted by it.
+    let reserved = Reservation::take(remotes, name)?;
     if store.volume_info(name).is_ok() {
         return Err(EngineError::VolumeExists(name.to_string()).into());
     }
@@ -110,29 +112,45 @@ pub fn create(
     match made {
         Ok(info) => {
             remotes.set_restoring(name, Some(record("hydrating")))?;
-            Ok((info, m.stored_bytes()))
+            Ok((info, m.stored_bytes(), reserved))
         }
         Err(e) => {
-            let _ = store.delete_volume(name);
-            remotes.set_restoring(name, None)?;
+            discard(remotes, store, name);
             Err(e)
         }
     }
 }
 
-/// A volume name being created from a remote, released on drop.
-struct Reservation<'a>(&'a Remotes, String);
-
-impl<'a> Reservation<'a> {
-    fn take(remotes: &'a Remotes, name: &str) -> Result<Self> {
-        if !remotes.creating.lock().insert(name.to_string()) {
-            bail!("volume {name:?} is already being restored from a remote");
+/// Deletes a volume whose restore failed. Its record is cleared only once it is gone: if the
+/// delete fails (the volume is open), the record stays `creating` or `hydrating`, and the
+/// next start deletes or finishes it.
+pub fn discard(remotes: &Remotes, store: &Store, name: &str) {
+    match store.delete_volume(name) {
+        Ok(()) | Err(EngineError::NoSuchVolume(_)) => {
+            if let Err(e) = remotes.set_restoring(name, None) {
+                tracing::error!(volume = name, error = %format!("{e:#}"), "clearing the restore record");
+            }
         }
-        Ok(Reservation(remotes, name.to_string()))
+        Err(e) => {
+            tracing::warn!(volume = name, error = %e, "could not delete the failed restore; the next start retries")
+        }
     }
 }
 
-impl Drop for Reservation<'_> {
+/// A volume name being created from a remote, released on drop.
+#[derive(Debug)]
+pub struct Reservation(Arc<Remotes>, String);
+
+impl Reservation {
+    fn take(remotes: &Arc<Remotes>, name: &str) -> Result<Self> {
+        if !remotes.creating.lock().insert(name.to_string()) {
+            bail!("volume {name:?} is already being restored from a remote");
+        }
+        Ok(Reservation(remotes.clone(), name.to_string()))
+    }
+}
+
+impl Drop for Reservation {
     fn drop(&mut self) {
         self.0.creating.lock().remove(&self.1);
     }
@@ -167,7 +185,8 @@ fn hydrate_inner(
     // Under a rate limit, steps of at most a second's worth, so the rate holds from the start.
     let step_bytes = remotes
         .hydrate_rate
-        .map_or(STEP_BYTES, |r| r.clamp(1, STEP_BYTES));
+        .filter(|r| *r > 0)
+        .map_or(STEP_BYTES, |r| r.min(STEP_BYTES));
     // Holds hydration to `--hydrate-rate`, so copying in leaves the guest its bandwidth.
     let pace = || {
         if let Some(rate) = remotes.hydrate_rate.filter(|r| *r > 0) {

@@ -11,7 +11,7 @@
 use super::manifest::{Extent, Header, Manifest, PackRef};
 use super::{clean, key, manifest_rel, Remotes};
 use crate::jobs::Job;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -115,7 +115,14 @@ pub fn push(
         let Ok(bsnap) = store.open_checkpoint_id(a) else {
             continue;
         };
-        match get_manifest(remotes, &client, key(&cfg, &p.key))? {
+        let got = match get_manifest(remotes, &client, key(&cfg, &p.key)) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(manifest = %p.key, error = %format!("{e:#}"), "base manifest unreadable; not using it as a base");
+                continue;
+            }
+        };
+        match got {
             // Only the very manifest recorded (same push id): one deleted and pushed again
             // under that key, by another store, holds other data.
             Some(m)
@@ -266,8 +273,6 @@ pub fn push(
     let mut extents = Vec::with_capacity(plan.len());
     type Upload = tokio::task::JoinHandle<Result<(String, u64)>>;
     let mut inflight: std::collections::VecDeque<Upload> = Default::default();
-    // Packs this push wrote itself (not found from an earlier attempt).
-    let mut fresh_packs: Vec<String> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(PACK_BYTES + (1 << 20));
     let (mut uploaded, mut skipped, mut pack_no) = (0u64, 0u64, 0u32);
     let mut finish = |buf: Vec<u8>,
@@ -303,18 +308,16 @@ pub fn push(
         }));
         Ok(idx)
     };
-    let mut wait_one = |inflight: &mut std::collections::VecDeque<Upload>,
-                        uploaded: &mut u64,
-                        skipped: &mut u64|
+    let wait_one = |inflight: &mut std::collections::VecDeque<Upload>,
+                    uploaded: &mut u64,
+                    skipped: &mut u64|
      -> Result<()> {
         if let Some(h) = inflight.pop_front() {
-            let (k, n) = remotes
+            let (_, n) = remotes
                 .run(h)?
                 .map_err(|e| anyhow!("pack upload task: {e}"))??;
             if n == 0 {
                 *skipped += 1;
-            } else {
-                fresh_packs.push(k);
             }
             *uploaded += n;
         }
@@ -404,14 +407,23 @@ pub fn push(
     let bytes = manifest.encode()?;
     let encoded_at = started.elapsed();
     let manifest_bytes = bytes.len() as u64;
-    // Every pack the manifest names must be there before it is: the ones this push did not
-    // just upload (the base's, resumed ones) could have been collected meanwhile.
-    let fresh: std::collections::HashSet<String> = fresh_packs.into_iter().collect();
+    ensure!(
+        manifest_bytes <= MAX_MANIFEST,
+        "the manifest of {} would be {manifest_bytes} bytes, over the {MAX_MANIFEST}-byte limit restores accept",
+        snap.name()
+    );
+    // The lease first, then a check that every pack the manifest names is there, its own
+    // included (a push outliving its lease, a base pack a gc took meanwhile): a manifest
+    // never names a missing pack.
+    match remotes.run(lease_put)? {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => bail!("uploading the push lease: {}", clean(&e)),
+        Err(e) => bail!("uploading the push lease: {e}"),
+    }
     let check: Vec<(object_store::path::Path, u64)> = manifest
         .header
         .packs
         .iter()
-        .filter(|p| !fresh.contains(&p.key))
         .map(|p| (key(&cfg, &p.key), p.len))
         .collect();
     let c = client.clone();
@@ -427,12 +439,7 @@ pub fn push(
             })
     })?;
     if let Some(m) = missing {
-        bail!("a pack this checkpoint shares is no longer in the remote ({m}); push again");
-    }
-    match remotes.run(lease_put)? {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => bail!("uploading the push lease: {}", clean(&e)),
-        Err(e) => bail!("uploading the push lease: {e}"),
+        bail!("a pack this checkpoint needs is no longer in the remote ({m}); push again");
     }
     put(remotes, &client, key(&cfg, &mrel), bytes)?;
     let put_at = started.elapsed();
