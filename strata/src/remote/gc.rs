@@ -93,7 +93,7 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
             let Some(b) = get(&c, &m.location).await? else { continue };
             // A manifest that does not decode cannot be trusted to list its packs: stop
             // rather than delete what it might reference.
-            let man = Manifest::decode(&b).map_err(|e| anyhow!("manifest {}: {e:#}; gc stopped, nothing deleted", m.location))?;
+            let man = Manifest::decode(&b).map_err(|e| anyhow!("manifest {}: {e:#}; gc stopped, nothing deleted (if that checkpoint is not needed, remove it with `strata checkpoint delete --remote`)", m.location))?;
             manifests += 1;
             referenced.extend(man.header.packs.into_iter().map(|p| p.key));
         }
