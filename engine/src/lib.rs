@@ -144,13 +144,34 @@ impl Store {
     /// Blocks of the live volume still held only in remote packs (a lazy restore not yet
     /// hydrated). Does not open the volume.
     pub fn remote_blocks(&self, volume: &str) -> Result<u64> {
+        let vol = self.inner.catalog.lock().volume(volume)?.clone();
+        Ok(vol.count_remote())
+    }
+
+    /// Hydrates remote blocks of `volume` in `[from, to)`: fetches up to about `max_bytes`
+    /// of them (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on
+    /// from, or `None` once `to` (or the end of the map) is reached, and the bytes fetched.
+    /// Takes no handle: background hydration neither keeps a volume busy nor ends an
+    /// ephemeral one.
+    pub fn hydrate_step(
+        &self,
+        volume: &str,
+        from: u64,
+        to: u64,
+        max_bytes: u64,
+    ) -> Result<(Option<u64>, u64)> {
+        let vol = self.inner.catalog.lock().volume(volume)?.clone();
+        volume::hydrate_step(&self.inner, &vol, from, to, max_bytes)
+    }
+
+    /// Whether the live volume may hold remote entries: O(1), conservative (true means
+    /// "walk it to know"; false means none).
+    pub fn may_read_remote(&self, volume: &str) -> Result<bool> {
         let cat = self.inner.catalog.lock();
-        let m = cat.volume(volume)?.map.read();
-        Ok(m.tree
-            .leaves()
-            .iter()
-            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
-            .sum())
+        Ok(cat
+            .volume(volume)?
+            .maybe_remote
+            .load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Remote packs the volume or any of its checkpoints still references.

@@ -22,6 +22,9 @@ struct Built {
     tree: Tree,
     own: HashSet<u64>,
     mapped: u64,
+    /// This layer or an ancestor has a remote entry in its own leaves (noticed while the
+    /// entries are counted anyway): the volume's `maybe_remote` hint.
+    remote: bool,
 }
 
 fn scan<T>(
@@ -90,7 +93,7 @@ pub(crate) fn load(
         };
         cat.volumes.insert(
             name.clone(),
-            Arc::new(VolumeState::new(rec, name.clone(), head)),
+            Arc::new(VolumeState::new(rec, name.clone(), head, b.remote)),
         );
     }
     for ((vid, name), rec) in checkpoints {
@@ -182,11 +185,13 @@ fn build_layers(
             Some(p) => (p.tree.clone(), p.mapped),
             None => (Tree::default(), 0),
         };
+        let mut remote = built.get(&l.parent).is_some_and(|p| p.remote);
         tree.reserve(size.div_ceil(u64::from(bs)));
         let mut own = HashSet::new();
         for (idx, leaf) in own_leaves.remove(&id).unwrap_or_default() {
             for e in leaf.entries() {
                 inner.segments.incref(e);
+                remote |= e.is_remote();
             }
             let before = tree.leaf(idx).map_or(0, |l| l.len()) as u64;
             mapped = mapped + leaf.len() as u64 - before;
@@ -195,7 +200,15 @@ fn build_layers(
             own.insert(idx);
         }
         stack.extend(kids.remove(&id).unwrap_or_default());
-        built.insert(id, Built { tree, own, mapped });
+        built.insert(
+            id,
+            Built {
+                tree,
+                own,
+                mapped,
+                remote,
+            },
+        );
     }
     Ok(built)
 }
@@ -225,6 +238,9 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
             // ends the open must sync it before its mapping goes to RocksDB.
             if let Some(seg) = inner.segments.get(e.segment) {
                 inner.segments.mark_written(&seg);
+            }
+            if e.is_remote() {
+                vol.maybe_remote.store(true, Ordering::Relaxed);
             }
         }
         let change = Change {

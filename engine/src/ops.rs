@@ -149,7 +149,7 @@ pub(crate) fn create_volume(
             dirty: HashSet::new(),
             mapped_blocks: 0,
         };
-        let vol = Arc::new(VolumeState::new(&rec, name.to_string(), head));
+        let vol = Arc::new(VolumeState::new(&rec, name.to_string(), head, false));
         cat.volumes.insert(name.to_string(), vol);
         vec![
             DbOp::Put(codec::CF_VOLUMES, name.as_bytes().to_vec(), rec.encode()),
@@ -484,7 +484,8 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
         map.layer = new;
         map.parent = ck.layer;
         map.mapped_blocks = frozen.mapped_blocks;
-        vol.maybe_remote.store(true, Ordering::Relaxed);
+        vol.maybe_remote
+            .store(inner.remote.any(), Ordering::Relaxed);
         let mut ops: Vec<DbOp> = Inner::delete_layer_ops(old_layer).into();
         ops.push(Inner::layer_record(
             new,
@@ -551,7 +552,12 @@ pub(crate) fn fork(
         };
         cat.volumes.insert(
             new_name.to_string(),
-            Arc::new(VolumeState::new(&rec, new_name.to_string(), head)),
+            Arc::new(VolumeState::new(
+                &rec,
+                new_name.to_string(),
+                head,
+                inner.remote.any(),
+            )),
         );
         vec![
             DbOp::Put(
@@ -816,15 +822,8 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
             _ => out.push(ByteRange { offset, len }),
         }
     };
-    for idx in ta.diff_leaves(&tb) {
-        let empty = Default::default();
-        let la = ta.leaf(idx).unwrap_or(&empty);
-        let lb = tb.leaf(idx).unwrap_or(&empty);
-        for slot in 0..LEAF_SLOTS {
-            if la.get(slot) != lb.get(slot) {
-                push(idx * LEAF_SLOTS as u64 + slot as u64);
-            }
-        }
+    for blk in changed_blocks(&ta, &tb) {
+        push(blk);
     }
     // Size changes show as differences past the smaller end.
     if sa != sb {
@@ -838,6 +837,23 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
         }
     }
     Ok(out)
+}
+
+/// Blocks whose entry differs between `a` and `b`, in order: costs what differs, since
+/// subtrees the two share are skipped.
+pub(crate) fn changed_blocks(a: &Tree, b: &Tree) -> Vec<u64> {
+    let mut out = Vec::new();
+    let empty = crate::tree::Leaf::default();
+    for idx in a.diff_leaves(b) {
+        let la = a.leaf(idx).unwrap_or(&empty);
+        let lb = b.leaf(idx).unwrap_or(&empty);
+        for slot in 0..LEAF_SLOTS {
+            if la.get(slot) != lb.get(slot) {
+                out.push(idx * LEAF_SLOTS as u64 + slot as u64);
+            }
+        }
+    }
+    out
 }
 
 /// Every distinct record referenced by any layer, with one place that references it.

@@ -111,6 +111,11 @@ impl Remotes {
         Ok(())
     }
 
+    /// Whether any remote pack is registered: without one, no map holds remote entries.
+    pub fn any(&self) -> bool {
+        !self.packs.read().is_empty()
+    }
+
     pub fn has_pack(&self, id: u32) -> bool {
         self.packs.read().contains_key(&id)
     }
@@ -265,8 +270,25 @@ impl Store {
     pub fn read_records(&self, entries: &[Entry], out: &mut Vec<u8>) -> Result<()> {
         const SPAN: u32 = (4 << 20) / crate::PAGE_SIZE as u32;
         if entries.iter().any(|e| e.is_remote()) {
-            for e in entries {
-                out.extend_from_slice(&self.read_record(e)?);
+            // Records still remote come from the fetcher (verified there); the local ones
+            // between them are read as below, one run at a time.
+            let mut at = 0;
+            while at < entries.len() {
+                let remote = entries[at].is_remote();
+                let n = entries[at..]
+                    .iter()
+                    .take_while(|e| e.is_remote() == remote)
+                    .count();
+                let run = &entries[at..at + n];
+                if remote {
+                    let items: Vec<(u64, Entry)> = run.iter().map(|e| (0, *e)).collect();
+                    for rec in fetch_records(&self.inner, "record", 1 << 30, &items)? {
+                        out.extend_from_slice(&rec);
+                    }
+                } else {
+                    self.read_records(run, out)?;
+                }
+                at += n;
             }
             return Ok(());
         }
@@ -326,29 +348,8 @@ impl Store {
     /// checkpoint's records elsewhere; `e` must be referenced by an open view (a
     /// [`crate::Snapshot`]) so it cannot be freed meanwhile.
     pub fn read_record(&self, e: &Entry) -> Result<Vec<u8>> {
-        let inner = &self.inner;
-        if e.is_remote() {
-            let mut v = fetch_records(inner, "record", 1 << 30, &[(0, *e)])?;
-            return Ok(v.pop().unwrap_or_default());
-        }
-        let _reuse = inner.segments.read_guard();
-        let seg = inner.segments.get(e.segment).ok_or_else(|| {
-            Error::Corrupt(format!("map points at missing data segment {}", e.segment))
-        })?;
-        let done = inner.segments.engine().run(crate::io::Op::Read {
-            file: seg.file.clone(),
-            offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
-            buf: vec![0; e.stored_len() as usize],
-        });
-        done.result
-            .map_err(|err| Error::io("reading a record", err))?;
-        let data = done.op.into_buf();
-        if crc32fast::hash(&data) != e.crc {
-            return Err(Error::Checksum {
-                volume: format!("segment {}", e.segment),
-                offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
-            });
-        }
-        Ok(data)
+        let mut out = Vec::with_capacity(e.stored_len() as usize);
+        self.read_records(std::slice::from_ref(e), &mut out)?;
+        Ok(out)
     }
 }

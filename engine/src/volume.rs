@@ -58,18 +58,21 @@ pub(crate) struct VolumeState {
     pub map: RwLock<HeadMap>,
     pub handles: AtomicUsize,
     pub deleted: AtomicBool,
-    /// Set when the map may hold remote entries (lazy restore, a restore, load): reads then
-    /// hydrate the remote blocks they touch. Only a hint; reads are correct either way.
+    /// Set when the map may hold remote entries (remote entries installed, loaded or
+    /// replayed; or, in a store with remote packs registered, after a fork or restore),
+    /// cleared by
+    /// [`VolumeState::count_remote`] finding none: reads then look for remote blocks to
+    /// hydrate. Only a hint, so that setting it costs no map walk; reads are correct either way.
     pub maybe_remote: AtomicBool,
 }
 
 impl VolumeState {
-    pub fn new(rec: &crate::codec::VolumeRecord, name: String, head: HeadMap) -> Self {
-        let remote = head
-            .tree
-            .leaves()
-            .iter()
-            .any(|(_, l)| l.entries().iter().any(|e| e.is_remote()));
+    pub fn new(
+        rec: &crate::codec::VolumeRecord,
+        name: String,
+        head: HeadMap,
+        maybe_remote: bool,
+    ) -> Self {
         VolumeState {
             id: rec.id,
             name,
@@ -81,7 +84,7 @@ impl VolumeState {
             map: RwLock::new(head),
             handles: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
-            maybe_remote: AtomicBool::new(remote),
+            maybe_remote: AtomicBool::new(maybe_remote),
         }
     }
 
@@ -95,6 +98,23 @@ impl VolumeState {
 
     pub fn blocks(&self) -> u64 {
         self.size().div_ceil(u64::from(self.block_size))
+    }
+
+    /// Blocks of the live map still held remotely (walks the map); clears the
+    /// `maybe_remote` hint when there are none.
+    pub fn count_remote(&self) -> u64 {
+        let n: u64 = self
+            .map
+            .read()
+            .tree
+            .leaves()
+            .iter()
+            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
+            .sum();
+        if n == 0 {
+            self.maybe_remote.store(false, Ordering::Relaxed);
+        }
+        n
     }
 }
 
@@ -331,7 +351,8 @@ pub(crate) fn read(
     let mut prefetched: std::collections::HashMap<u64, (Entry, Vec<u8>)> = Default::default();
     let may_be_remote = match src {
         MapSource::Head(v) => v.maybe_remote.load(Ordering::Relaxed),
-        MapSource::Frozen(_) => true,
+        // A checkpoint's map carries no hint: any registered pack may be in it.
+        MapSource::Frozen(_) => inner.remote.any(),
     };
     if may_be_remote {
         let remote: Vec<(u64, Entry)> = src
@@ -834,6 +855,45 @@ impl Writer<'_> {
     }
 }
 
+/// Hydrates remote blocks of `vol` in `[from, to)`: fetches up to about `max_bytes` of them
+/// (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on from, or
+/// `None` once `to` (or the end of the map) is reached, and the bytes fetched.
+pub(crate) fn hydrate_step(
+    inner: &Inner,
+    vol: &VolumeState,
+    from: u64,
+    to: u64,
+    max_bytes: u64,
+) -> Result<(Option<u64>, u64)> {
+    const SCAN: u64 = 1 << 16;
+    let (items, next) = {
+        let m = vol.map.read();
+        let mut items = Vec::new();
+        let mut bytes = 0u64;
+        let mut at = from;
+        let limit = from.saturating_add(SCAN).min(to);
+        let next = loop {
+            let Some(b) = m.tree.next_mapped(at) else {
+                break None;
+            };
+            if b >= to {
+                break None;
+            }
+            if b >= limit || bytes >= max_bytes {
+                break Some(b);
+            }
+            if let Some(e) = m.tree.get(b).filter(|e| e.is_remote()) {
+                bytes += u64::from(e.stored_len());
+                items.push((b, e));
+            }
+            at = b + 1;
+        };
+        (items, next)
+    };
+    let fetched = Writer { inner, vol }.hydrate(&items)?;
+    Ok((next, fetched))
+}
+
 /// An open volume: read, write and flush. Cheap to clone; an ephemeral volume is deleted
 /// when its last handle is dropped.
 #[derive(Debug)]
@@ -954,52 +1014,15 @@ impl Volume {
         Ok(())
     }
 
-    /// Hydrates remote blocks in `[from, to)`: fetches up to about `max_bytes` of them
-    /// (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on from,
-    /// or `None` once `to` (or the end of the map) is reached, and the bytes fetched.
+    /// Hydrates remote blocks in `[from, to)`: see [`crate::Store::hydrate_step`], which does
+    /// the same without a handle.
     pub fn hydrate_step(&self, from: u64, to: u64, max_bytes: u64) -> Result<(Option<u64>, u64)> {
-        const SCAN: u64 = 1 << 16;
-        let (items, next) = {
-            let m = self.state.map.read();
-            let mut items = Vec::new();
-            let mut bytes = 0u64;
-            let mut at = from;
-            let limit = from.saturating_add(SCAN).min(to);
-            let next = loop {
-                let Some(b) = m.tree.next_mapped(at) else {
-                    break None;
-                };
-                if b >= to {
-                    break None;
-                }
-                if b >= limit || bytes >= max_bytes {
-                    break Some(b);
-                }
-                if let Some(e) = m.tree.get(b).filter(|e| e.is_remote()) {
-                    bytes += u64::from(e.stored_len());
-                    items.push((b, e));
-                }
-                at = b + 1;
-            };
-            (items, next)
-        };
-        let fetched = self.writer().hydrate(&items)?;
-        Ok((next, fetched))
+        hydrate_step(&self.inner, &self.state, from, to, max_bytes)
     }
 
     /// Blocks of the live volume still held only remotely.
     pub fn remote_blocks(&self) -> u64 {
-        let m = self.state.map.read();
-        let n: u64 = m
-            .tree
-            .leaves()
-            .iter()
-            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
-            .sum();
-        if n == 0 {
-            self.state.maybe_remote.store(false, Ordering::Relaxed);
-        }
-        n
+        self.state.count_remote()
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written and
@@ -1163,19 +1186,7 @@ impl Snapshot {
     /// Blocks whose record differs from `base`'s (mapped, unmapped or replaced), in block
     /// order. Costs what differs: subtrees the two share are skipped.
     pub fn changed_since(&self, base: &Snapshot) -> Vec<u64> {
-        let mut out = Vec::new();
-        let empty = crate::tree::Leaf::default();
-        for idx in self.tree.diff_leaves(&base.tree) {
-            let a = self.tree.leaf(idx).unwrap_or(&empty);
-            let b = base.tree.leaf(idx).unwrap_or(&empty);
-            for slot in 0..crate::tree::LEAF_SLOTS {
-                if a.get(slot) != b.get(slot) {
-                    out.push(idx * crate::tree::LEAF_SLOTS as u64 + slot as u64);
-                }
-            }
-        }
-        out.sort_unstable();
-        out
+        crate::ops::changed_blocks(&self.tree, &base.tree)
     }
 
     /// The record block `block` maps to, if any.

@@ -362,7 +362,12 @@ async fn volume_info(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>
         let bs = u64::from(info.block_size);
         let mut v = serde_json::to_value(volume_view(info, &a.exports.lock()))
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let remote_blocks = a.store.remote_blocks(&name)?;
+        // Walking the map only when it may hold remote entries.
+        let remote_blocks = if a.store.may_read_remote(&name)? {
+            a.store.remote_blocks(&name)?
+        } else {
+            0
+        };
         v["remote_bytes"] = json!(remote_blocks * bs);
         if let Some(r) = a.remotes.restoring().get(&name) {
             let h = a.remotes.hydrating.lock().get(&name).cloned();

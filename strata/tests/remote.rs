@@ -33,6 +33,21 @@ fn image(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
     img
 }
 
+/// Volume `name` on `d`, filled from a fresh `image` written to `env/file`; returns it.
+fn volume_from_image(
+    env: &Env,
+    d: &Daemon,
+    name: &str,
+    file: &str,
+    mib: usize,
+    seed: u64,
+) -> Vec<u8> {
+    let img = image(&env.path(file), mib, seed);
+    d.ok(&["volume", "create", name, "--size", &format!("{mib}M")]);
+    d.ok(&["import", name, env.path(file).to_str().unwrap()]);
+    img
+}
+
 struct Env {
     dir: tempfile::TempDir,
     garage: Garage,
@@ -180,9 +195,7 @@ fn remote_checkpoints(d: &Daemon) -> Vec<String> {
 fn push_restore_incremental_and_gc() {
     let env = Env::single();
     let a = env.daemon("a", &[]);
-    let img = image(&env.path("vm.raw"), 64, 1);
-    a.ok(&["volume", "create", "vm", "--size", "64M"]);
-    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 64, 1);
     a.ok(&["checkpoint", "create", "vm@c1"]);
     let full = json(&a, &["checkpoint", "push", "vm@c1", "--remote", "g"]);
     let mapped = (64 * MIB / BS) as u64 * 15 / 16;
@@ -261,9 +274,7 @@ fn push_restore_incremental_and_gc() {
     assert_eq!(again["base"], "vm@c2");
 
     // gc: a checkpoint deleted from the remote frees the packs only it referenced.
-    let other = image(&env.path("other.raw"), 8, 9);
-    b.ok(&["volume", "create", "other", "--size", "8M"]);
-    b.ok(&["import", "other", env.path("other.raw").to_str().unwrap()]);
+    let other = volume_from_image(&env, &b, "other", "other.raw", 8, 9);
     b.ok(&["checkpoint", "create", "other@x"]);
     b.ok(&["checkpoint", "push", "other@x"]);
     let dry = json(&b, &["remote", "gc", "g", "--grace", "0s"]);
@@ -376,9 +387,7 @@ fn push_restore_incremental_and_gc() {
 fn a_push_killed_midway_is_invisible_kept_by_gc_and_resumes() {
     let env = Env::single();
     let mut a = env.daemon("a", &[]);
-    let img = image(&env.path("big.raw"), 320, 3);
-    a.ok(&["volume", "create", "big", "--size", "320M"]);
-    a.ok(&["import", "big", env.path("big.raw").to_str().unwrap()]);
+    let img = volume_from_image(&env, &a, "big", "big.raw", 320, 3);
     a.ok(&["checkpoint", "create", "big@c"]);
     // Start the push through the API, and kill the daemon once some packs are in.
     let id = job_id(&a.http("POST", "/v1/volumes/big/checkpoints/c/push", "{}"));
@@ -414,9 +423,7 @@ fn a_push_killed_midway_is_invisible_kept_by_gc_and_resumes() {
 fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
     let env = Env::single();
     let a = env.daemon("a", &[]);
-    let img = image(&env.path("vm.raw"), 128, 5);
-    a.ok(&["volume", "create", "vm", "--size", "128M"]);
-    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 128, 5);
     a.ok(&["checkpoint", "create", "vm@gold"]);
     a.ok(&["checkpoint", "push", "vm@gold"]);
 
@@ -492,9 +499,7 @@ fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
 fn corrupted_or_missing_objects_are_errors_not_data() {
     let env = Env::single();
     let a = env.daemon("a", &[]);
-    let img = image(&env.path("vm.raw"), 16, 7);
-    a.ok(&["volume", "create", "vm", "--size", "16M"]);
-    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 16, 7);
     a.ok(&["checkpoint", "create", "vm@c"]);
     a.ok(&["checkpoint", "push", "vm@c"]);
     let s3 = env.s3();
@@ -599,9 +604,7 @@ fn pull_from_a_three_node_cluster_survives_losing_a_node() {
     let garage = Garage::cluster3(&dir.path().join("garage"));
     let mut env = Env::with(dir, garage);
     let a = env.daemon("a", &[]);
-    let img = image(&env.path("vm.raw"), 96, 11);
-    a.ok(&["volume", "create", "vm", "--size", "96M"]);
-    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 96, 11);
     a.ok(&["checkpoint", "create", "vm@c"]);
     a.ok(&["checkpoint", "push", "vm@c"]);
     // A slow pull; stop node 2 once it is under way.
@@ -640,16 +643,12 @@ fn pull_from_a_three_node_cluster_survives_losing_a_node() {
 fn a_checkpoint_replaced_in_the_remote_by_another_store_is_never_a_base() {
     let env = Env::single();
     let a = env.daemon("a", &[]);
-    let mut mine = image(&env.path("a.raw"), 16, 1);
-    a.ok(&["volume", "create", "vm", "--size", "16M"]);
-    a.ok(&["import", "vm", env.path("a.raw").to_str().unwrap()]);
+    let mut mine = volume_from_image(&env, &a, "vm", "a.raw", 16, 1);
     a.ok(&["checkpoint", "create", "vm@golden"]);
     a.ok(&["checkpoint", "push", "vm@golden"]);
     // Another store replaces vm@golden in the remote with different data.
     let b = env.daemon("b", &[]);
-    image(&env.path("b.raw"), 16, 2);
-    b.ok(&["volume", "create", "vm", "--size", "16M"]);
-    b.ok(&["import", "vm", env.path("b.raw").to_str().unwrap()]);
+    volume_from_image(&env, &b, "vm", "b.raw", 16, 2);
     b.ok(&["checkpoint", "create", "vm@golden"]);
     b.ok(&["checkpoint", "delete", "--remote", "g", "vm@golden"]);
     b.ok(&["checkpoint", "push", "vm@golden"]);

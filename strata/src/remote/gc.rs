@@ -30,25 +30,6 @@ async fn list(
         .map_err(|e| anyhow!("listing {prefix}: {}", clean(&e)))
 }
 
-async fn get(c: &Arc<dyn ObjectStore>, p: &object_store::path::Path) -> Result<Option<Vec<u8>>> {
-    match c.get(p).await {
-        // Leases and manifests are small; anything larger is not read into memory.
-        Ok(g) if g.meta.size > super::push::MAX_MANIFEST => Err(anyhow!(
-            "{p} is {} bytes, over the {}-byte limit",
-            g.meta.size,
-            super::push::MAX_MANIFEST
-        )),
-        Ok(g) => Ok(Some(
-            g.bytes()
-                .await
-                .map_err(|e| anyhow!("reading {p}: {}", clean(&e)))?
-                .to_vec(),
-        )),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(anyhow!("reading {p}: {}", clean(&e))),
-    }
-}
-
 /// The key relative to the remote's prefix.
 fn rel(prefix: &str, p: &object_store::path::Path) -> String {
     let s = p.to_string();
@@ -63,7 +44,7 @@ fn rel(prefix: &str, p: &object_store::path::Path) -> String {
 
 pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Result<Value> {
     let (cfg, c) = remotes.client(remote)?;
-    let now = chrono_now();
+    let now = super::push::now_unix() as i64;
     remotes.run(async move {
         let mut live_push_ids = HashSet::new();
         let mut protected = HashSet::new();
@@ -76,7 +57,7 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
                 continue;
             }
             live_push_ids.insert(id);
-            if let Some(b) = get(&c, &l.location).await? {
+            if let Some(b) = super::get_small(&c, &l.location).await? {
                 if let Ok(v) = serde_json::from_slice::<Value>(&b) {
                     for k in v["reused"].as_array().into_iter().flatten() {
                         if let Some(k) = k.as_str() {
@@ -90,7 +71,7 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
         let mut referenced = HashSet::new();
         let mut manifests = 0usize;
         for m in list(&c, key(&cfg, "manifests")).await? {
-            let Some(b) = get(&c, &m.location).await? else { continue };
+            let Some(b) = super::get_small(&c, &m.location).await? else { continue };
             // A manifest that does not decode cannot be trusted to list its packs: stop
             // rather than delete what it might reference.
             let man = Manifest::decode(&b).map_err(|e| anyhow!("manifest {}: {e:#}; gc stopped, nothing deleted (if that checkpoint is not needed, remove it with `strata checkpoint delete --remote`)", m.location))?;
@@ -102,7 +83,7 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
         for l in list(&c, key(&cfg, "leases")).await? {
             if now - l.last_modified.timestamp() <= LEASE_TTL.as_secs() as i64 {
                 live_push_ids.insert(rel(&cfg.prefix, &l.location).trim_start_matches("leases/").to_string());
-                if let Some(b) = get(&c, &l.location).await? {
+                if let Some(b) = super::get_small(&c, &l.location).await? {
                     if let Ok(v) = serde_json::from_slice::<Value>(&b) {
                         protected.extend(v["reused"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(String::from)));
                     }
@@ -146,13 +127,6 @@ pub fn gc(remotes: &Remotes, remote: &str, grace: Duration, dry_run: bool) -> Re
     })?
 }
 
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// The checkpoints a remote holds (its manifests), each checked as it is read.
 pub fn list_checkpoints(remotes: &Remotes, remote: &str) -> Result<Value> {
     let (cfg, c) = remotes.client(remote)?;
@@ -160,7 +134,7 @@ pub fn list_checkpoints(remotes: &Remotes, remote: &str) -> Result<Value> {
     remotes.run(async move {
         let mut out = Vec::new();
         for m in list(&c, key(&cfg, "manifests")).await? {
-            let Some(b) = get(&c, &m.location).await? else { continue };
+            let Some(b) = super::get_small(&c, &m.location).await? else { continue };
             match Manifest::decode(&b) {
                 Ok(man) => {
                     let h = &man.header;

@@ -484,6 +484,27 @@ impl Remotes {
     }
 }
 
+/// Reads a small object (a manifest or a lease) whole; `None` when it does not exist. An
+/// object over [`push::MAX_MANIFEST`] is refused before its body is read: whoever can write
+/// the bucket must not make the daemon allocate whatever they like.
+pub async fn get_small(c: &Arc<dyn ObjectStore>, p: &ObjPath) -> Result<Option<Vec<u8>>> {
+    match c.get(p).await {
+        Ok(g) if g.meta.size > push::MAX_MANIFEST => bail!(
+            "{p} is {} bytes, over the {}-byte limit",
+            g.meta.size,
+            push::MAX_MANIFEST
+        ),
+        Ok(g) => Ok(Some(
+            g.bytes()
+                .await
+                .map_err(|e| anyhow!("reading {p}: {}", clean(&e)))?
+                .to_vec(),
+        )),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => bail!("reading {p}: {}", clean(&e)),
+    }
+}
+
 /// A fresh random id (push ids): 16 hex digits from the OS's random source.
 pub fn new_id() -> String {
     let mut b = [0u8; 8];

@@ -226,9 +226,9 @@ fn hydrate_inner(
                             if stop() {
                                 return;
                             }
-                            let step = store
-                                .open_volume(name)
-                                .and_then(|v| v.hydrate_step(f, first + STRIPE, step_bytes));
+                            // No handle: hydration neither keeps the volume busy nor
+                            // ends an ephemeral one.
+                            let step = store.hydrate_step(name, f, first + STRIPE, step_bytes);
                             match step {
                                 Ok((n, bytes)) => {
                                     from = n;
@@ -343,21 +343,17 @@ pub fn resume(remotes: &Arc<Remotes>, store: &Arc<Store>) {
 /// After a restore or a fork: a checkpoint taken while its volume was still hydrating holds
 /// remote entries, and so does a volume restored to it or forked from it. Hydrate those too.
 pub fn ensure_hydrating(remotes: &Arc<Remotes>, store: &Arc<Store>, name: &str) {
-    if store.remote_blocks(name).unwrap_or(0) == 0
+    // O(1) here (restore and fork stay O(1)): the hydration thread walks the map, and
+    // ends at once, clearing the record, if nothing is remote.
+    if !store.may_read_remote(name).unwrap_or(false)
         || remotes.restoring().contains_key(name)
         || remotes.hydrating.lock().contains_key(name)
     {
         return;
     }
-    let remote = store
-        .remote_packs_of(name)
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|id| store.remote_pack(id).and_then(|d| Remotes::parse_desc(&d)))
-        .map(|(r, _)| r)
-        .unwrap_or_default();
     let r = Restoring {
-        remote,
+        // Which remote is not known without walking the map; `remote remove` walks it.
+        remote: String::new(),
         source: format!("{name} (restored or forked from a checkpoint with remote blocks)"),
         state: "hydrating".into(),
         eager: false,

@@ -48,25 +48,11 @@ pub fn get_manifest(
 ) -> Result<Option<Manifest>> {
     let c = client.clone();
     let shown = path.to_string();
-    let r = remotes.run(async move {
-        match c.get(&path).await {
-            // Checked before reading it: a manifest is small, and an object that is not
-            // must not make the daemon allocate whatever it claims.
-            Ok(g) if g.meta.size > MAX_MANIFEST => Ok(Err(g.meta.size)),
-            Ok(g) => g.bytes().await.map(|b| Ok(Some(b))),
-            Err(object_store::Error::NotFound { .. }) => Ok(Ok(None)),
-            Err(e) => Err(e),
-        }
-    })?;
-    match r {
-        Ok(Ok(Some(b))) => Manifest::decode(&b)
+    match remotes.run(async move { super::get_small(&c, &path).await })?? {
+        Some(b) => Manifest::decode(&b)
             .with_context(|| format!("manifest {shown}"))
             .map(Some),
-        Ok(Ok(None)) => Ok(None),
-        Ok(Err(size)) => {
-            bail!("manifest {shown} is {size} bytes, over the {MAX_MANIFEST}-byte limit")
-        }
-        Err(e) => bail!("reading {shown}: {}", clean(&e)),
+        None => Ok(None),
     }
 }
 
