@@ -165,13 +165,15 @@ pub struct VolumeRecord {
     pub block_size: u32,
     pub lz4: bool,
     pub ephemeral: bool,
+    /// A sandbox tree volume (its content is a Strata filesystem, see docs/design/trees.md).
+    pub tree: bool,
     pub head: u64,
     pub created_unix: u64,
 }
 
 impl VolumeRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let flags = u8::from(self.lz4) | u8::from(self.ephemeral) << 1;
+        let flags = u8::from(self.lz4) | u8::from(self.ephemeral) << 1 | u8::from(self.tree) << 2;
         Writer::new()
             .u64(self.id)
             .u64(self.size)
@@ -193,6 +195,7 @@ impl VolumeRecord {
             block_size,
             lz4: flags & 1 != 0,
             ephemeral: flags & 2 != 0,
+            tree: flags & 4 != 0,
             head: r.u64()?,
             created_unix: r.u64()?,
         };
@@ -345,6 +348,11 @@ pub struct JournalEntry {
     pub count: u32,
     /// `None` unmaps the blocks (discard, write-zeroes).
     pub entry: Option<Entry>,
+    /// Position in its group: the entries one install wrote together, with consecutive
+    /// sequence numbers. Replay applies a group whole or not at all.
+    pub index: u32,
+    /// More entries of the group follow this one.
+    pub more: bool,
 }
 
 const JOURNAL_MAGIC: u16 = 0x534a; // "SJ"
@@ -358,7 +366,11 @@ impl JournalEntry {
             crc: 0,
         });
         let w = Writer(Vec::with_capacity(JOURNAL_ENTRY_SIZE));
-        let mut w = w.u32(u32::from(JOURNAL_MAGIC) << 16 | u32::from(self.entry.is_some()));
+        let mut w = w.u32(
+            u32::from(JOURNAL_MAGIC) << 16
+                | u32::from(self.entry.is_some())
+                | u32::from(self.more) << 1,
+        );
         w = w
             .u64(self.seq)
             .u64(self.layer)
@@ -369,7 +381,8 @@ impl JournalEntry {
             .u32(e.page)
             .u32(e.len_flags)
             .u32(e.crc)
-            .u32(self.count);
+            .u32(self.count)
+            .u32(self.index);
         let mut bytes = w.0;
         bytes.resize(JOURNAL_ENTRY_SIZE - 4, 0);
         let crc = crc32fast::hash(&bytes);
@@ -397,6 +410,7 @@ impl JournalEntry {
             crc: r.u32().ok()?,
         };
         let count = r.u32().ok()?;
+        let index = r.u32().ok()?;
         Some(JournalEntry {
             seq,
             layer,
@@ -404,6 +418,8 @@ impl JournalEntry {
             block,
             count,
             entry: mapped.then_some(e),
+            index,
+            more: head & 2 != 0,
         })
     }
 }
@@ -442,8 +458,9 @@ mod tests {
 
         #[test]
         fn journal_roundtrip(seq in any::<u64>(), layer in any::<u64>(), block in any::<u64>(),
-                             e in proptest::option::of(arb_entry())) {
-            let j = JournalEntry { seq, layer, object: 0, block, count: 1, entry: e };
+                             e in proptest::option::of(arb_entry()), index in any::<u32>(),
+                             more in any::<bool>()) {
+            let j = JournalEntry { seq, layer, object: 0, block, count: 1, entry: e, index, more };
             prop_assert_eq!(JournalEntry::decode(&j.encode()), Some(j));
         }
 
@@ -458,7 +475,7 @@ mod tests {
         #[test]
         fn records_roundtrip(id in any::<u64>(), size in any::<u64>(), head in any::<u64>(),
                              lz4 in any::<bool>(), eph in any::<bool>()) {
-            let v = VolumeRecord { id, size, block_size: 4096, lz4, ephemeral: eph, head, created_unix: 7 };
+            let v = VolumeRecord { id, size, block_size: 4096, lz4, ephemeral: eph, tree: !eph, head, created_unix: 7 };
             prop_assert_eq!(VolumeRecord::decode(&v.encode()).unwrap(), v);
             let l = LayerRecord { parent: id, volume: head, frozen: lz4, mapped_blocks: size };
             prop_assert_eq!(LayerRecord::decode(&l.encode()).unwrap(), l);
@@ -476,6 +493,8 @@ mod tests {
             block: 5,
             count: 3,
             entry: None,
+            index: 0,
+            more: false,
         };
         let mut b = j.encode();
         b[20] ^= 1;
@@ -489,6 +508,7 @@ mod tests {
     #[test]
     fn format_is_pinned() {
         // Changing what the store writes must bump FORMAT_VERSION; these pin version 1 bytes.
+        // (A single-entry group, index 0 without `more`, encodes exactly as before groups.)
         let j = JournalEntry {
             seq: 1,
             layer: 2,
@@ -496,6 +516,8 @@ mod tests {
             block: 3,
             count: 1,
             entry: None,
+            index: 0,
+            more: false,
         };
         assert_eq!(crc32fast::hash(&j.encode()), PINNED_JOURNAL_CRC);
         let mut leaf = Leaf::default();

@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use names::validate as validate_name;
 pub use ops::{
     ByteRange, CheckpointEntry, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions,
-    DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE,
+    DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE, TREE_VOLUME_SIZE,
 };
 pub use remote::{RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};

@@ -213,46 +213,83 @@ fn build_layers(
     Ok(built)
 }
 
-/// Applies journal entries newer than the last commit whose data verifies.
+/// Applies journal entries newer than the last commit whose data verifies, a group (the
+/// entries of one install) at a time: a group with a missing entry or a record that does not
+/// verify is dropped whole, so a multi-block change is never half-replayed.
 fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<usize> {
     let mut applied = 0;
     let mut max_seq = committed;
-    for j in journal.into_iter().filter(|j| j.seq > committed) {
-        max_seq = max_seq.max(j.seq);
+    let journal: Vec<JournalEntry> = journal.into_iter().filter(|j| j.seq > committed).collect();
+    let mut i = 0;
+    while i < journal.len() {
+        let head = journal[i];
+        max_seq = max_seq.max(head.seq);
+        // Collect the group starting here: index 0, then consecutive seqs and indexes.
+        let mut end = i + 1;
+        let mut complete = head.index == 0;
+        if complete {
+            let mut last = head;
+            while last.more {
+                match journal.get(end) {
+                    Some(n) if n.seq == last.seq + 1 && n.index == last.index + 1 => {
+                        last = *n;
+                        end += 1;
+                    }
+                    _ => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let group = &journal[i..end];
+        for j in group {
+            max_seq = max_seq.max(j.seq);
+        }
+        i = end;
+        if !complete {
+            continue;
+        }
         let vol = {
             let cat = inner.catalog.lock();
             cat.volumes
                 .values()
-                .find(|v| v.map.read().layer == j.layer)
+                .find(|v| v.map.read().layer == head.layer)
                 .cloned()
         };
         let Some(vol) = vol else { continue };
-        if j.block >= vol.blocks() {
+        let ok = group.iter().all(|j| {
+            j.layer == head.layer
+                && j.block < vol.blocks()
+                && j
+                    .entry
+                    .is_none_or(|e| record_verifies(inner, &e, vol.block_size))
+        });
+        if !ok {
             continue;
         }
-        if let Some(e) = j.entry {
-            if !record_verifies(inner, &e, vol.block_size) {
-                continue;
+        for j in group {
+            if let Some(e) = j.entry {
+                // The record may sit only in the page cache (a process crash); the commit
+                // that ends the open must sync it before its mapping goes to RocksDB.
+                if let Some(seg) = inner.segments.get(e.segment) {
+                    inner.segments.mark_written(&seg);
+                }
+                if e.is_remote() {
+                    vol.maybe_remote.store(true, Ordering::Relaxed);
+                }
             }
-            // The record may sit only in the page cache (a process crash); the commit that
-            // ends the open must sync it before its mapping goes to RocksDB.
-            if let Some(seg) = inner.segments.get(e.segment) {
-                inner.segments.mark_written(&seg);
-            }
-            if e.is_remote() {
-                vol.maybe_remote.store(true, Ordering::Relaxed);
-            }
+            let change = Change {
+                block: j.block,
+                count: u64::from(j.count.max(1)),
+                new: j.entry,
+                expect: None,
+            };
+            let mut map = vol.map.write();
+            apply_changes(inner, &mut map, &[change]);
+            map.dirty.insert(leaf_index(j.block));
+            applied += 1;
         }
-        let change = Change {
-            block: j.block,
-            count: u64::from(j.count.max(1)),
-            new: j.entry,
-            expect: None,
-        };
-        let mut map = vol.map.write();
-        apply_changes(inner, &mut map, &[change]);
-        map.dirty.insert(leaf_index(j.block));
-        applied += 1;
     }
     // Sequence numbers keep growing past anything seen, committed or not.
     inner.seq.fetch_max(max_seq, Ordering::Relaxed);

@@ -23,6 +23,9 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Largest volume: 2^50 bytes (1 PiB).
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+/// Size of every tree volume: the address space the filesystem format lays out (inode table,
+/// directories, file contents; see docs/design/trees.md). Thin, so it costs nothing.
+pub const TREE_VOLUME_SIZE: u64 = 1 << 62;
 
 /// Options for a new volume.
 #[derive(Clone, Copy, Debug, Default)]
@@ -33,6 +36,9 @@ pub struct VolumeOptions {
     pub lz4: bool,
     /// Delete the volume when its last handle closes, or at the next store open.
     pub ephemeral: bool,
+    /// A sandbox tree volume: its size must be [`TREE_VOLUME_SIZE`] and its blocks hold a
+    /// Strata filesystem (written by the FUSE frontend, not by the engine).
+    pub tree: bool,
 }
 
 /// What `volume info` reports.
@@ -43,6 +49,8 @@ pub struct VolumeInfo {
     pub block_size: u32,
     pub lz4: bool,
     pub ephemeral: bool,
+    /// A sandbox tree volume (served by `strata mount`, not as a disk).
+    pub tree: bool,
     /// Bytes of the live volume that are mapped (not holes).
     pub mapped_bytes: u64,
     pub checkpoints: usize,
@@ -121,7 +129,15 @@ pub(crate) fn create_volume(
             "block size {bs} must be a power of two from 4096 to 1048576"
         )));
     }
-    check_size(size)?;
+    if opts.tree {
+        if size != TREE_VOLUME_SIZE || opts.block_size.is_some_and(|b| b != DEFAULT_BLOCK_SIZE) {
+            return Err(Error::InvalidArgument(format!(
+                "a tree volume has size {TREE_VOLUME_SIZE} and {DEFAULT_BLOCK_SIZE}-byte blocks"
+            )));
+        }
+    } else {
+        check_size(size)?;
+    }
     inner.check_poisoned()?;
     let guard = inner.commit.lock();
     let ops = {
@@ -138,6 +154,7 @@ pub(crate) fn create_volume(
             block_size: bs,
             lz4: opts.lz4,
             ephemeral: opts.ephemeral,
+            tree: opts.tree,
             head: layer,
             created_unix: now_unix(),
         };
@@ -186,6 +203,7 @@ fn info_of(cat: &Catalog, vol: &VolumeState) -> VolumeInfo {
         block_size: vol.block_size,
         lz4: vol.lz4,
         ephemeral: vol.ephemeral,
+        tree: vol.tree,
         mapped_bytes: mapped * u64::from(vol.block_size),
         checkpoints: cat.checkpoints.keys().filter(|(v, _)| *v == vol.id).count(),
         base: checkpoint_ref(cat, parent),
@@ -539,6 +557,7 @@ pub(crate) fn fork(
             block_size: src.block_size,
             lz4: src.lz4,
             ephemeral,
+            tree: src.tree,
             head: layer,
             created_unix: now_unix(),
         };

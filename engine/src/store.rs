@@ -551,6 +551,7 @@ impl Inner {
             block_size: vol.block_size,
             lz4: vol.lz4,
             ephemeral: vol.ephemeral,
+            tree: vol.tree,
             head,
             created_unix: vol.created_unix,
         };

@@ -53,6 +53,7 @@ pub(crate) struct VolumeState {
     pub block_size: u32,
     pub lz4: bool,
     pub ephemeral: bool,
+    pub tree: bool,
     pub created_unix: u64,
     size: AtomicU64,
     pub map: RwLock<HeadMap>,
@@ -79,6 +80,7 @@ impl VolumeState {
             block_size: rec.block_size,
             lz4: rec.lz4,
             ephemeral: rec.ephemeral,
+            tree: rec.tree,
             created_unix: rec.created_unix,
             size: AtomicU64::new(rec.size),
             map: RwLock::new(head),
@@ -160,17 +162,26 @@ pub(crate) fn apply_changes(
             }
             None => unmap_run(inner, map, c.block, c.count, &mut released),
         }
-        let seq = inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let count = u32::try_from(c.count).unwrap_or(u32::MAX);
         journal.push(JournalEntry {
-            seq,
+            seq: 0,
             layer: map.layer,
             object: 0,
             block: c.block,
             count,
             entry: c.new,
+            index: 0,
+            more: false,
         });
         applied.push(true);
+    }
+    // One group, consecutive sequence numbers: replay applies all of it or none.
+    let n = journal.len();
+    let first = inner.seq.fetch_add(n as u64, Ordering::Relaxed) + 1;
+    for (i, j) in journal.iter_mut().enumerate() {
+        j.seq = first + i as u64;
+        j.index = u32::try_from(i).unwrap_or(u32::MAX);
+        j.more = i + 1 < n;
     }
     inner.release(released);
     (applied, journal)
@@ -1057,6 +1068,38 @@ impl Volume {
     /// read-modify-written atomically with respect to other writes.
     pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.writer().write(offset, data, Align::Byte)
+    }
+
+    /// Writes whole blocks at block-aligned byte offsets (distinct blocks, in any order) as
+    /// one change: one journal group, so after a crash of the process, or after a power cut
+    /// before the next flush, either every block has its new content or none has. All-zero
+    /// blocks are unmapped. Durability as [`Volume::write`].
+    pub fn write_blocks(&self, blocks: &[(u64, &[u8])]) -> Result<()> {
+        let bs = u64::from(self.state.block_size);
+        let size = self.state.size();
+        let mut seen = HashSet::with_capacity(blocks.len());
+        let mut reqs = Vec::with_capacity(blocks.len());
+        for (off, data) in blocks {
+            if off % bs != 0 || data.len() as u64 != bs || off.checked_add(bs).is_none_or(|e| e > size) {
+                return Err(Error::InvalidArgument(format!(
+                    "block write at {off} of {} bytes: must be one whole {bs}-byte block inside the volume",
+                    data.len()
+                )));
+            }
+            if !seen.insert(off / bs) {
+                return Err(Error::InvalidArgument(format!(
+                    "block write names offset {off} twice"
+                )));
+            }
+            reqs.push((off / bs, BlockWrite::Full(data)));
+        }
+        self.inner.check_poisoned()?;
+        self.writer().write_blocks(reqs)
+    }
+
+    /// Whether this is a sandbox tree volume.
+    pub fn is_tree(&self) -> bool {
+        self.state.tree
     }
 
     /// [`Volume::discard`] at any byte offset and length: whole blocks are released, the

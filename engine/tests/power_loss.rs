@@ -223,3 +223,69 @@ fn power_loss_at_seeded_crash_points() {
         "no unsynced writes were ever at risk: the test proves nothing"
     );
 }
+
+/// A multi-block `write_blocks` is one journal group: after a power cut that drops, keeps or
+/// tears its unsynced writes (by sector), the volume shows the whole group or none of it.
+/// Two groups in a row: the result is the state before both, after the first, or after both.
+#[test]
+fn group_writes_are_all_or_nothing() {
+    const N: usize = 64; // 64 journal entries = 8 sectors, so the journal write can tear.
+    let fill = |v: u8| -> Vec<Vec<u8>> {
+        (0..N)
+            .map(|b| {
+                let mut x = pattern(u64::from(v) * 1000 + b as u64, BS);
+                x[0] = v;
+                x
+            })
+            .collect()
+    };
+    let (v1, v2, v3) = (fill(1), fill(2), fill(3));
+    let mut outcomes = [0usize; 3];
+    let mut torn = 0;
+    for seed in 0..200u64 {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts(Arc::new(SyncEngine::new()))).unwrap();
+            s.create_volume("v", (N * BS) as u64, VolumeOptions::default())
+                .unwrap();
+            let v = s.open_volume("v").unwrap();
+            let w: Vec<(u64, &[u8])> = (0..N).map(|b| ((b * BS) as u64, &v1[b][..])).collect();
+            v.write_blocks(&w).unwrap();
+            v.flush().unwrap();
+        }
+        let engine = Arc::new(FaultEngine::new(FaultPlan::default()));
+        {
+            let store = Store::open(dir.path(), opts(engine.clone())).unwrap();
+            let v = store.open_volume("v").unwrap();
+            for data in [&v2, &v3] {
+                // Reverse order: the group's entries are not in block order.
+                let w: Vec<(u64, &[u8])> =
+                    (0..N).rev().map(|b| ((b * BS) as u64, &data[b][..])).collect();
+                v.write_blocks(&w).unwrap();
+            }
+            engine.crash();
+            drop(v);
+            drop(store);
+        }
+        let report = engine.power_cut(seed).unwrap();
+        torn += report.torn;
+        let s = Store::open(dir.path(), opts(Arc::new(SyncEngine::new()))).unwrap();
+        let v = s.open_volume("v").unwrap();
+        let mut got = vec![vec![0u8; BS]; N];
+        for b in 0..N {
+            v.read((b * BS) as u64, &mut got[b]).unwrap();
+        }
+        let which = [&v1, &v2, &v3].iter().position(|x| **x == got);
+        let Some(w) = which else {
+            let firsts: Vec<u8> = got.iter().map(|b| b[0]).collect();
+            panic!("seed {seed}: a group was half applied: first bytes {firsts:?}");
+        };
+        outcomes[w] += 1;
+    }
+    println!("group writes: outcomes before/first/both {outcomes:?}, torn writes {torn}");
+    assert!(torn > 0, "no write was ever torn: the test proves nothing");
+    assert!(
+        outcomes[0] > 0 && outcomes[1] + outcomes[2] > 0,
+        "both losing and keeping the groups must occur: {outcomes:?}"
+    );
+}

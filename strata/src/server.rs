@@ -346,6 +346,7 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
                         block_size,
                         lz4,
                         ephemeral: req.ephemeral,
+                        tree: false,
                     },
                 )?
             }

@@ -81,6 +81,8 @@ pub fn create(
             block_size: Some(m.header.block_size),
             lz4: m.header.lz4,
             ephemeral: false,
+            // A tree volume is the only kind with this size.
+            tree: m.header.size == strata_engine::TREE_VOLUME_SIZE,
         },
     )?;
     // Recorded once the volume is ours; a crash from here until `hydrating` deletes it at
