@@ -261,8 +261,7 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
         let ok = group.iter().all(|j| {
             j.layer == head.layer
                 && j.block < vol.blocks()
-                && j
-                    .entry
+                && j.entry
                     .is_none_or(|e| record_verifies(inner, &e, vol.block_size))
         });
         if !ok {

@@ -1080,7 +1080,10 @@ impl Volume {
         let mut seen = HashSet::with_capacity(blocks.len());
         let mut reqs = Vec::with_capacity(blocks.len());
         for (off, data) in blocks {
-            if off % bs != 0 || data.len() as u64 != bs || off.checked_add(bs).is_none_or(|e| e > size) {
+            if off % bs != 0
+                || data.len() as u64 != bs
+                || off.checked_add(bs).is_none_or(|e| e > size)
+            {
                 return Err(Error::InvalidArgument(format!(
                     "block write at {off} of {} bytes: must be one whole {bs}-byte block inside the volume",
                     data.len()

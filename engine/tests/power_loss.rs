@@ -259,8 +259,10 @@ fn group_writes_are_all_or_nothing() {
             let v = store.open_volume("v").unwrap();
             for data in [&v2, &v3] {
                 // Reverse order: the group's entries are not in block order.
-                let w: Vec<(u64, &[u8])> =
-                    (0..N).rev().map(|b| ((b * BS) as u64, &data[b][..])).collect();
+                let w: Vec<(u64, &[u8])> = (0..N)
+                    .rev()
+                    .map(|b| ((b * BS) as u64, &data[b][..]))
+                    .collect();
                 v.write_blocks(&w).unwrap();
             }
             engine.crash();

@@ -9,6 +9,7 @@
 
 mod fs;
 mod prefetch;
+pub mod tree;
 
 use fs::ImageFs;
 use std::io;

@@ -1,0 +1,1278 @@
+//! The filesystem itself, independent of FUSE: namespace, attributes, extended attributes and
+//! file IO over a tree volume, with POSIX errors. Every metadata change is one
+//! [`Txn`]: the blocks it touches are written with one `Volume::write_blocks`, one journal
+//! group, so after a crash an operation (a rename, a create) is all there or not at all.
+
+use super::format::*;
+use fuser::Errno;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use strata_engine::Volume;
+
+pub type R<T> = Result<T, Errno>;
+/// Extended attributes of one inode: (name, value) in the order they were set.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Metadata blocks kept in memory; the cache is dropped whole when it grows past this.
+const CACHE_BLOCKS: usize = 32 * 1024;
+/// Locks serializing content changes of one inode against its truncation and freeing.
+const STRIPES: usize = 64;
+
+fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
+    tracing::warn!(error = %e, "tree: {what}");
+    Errno::EIO
+}
+
+fn engine_err(what: &str, e: strata_engine::Error) -> Errno {
+    match e {
+        strata_engine::Error::NoSpace => Errno::ENOSPC,
+        e => eio(what, e),
+    }
+}
+
+/// What the kernel has been told about, for invalidation after a restore.
+#[derive(Default)]
+pub struct Known {
+    /// Inode → lookup count the kernel holds.
+    pub lookups: HashMap<u64, u64>,
+    /// (parent, name) entries handed to the kernel.
+    pub entries: HashSet<(u64, Vec<u8>)>,
+}
+
+pub struct Meta {
+    cache: HashMap<u64, Arc<Vec<u8>>>,
+    next_ino: u64,
+    /// Inodes freed during this mount (content already unmapped), reused first.
+    free: Vec<u64>,
+    /// Inodes whose timestamps changed in the cache only (writes that did not change the
+    /// size); written with the next metadata change of their block, or by [`Core::sync`].
+    dirty_times: HashSet<u64>,
+    pub known: Known,
+    /// Per inode, restores that replaced it with another file (see [`Core::generation`]).
+    epochs: HashMap<u64, u64>,
+}
+
+pub struct Core {
+    pub vol: Volume,
+    /// Held shared by every operation, exclusively by a restore or checkpoint.
+    gate: RwLock<()>,
+    meta: Mutex<Meta>,
+    stripes: Vec<RwLock<()>>,
+    pub store_dir: std::path::PathBuf,
+}
+
+/// Attributes to change (setattr).
+#[derive(Default, Debug)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    /// `Some(None)`: now.
+    pub atime: Option<Option<Ts>>,
+    pub mtime: Option<Option<Ts>>,
+}
+
+pub struct Txn<'a> {
+    vol: &'a Volume,
+    meta: &'a mut Meta,
+    dirty: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Txn<'_> {
+    fn load(&mut self, off: u64) -> R<Vec<u8>> {
+        if let Some(b) = self.dirty.get(&off) {
+            return Ok(b.clone());
+        }
+        if let Some(b) = self.meta.cache.get(&off) {
+            return Ok(b.as_ref().clone());
+        }
+        let mut b = vec![0u8; BS as usize];
+        self.vol
+            .read_bytes(off, &mut b)
+            .map_err(|e| eio("reading metadata", e))?;
+        if self.meta.cache.len() >= CACHE_BLOCKS {
+            self.meta.cache.clear();
+        }
+        self.meta.cache.insert(off, Arc::new(b.clone()));
+        Ok(b)
+    }
+
+    fn with_block<T>(&mut self, off: u64, f: impl FnOnce(&[u8]) -> T) -> R<T> {
+        if let Some(b) = self.dirty.get(&off) {
+            return Ok(f(b));
+        }
+        if !self.meta.cache.contains_key(&off) {
+            self.load(off)?;
+        }
+        Ok(f(&self.meta.cache[&off]))
+    }
+
+    fn block_mut(&mut self, off: u64) -> R<&mut Vec<u8>> {
+        if !self.dirty.contains_key(&off) {
+            let b = self.load(off)?;
+            self.dirty.insert(off, b);
+        }
+        Ok(self.dirty.get_mut(&off).expect("just inserted"))
+    }
+
+    pub fn inode(&mut self, ino: u64) -> R<Inode> {
+        if ino == 0 || ino >= MAX_INO {
+            return Err(Errno::ENOENT);
+        }
+        let (off, at) = inode_block(ino);
+        let i = self.with_block(off, |b| Inode::decode(&b[at..at + INODE_SIZE as usize]))?;
+        if i.mode == 0 {
+            return Err(Errno::ENOENT);
+        }
+        Ok(i)
+    }
+
+    fn put_inode(&mut self, ino: u64, i: &Inode) -> R<()> {
+        let (off, at) = inode_block(ino);
+        let b = self.block_mut(off)?;
+        i.encode_into(&mut b[at..at + INODE_SIZE as usize]);
+        Ok(())
+    }
+
+    fn set_orphan(&mut self, ino: u64, on: bool) -> R<()> {
+        let (off, at, bit) = orphan_bit(ino);
+        let b = self.block_mut(off)?;
+        if on {
+            b[at] |= bit;
+        } else {
+            b[at] &= !bit;
+        }
+        Ok(())
+    }
+
+    fn bucket(&mut self, dir: u64, n: u64) -> R<Bucket> {
+        self.with_block(bucket_off(dir, n), Bucket::decode)?
+            .map_err(|e| eio("reading a directory", format!("directory {dir}: {e}")))
+    }
+
+    fn put_bucket(&mut self, dir: u64, n: u64, b: &Bucket) -> R<()> {
+        *self.block_mut(bucket_off(dir, n))? = b.encode();
+        Ok(())
+    }
+
+    /// Finds `name` in `dir`: (bucket, index in it, entry).
+    fn find(&mut self, dir: u64, name: &[u8]) -> R<Option<(u64, usize, Dirent)>> {
+        let h = name_hash(name);
+        let mut n = home_bucket(h);
+        for _ in 0..BUCKETS {
+            let b = self.bucket(dir, n)?;
+            if let Some(i) = b.entries.iter().position(|e| e.hash == h && e.name == name) {
+                return Ok(Some((n, i, b.entries[i].clone())));
+            }
+            if !b.overflow {
+                return Ok(None);
+            }
+            n = (n + 1) % BUCKETS;
+        }
+        Ok(None)
+    }
+
+    fn insert(&mut self, dir: u64, name: &[u8], ino: u64, mode: u32) -> R<()> {
+        let h = name_hash(name);
+        let mut n = home_bucket(h);
+        for _ in 0..BUCKETS {
+            let mut b = self.bucket(dir, n)?;
+            let clash = b
+                .entries
+                .iter()
+                .any(|e| cookie_hash(e.hash) == cookie_hash(h));
+            if b.fits(name.len()) && !clash {
+                b.entries.push(Dirent {
+                    hash: h,
+                    ino,
+                    kind: (mode >> 12) as u8,
+                    name: name.to_vec(),
+                });
+                b.sort();
+                return self.put_bucket(dir, n, &b);
+            }
+            if !b.overflow {
+                b.overflow = true;
+                self.put_bucket(dir, n, &b)?;
+            }
+            n = (n + 1) % BUCKETS;
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    fn remove_at(&mut self, dir: u64, n: u64, i: usize) -> R<()> {
+        let mut b = self.bucket(dir, n)?;
+        b.entries.remove(i);
+        self.put_bucket(dir, n, &b)
+    }
+
+    fn replace_at(&mut self, dir: u64, n: u64, i: usize, ino: u64, mode: u32) -> R<()> {
+        let mut b = self.bucket(dir, n)?;
+        b.entries[i].ino = ino;
+        b.entries[i].kind = (mode >> 12) as u8;
+        self.put_bucket(dir, n, &b)
+    }
+
+    fn xattrs(&mut self, ino: u64, len: u32) -> R<Xattrs> {
+        let mut blob = Vec::with_capacity(len as usize);
+        let base = xattr_off(ino);
+        let mut off = 0u64;
+        while off < u64::from(len) {
+            let b = self.load(base + off)?;
+            let take = (u64::from(len) - off).min(BS) as usize;
+            blob.extend_from_slice(&b[..take]);
+            off += BS;
+        }
+        decode_xattrs(&blob).map_err(|e| eio("reading xattrs", format!("inode {ino}: {e}")))
+    }
+
+    fn put_xattrs(&mut self, ino: u64, i: &mut Inode, list: &[(Vec<u8>, Vec<u8>)]) -> R<()> {
+        let blob = encode_xattrs(list);
+        if blob.len() as u64 > XATTR_SPAN {
+            return Err(Errno::ENOSPC);
+        }
+        let base = xattr_off(ino);
+        let old_blocks = u64::from(i.xattr_len).div_ceil(BS);
+        let new_blocks = (blob.len() as u64).div_ceil(BS);
+        for k in 0..old_blocks.max(new_blocks) {
+            let mut b = vec![0u8; BS as usize];
+            let from = (k * BS) as usize;
+            if from < blob.len() {
+                let to = (from + BS as usize).min(blob.len());
+                b[..to - from].copy_from_slice(&blob[from..to]);
+            }
+            *self.block_mut(base + k * BS)? = b;
+        }
+        i.xattr_len = blob.len() as u32;
+        Ok(())
+    }
+
+    fn alloc_ino(&mut self) -> R<u64> {
+        if let Some(i) = self.meta.free.pop() {
+            return Ok(i);
+        }
+        let i = self.meta.next_ino;
+        if i >= MAX_INO {
+            return Err(Errno::ENOSPC);
+        }
+        self.meta.next_ino += 1;
+        *self.block_mut(SUPER_OFF)? = Super {
+            next_ino: self.meta.next_ino,
+        }
+        .encode();
+        Ok(i)
+    }
+
+    fn commit(self) -> R<()> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let blocks: Vec<(u64, &[u8])> = self.dirty.iter().map(|(o, b)| (*o, &b[..])).collect();
+        if let Err(e) = self.vol.write_blocks(&blocks) {
+            // Nothing of this operation was applied; forget what the cache may hold of it
+            // (a fresh allocation count included).
+            self.meta.cache.clear();
+            if let Ok(s) = read_super(self.vol) {
+                self.meta.next_ino = s.next_ino;
+            }
+            return Err(engine_err("writing metadata", e));
+        }
+        for (o, b) in self.dirty {
+            self.meta.cache.insert(o, Arc::new(b));
+        }
+        Ok(())
+    }
+}
+
+fn encode_xattrs(list: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (n, v) in list {
+        out.push(n.len() as u8);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(n);
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode_xattrs(mut b: &[u8]) -> Result<Xattrs, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 5 {
+            return Err("truncated xattr header".into());
+        }
+        let nl = b[0] as usize;
+        let vl = u32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        b = &b[5..];
+        if nl == 0 || b.len() < nl + vl {
+            return Err("truncated xattr".into());
+        }
+        out.push((b[..nl].to_vec(), b[nl..nl + vl].to_vec()));
+        b = &b[nl + vl..];
+    }
+    Ok(out)
+}
+
+fn read_super(vol: &Volume) -> R<Super> {
+    let mut b = vec![0u8; BS as usize];
+    vol.read_bytes(SUPER_OFF, &mut b)
+        .map_err(|e| eio("reading the superblock", e))?;
+    match Super::decode(&b) {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(e)) => Err(eio("reading the superblock", e)),
+        None => Err(eio("reading the superblock", "not a Strata tree")),
+    }
+}
+
+/// Writes an empty tree (superblock and root directory) into a new tree volume.
+pub fn mkfs(vol: &Volume, uid: u32, gid: u32) -> strata_engine::Result<()> {
+    let now = Ts::now();
+    let root = Inode {
+        mode: libc::S_IFDIR | 0o755,
+        uid,
+        gid,
+        nlink: 2,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        btime: now,
+        parent: ROOT_INO,
+        generation: 1,
+        ..Inode::default()
+    };
+    let (off, at) = inode_block(ROOT_INO);
+    let mut ib = vec![0u8; BS as usize];
+    root.encode_into(&mut ib[at..]);
+    let sb = Super {
+        next_ino: ROOT_INO + 1,
+    }
+    .encode();
+    vol.write_blocks(&[(SUPER_OFF, &sb), (off, &ib)])?;
+    vol.flush()
+}
+
+/// Whether the volume holds a Strata tree: `Err` with the reason when not.
+pub fn check_tree(vol: &Volume) -> Result<(), String> {
+    if !vol.is_tree() {
+        return Err(format!(
+            "volume {} is a block volume, not a tree",
+            vol.name()
+        ));
+    }
+    let mut b = vec![0u8; BS as usize];
+    vol.read_bytes(SUPER_OFF, &mut b)
+        .map_err(|e| format!("reading the superblock: {e:?}"))?;
+    match Super::decode(&b) {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(e),
+        None => Err(format!("volume {} holds no Strata tree", vol.name())),
+    }
+}
+
+fn check_name(name: &[u8]) -> R<()> {
+    if name.len() > MAX_NAME {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+pub struct NewNode<'a> {
+    pub mode: u32,
+    pub umask: u32,
+    pub rdev: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub target: Option<&'a [u8]>,
+}
+
+/// An entry returned to readdir.
+pub struct ListEntry {
+    pub ino: u64,
+    pub kind: u32,
+    pub name: Vec<u8>,
+    /// Offset to resume after this entry.
+    pub next: u64,
+}
+
+impl Core {
+    /// Opens the tree in `vol` for serving: frees orphans a crash left behind.
+    pub fn open(vol: Volume, store_dir: std::path::PathBuf) -> Result<Core, String> {
+        if vol.is_tree() && vol.mapped_bytes() == 0 {
+            // A new tree volume is formatted by its first mount.
+            mkfs(&vol, 0, 0).map_err(|e| format!("formatting the new tree: {e}"))?;
+        }
+        check_tree(&vol)?;
+        let sb = read_super(&vol).map_err(|e| format!("reading the superblock: {e:?}"))?;
+        let core = Core {
+            vol,
+            gate: RwLock::new(()),
+            meta: Mutex::new(Meta {
+                cache: HashMap::new(),
+                next_ino: sb.next_ino,
+                free: Vec::new(),
+                dirty_times: HashSet::new(),
+                known: Known::default(),
+                epochs: HashMap::new(),
+            }),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            store_dir,
+        };
+        let n = core
+            .free_orphans()
+            .map_err(|e| format!("freeing orphaned inodes: {e:?}"))?;
+        if n > 0 {
+            tracing::info!(volume = %core.vol.name(), inodes = n, "freed inodes unlinked while open before a crash");
+        }
+        Ok(core)
+    }
+
+    fn stripe(&self, ino: u64) -> &RwLock<()> {
+        &self.stripes[(ino as usize) % STRIPES]
+    }
+
+    fn txn<'a>(&'a self, meta: &'a mut Meta) -> Txn<'a> {
+        Txn {
+            vol: &self.vol,
+            meta,
+            dirty: BTreeMap::new(),
+        }
+    }
+
+    /// Runs `f` with every operation held off (for a checkpoint or restore of the volume);
+    /// `changed` says `f` replaced the volume's content: every cache is dropped after, and
+    /// each inode the kernel holds that is now another file (or was deleted and is back)
+    /// gets a new generation, so the kernel drops its old inode instead of reusing it.
+    /// Inodes that are the same file keep theirs: open handles to them see the restored
+    /// content.
+    pub fn quiesce<T>(&self, changed: bool, f: impl FnOnce() -> T) -> R<T> {
+        let _g = self.gate.write();
+        self.sync_times()?;
+        let before: Vec<(u64, Option<Inode>)> = if changed {
+            let mut m = self.meta.lock();
+            let inos: Vec<u64> = m.known.lookups.keys().copied().collect();
+            let mut t = self.txn(&mut m);
+            inos.into_iter().map(|i| (i, t.inode(i).ok())).collect()
+        } else {
+            Vec::new()
+        };
+        let out = f();
+        if changed {
+            let mut m = self.meta.lock();
+            m.cache.clear();
+            m.free.clear();
+            m.dirty_times.clear();
+            // Inode numbers the kernel may still hold are never handed out again.
+            let sb = read_super(&self.vol)?;
+            m.next_ino = m.next_ino.max(sb.next_ino);
+            let mut t = self.txn(&mut m);
+            let after: Vec<(u64, Option<Inode>)> =
+                before.iter().map(|(i, _)| (*i, t.inode(*i).ok())).collect();
+            drop(t);
+            for ((ino, old), (_, new)) in before.into_iter().zip(after) {
+                let same = match (&old, &new) {
+                    (Some(o), Some(n)) => {
+                        o.nlink > 0
+                            && o.kind() == n.kind()
+                            && o.btime == n.btime
+                            && o.generation == n.generation
+                    }
+                    _ => false,
+                };
+                if !same {
+                    *m.epochs.entry(ino).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The generation the kernel is given for `ino`: the stored one plus 2^24 per restore
+    /// that replaced the file, in 32 bits (the kernel keeps no more).
+    pub fn generation(&self, ino: u64, i: &Inode) -> u64 {
+        let e = self.meta.lock().epochs.get(&ino).copied().unwrap_or(0);
+        i.generation.wrapping_add(e << 24) & 0xffff_ffff
+    }
+
+    /// Takes what the kernel was told (for invalidation), leaving the counts in place.
+    pub fn known_snapshot(&self) -> (Vec<u64>, Vec<(u64, Vec<u8>)>) {
+        let mut m = self.meta.lock();
+        let inos = m.known.lookups.keys().copied().collect();
+        let entries = m.known.entries.drain().collect();
+        (inos, entries)
+    }
+
+    fn free_orphans(&self) -> R<usize> {
+        let mut found = Vec::new();
+        let mut at = ORPHAN_BASE;
+        while let Some(off) = self.vol.next_data(at) {
+            if off >= XATTR_BASE {
+                break;
+            }
+            let blk = off - off % BS;
+            let mut b = vec![0u8; BS as usize];
+            self.vol
+                .read_bytes(blk, &mut b)
+                .map_err(|e| eio("reading orphans", e))?;
+            for (i, byte) in b.iter().enumerate() {
+                for bit in 0..8 {
+                    if byte & (1 << bit) != 0 {
+                        found.push(((blk - ORPHAN_BASE) + i as u64) * 8 + bit);
+                    }
+                }
+            }
+            at = blk + BS;
+        }
+        for ino in &found {
+            self.free_if_unused(*ino)?;
+        }
+        Ok(found.len())
+    }
+
+    /// Frees inode `ino` if it is unlinked and the kernel holds no reference: content first
+    /// (so a reused number never shows old bytes), then the slot and its orphan bit in one
+    /// change. Takes the inode's stripe and the metadata lock itself: callers hold neither.
+    fn free_if_unused(&self, ino: u64) -> R<()> {
+        let _s = self.stripe(ino).write();
+        let mut m = self.meta.lock();
+        if Self::held(&m, ino) {
+            return Ok(());
+        }
+        let mut t = self.txn(&mut m);
+        let i = match t.inode(ino) {
+            Ok(i) if i.nlink == 0 => i,
+            // Linked again, or already free: only the orphan mark may be left.
+            _ => {
+                t.set_orphan(ino, false)?;
+                return t.commit();
+            }
+        };
+        drop(t);
+        let span = if i.is_dir() {
+            BUCKETS * BS
+        } else {
+            i.size.div_ceil(BS) * BS
+        };
+        if span > 0 {
+            self.vol
+                .unmap_bytes(data_off(ino), span)
+                .map_err(|e| engine_err("freeing content", e))?;
+        }
+        let mut t = self.txn(&mut m);
+        if i.xattr_len > 0 {
+            let mut tmp = i.clone();
+            t.put_xattrs(ino, &mut tmp, &[])?;
+        }
+        // A free slot (mode 0) keeps its generation: the next inode with this number gets
+        // the one after it.
+        let free = Inode {
+            generation: i.generation,
+            ..Inode::default()
+        };
+        t.put_inode(ino, &free)?;
+        t.set_orphan(ino, false)?;
+        t.commit()?;
+        m.dirty_times.remove(&ino);
+        m.free.push(ino);
+        Ok(())
+    }
+
+    pub fn getattr(&self, ino: u64) -> R<Inode> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        self.txn(&mut m).inode(ino)
+    }
+
+    fn remember(m: &mut Meta, parent: u64, name: &[u8], ino: u64) {
+        *m.known.lookups.entry(ino).or_insert(0) += 1;
+        m.known.entries.insert((parent, name.to_vec()));
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<(u64, Inode)> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let p = t.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let ino = match name {
+            b"." => parent,
+            b".." => p.parent,
+            _ => {
+                check_name(name)?;
+                t.find(parent, name)?.ok_or(Errno::ENOENT)?.2.ino
+            }
+        };
+        let i = t.inode(ino)?;
+        drop(t);
+        Self::remember(&mut m, parent, name, ino);
+        Ok((ino, i))
+    }
+
+    /// The kernel dropped `n` references: an unlinked inode nobody holds is freed.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let _g = self.gate.read();
+        {
+            let mut m = self.meta.lock();
+            let Some(c) = m.known.lookups.get_mut(&ino) else {
+                return;
+            };
+            *c = c.saturating_sub(n);
+            if *c > 0 {
+                return;
+            }
+            m.known.lookups.remove(&ino);
+            if ino == ROOT_INO || !matches!(self.txn(&mut m).inode(ino), Ok(i) if i.nlink == 0) {
+                return;
+            }
+        }
+        if let Err(e) = self.free_if_unused(ino) {
+            tracing::warn!(ino, error = ?e, "freeing an unlinked inode failed; the next mount frees it");
+        }
+    }
+
+    fn held(m: &Meta, ino: u64) -> bool {
+        m.known.lookups.get(&ino).is_some_and(|c| *c > 0)
+    }
+
+    /// Creates a node of any kind in `parent`.
+    pub fn create(&self, parent: u64, name: &[u8], n: NewNode<'_>) -> R<(u64, Inode)> {
+        check_name(name)?;
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut p = t.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if p.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if t.find(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let kind = n.mode & libc::S_IFMT;
+        let mut perm = n.mode & 0o7777 & !n.umask;
+        let mut gid = n.gid;
+        if p.mode & libc::S_ISGID != 0 {
+            gid = p.gid;
+            if kind == libc::S_IFDIR {
+                perm |= libc::S_ISGID;
+            }
+        }
+        if kind == libc::S_IFLNK {
+            perm = 0o777;
+        }
+        let ino = t.alloc_ino()?;
+        let old_gen = {
+            let (off, at) = inode_block(ino);
+            t.with_block(off, |b| {
+                Inode::decode(&b[at..at + INODE_SIZE as usize]).generation
+            })?
+        };
+        let now = Ts::now();
+        let mut i = Inode {
+            mode: kind | perm,
+            uid: n.uid,
+            gid,
+            nlink: if kind == libc::S_IFDIR { 2 } else { 1 },
+            size: 0,
+            rdev: n.rdev,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            generation: old_gen + 1,
+            parent,
+            xattr_len: 0,
+        };
+        if let Some(target) = n.target {
+            if target.len() >= BS as usize {
+                return Err(Errno::ENAMETOOLONG);
+            }
+            let mut b = vec![0u8; BS as usize];
+            b[..target.len()].copy_from_slice(target);
+            *t.block_mut(data_off(ino))? = b;
+            i.size = target.len() as u64;
+        }
+        t.insert(parent, name, ino, i.mode)?;
+        t.put_inode(ino, &i)?;
+        p.size += 1;
+        if kind == libc::S_IFDIR {
+            p.nlink += 1;
+        }
+        p.mtime = now;
+        p.ctime = now;
+        t.put_inode(parent, &p)?;
+        t.commit()?;
+        Self::remember(&mut m, parent, name, ino);
+        Ok((ino, i))
+    }
+
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
+        check_name(name)?;
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        if i.is_dir() {
+            return Err(Errno::EPERM);
+        }
+        let mut p = t.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if p.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if t.find(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if i.nlink >= 65000 {
+            return Err(Errno::EMLINK);
+        }
+        let now = Ts::now();
+        t.insert(parent, name, ino, i.mode)?;
+        if i.nlink == 0 {
+            t.set_orphan(ino, false)?;
+        }
+        i.nlink += 1;
+        i.ctime = now;
+        t.put_inode(ino, &i)?;
+        p.size += 1;
+        p.mtime = now;
+        p.ctime = now;
+        t.put_inode(parent, &p)?;
+        t.commit()?;
+        Self::remember(&mut m, parent, name, ino);
+        Ok(i)
+    }
+
+    /// unlink (`dir == false`) or rmdir.
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
+        check_name(name)?;
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut p = t.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let (b, idx, e) = t.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        let mut i = t.inode(e.ino)?;
+        let now = Ts::now();
+        if dir {
+            if !i.is_dir() {
+                return Err(Errno::ENOTDIR);
+            }
+            if i.size > 0 {
+                return Err(Errno::ENOTEMPTY);
+            }
+            p.nlink -= 1;
+            i.nlink = 0;
+        } else {
+            if i.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            i.nlink -= 1;
+        }
+        i.ctime = now;
+        t.remove_at(parent, b, idx)?;
+        p.size -= 1;
+        p.mtime = now;
+        p.ctime = now;
+        t.put_inode(parent, &p)?;
+        t.put_inode(e.ino, &i)?;
+        let gone = i.nlink == 0;
+        if gone {
+            t.set_orphan(e.ino, true)?;
+        }
+        t.commit()?;
+        m.known.entries.remove(&(parent, name.to_vec()));
+        drop(m);
+        if gone {
+            self.free_if_unused(e.ino)?;
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> R<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let sp = t.inode(parent)?;
+        let dp = t.inode(newparent)?;
+        if !sp.is_dir() || !dp.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let (sb, si, se) = t.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        let src = t.inode(se.ino)?;
+        let target = t.find(newparent, newname)?;
+        let now = Ts::now();
+        // A directory moved to another parent: its `..` and both parents' link counts.
+        let moved_dir = |t: &mut Txn<'_>, ino: u64, from: u64, to: u64| -> R<()> {
+            let mut d = t.inode(ino)?;
+            if d.is_dir() && from != to {
+                let mut f = t.inode(from)?;
+                f.nlink -= 1;
+                t.put_inode(from, &f)?;
+                let mut g = t.inode(to)?;
+                g.nlink += 1;
+                t.put_inode(to, &g)?;
+            }
+            d.parent = to;
+            d.ctime = now;
+            t.put_inode(ino, &d)
+        };
+        if exchange {
+            let (db, di, de) = target.ok_or(Errno::ENOENT)?;
+            if de.ino == se.ino {
+                return Ok(());
+            }
+            let dst = t.inode(de.ino)?;
+            t.replace_at(parent, sb, si, de.ino, dst.mode)?;
+            t.replace_at(newparent, db, di, se.ino, src.mode)?;
+            moved_dir(&mut t, se.ino, parent, newparent)?;
+            moved_dir(&mut t, de.ino, newparent, parent)?;
+        } else {
+            let mut freed = None;
+            if let Some((db, di, de)) = target {
+                if noreplace {
+                    return Err(Errno::EEXIST);
+                }
+                if de.ino == se.ino {
+                    // Two links to one inode: POSIX says do nothing.
+                    return Ok(());
+                }
+                let mut dst = t.inode(de.ino)?;
+                if src.is_dir() {
+                    if !dst.is_dir() {
+                        return Err(Errno::ENOTDIR);
+                    }
+                    if dst.size > 0 {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                } else if dst.is_dir() {
+                    return Err(Errno::EISDIR);
+                }
+                // The old target loses this link.
+                t.remove_at(newparent, db, di)?;
+                let mut np = t.inode(newparent)?;
+                np.size -= 1;
+                if dst.is_dir() {
+                    np.nlink -= 1;
+                    dst.nlink = 0;
+                } else {
+                    dst.nlink -= 1;
+                }
+                t.put_inode(newparent, &np)?;
+                dst.ctime = now;
+                t.put_inode(de.ino, &dst)?;
+                if dst.nlink == 0 {
+                    t.set_orphan(de.ino, true)?;
+                    freed = Some(de.ino);
+                }
+            }
+            // Remove the source entry (looked up again: removing the target may have
+            // shifted it inside a shared bucket), then insert the new one.
+            let (sb, si, _) = t.find(parent, name)?.ok_or(Errno::ENOENT)?;
+            t.remove_at(parent, sb, si)?;
+            t.insert(newparent, newname, se.ino, src.mode)?;
+            let mut p = t.inode(parent)?;
+            p.size -= 1;
+            t.put_inode(parent, &p)?;
+            let mut np = t.inode(newparent)?;
+            np.size += 1;
+            t.put_inode(newparent, &np)?;
+            moved_dir(&mut t, se.ino, parent, newparent)?;
+            for d in [parent, newparent] {
+                let mut x = t.inode(d)?;
+                x.mtime = now;
+                x.ctime = now;
+                t.put_inode(d, &x)?;
+            }
+            t.commit()?;
+            m.known.entries.remove(&(parent, name.to_vec()));
+            m.known.entries.remove(&(newparent, newname.to_vec()));
+            drop(m);
+            if let Some(ino) = freed {
+                self.free_if_unused(ino)?;
+            }
+            return Ok(());
+        }
+        for d in [parent, newparent] {
+            let mut x = t.inode(d)?;
+            x.mtime = now;
+            x.ctime = now;
+            t.put_inode(d, &x)?;
+        }
+        t.commit()?;
+        m.known.entries.remove(&(parent, name.to_vec()));
+        m.known.entries.remove(&(newparent, newname.to_vec()));
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> R<Inode> {
+        let _g = self.gate.read();
+        let _s = a.size.map(|_| self.stripe(ino).write());
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        let now = Ts::now();
+        let mut changed = false;
+        if let Some(size) = a.size {
+            if i.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            if !i.is_reg() {
+                return Err(Errno::EINVAL);
+            }
+            if size > MAX_FILE_SIZE {
+                return Err(Errno::EFBIG);
+            }
+            if size < i.size {
+                // Unmapping first: a crash leaves the old size over zeros, never the new
+                // size over stale bytes.
+                drop(t);
+                self.vol
+                    .unmap_bytes(data_off(ino) + size, i.size - size)
+                    .map_err(|e| engine_err("truncating", e))?;
+                t = self.txn(&mut m);
+                i = t.inode(ino)?;
+            }
+            i.size = size;
+            i.mtime = now;
+            changed = true;
+        }
+        if let Some(mode) = a.mode {
+            i.mode = (i.mode & libc::S_IFMT) | (mode & 0o7777);
+            changed = true;
+        }
+        if let Some(uid) = a.uid {
+            i.uid = uid;
+            changed = true;
+        }
+        if let Some(gid) = a.gid {
+            i.gid = gid;
+            changed = true;
+        }
+        if let Some(at) = a.atime {
+            i.atime = at.unwrap_or(now);
+            changed = true;
+        }
+        if let Some(mt) = a.mtime {
+            i.mtime = mt.unwrap_or(now);
+            changed = true;
+        }
+        if changed {
+            i.ctime = now;
+        }
+        t.put_inode(ino, &i)?;
+        t.commit()?;
+        m.dirty_times.remove(&ino);
+        Ok(i)
+    }
+
+    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let i = t.inode(ino)?;
+        if i.kind() != libc::S_IFLNK {
+            return Err(Errno::EINVAL);
+        }
+        let len = (i.size as usize).min(BS as usize);
+        t.with_block(data_off(ino), |b| b[..len].to_vec())
+    }
+
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> R<Vec<u8>> {
+        let _g = self.gate.read();
+        let _s = self.stripe(ino).read();
+        let i = {
+            let mut m = self.meta.lock();
+            self.txn(&mut m).inode(ino)?
+        };
+        if i.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        if offset >= i.size {
+            return Ok(Vec::new());
+        }
+        let n = (u64::from(size)).min(i.size - offset) as usize;
+        let mut buf = vec![0u8; n];
+        self.vol
+            .read_bytes(data_off(ino) + offset, &mut buf)
+            .map_err(|e| engine_err("reading", e))?;
+        Ok(buf)
+    }
+
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(Errno::EFBIG)?;
+        let _g = self.gate.read();
+        let _s = self.stripe(ino).read();
+        {
+            let mut m = self.meta.lock();
+            if !self.txn(&mut m).inode(ino)?.is_reg() {
+                return Err(Errno::EINVAL);
+            }
+        }
+        self.vol
+            .write_bytes(data_off(ino) + offset, data)
+            .map_err(|e| engine_err("writing", e))?;
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        let now = Ts::now();
+        i.mtime = now;
+        i.ctime = now;
+        if end > i.size {
+            i.size = end;
+            t.put_inode(ino, &i)?;
+            t.commit()?;
+            m.dirty_times.remove(&ino);
+        } else {
+            // Only the times changed: kept in the cache, written with the next change of
+            // the block or at fsync (see docs/design/trees.md, durability).
+            t.put_inode(ino, &i)?;
+            let (off, _) = inode_block(ino);
+            let b = t.dirty.remove(&off).expect("just written");
+            drop(t);
+            m.cache.insert(off, Arc::new(b));
+            m.dirty_times.insert(ino);
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Writes timestamps held only in the cache.
+    pub fn sync_times(&self) -> R<()> {
+        let mut m = self.meta.lock();
+        if m.dirty_times.is_empty() {
+            return Ok(());
+        }
+        let inos: Vec<u64> = m.dirty_times.drain().collect();
+        let mut t = self.txn(&mut m);
+        for ino in inos {
+            let (off, _) = inode_block(ino);
+            t.block_mut(off)?;
+        }
+        t.commit()
+    }
+
+    pub fn fsync(&self) -> R<()> {
+        let _g = self.gate.read();
+        self.sync_times()?;
+        self.vol.flush().map_err(|e| engine_err("fsync", e))
+    }
+
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> R<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(Errno::EFBIG)?;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        if mode
+            & !(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            != 0
+            || (punch && !keep)
+            || (punch && zero)
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let _g = self.gate.read();
+        let _s = self.stripe(ino).write();
+        let mut m = self.meta.lock();
+        let i = self.txn(&mut m).inode(ino)?;
+        if !i.is_reg() {
+            return Err(Errno::ENODEV);
+        }
+        if punch || zero {
+            let to = end.min(if keep { i.size } else { end });
+            if to > offset {
+                self.vol
+                    .unmap_bytes(data_off(ino) + offset, to - offset)
+                    .map_err(|e| engine_err("punching", e))?;
+            }
+        }
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        let now = Ts::now();
+        if !keep && end > i.size {
+            i.size = end;
+        }
+        if punch || zero || !keep {
+            i.mtime = now;
+            i.ctime = now;
+        }
+        t.put_inode(ino, &i)?;
+        t.commit()?;
+        m.dirty_times.remove(&ino);
+        Ok(())
+    }
+
+    /// SEEK_DATA / SEEK_HOLE inside a file.
+    pub fn lseek(&self, ino: u64, offset: u64, whence: i32) -> R<u64> {
+        let _g = self.gate.read();
+        let i = {
+            let mut m = self.meta.lock();
+            self.txn(&mut m).inode(ino)?
+        };
+        if offset >= i.size {
+            return Err(Errno::ENXIO);
+        }
+        let base = data_off(ino);
+        match whence {
+            libc::SEEK_DATA => match self.vol.next_data(base + offset) {
+                Some(d) if d < base + i.size => Ok((d - base).max(offset)),
+                _ => Err(Errno::ENXIO),
+            },
+            libc::SEEK_HOLE => {
+                let h = self.vol.next_hole(base + offset);
+                Ok((h.saturating_sub(base)).max(offset).min(i.size))
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Directory entries after `offset` (0 = from the start): `.`, `..`, then the buckets'
+    /// entries in key order. Calls `add` until it returns true (the reply is full).
+    pub fn readdir(&self, ino: u64, offset: u64, mut add: impl FnMut(ListEntry) -> bool) -> R<()> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let d = t.inode(ino)?;
+        if !d.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let dots = [(1u64, ino, b".".to_vec()), (2, d.parent, b"..".to_vec())];
+        for (next, i, name) in dots {
+            if offset < next
+                && add(ListEntry {
+                    ino: i,
+                    kind: libc::S_IFDIR,
+                    name,
+                    next,
+                })
+            {
+                return Ok(());
+            }
+        }
+        // Keys strictly after this one.
+        let after = offset.checked_sub(3);
+        let first_bucket = after.map_or(0, |k| k >> COOKIE_HASH_BITS);
+        let base = data_off(ino);
+        let mut at = base + first_bucket * BS;
+        let end = base + BUCKETS * BS;
+        while let Some(off) = self.vol.next_data(at) {
+            if off >= end {
+                break;
+            }
+            let n = (off - base) / BS;
+            let b = t.bucket(ino, n)?;
+            for e in &b.entries {
+                let key = (n << COOKIE_HASH_BITS) | cookie_hash(e.hash);
+                if after.is_some_and(|a| key <= a) {
+                    continue;
+                }
+                if add(ListEntry {
+                    ino: e.ino,
+                    kind: u32::from(e.kind) << 12,
+                    name: e.name.clone(),
+                    next: key + 3,
+                }) {
+                    return Ok(());
+                }
+            }
+            at = base + (n + 1) * BS;
+        }
+        Ok(())
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let i = t.inode(ino)?;
+        t.xattrs(ino, i.xattr_len)?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(Errno::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let i = t.inode(ino)?;
+        let mut out = Vec::new();
+        for (n, _) in t.xattrs(ino, i.xattr_len)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Sets (`Some`) or removes (`None`) an extended attribute.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>, flags: i32) -> R<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Errno::ERANGE);
+        }
+        if value.is_some_and(|v| v.len() > 65536) {
+            return Err(Errno::E2BIG);
+        }
+        let _g = self.gate.read();
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        let mut list = t.xattrs(ino, i.xattr_len)?;
+        let pos = list.iter().position(|(n, _)| n == name);
+        match (value, pos) {
+            (Some(_), Some(_)) if flags & libc::XATTR_CREATE != 0 => return Err(Errno::EEXIST),
+            (Some(_), None) if flags & libc::XATTR_REPLACE != 0 => return Err(Errno::ENODATA),
+            (None, None) => return Err(Errno::ENODATA),
+            (Some(v), Some(p)) => list[p].1 = v.to_vec(),
+            (Some(v), None) => list.push((name.to_vec(), v.to_vec())),
+            (None, Some(p)) => {
+                list.remove(p);
+            }
+        }
+        t.put_xattrs(ino, &mut i, &list)?;
+        i.ctime = Ts::now();
+        t.put_inode(ino, &i)?;
+        t.commit()?;
+        m.dirty_times.remove(&ino);
+        Ok(())
+    }
+
+    /// (inodes in use, inodes left) for statfs.
+    pub fn inode_counts(&self) -> (u64, u64) {
+        let m = self.meta.lock();
+        let used = m.next_ino.saturating_sub(m.free.len() as u64);
+        (used, MAX_INO - used)
+    }
+}

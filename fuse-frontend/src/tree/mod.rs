@@ -1,0 +1,691 @@
+//! Sandbox root trees: a whole POSIX tree stored in a tree volume, served over FUSE.
+//!
+//! [`core`] is the filesystem (namespace, attributes, xattrs, file IO) on top of the engine;
+//! [`format`] is its on-volume layout. This module maps FUSE requests onto it and owns the
+//! mount: [`TreeMount::start`], [`TreeMount::restore`] (swaps the volume's content under the
+//! mount and invalidates what the kernel cached), [`TreeMount::stop`].
+
+mod core;
+mod format;
+
+use self::core::{Core, NewNode, SetAttr, R};
+use format::{Inode, Ts};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use strata_engine::Volume;
+
+use crate::{FuseError, FuseOptions};
+
+pub use self::core::{check_tree, mkfs};
+
+/// How long the kernel may trust names and attributes. This mount is the only writer; a
+/// restore invalidates explicitly.
+const TTL: Duration = Duration::from_secs(1);
+const MAX_IO: u32 = 1 << 20;
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr(ino: u64, i: &Inode) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: i.size,
+        blocks: if i.is_dir() { 8 } else { i.size.div_ceil(512) },
+        atime: i.atime.to_system(),
+        mtime: i.mtime.to_system(),
+        ctime: i.ctime.to_system(),
+        crtime: i.btime.to_system(),
+        kind: file_type(i.mode),
+        perm: (i.mode & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time(t: TimeOrNow) -> Option<Ts> {
+    match t {
+        TimeOrNow::SpecificTime(t) => Some(Ts::from(t)),
+        TimeOrNow::Now => None,
+    }
+}
+
+struct TreeFs {
+    core: Arc<Core>,
+}
+
+impl TreeFs {
+    fn entry(&self, r: R<(u64, Inode)>, reply: ReplyEntry) {
+        match r {
+            Ok((ino, i)) => reply.entry(
+                &TTL,
+                &attr(ino, &i),
+                Generation(self.core.generation(ino, &i)),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        n: NewNode<'_>,
+    ) -> R<(u64, Inode)> {
+        let n = NewNode {
+            uid: req.uid(),
+            gid: req.gid(),
+            ..n
+        };
+        self.core.create(parent.0, name.as_bytes(), n)
+    }
+}
+
+fn ok(r: R<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn xattr_reply(r: R<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl Filesystem for TreeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.core.lookup(parent.0, name.as_bytes()), reply)
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr(ino.0) {
+            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
+        match self.core.setattr(ino.0, &a) {
+            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.core.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        let kind = if kind == 0 { libc::S_IFREG } else { kind };
+        let n = NewNode {
+            mode: kind | (mode & 0o7777),
+            umask,
+            rdev: u64::from(rdev),
+            uid: 0,
+            gid: 0,
+            target: None,
+        };
+        self.entry(self.node(req, parent, name, n), reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let n = NewNode {
+            mode: libc::S_IFDIR | (mode & 0o7777),
+            umask,
+            rdev: 0,
+            uid: 0,
+            gid: 0,
+            target: None,
+        };
+        self.entry(self.node(req, parent, name, n), reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        ok(self.core.remove(parent.0, name.as_bytes(), false), reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        ok(self.core.remove(parent.0, name.as_bytes(), true), reply)
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let n = NewNode {
+            mode: libc::S_IFLNK | 0o777,
+            umask: 0,
+            rdev: 0,
+            uid: 0,
+            gid: 0,
+            target: Some(target.as_os_str().as_bytes()),
+        };
+        self.entry(self.node(req, parent, link_name, n), reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        ok(
+            self.core.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            ),
+            reply,
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .core
+            .link(ino.0, newparent.0, newname.as_bytes())
+            .map(|i| (ino.0, i));
+        self.entry(r, reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.getattr(ino.0) {
+            Ok(i) if i.is_dir() => reply.error(Errno::EISDIR),
+            // This mount is the only writer, and a restore invalidates: cached pages stay
+            // valid across opens.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        let n = NewNode {
+            mode: if kind == 0 { libc::S_IFREG } else { kind } | (mode & 0o7777),
+            umask,
+            rdev: 0,
+            uid: 0,
+            gid: 0,
+            target: None,
+        };
+        match self.node(req, parent, name, n) {
+            Ok((ino, i)) => reply.created(
+                &TTL,
+                &attr(ino, &i),
+                Generation(self.core.generation(ino, &i)),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.core.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) promises no durability; timestamps held in memory are written here so
+        // that a closed file's times survive a crash of the daemon.
+        ok(self.core.sync_times(), reply)
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        ok(self.core.fsync(), reply)
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
+        ok(self.core.fsync(), reply)
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.getattr(ino.0) {
+            Ok(i) if i.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self.core.readdir(ino.0, offset, |e| {
+            reply.add(
+                INodeNo(e.ino),
+                e.next,
+                file_type(e.kind),
+                OsStr::from_bytes(&e.name),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (used, free_inodes) = self.core.inode_counts();
+        let (blocks, bfree, bavail) = store_space(&self.core.store_dir);
+        reply.statfs(
+            blocks,
+            bfree,
+            bavail,
+            used + free_inodes,
+            free_inodes,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        ok(
+            self.core
+                .setxattr(ino.0, name.as_bytes(), Some(value), flags),
+            reply,
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.core.getxattr(ino.0, name.as_bytes()), size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.core.listxattr(ino.0), size, reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        ok(self.core.setxattr(ino.0, name.as_bytes(), None, 0), reply)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        ok(self.core.fallocate(ino.0, offset, length, mode), reply)
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.core.lseek(ino.0, off, whence) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// (total, free, available) 4 KiB blocks of the filesystem holding the store.
+fn store_space(dir: &Path) -> (u64, u64, u64) {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return (0, 0, 0);
+    };
+    // SAFETY: statvfs is plain old data; zeroed is a valid value.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `s` a valid out-pointer for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return (0, 0, 0);
+    }
+    let scale = |n: u64| n * s.f_frsize / 4096;
+    (scale(s.f_blocks), scale(s.f_bfree), scale(s.f_bavail))
+}
+
+/// A mounted tree. [`TreeMount::stop`] unmounts it; dropping it without stopping detaches
+/// the mount lazily.
+#[derive(Debug)]
+pub struct TreeMount {
+    mountpoint: PathBuf,
+    core: Arc<Core>,
+    session: Option<fuser::BackgroundSession>,
+    notifier: fuser::Notifier,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("volume", &self.vol.name())
+            .finish()
+    }
+}
+
+impl TreeMount {
+    /// Mounts the tree held by `volume` at `mountpoint` (an existing empty directory).
+    /// `store_dir` is where statfs reads free space from.
+    pub fn start(
+        volume: Volume,
+        store_dir: &Path,
+        mountpoint: &Path,
+        opts: &FuseOptions,
+    ) -> Result<TreeMount, FuseError> {
+        crate::check_mountpoint(mountpoint)?;
+        let mountpoint = mountpoint.canonicalize().map_err(|source| FuseError::Io {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+        let name = volume.name().to_string();
+        let core = Core::open(volume, store_dir.to_path_buf()).map_err(|e| FuseError::Io {
+            path: mountpoint.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let core = Arc::new(core);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("strata:{name}")),
+            fuser::MountOption::Subtype("strata".into()),
+            fuser::MountOption::DefaultPermissions,
+            // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
+            fuser::MountOption::Dev,
+            fuser::MountOption::Suid,
+            fuser::MountOption::NoAtime,
+        ];
+        if opts.read_only {
+            config.mount_options.push(fuser::MountOption::RO);
+        }
+        if opts.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(opts.threads.clamp(1, 64));
+        config.clone_fd = true;
+        let session = fuser::Session::new(TreeFs { core: core.clone() }, &mountpoint, &config)
+            .map_err(|source| FuseError::Io {
+                path: mountpoint.clone(),
+                source,
+            })?;
+        let session = session.spawn().map_err(|source| FuseError::Io {
+            path: mountpoint.clone(),
+            source,
+        })?;
+        let notifier = session.notifier();
+        tracing::info!(volume = %name, mountpoint = %mountpoint.display(), "tree mounted");
+        Ok(TreeMount {
+            mountpoint,
+            core,
+            session: Some(session),
+            notifier,
+        })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Runs `f` (a checkpoint of the volume) with every operation of the mount held off, so
+    /// the checkpoint holds no half-done operation and every timestamp.
+    pub fn checkpoint<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
+        self.core.quiesce(false, f)
+    }
+
+    /// Runs `f` (a restore of the volume) with every operation held off, then drops every
+    /// cache and tells the kernel to forget what it cached: names it looked up and inodes'
+    /// attributes and pages. Processes then see the restored tree; a file they hold open
+    /// that the restored tree does not have answers ENOENT.
+    pub fn restore<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
+        let out = self.core.quiesce(true, f)?;
+        let (inos, entries) = self.core.known_snapshot();
+        for (parent, name) in entries {
+            let _ = self
+                .notifier
+                .inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+        }
+        for ino in inos {
+            let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+        let _ = self.notifier.inval_inode(INodeNo(format::ROOT_INO), 0, 0);
+        Ok(out)
+    }
+
+    /// Makes every acknowledged operation durable against power loss.
+    pub fn sync(&self) -> Result<(), Errno> {
+        self.core.fsync()
+    }
+
+    /// Unmounts and waits for the serving threads; refused with [`FuseError::Busy`] while
+    /// a file in the tree is open or a process has its working directory there.
+    pub fn stop(&mut self) -> Result<(), FuseError> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        // Timestamps held in memory go to the volume first.
+        let _ = self.core.sync_times();
+        crate::unmount(&self.mountpoint, 0).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EBUSY) {
+                FuseError::Busy(self.mountpoint.clone())
+            } else {
+                FuseError::Io {
+                    path: self.mountpoint.clone(),
+                    source,
+                }
+            }
+        })?;
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.join() {
+                tracing::warn!(error = %e, "FUSE session ended with an error");
+            }
+        }
+        let _ = self.core.sync_times();
+        tracing::info!(mountpoint = %self.mountpoint.display(), "tree unmounted");
+        Ok(())
+    }
+
+    /// Unmounts even when busy (lazily), for daemon shutdown.
+    pub fn detach(mut self) {
+        let _ = self.core.sync_times();
+        if self.session.is_none() {
+            return;
+        }
+        match crate::unmount(&self.mountpoint, 0) {
+            Ok(()) => {
+                if let Some(s) = self.session.take() {
+                    let _ = s.join();
+                }
+            }
+            Err(_) => {
+                if let Err(e) = crate::unmount(&self.mountpoint, libc::MNT_DETACH) {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "detaching the tree mount");
+                }
+                if let Some(s) = self.session.take() {
+                    std::mem::forget(s);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TreeMount {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = crate::unmount(&self.mountpoint, libc::MNT_DETACH);
+            std::mem::forget(s);
+        }
+    }
+}
