@@ -58,6 +58,22 @@ enum Cmd {
     Export(ExportCmd),
     /// Stop exporting a volume.
     Unexport { volume: String },
+    /// Sandbox root trees: directory trees with the same checkpoints as volumes.
+    #[command(subcommand)]
+    Fs(FsCmd),
+    /// Mount a tree volume as a directory (FUSE, served by the daemon).
+    Mount {
+        name: String,
+        /// An existing, empty directory.
+        dir: PathBuf,
+        #[arg(long)]
+        read_only: bool,
+        /// Let other users in (permissions still apply: default_permissions).
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Unmount a tree mounted with `strata mount` (refused while a file in it is open).
+    Unmount { dir: PathBuf },
     /// Copy an image file into a volume (raw; qcow2 and others through qemu-img).
     Import {
         volume: String,
@@ -121,6 +137,20 @@ enum VolumeCmd {
     },
     Delete {
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FsCmd {
+    /// Create a tree volume: empty, or forked from a tree's checkpoint in O(1).
+    Create {
+        name: String,
+        /// TREE@CKPT to fork from.
+        #[arg(long)]
+        from: Option<String>,
+        /// Discard the tree when it is unmounted or the daemon restarts.
+        #[arg(long)]
+        ephemeral: bool,
     },
 }
 
@@ -296,6 +326,44 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Export(ExportCmd::List) => c.call("GET", "/v1/exports", None)?,
         Cmd::Unexport { volume } => c.call("DELETE", &format!("/v1/exports/{volume}"), None)?,
+        Cmd::Fs(FsCmd::Create {
+            name,
+            from,
+            ephemeral,
+        }) => {
+            if let Some(f) = &from {
+                split_ref(f)?;
+            }
+            c.call(
+                "POST",
+                "/v1/volumes",
+                Some(json!({"name": name, "tree": true, "from": from, "ephemeral": ephemeral})),
+            )?
+        }
+        Cmd::Mount {
+            name,
+            dir,
+            read_only,
+            allow_other,
+        } => {
+            let dir = std::path::absolute(&dir).context("mount point path")?;
+            c.call("POST", "/v1/exports", Some(json!({"volume": name, "kind": "tree", "mountpoint": dir, "read_only": read_only, "allow_other": allow_other})))?
+        }
+        Cmd::Unmount { dir } => {
+            let dir = std::path::absolute(&dir).context("mount point path")?;
+            let dir = dir.canonicalize().unwrap_or(dir);
+            let all = c.call("GET", "/v1/exports", None)?;
+            let vol = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["kind"] == "tree" && e["mountpoint"].as_str() == dir.to_str())
+                .and_then(|e| e["volume"].as_str().map(str::to_string));
+            match vol {
+                Some(v) => c.call("DELETE", &format!("/v1/exports/{v}"), None)?,
+                None => bail!("no tree is mounted at {}", dir.display()),
+            }
+        }
         Cmd::Import {
             volume,
             file,

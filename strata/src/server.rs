@@ -21,6 +21,7 @@ use strata_block::{BlockOptions, Export};
 use strata_engine::{
     CheckpointInfo, Error as EngineError, MapRef, Store, StoreOptions, VolumeInfo, VolumeOptions,
 };
+use strata_fuse::tree::TreeMount;
 use strata_fuse::{FuseExport, FuseOptions};
 
 /// One export per volume: a vhost-user-blk socket or a FUSE mount.
@@ -36,6 +37,12 @@ enum Exported {
         read_only: bool,
         allow_other: bool,
     },
+    /// A tree volume mounted as a directory tree.
+    Tree {
+        mount: TreeMount,
+        read_only: bool,
+        allow_other: bool,
+    },
 }
 
 impl Exported {
@@ -44,13 +51,14 @@ impl Exported {
         match self {
             Exported::Vhost { socket, .. } => socket,
             Exported::Fuse { export, .. } => export.mountpoint(),
+            Exported::Tree { mount, .. } => mount.mountpoint(),
         }
     }
 
     fn fuse(&self) -> Option<&FuseExport> {
         match self {
             Exported::Fuse { export, .. } => Some(export),
-            Exported::Vhost { .. } => None,
+            Exported::Vhost { .. } | Exported::Tree { .. } => None,
         }
     }
 
@@ -71,6 +79,13 @@ impl Exported {
             } => {
                 json!({"volume": vol, "kind": "fuse", "mountpoint": export.mountpoint(), "read_only": read_only, "allow_other": allow_other})
             }
+            Exported::Tree {
+                mount,
+                read_only,
+                allow_other,
+            } => {
+                json!({"volume": vol, "kind": "tree", "mountpoint": mount.mountpoint(), "read_only": read_only, "allow_other": allow_other})
+            }
         }
     }
 
@@ -79,6 +94,7 @@ impl Exported {
         match self {
             Exported::Vhost { export, .. } => export.stop(),
             Exported::Fuse { export, .. } => export.detach(),
+            Exported::Tree { mount, .. } => mount.detach(),
         }
     }
 }
@@ -180,6 +196,8 @@ fn to_json<T: serde::Serialize>(v: T) -> ApiResult {
 #[derive(serde::Serialize)]
 struct VolumeView {
     name: String,
+    /// "block" (a virtual disk) or "tree" (a sandbox root tree, `strata mount`).
+    kind: &'static str,
     size: u64,
     block_size: u32,
     compress: Option<&'static str>,
@@ -194,6 +212,7 @@ struct VolumeView {
 fn volume_view(v: VolumeInfo, exports: &BTreeMap<String, Exported>) -> VolumeView {
     VolumeView {
         exported: exports.get(&v.name).map(|e| e.path().display().to_string()),
+        kind: if v.tree { "tree" } else { "block" },
         name: v.name,
         size: v.size,
         block_size: v.block_size,
@@ -259,6 +278,9 @@ struct CreateReq {
     /// With a remote source: usable at once, hydrated in the background.
     #[serde(default)]
     lazy: bool,
+    /// A sandbox tree volume (`strata fs create`).
+    #[serde(default)]
+    tree: bool,
 }
 
 async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
@@ -321,8 +343,33 @@ async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
             format!("volume {} is being restored from a remote", req.name),
         ));
     }
+    if req.tree && (lz4 || block_size.is_some() || req.size.is_some()) {
+        return Err(bad(
+            "a tree volume has no size, block size or compression to choose",
+        ));
+    }
     let info = blocking(&app, move |a| {
         let info = match &req.from {
+            Some(from) if req.tree => {
+                let (v, c) = from
+                    .split_once('@')
+                    .ok_or_else(|| bad("--from expects TREE@CHECKPOINT"))?;
+                if !a.store.volume_info(v)?.tree {
+                    return Err(bad(format!(
+                        "{v} is a block volume; fork it with `strata volume create --from`"
+                    )));
+                }
+                a.store.fork(v, c, &req.name, req.ephemeral)?
+            }
+            None if req.tree => a.store.create_volume(
+                &req.name,
+                strata_engine::TREE_VOLUME_SIZE,
+                VolumeOptions {
+                    ephemeral: req.ephemeral,
+                    tree: true,
+                    ..VolumeOptions::default()
+                },
+            )?,
             Some(from) => {
                 let (v, c) = from
                     .split_once('@')
@@ -409,6 +456,11 @@ async fn resize_volume(
                 format!("volume {name} is exported to a hypervisor; unexport it before resizing"),
             ));
         }
+        if a.store.volume_info(&name)?.tree {
+            return Err(bad(format!(
+                "volume {name} is a tree; it has no size to change"
+            )));
+        }
         let info = a.store.grow_volume(&name, req.size)?;
         if let Some(f) = ex.get(&name).and_then(Exported::fuse) {
             f.volume_changed();
@@ -478,8 +530,20 @@ async fn create_checkpoint(
 ) -> ApiResult {
     let req: CheckpointReq = parse(&body)?;
     let v = blocking(&app, move |a| {
-        let info = a.store.checkpoint(&vol, &req.name)?;
-        if let Some(f) = a.exports.lock().get(&vol).and_then(Exported::fuse) {
+        let ex = a.exports.lock();
+        let info = match ex.get(&vol) {
+            // Taken with the tree's operations held off: no half-done operation in it.
+            Some(Exported::Tree { mount, .. }) => mount
+                .checkpoint(|| a.store.checkpoint(&vol, &req.name))
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("syncing the tree: {e:?}"),
+                    )
+                })??,
+            _ => a.store.checkpoint(&vol, &req.name)?,
+        };
+        if let Some(f) = ex.get(&vol).and_then(Exported::fuse) {
             f.checkpoints_changed(None);
         }
         Ok(CheckpointView::from(info))
@@ -510,6 +574,13 @@ async fn restore_checkpoint(
             return Err(ApiError(StatusCode::CONFLICT, why));
         }
         let mut ex = a.exports.lock();
+        if let Some(Exported::Tree { mount, .. }) = ex.get(&vol) {
+            // The mount stays: processes see the restored tree (see docs/fuse.md).
+            mount
+                .restore(|| a.store.restore(&vol, &ck))
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("restoring the mounted tree: {e:?}")))??;
+            return Ok(());
+        }
         if let Some(Exported::Fuse { export, .. }) = ex.get(&vol) {
             // The mount stays: the kernel drops its cached pages of the image afterwards.
             a.store.restore(&vol, &ck)?;
@@ -646,7 +717,7 @@ fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
             }
             (Some(absolute(req.socket.clone(), "socket", &kind)?), None)
         }
-        "fuse" => {
+        "fuse" | "tree" => {
             if req.socket.is_some() || req.queues != 1 {
                 return Err(bad("socket and queues are for vhost-user exports"));
             }
@@ -657,7 +728,7 @@ fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
         }
         other => {
             return Err(bad(format!(
-                "unknown export kind {other:?} (supported: vhost-user, fuse)"
+                "unknown export kind {other:?} (supported: vhost-user, fuse, tree)"
             )))
         }
     };
@@ -685,7 +756,34 @@ fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
         ));
     }
     let vol = a.store.open_volume(&req.volume)?;
-    let exported = if let Some(socket) = socket {
+    if vol.is_tree() != (kind == "tree") {
+        return Err(bad(if vol.is_tree() {
+            format!(
+                "volume {} is a tree; mount it with `strata mount {} DIR`",
+                req.volume, req.volume
+            )
+        } else {
+            format!(
+                "volume {} is a block volume; export it with `strata export fuse` or `strata export vhost-user`",
+                req.volume
+            )
+        }));
+    }
+    let exported = if kind == "tree" {
+        let mountpoint = mountpoint.ok_or_else(|| bad("a tree mount needs mountpoint"))?;
+        let opts = FuseOptions {
+            read_only: req.read_only,
+            allow_other: req.allow_other,
+            ..FuseOptions::default()
+        };
+        let mount = TreeMount::start(vol, a.store.path(), &mountpoint, &opts)
+            .map_err(|e| bad(format!("{e}")))?;
+        Exported::Tree {
+            mount,
+            read_only: req.read_only,
+            allow_other: req.allow_other,
+        }
+    } else if let Some(socket) = socket {
         let block_size = vol.block_size();
         let opts = BlockOptions {
             queues: req.queues,
@@ -793,10 +891,14 @@ async fn delete_export(State(app): State<Arc<App>>, UrlPath(vol): UrlPath<String
             )
         })?;
         // A busy FUSE mount refuses and keeps serving.
-        if let Exported::Fuse { export, .. } = e {
-            export
+        match e {
+            Exported::Fuse { export, .. } => export
                 .stop()
-                .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?;
+                .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?,
+            Exported::Tree { mount, .. } => mount
+                .stop()
+                .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?,
+            Exported::Vhost { .. } => {}
         }
         if let Some(e) = ex.remove(&vol) {
             e.shutdown();
@@ -911,6 +1013,7 @@ fn render_metrics(app: &App) -> String {
         let st: &strata_block::IoStats = match e {
             Exported::Vhost { export, .. } => &export.stats,
             Exported::Fuse { export, .. } => export.stats(),
+            Exported::Tree { .. } => continue,
         };
         for (i, op) in OPS.iter().enumerate() {
             let l = format!("volume=\"{vol}\",op=\"{op}\"");
@@ -975,6 +1078,11 @@ async fn import_image(
         if let Some(why) = a.remotes.write_blocked(&name) {
             return Err(ApiError(StatusCode::CONFLICT, why));
         }
+        if a.store.volume_info(&name)?.tree {
+            return Err(bad(format!(
+                "volume {name} is a tree: copy files into it through `strata mount`"
+            )));
+        }
         let vol = a.store.open_volume(&name)?;
         let scratch = a.store.path().to_path_buf();
         if !a.importing.lock().insert(name.clone()) {
@@ -1018,6 +1126,12 @@ async fn export_image(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
         return Err(bad("the image path must be absolute"));
     }
     let id = blocking(&app, move |a| {
+        let vol = req.source.split('@').next().unwrap_or_default();
+        if a.store.volume_info(vol)?.tree {
+            return Err(bad(format!(
+                "{vol} is a tree, not a disk image: mount it (or a fork of the checkpoint) and copy files out"
+            )));
+        }
         let src = match req.source.split_once('@') {
             Some((v, c)) => crate::jobs::Source::Checkpoint(a.store.open_checkpoint(v, c)?),
             None => crate::jobs::Source::Live(a.store.open_volume(&req.source)?),
