@@ -11,8 +11,6 @@ use std::sync::Arc;
 use strata_engine::Volume;
 
 pub type R<T> = Result<T, Errno>;
-/// Extended attributes of one inode: (name, value) in the order they were set.
-type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Metadata blocks kept in memory; the cache is dropped whole when it grows past this.
 const CACHE_BLOCKS: usize = 32 * 1024;
@@ -36,8 +34,9 @@ fn engine_err(what: &str, e: strata_engine::Error) -> Errno {
 pub struct Known {
     /// Inode → lookup count the kernel holds.
     pub lookups: HashMap<u64, u64>,
-    /// (parent, name) entries handed to the kernel.
-    pub entries: HashSet<(u64, Vec<u8>)>,
+    /// Per inode the kernel holds, the (parent, name) entries it was handed for it;
+    /// dropped when the kernel forgets the inode, so this is bounded by the kernel's cache.
+    pub names: HashMap<u64, HashSet<(u64, Vec<u8>)>>,
 }
 
 pub struct Meta {
@@ -51,6 +50,25 @@ pub struct Meta {
     pub known: Known,
     /// Per inode, restores that replaced it with another file (see [`Core::generation`]).
     epochs: HashMap<u64, u64>,
+    /// Xattr blobs read or written, by inode (bounded by [`XCACHE_BYTES`]).
+    xcache: HashMap<u64, Arc<Vec<u8>>>,
+    xcache_bytes: usize,
+}
+
+/// Bytes of xattr blobs kept in memory; the cache is dropped whole past this.
+const XCACHE_BYTES: usize = 64 << 20;
+
+impl Meta {
+    fn cache_xblob(&mut self, ino: u64, b: Arc<Vec<u8>>) {
+        if self.xcache_bytes + b.len() > XCACHE_BYTES {
+            self.xcache.clear();
+            self.xcache_bytes = 0;
+        }
+        self.xcache_bytes += b.len();
+        if let Some(old) = self.xcache.insert(ino, b) {
+            self.xcache_bytes -= old.len();
+        }
+    }
 }
 
 pub struct Core {
@@ -78,6 +96,8 @@ pub struct Txn<'a> {
     vol: &'a Volume,
     meta: &'a mut Meta,
     dirty: BTreeMap<u64, Vec<u8>>,
+    /// An xattr blob this change writes, cached once it commits.
+    xpending: Option<(u64, Arc<Vec<u8>>)>,
 }
 
 impl Txn<'_> {
@@ -215,37 +235,56 @@ impl Txn<'_> {
         self.put_bucket(dir, n, &b)
     }
 
-    fn xattrs(&mut self, ino: u64, len: u32) -> R<Xattrs> {
+    /// Inode `ino`'s xattr blob (`len` bytes): entries `[name len u8][value len u32 LE]
+    /// [name][value]`, in the order they were set. Kept decoded-free: operations scan it.
+    fn xblob(&mut self, ino: u64, len: u32) -> R<Arc<Vec<u8>>> {
+        if let Some(b) = self
+            .meta
+            .xcache
+            .get(&ino)
+            .filter(|b| b.len() == len as usize)
+        {
+            return Ok(b.clone());
+        }
         let mut blob = Vec::with_capacity(len as usize);
         let base = xattr_off(ino);
         let mut off = 0u64;
         while off < u64::from(len) {
-            let b = self.load(base + off)?;
             let take = (u64::from(len) - off).min(BS) as usize;
-            blob.extend_from_slice(&b[..take]);
+            self.with_block(base + off, |b| blob.extend_from_slice(&b[..take]))?;
             off += BS;
         }
-        decode_xattrs(&blob).map_err(|e| eio("reading xattrs", format!("inode {ino}: {e}")))
+        check_xattrs(&blob).map_err(|e| eio("reading xattrs", format!("inode {ino}: {e}")))?;
+        let blob = Arc::new(blob);
+        self.meta.cache_xblob(ino, blob.clone());
+        Ok(blob)
     }
 
-    fn put_xattrs(&mut self, ino: u64, i: &mut Inode, list: &[(Vec<u8>, Vec<u8>)]) -> R<()> {
-        let blob = encode_xattrs(list);
+    /// Replaces the blob: writes only the blocks whose bytes change (appending an
+    /// attribute to a long list rewrites its last block, not the list).
+    fn put_xblob(&mut self, ino: u64, i: &mut Inode, old: &[u8], blob: Vec<u8>) -> R<()> {
         if blob.len() as u64 > XATTR_SPAN {
             return Err(Errno::ENOSPC);
         }
         let base = xattr_off(ino);
-        let old_blocks = u64::from(i.xattr_len).div_ceil(BS);
-        let new_blocks = (blob.len() as u64).div_ceil(BS);
-        for k in 0..old_blocks.max(new_blocks) {
+        let blocks = (old.len().max(blob.len()) as u64).div_ceil(BS);
+        let part = |v: &[u8], k: u64| -> Vec<u8> {
             let mut b = vec![0u8; BS as usize];
             let from = (k * BS) as usize;
-            if from < blob.len() {
-                let to = (from + BS as usize).min(blob.len());
-                b[..to - from].copy_from_slice(&blob[from..to]);
+            if from < v.len() {
+                let to = (from + BS as usize).min(v.len());
+                b[..to - from].copy_from_slice(&v[from..to]);
             }
-            *self.block_mut(base + k * BS)? = b;
+            b
+        };
+        for k in 0..blocks {
+            let nb = part(&blob, k);
+            if nb != part(old, k) {
+                *self.block_mut(base + k * BS)? = nb;
+            }
         }
         i.xattr_len = blob.len() as u32;
+        self.xpending = Some((ino, Arc::new(blob)));
         Ok(())
     }
 
@@ -274,6 +313,7 @@ impl Txn<'_> {
             // Nothing of this operation was applied; forget what the cache may hold of it
             // (a fresh allocation count included).
             self.meta.cache.clear();
+            self.meta.xcache.clear();
             if let Ok(s) = read_super(self.vol) {
                 self.meta.next_ino = s.next_ino;
             }
@@ -282,37 +322,51 @@ impl Txn<'_> {
         for (o, b) in self.dirty {
             self.meta.cache.insert(o, Arc::new(b));
         }
+        if let Some((ino, b)) = self.xpending {
+            self.meta.cache_xblob(ino, b);
+        }
         Ok(())
     }
 }
 
-fn encode_xattrs(list: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (n, v) in list {
-        out.push(n.len() as u8);
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(n);
-        out.extend_from_slice(v);
-    }
-    out
+/// One xattr entry's position in a blob: (start, name range, value range).
+type XEntry = (usize, std::ops::Range<usize>, std::ops::Range<usize>);
+
+fn xattr_entries(b: &[u8]) -> impl Iterator<Item = Result<XEntry, String>> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= b.len() {
+            return None;
+        }
+        let start = at;
+        if b.len() - at < 5 {
+            at = b.len();
+            return Some(Err("truncated xattr header".into()));
+        }
+        let nl = b[at] as usize;
+        let vl = u32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
+        let name = at + 5..at + 5 + nl;
+        let value = name.end..name.end.saturating_add(vl);
+        if nl == 0 || value.end > b.len() {
+            at = b.len();
+            return Some(Err("truncated xattr".into()));
+        }
+        at = value.end;
+        Some(Ok((start, name, value)))
+    })
 }
 
-fn decode_xattrs(mut b: &[u8]) -> Result<Xattrs, String> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        if b.len() < 5 {
-            return Err("truncated xattr header".into());
-        }
-        let nl = b[0] as usize;
-        let vl = u32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize;
-        b = &b[5..];
-        if nl == 0 || b.len() < nl + vl {
-            return Err("truncated xattr".into());
-        }
-        out.push((b[..nl].to_vec(), b[nl..nl + vl].to_vec()));
-        b = &b[nl + vl..];
-    }
-    Ok(out)
+fn check_xattrs(b: &[u8]) -> Result<(), String> {
+    xattr_entries(b).try_for_each(|e| e.map(|_| ()))
+}
+
+fn xattr_entry(name: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + name.len() + value.len());
+    out.push(name.len() as u8);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(value);
+    out
 }
 
 fn read_super(vol: &Volume) -> R<Super> {
@@ -418,6 +472,8 @@ impl Core {
                 dirty_times: HashSet::new(),
                 known: Known::default(),
                 epochs: HashMap::new(),
+                xcache: HashMap::new(),
+                xcache_bytes: 0,
             }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             store_dir,
@@ -440,6 +496,7 @@ impl Core {
             vol: &self.vol,
             meta,
             dirty: BTreeMap::new(),
+            xpending: None,
         }
     }
 
@@ -464,6 +521,8 @@ impl Core {
         if changed {
             let mut m = self.meta.lock();
             m.cache.clear();
+            m.xcache.clear();
+            m.xcache_bytes = 0;
             m.free.clear();
             m.dirty_times.clear();
             // Inode numbers the kernel may still hold are never handed out again.
@@ -498,11 +557,11 @@ impl Core {
         i.generation.wrapping_add(e << 24) & 0xffff_ffff
     }
 
-    /// Takes what the kernel was told (for invalidation), leaving the counts in place.
+    /// What the kernel was told (for invalidation): inodes it holds and their names.
     pub fn known_snapshot(&self) -> (Vec<u64>, Vec<(u64, Vec<u8>)>) {
-        let mut m = self.meta.lock();
+        let m = self.meta.lock();
         let inos = m.known.lookups.keys().copied().collect();
-        let entries = m.known.entries.drain().collect();
+        let entries = m.known.names.values().flatten().cloned().collect();
         (inos, entries)
     }
 
@@ -564,8 +623,9 @@ impl Core {
         }
         let mut t = self.txn(&mut m);
         if i.xattr_len > 0 {
+            let old = t.xblob(ino, i.xattr_len)?;
             let mut tmp = i.clone();
-            t.put_xattrs(ino, &mut tmp, &[])?;
+            t.put_xblob(ino, &mut tmp, &old, Vec::new())?;
         }
         // A free slot (mode 0) keeps its generation: the next inode with this number gets
         // the one after it.
@@ -589,7 +649,11 @@ impl Core {
 
     fn remember(m: &mut Meta, parent: u64, name: &[u8], ino: u64) {
         *m.known.lookups.entry(ino).or_insert(0) += 1;
-        m.known.entries.insert((parent, name.to_vec()));
+        m.known
+            .names
+            .entry(ino)
+            .or_default()
+            .insert((parent, name.to_vec()));
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<(u64, Inode)> {
@@ -627,6 +691,7 @@ impl Core {
                 return;
             }
             m.known.lookups.remove(&ino);
+            m.known.names.remove(&ino);
             if ino == ROOT_INO || !matches!(self.txn(&mut m).inode(ino), Ok(i) if i.nlink == 0) {
                 return;
             }
@@ -793,7 +858,6 @@ impl Core {
             t.set_orphan(e.ino, true)?;
         }
         t.commit()?;
-        m.known.entries.remove(&(parent, name.to_vec()));
         drop(m);
         if gone {
             self.free_if_unused(e.ino)?;
@@ -912,8 +976,6 @@ impl Core {
                 t.put_inode(d, &x)?;
             }
             t.commit()?;
-            m.known.entries.remove(&(parent, name.to_vec()));
-            m.known.entries.remove(&(newparent, newname.to_vec()));
             drop(m);
             if let Some(ino) = freed {
                 self.free_if_unused(ino)?;
@@ -927,8 +989,6 @@ impl Core {
             t.put_inode(d, &x)?;
         }
         t.commit()?;
-        m.known.entries.remove(&(parent, name.to_vec()));
-        m.known.entries.remove(&(newparent, newname.to_vec()));
         Ok(())
     }
 
@@ -1217,11 +1277,14 @@ impl Core {
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let i = t.inode(ino)?;
-        t.xattrs(ino, i.xattr_len)?
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
-            .ok_or(Errno::ENODATA)
+        let b = t.xblob(ino, i.xattr_len)?;
+        for e in xattr_entries(&b) {
+            let (_, n, v) = e.map_err(|e| eio("reading xattrs", e))?;
+            if &b[n] == name {
+                return Ok(b[v].to_vec());
+            }
+        }
+        Err(Errno::ENODATA)
     }
 
     pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
@@ -1229,9 +1292,11 @@ impl Core {
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let i = t.inode(ino)?;
+        let b = t.xblob(ino, i.xattr_len)?;
         let mut out = Vec::new();
-        for (n, _) in t.xattrs(ino, i.xattr_len)? {
-            out.extend_from_slice(&n);
+        for e in xattr_entries(&b) {
+            let (_, n, _) = e.map_err(|e| eio("reading xattrs", e))?;
+            out.extend_from_slice(&b[n]);
             out.push(0);
         }
         Ok(out)
@@ -1249,19 +1314,40 @@ impl Core {
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let mut i = t.inode(ino)?;
-        let mut list = t.xattrs(ino, i.xattr_len)?;
-        let pos = list.iter().position(|(n, _)| n == name);
-        match (value, pos) {
+        let old = t.xblob(ino, i.xattr_len)?;
+        let mut found = None;
+        let mut names = 0usize;
+        for e in xattr_entries(&old) {
+            let (start, n, v) = e.map_err(|e| eio("reading xattrs", e))?;
+            names += n.len() + 1;
+            if &old[n.clone()] == name {
+                found = Some(start..v.end);
+            }
+        }
+        let blob = match (value, found) {
             (Some(_), Some(_)) if flags & libc::XATTR_CREATE != 0 => return Err(Errno::EEXIST),
             (Some(_), None) if flags & libc::XATTR_REPLACE != 0 => return Err(Errno::ENODATA),
             (None, None) => return Err(Errno::ENODATA),
-            (Some(v), Some(p)) => list[p].1 = v.to_vec(),
-            (Some(v), None) => list.push((name.to_vec(), v.to_vec())),
-            (None, Some(p)) => {
-                list.remove(p);
+            (Some(v), None) => {
+                // listxattr(2) cannot return more than XATTR_LIST_MAX bytes of names.
+                if names + name.len() + 1 > 65536 {
+                    return Err(Errno::ENOSPC);
+                }
+                let mut b = old.as_ref().clone();
+                b.extend_from_slice(&xattr_entry(name, v));
+                b
             }
-        }
-        t.put_xattrs(ino, &mut i, &list)?;
+            (v, Some(r)) => {
+                let mut b = Vec::with_capacity(old.len());
+                b.extend_from_slice(&old[..r.start]);
+                if let Some(v) = v {
+                    b.extend_from_slice(&xattr_entry(name, v));
+                }
+                b.extend_from_slice(&old[r.end..]);
+                b
+            }
+        };
+        t.put_xblob(ino, &mut i, &old, blob)?;
         i.ctime = Ts::now();
         t.put_inode(ino, &i)?;
         t.commit()?;

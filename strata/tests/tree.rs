@@ -1,0 +1,565 @@
+#![allow(clippy::unwrap_used)]
+//! Scenario: sandbox root trees (`strata fs create`, `strata mount`) through the daemon and
+//! the CLI, checked by third-party suites and by workloads:
+//! - pjdfstest as root against the mount: at least tmpfs's pass count measured in the same
+//!   run, and no failure outside `tests/fs/pjdfstest-known-failures.txt`;
+//! - fsx-rs: 5 fixed seeds x 50,000 operations with punch hole, fallocate, copy_file_range
+//!   and mmap on;
+//! - `stress-ng --verify` for 60 s with file, directory, link, symlink, rename, xattr,
+//!   fallocate and dentry stressors;
+//! - SIGKILL of the daemon while a writer records files only after their fsync returned:
+//!   every recorded file is intact after the restart (fails if nothing was recorded);
+//! - a real workload: unpack a C project, build it, commit it with git, checkpoint, `rm -rf`,
+//!   restore while mounted, build again;
+//! - 100,000 files: checkpoint, fork and restore take the same time as for 10 files;
+//! - bad input: clear errors, nothing changed.
+//!
+//! Needs root, /dev/fuse, pjdfstest and fsx (built by scripts/setup.sh into
+//! /var/tmp/strata-tools/bin, or $STRATA_TOOLS), stress-ng, gcc, make, git and tar; every test
+//! fails loudly without them.
+
+mod common;
+use common::Daemon;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("STRATA_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/strata-tools/bin"));
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh (it builds {name} into {})",
+        p.display(),
+        dir.display()
+    );
+    p
+}
+
+/// Runs a command; returns (success, stdout+stderr).
+fn run(cmd: impl AsRef<std::ffi::OsStr>, args: &[&str], cwd: &Path) -> (bool, String) {
+    let cmd = cmd.as_ref();
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} must be installed (scripts/setup.sh): {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn sh(script: &str, cwd: &Path) -> String {
+    let (ok, out) = run("sh", &["-c", script], cwd);
+    assert!(ok, "`{script}` failed in {}:\n{out}", cwd.display());
+    out
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A daemon, and tree `box` mounted at DIR/mnt.
+struct Mounted {
+    d: Daemon,
+    mnt: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    fn new(allow_other: bool) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::start(&dir.path().join("store"));
+        d.ok(&["fs", "create", "box"]);
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mut args = vec!["mount", "box", p(&mnt)];
+        if allow_other {
+            args.push("--allow-other");
+        }
+        d.ok(&args);
+        Mounted { d, mnt, dir }
+    }
+}
+
+/// (passed, failed names) from pjdfstest's output.
+fn pjdfstest(root: &Path) -> (usize, Vec<String>) {
+    let cfg = repo().join("tests/fs/pjdfstest.toml");
+    let (_, out) = run(tool("pjdfstest"), &["-c", p(&cfg), "-p", p(root)], root);
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or_else(|| panic!("pjdfstest printed no summary:\n{out}"));
+    let passed = summary
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" passed"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pass count in {summary:?}"));
+    let failed = out
+        .lines()
+        .filter(|l| l.trim_end().ends_with("FAILED"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    (passed, failed)
+}
+
+#[test]
+fn pjdfstest_passes_at_least_what_tmpfs_passes() {
+    // The baseline, measured now on this kernel.
+    let base = tempfile::tempdir().unwrap();
+    let tmpfs = base.path().join("tmpfs");
+    fs::create_dir(&tmpfs).unwrap();
+    sh(
+        &format!("mount -t tmpfs strata-test {}", p(&tmpfs)),
+        base.path(),
+    );
+    let (tmpfs_passed, tmpfs_failed) = pjdfstest(&tmpfs);
+    sh(&format!("umount {}", p(&tmpfs)), base.path());
+    assert!(
+        tmpfs_passed > 300,
+        "the tmpfs baseline ran too few cases: {tmpfs_passed}"
+    );
+
+    let m = Mounted::new(true);
+    let (passed, failed) = pjdfstest(&m.mnt);
+    println!(
+        "pjdfstest: strata {passed} passed ({} failed), tmpfs {tmpfs_passed} passed ({} failed)",
+        failed.len(),
+        tmpfs_failed.len()
+    );
+    let known: Vec<String> =
+        fs::read_to_string(repo().join("tests/fs/pjdfstest-known-failures.txt"))
+            .unwrap()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+    let unexpected: Vec<&String> = failed.iter().filter(|f| !known.contains(f)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "pjdfstest cases failing that are not known failures: {unexpected:?}"
+    );
+    let fixed: Vec<&String> = known.iter().filter(|k| !failed.contains(k)).collect();
+    assert!(
+        fixed.is_empty(),
+        "known failures that pass now (remove them from the list): {fixed:?}"
+    );
+    assert!(
+        passed >= tmpfs_passed,
+        "strata passed {passed} pjdfstest cases, fewer than tmpfs's {tmpfs_passed}"
+    );
+}
+
+#[test]
+fn fsx_five_seeds_of_fifty_thousand_operations() {
+    let m = Mounted::new(false);
+    let cfg = repo().join("tests/fs/fsx.toml");
+    let artifacts = m.dir.path().join("fsx-artifacts");
+    fs::create_dir(&artifacts).unwrap();
+    for seed in ["1", "2", "3", "4", "5"] {
+        let file = m.mnt.join(format!("fsx-{seed}"));
+        let t = Instant::now();
+        let (ok, out) = run(
+            tool("fsx"),
+            &[
+                "-f",
+                p(&cfg),
+                "-N",
+                "50000",
+                "-S",
+                seed,
+                "-P",
+                p(&artifacts),
+                p(&file),
+            ],
+            &m.mnt,
+        );
+        let tail: Vec<&str> = out.lines().rev().take(40).collect();
+        assert!(
+            ok && out.contains("All operations completed A-OK!"),
+            "fsx seed {seed} failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        println!(
+            "fsx seed {seed}: 50000 operations A-OK in {:.1?}",
+            t.elapsed()
+        );
+    }
+    drop(m.d);
+}
+
+#[test]
+fn stress_ng_verify_for_sixty_seconds() {
+    let m = Mounted::new(false);
+    let work = m.mnt.join("stress");
+    fs::create_dir(&work).unwrap();
+    let (ok, out) = run(
+        "stress-ng",
+        &[
+            "--verify",
+            "--timeout",
+            "60",
+            "--temp-path",
+            p(&work),
+            "--metrics-brief",
+            "--hdd",
+            "1",
+            "--hdd-bytes",
+            "32M",
+            "--dir",
+            "1",
+            "--link",
+            "1",
+            "--symlink",
+            "1",
+            "--rename",
+            "1",
+            "--xattr",
+            "1",
+            "--fallocate",
+            "1",
+            "--fallocate-bytes",
+            "32M",
+            "--dentry",
+            "1",
+        ],
+        &m.mnt,
+    );
+    println!("{out}");
+    assert!(ok, "stress-ng failed:\n{out}");
+    assert!(out.contains("successful run completed"), "{out}");
+    assert!(
+        !out.to_lowercase().contains("verif") || !out.contains("fail"),
+        "{out}"
+    );
+    // Every stressor did some work.
+    for s in [
+        "hdd",
+        "dir",
+        "link",
+        "symlink",
+        "rename",
+        "xattr",
+        "fallocate",
+        "dentry",
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.contains("metrc") && l.split_whitespace().nth(3) == Some(s))
+            .unwrap_or_else(|| panic!("no metrics line for {s}:\n{out}"));
+        let ops: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!(ops > 0, "stressor {s} did no work: {line}");
+    }
+    // The tree is still consistent: everything stress-ng left is removable.
+    fs::remove_dir_all(&work).unwrap();
+    assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 0);
+}
+
+fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+fn sigkill_keeps_every_file_whose_fsync_returned() {
+    let mut m = Mounted::new(false);
+    let dir = m.mnt.join("data");
+    fs::create_dir(&dir).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut recorded: Vec<(String, Vec<u8>)> = Vec::new();
+            let mut seed = 0x5eed_u64;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let len = (xorshift(&mut seed) % (256 << 10)) as usize + 1;
+                let data: Vec<u8> = (0..len).map(|_| xorshift(&mut seed) as u8).collect();
+                let name = format!("f{i:06}");
+                let r = (|| -> std::io::Result<()> {
+                    let mut f = fs::File::create(dir.join(&name))?;
+                    f.write_all(&data)?;
+                    f.sync_all()
+                })();
+                match r {
+                    // Recorded only once fsync returned.
+                    Ok(()) => recorded.push((name, data)),
+                    Err(_) => break,
+                }
+                i += 1;
+            }
+            recorded
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    m.d.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let recorded = writer.join().unwrap();
+    assert!(
+        recorded.len() >= 10,
+        "the writer recorded only {} files",
+        recorded.len()
+    );
+    // The restarted daemon clears the dead mount and mounts the tree again by itself
+    // (exports.json).
+    let d = Daemon::start(&m.d.store);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::metadata(dir.join(&recorded[0].0)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted daemon did not mount the tree again; its log:\n{}",
+            fs::read_to_string(d.store.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (name, data) in &recorded {
+        let got = fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            got == *data,
+            "{name}: {} bytes read, {} recorded",
+            got.len(),
+            data.len()
+        );
+    }
+    println!(
+        "crash: {} fsynced files intact after SIGKILL",
+        recorded.len()
+    );
+    // Dropped last: dropping a daemon detaches every mount under the test directory.
+    m.d = d;
+}
+
+/// A small C project: a library, a program using it, a Makefile.
+fn write_project(root: &Path) {
+    fs::create_dir_all(root.join("src/lib")).unwrap();
+    let mut decls = String::new();
+    for i in 0..40 {
+        fs::write(
+            root.join(format!("src/lib/f{i}.c")),
+            format!("int f{i}(int x) {{ return x * {i} + {}; }}\n", i % 7),
+        )
+        .unwrap();
+        decls.push_str(&format!("int f{i}(int x);\n"));
+    }
+    fs::write(root.join("src/lib/lib.h"), &decls).unwrap();
+    let calls: String = (0..40)
+        .map(|i| format!("  s += f{i}(s % 1000);\n"))
+        .collect();
+    fs::write(
+        root.join("src/main.c"),
+        format!(
+            "#include <stdio.h>\n#include \"lib/lib.h\"\nint main(void) {{\n  long s = 1;\n{calls}  printf(\"sum=%ld\\n\", s);\n  return 0;\n}}\n"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        root.join("Makefile"),
+        "SRCS := $(wildcard src/lib/*.c) src/main.c\nOBJS := $(SRCS:.c=.o)\nprog: $(OBJS)\n\t$(CC) -o $@ $(OBJS)\n%.o: %.c\n\t$(CC) -O1 -c -o $@ $<\nclean:\n\trm -f prog $(OBJS)\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn build_commit_checkpoint_rm_rf_restore_build_again() {
+    let m = Mounted::new(false);
+    // Unpack a source tree into the mount.
+    let staging = m.dir.path().join("staging");
+    write_project(&staging.join("proj"));
+    sh(
+        &format!("tar czf {0}/proj.tgz -C {0} proj", p(&staging)),
+        m.dir.path(),
+    );
+    sh(&format!("tar xzf {}/proj.tgz", p(&staging)), &m.mnt);
+    let proj = m.mnt.join("proj");
+    sh("make -j2 -s", &proj);
+    let first = sh("./prog", &proj);
+    assert!(first.starts_with("sum="), "{first}");
+    sh(
+        "git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm initial && git gc -q",
+        &proj,
+    );
+    m.d.ok(&["checkpoint", "create", "box@built"]);
+    // The agent breaks everything.
+    sh("rm -rf proj", &m.mnt);
+    assert!(!proj.exists());
+    // A shell whose working directory is inside the tree keeps it across the restore.
+    m.d.ok(&["checkpoint", "restore", "box@built"]);
+    assert_eq!(sh("./prog", &proj), first);
+    sh("make clean -s && make -j2 -s", &proj);
+    assert_eq!(sh("./prog", &proj), first);
+    let status = sh("git status --porcelain --ignored=no", &proj);
+    assert!(
+        status
+            .lines()
+            .all(|l| l.ends_with(".o") || l.ends_with("prog")),
+        "git sees changes after the restore: {status}"
+    );
+    sh(
+        "git fsck --strict && git log --oneline | grep -q initial",
+        &proj,
+    );
+    // The same again after a remount.
+    m.d.ok(&["unmount", p(&m.mnt)]);
+    m.d.ok(&["mount", "box", p(&m.mnt)]);
+    sh("git fsck --strict", &proj);
+    assert_eq!(sh("./prog", &proj), first);
+}
+
+/// Median wall time of `n` runs of a CLI command, in milliseconds.
+fn median_ms(d: &Daemon, n: usize, mut args: impl FnMut(usize) -> Vec<String>) -> f64 {
+    let mut t: Vec<f64> = (0..n)
+        .map(|i| {
+            let a = args(i);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let s = Instant::now();
+            d.ok(&a);
+            s.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[n / 2]
+}
+
+#[test]
+fn hundred_thousand_files_checkpoint_fork_restore_stay_o1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("store"));
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut times = Vec::new();
+    for (name, files) in [("small", 10usize), ("big", 100_000)] {
+        d.ok(&["fs", "create", name]);
+        d.ok(&["mount", name, p(&mnt)]);
+        for i in 0..files {
+            let sub = mnt.join(format!("d{:03}", i / 1000));
+            if i % 1000 == 0 {
+                fs::create_dir(&sub).unwrap();
+            }
+            fs::write(sub.join(format!("f{i}")), i.to_le_bytes()).unwrap();
+        }
+        d.ok(&["unmount", p(&mnt)]);
+        let ck = median_ms(&d, 5, |i| {
+            vec!["checkpoint".into(), "create".into(), format!("{name}@c{i}")]
+        });
+        let fork = median_ms(&d, 5, |i| {
+            vec![
+                "fs".into(),
+                "create".into(),
+                format!("{name}-fork{i}"),
+                "--from".into(),
+                format!("{name}@c{i}"),
+            ]
+        });
+        let restore = median_ms(&d, 5, |i| {
+            vec![
+                "checkpoint".into(),
+                "restore".into(),
+                format!("{name}@c{i}"),
+            ]
+        });
+        println!("{name} ({files} files): checkpoint {ck:.1} ms, fork {fork:.1} ms, restore {restore:.1} ms (medians of 5, CLI included)");
+        times.push((ck, fork, restore));
+    }
+    // The fork is whole: every file there, with its content.
+    d.ok(&["mount", "big-fork4", p(&mnt)]);
+    let n: usize = (0..100)
+        .map(|k| fs::read_dir(mnt.join(format!("d{k:03}"))).unwrap().count())
+        .sum();
+    assert_eq!(n, 100_000);
+    assert_eq!(
+        fs::read(mnt.join("d099/f99999")).unwrap(),
+        99_999usize.to_le_bytes()
+    );
+    assert_eq!(fs::metadata(mnt.join("d042/f42000")).unwrap().size(), 8);
+    d.ok(&["unmount", p(&mnt)]);
+    // O(1): the 100,000-file tree costs what the 10-file tree does, within noise (each figure
+    // is a CLI round trip of a few milliseconds; an O(files) operation would take seconds).
+    let (s, b) = (times[0], times[1]);
+    for (what, small, big) in [
+        ("checkpoint", s.0, b.0),
+        ("fork", s.1, b.1),
+        ("restore", s.2, b.2),
+    ] {
+        assert!(
+            big <= small * 3.0 + 30.0,
+            "{what}: {big:.1} ms for 100,000 files vs {small:.1} ms for 10"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let m = Mounted::new(false);
+    let d = &m.d;
+    d.ok(&["volume", "create", "disk", "--size", "64M"]);
+    let other = m.dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    d.fails(&["mount", "disk", p(&other)], "is a block volume");
+    d.ok(&["fs", "create", "idle"]);
+    d.fails(
+        &["export", "fuse", "idle", "--mountpoint", p(&other)],
+        "is a tree",
+    );
+    d.fails(
+        &[
+            "export",
+            "vhost-user",
+            "idle",
+            "--socket",
+            p(&other.join("s")),
+        ],
+        "is a tree",
+    );
+    d.fails(&["mount", "nosuch", p(&other)], "nosuch");
+    d.fails(&["mount", "box", p(&other)], "already exported");
+    d.fails(&["unmount", p(&other)], "no tree is mounted");
+    d.fails(&["fs", "create", "box"], "exists");
+    d.fails(&["fs", "create", "x", "--from", "box"], "VOLUME@CHECKPOINT");
+    d.fails(&["fs", "create", "x", "--from", "box@nope"], "nope");
+    d.ok(&["checkpoint", "create", "disk@c"]);
+    d.fails(
+        &["fs", "create", "x", "--from", "disk@c"],
+        "is a block volume",
+    );
+    d.fails(&["volume", "resize", "box", "--size", "1G"], "is a tree");
+    d.fails(&["import", "idle", "/etc/hostname"], "is a tree");
+    fs::write(other.join("f"), b"x").unwrap();
+    let empty = m.dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    d.fails(
+        &["fs", "create", "b2", "--ephemeral", "--from", "box"],
+        "VOLUME@CHECKPOINT",
+    );
+    // A busy mount refuses to unmount and keeps serving.
+    let f = fs::File::create(m.mnt.join("open")).unwrap();
+    d.fails(&["unmount", p(&m.mnt)], "busy");
+    drop(f);
+    assert!(m.mnt.join("open").exists());
+    d.ok(&["unmount", p(&m.mnt)]);
+    let list = d.ok(&["--json", "volume", "list"]);
+    assert!(
+        list.contains("\"kind\": \"tree\"") && list.contains("\"kind\": \"block\""),
+        "{list}"
+    );
+}
