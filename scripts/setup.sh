@@ -3,7 +3,8 @@
 set -euo pipefail
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
-      qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount)
+      qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
+      stress-ng git attr bindfs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -34,3 +35,13 @@ if ! "$GARAGE_ROOT/bin/garage" --version 2>/dev/null | grep -q 'cargo:2\.5\.0'; 
   echo "setup: building garage 2.5.0 into $GARAGE_ROOT (once)"
   CARGO_TARGET_DIR=/var/tmp/strata-garage-target cargo install garage --version 2.5.0 --locked --root "$GARAGE_ROOT" -q
 fi
+
+# pjdfstest and fsx (fsx-rs), the POSIX suites the tree tests run (issue 5): built once from
+# crates.io into the same directory (about 2 minutes on 2 cores).
+for tool in pjdfstest:0.2.2 fsx:0.3.2; do
+  name=${tool%%:*} version=${tool##*:}
+  if ! { grep -qs "\"$name $version " "$GARAGE_ROOT/.crates.toml" && [ -x "$GARAGE_ROOT/bin/$name" ]; }; then
+    echo "setup: building $name $version into $GARAGE_ROOT (once)"
+    CARGO_TARGET_DIR=/var/tmp/strata-tools-target cargo install "$name" --version "$version" --locked --root "$GARAGE_ROOT" -q
+  fi
+done

@@ -134,6 +134,7 @@ fn run(ops: Vec<Op>, uring: bool, lz4: bool) {
         lz4: h.lz4,
         block_size: lz4.then_some(16 * 1024),
         ephemeral: false,
+        tree: false,
     };
     for op in ops {
         step(&mut h, &mut m, &op, opts);

@@ -134,6 +134,7 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     // Sparse: a hole in the middle reads as zeros; SEEK_DATA skips it.
     let f = fs::OpenOptions::new()
         .create(true)
+        .truncate(true)
         .write(true)
         .read(true)
         .open(mnt.join("sparse"))
@@ -178,10 +179,8 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let c = CString::new(mnt.join("null").as_os_str().as_bytes()).unwrap();
     // SAFETY: valid path.
-    assert_eq!(
-        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
-        0
-    );
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, 0);
     let md = fs::metadata(mnt.join("null")).unwrap();
     assert_eq!(md.rdev(), libc::makedev(1, 3));
     fs::write(mnt.join("null"), b"into the void").unwrap();

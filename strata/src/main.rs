@@ -185,7 +185,9 @@ enum CheckpointCmd {
         #[arg(long)]
         remote: Option<String>,
     },
-    /// Byte ranges that differ between VOL@A and VOL@B (VOL alone means the live volume).
+    /// What differs between VOL@A and VOL@B (VOL alone means the live volume): byte ranges
+    /// for block volumes; for trees, paths added (A), removed (D), modified (M), with only
+    /// metadata changed (m), or renamed (R old -> new).
     Diff { a: String, b: String },
 }
 
@@ -394,8 +396,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Scrub => c.call("POST", "/v1/scrub", None)?,
         Cmd::Stats => c.call("GET", "/v1/stats", None)?,
     };
+    let paths = out
+        .as_array()
+        .and_then(|a| a.first())
+        .is_some_and(|x| x.get("path").is_some() && x.get("change").is_some());
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if paths {
+        units::print_path_changes(&out);
     } else if tree {
         units::print_checkpoint_tree(&out);
     } else {

@@ -71,6 +71,26 @@ pub fn print_human(v: &Value) {
     }
 }
 
+/// A tree diff, one path per line: `A` added, `D` removed, `M` modified, `m` metadata only,
+/// `R` renamed (old -> new).
+pub fn print_path_changes(v: &Value) {
+    for c in v.as_array().into_iter().flatten() {
+        let path = c["path"].as_str().unwrap_or("?");
+        let tag = match c["change"].as_str() {
+            Some("added") => "A",
+            Some("removed") => "D",
+            Some("modified") => "M",
+            Some("metadata") => "m",
+            Some("renamed") => "R",
+            _ => "?",
+        };
+        match c["from"].as_str() {
+            Some(from) => println!("{tag} {from} -> {path}"),
+            None => println!("{tag} {path}"),
+        }
+    }
+}
+
 /// `checkpoint list` as a tree: each checkpoint under the one it descends from; `*` marks the
 /// checkpoint the live volume descends from.
 pub fn print_checkpoint_tree(v: &Value) {

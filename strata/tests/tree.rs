@@ -27,6 +27,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The tests here run one at a time: the suites load both cores, and the O(1) test times
+/// round trips.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -123,6 +131,7 @@ fn pjdfstest(root: &Path) -> (usize, Vec<String>) {
 
 #[test]
 fn pjdfstest_passes_at_least_what_tmpfs_passes() {
+    let _serial = serial();
     // The baseline, measured now on this kernel.
     let base = tempfile::tempdir().unwrap();
     let tmpfs = base.path().join("tmpfs");
@@ -171,6 +180,7 @@ fn pjdfstest_passes_at_least_what_tmpfs_passes() {
 
 #[test]
 fn fsx_five_seeds_of_fifty_thousand_operations() {
+    let _serial = serial();
     let m = Mounted::new(false);
     let cfg = repo().join("tests/fs/fsx.toml");
     let artifacts = m.dir.path().join("fsx-artifacts");
@@ -209,6 +219,7 @@ fn fsx_five_seeds_of_fifty_thousand_operations() {
 
 #[test]
 fn stress_ng_verify_for_sixty_seconds() {
+    let _serial = serial();
     let m = Mounted::new(false);
     let work = m.mnt.join("stress");
     fs::create_dir(&work).unwrap();
@@ -283,6 +294,7 @@ fn xorshift(seed: &mut u64) -> u64 {
 
 #[test]
 fn sigkill_keeps_every_file_whose_fsync_returned() {
+    let _serial = serial();
     let mut m = Mounted::new(false);
     let dir = m.mnt.join("data");
     fs::create_dir(&dir).unwrap();
@@ -382,6 +394,7 @@ fn write_project(root: &Path) {
 
 #[test]
 fn build_commit_checkpoint_rm_rf_restore_build_again() {
+    let _serial = serial();
     let m = Mounted::new(false);
     // Unpack a source tree into the mount.
     let staging = m.dir.path().join("staging");
@@ -443,6 +456,7 @@ fn median_ms(d: &Daemon, n: usize, mut args: impl FnMut(usize) -> Vec<String>) -
 
 #[test]
 fn hundred_thousand_files_checkpoint_fork_restore_stay_o1() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&dir.path().join("store"));
     let mnt = dir.path().join("mnt");
@@ -510,6 +524,7 @@ fn hundred_thousand_files_checkpoint_fork_restore_stay_o1() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
+    let _serial = serial();
     let m = Mounted::new(false);
     let d = &m.d;
     d.ok(&["volume", "create", "disk", "--size", "64M"]);
@@ -562,4 +577,62 @@ fn bad_input_gets_clear_errors() {
         list.contains("\"kind\": \"tree\"") && list.contains("\"kind\": \"block\""),
         "{list}"
     );
+}
+
+#[test]
+fn diff_lists_added_removed_modified_metadata_and_renamed_paths() {
+    let _serial = serial();
+    let m = Mounted::new(false);
+    let t = &m.mnt;
+    fs::create_dir_all(t.join("src/sub")).unwrap();
+    for (f, c) in [
+        ("src/a", "a"),
+        ("src/b", "b"),
+        ("src/sub/c", "c"),
+        ("keep", "keep"),
+    ] {
+        fs::write(t.join(f), c).unwrap();
+    }
+    m.d.ok(&["checkpoint", "create", "box@one"]);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(t.join("src/a"))
+        .unwrap()
+        .write_all(b"2")
+        .unwrap();
+    fs::remove_file(t.join("src/b")).unwrap();
+    fs::rename(t.join("src/sub/c"), t.join("c-moved")).unwrap();
+    fs::set_permissions(
+        t.join("keep"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::write(t.join("src/new"), "new").unwrap();
+    fs::create_dir(t.join("newdir")).unwrap();
+    m.d.ok(&["checkpoint", "create", "box@two"]);
+    let out = m.d.ok(&["checkpoint", "diff", "box@one", "box@two"]);
+    assert_eq!(
+        out,
+        "R /src/sub/c -> /c-moved\nm /keep\nA /newdir\nM /src/a\nD /src/b\nA /src/new\n"
+    );
+    // Against the live tree; nothing changed since two.
+    assert_eq!(
+        m.d.ok(&["checkpoint", "diff", "box@two", "box"]),
+        "(none)\n"
+    );
+    fs::write(t.join("live"), "x").unwrap();
+    assert_eq!(
+        m.d.ok(&["checkpoint", "diff", "box@two", "box"]),
+        "A /live\n"
+    );
+    let json =
+        m.d.ok(&["--json", "checkpoint", "diff", "box@one", "box@two"]);
+    assert!(
+        json.contains("\"change\": \"renamed\"") && json.contains("\"from\": \"/src/sub/c\""),
+        "{json}"
+    );
+    // A block volume's checkpoint is not a tree.
+    m.d.ok(&["volume", "create", "disk", "--size", "1M"]);
+    m.d.ok(&["checkpoint", "create", "disk@c"]);
+    m.d.fails(&["checkpoint", "diff", "box@one", "disk@c"], "not a tree");
 }

@@ -6,6 +6,7 @@
 //! mount and invalidates what the kernel cached), [`TreeMount::stop`].
 
 mod core;
+pub mod diff;
 mod format;
 
 use self::core::{Core, NewNode, SetAttr, R};
@@ -597,6 +598,11 @@ impl TreeMount {
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The mounted volume (a handle: for reading the live tree, e.g. a diff).
+    pub fn volume(&self) -> &Volume {
+        &self.core.vol
     }
 
     /// Runs `f` (a checkpoint of the volume) with every operation of the mount held off, so
