@@ -425,6 +425,13 @@ pub fn check_tree(vol: &Volume) -> Result<(), String> {
     }
 }
 
+/// The generation the kernel is given for `ino`: the stored one plus 2^24 per restore that
+/// replaced the file, in 32 bits (the kernel keeps no more).
+fn generation_of(m: &Meta, ino: u64, i: &Inode) -> u64 {
+    let e = m.epochs.get(&ino).copied().unwrap_or(0);
+    i.generation.wrapping_add(e << 24) & 0xffff_ffff
+}
+
 fn check_name(name: &[u8]) -> R<()> {
     if name.len() > MAX_NAME {
         return Err(Errno::ENAMETOOLONG);
@@ -550,11 +557,9 @@ impl Core {
         Ok(out)
     }
 
-    /// The generation the kernel is given for `ino`: the stored one plus 2^24 per restore
-    /// that replaced the file, in 32 bits (the kernel keeps no more).
+    /// The generation the kernel is given for `ino`: see [`generation_of`].
     pub fn generation(&self, ino: u64, i: &Inode) -> u64 {
-        let e = self.meta.lock().epochs.get(&ino).copied().unwrap_or(0);
-        i.generation.wrapping_add(e << 24) & 0xffff_ffff
+        generation_of(&self.meta.lock(), ino, i)
     }
 
     /// What the kernel was told (for invalidation): inodes it holds and their names.
@@ -1219,57 +1224,86 @@ impl Core {
     }
 
     /// Directory entries after `offset` (0 = from the start): `.`, `..`, then the buckets'
-    /// entries in key order. Calls `add` until it returns true (the reply is full).
-    pub fn readdir(&self, ino: u64, offset: u64, mut add: impl FnMut(ListEntry) -> bool) -> R<()> {
+    /// entries in key order. Calls `add` until it returns true (the reply is full). With
+    /// `plus` (readdirplus), each entry comes with its inode and generation, and every entry
+    /// `add` accepted, except `.` and `..`, counts as a lookup the kernel holds.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        mut add: impl FnMut(&ListEntry, Option<(&Inode, u64)>) -> bool,
+    ) -> R<()> {
         let _g = self.gate.read();
         let mut m = self.meta.lock();
-        let mut t = self.txn(&mut m);
-        let d = t.inode(ino)?;
-        if !d.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        let dots = [(1u64, ino, b".".to_vec()), (2, d.parent, b"..".to_vec())];
-        for (next, i, name) in dots {
-            if offset < next
-                && add(ListEntry {
-                    ino: i,
-                    kind: libc::S_IFDIR,
-                    name,
-                    next,
-                })
-            {
-                return Ok(());
+        let mut looked_up = Vec::new();
+        let r = (|| {
+            let mut t = self.txn(&mut m);
+            let d = t.inode(ino)?;
+            if !d.is_dir() {
+                return Err(Errno::ENOTDIR);
             }
-        }
-        // Keys strictly after this one.
-        let after = offset.checked_sub(3);
-        let first_bucket = after.map_or(0, |k| k >> COOKIE_HASH_BITS);
-        let base = data_off(ino);
-        let mut at = base + first_bucket * BS;
-        let end = base + BUCKETS * BS;
-        while let Some(off) = self.vol.next_data(at) {
-            if off >= end {
-                break;
-            }
-            let n = (off - base) / BS;
-            let b = t.bucket(ino, n)?;
-            for e in &b.entries {
-                let key = (n << COOKIE_HASH_BITS) | cookie_hash(e.hash);
-                if after.is_some_and(|a| key <= a) {
-                    continue;
+            let mut emit = |t: &mut Txn<'_>, e: ListEntry, dot: bool| -> R<bool> {
+                if !plus {
+                    return Ok(add(&e, None));
                 }
-                if add(ListEntry {
-                    ino: e.ino,
-                    kind: u32::from(e.kind) << 12,
-                    name: e.name.clone(),
-                    next: key + 3,
-                }) {
-                    return Ok(());
+                let i = t.inode(e.ino)?;
+                let g = generation_of(t.meta, e.ino, &i);
+                let full = add(&e, Some((&i, g)));
+                if !full && !dot {
+                    looked_up.push((e.ino, e.name));
+                }
+                Ok(full)
+            };
+            let dots = [(1u64, ino, b".".to_vec()), (2, d.parent, b"..".to_vec())];
+            for (next, i, name) in dots {
+                if offset < next {
+                    let e = ListEntry {
+                        ino: i,
+                        kind: libc::S_IFDIR,
+                        name,
+                        next,
+                    };
+                    if emit(&mut t, e, true)? {
+                        return Ok(());
+                    }
                 }
             }
-            at = base + (n + 1) * BS;
+            // Keys strictly after this one.
+            let after = offset.checked_sub(3);
+            let first_bucket = after.map_or(0, |k| k >> COOKIE_HASH_BITS);
+            let base = data_off(ino);
+            let mut at = base + first_bucket * BS;
+            let end = base + BUCKETS * BS;
+            while let Some(off) = self.vol.next_data(at) {
+                if off >= end {
+                    break;
+                }
+                let n = (off - base) / BS;
+                let b = t.bucket(ino, n)?;
+                for e in b.entries {
+                    let key = (n << COOKIE_HASH_BITS) | cookie_hash(e.hash);
+                    if after.is_some_and(|a| key <= a) {
+                        continue;
+                    }
+                    let le = ListEntry {
+                        ino: e.ino,
+                        kind: u32::from(e.kind) << 12,
+                        name: e.name,
+                        next: key + 3,
+                    };
+                    if emit(&mut t, le, false)? {
+                        return Ok(());
+                    }
+                }
+                at = base + (n + 1) * BS;
+            }
+            Ok(())
+        })();
+        for (child, name) in looked_up {
+            Self::remember(&mut m, ino, &name, child);
         }
-        Ok(())
+        r
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {

@@ -125,6 +125,10 @@ impl Filesystem for TreeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Listing a directory returns its entries' attributes too (no LOOKUP per entry),
+        // when the kernel judges it useful (a stat storm after a readdir).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         Ok(())
@@ -411,12 +415,39 @@ impl Filesystem for TreeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self.core.readdir(ino.0, offset, |e| {
+        let r = self.core.readdir(ino.0, offset, false, |e, _| {
             reply.add(
                 INodeNo(e.ino),
                 e.next,
                 file_type(e.kind),
                 OsStr::from_bytes(&e.name),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let r = self.core.readdir(ino.0, offset, true, |e, i| {
+            let Some((i, generation)) = i else {
+                return true;
+            };
+            reply.add(
+                INodeNo(e.ino),
+                e.next,
+                OsStr::from_bytes(&e.name),
+                &TTL,
+                &attr(e.ino, i),
+                Generation(generation),
             )
         });
         match r {
