@@ -12,9 +12,10 @@ cargo test --workspace --release -- --show-output 2>&1 | tee "$log"
 
 # Fuzz what reads untrusted bytes, briefly (longer campaigns: STRATA_FUZZ_SECS=3600
 # scripts/test.sh, or cargo fuzz run in fuzz/): the guest-facing request parser and
-# descriptor walker, and the decoder of remote manifests (seeded with a valid body).
+# descriptor walker, the decoder of remote manifests (seeded with a valid body), and the
+# decoders of tree metadata blocks.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
-for target in virtio_request manifest_decode; do
+for target in virtio_request manifest_decode tree_decode; do
   mkdir -p "fuzz/corpus/$target"
   if [ -d "fuzz/seeds/$target" ]; then cp -n "fuzz/seeds/$target"/* "fuzz/corpus/$target/" || true; fi
   (cd fuzz && CARGO_TARGET_DIR=/var/tmp/strata-fuzz-target RUSTC_BOOTSTRAP=1 \

@@ -152,6 +152,9 @@ enum FsCmd {
         #[arg(long)]
         ephemeral: bool,
     },
+    /// Copy a directory tree into a tree (mounted or not), with a progress bar: types,
+    /// modes, owners, times, xattrs, hard links and holes are kept; nothing is overwritten.
+    Import { name: String, dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -341,6 +344,15 @@ fn run(cli: Cli) -> Result<()> {
                 "/v1/volumes",
                 Some(json!({"name": name, "tree": true, "from": from, "ephemeral": ephemeral})),
             )?
+        }
+        Cmd::Fs(FsCmd::Import { name, dir }) => {
+            let dir = std::path::absolute(&dir).context("directory path")?;
+            let job = c.call(
+                "POST",
+                &format!("/v1/volumes/{name}/fs-import"),
+                Some(json!({"path": dir})),
+            )?;
+            wait_job(&c, &job, "importing")?
         }
         Cmd::Mount {
             name,

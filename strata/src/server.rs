@@ -1165,6 +1165,87 @@ async fn import_image(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct TreeImportReq {
+    path: PathBuf,
+}
+
+/// `strata fs import`: copies a directory into a tree, mounted or not, as a job.
+async fn import_tree(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult {
+    let req: TreeImportReq = parse(&body)?;
+    if !req.path.is_absolute() || !req.path.is_dir() {
+        return Err(bad(format!(
+            "{} is not an existing directory (give an absolute path)",
+            req.path.display()
+        )));
+    }
+    let id = blocking(&app, move |a| {
+        // Held until the import is registered, so no mount starts in between.
+        let exports = a.exports.lock();
+        if !a.store.volume_info(&name)?.tree {
+            return Err(bad(format!(
+                "volume {name} is a block volume; import disk images with `strata import`"
+            )));
+        }
+        let handle = match exports.get(&name) {
+            Some(Exported::Tree { mount, .. }) => mount.handle(),
+            Some(_) => return Err(bad(format!("volume {name} is exported as a disk"))),
+            None => {
+                if a.store.volume_info(&name)?.ephemeral {
+                    // Our handle would be its last one: dropping it would delete the tree.
+                    return Err(bad(format!(
+                        "{name} is an ephemeral tree that is not mounted; mount it, then import"
+                    )));
+                }
+                let vol = a.store.open_volume(&name)?;
+                strata_fuse::tree::TreeHandle::open(vol, a.store.path()).map_err(bad)?
+            }
+        };
+        if !a.importing.lock().insert(name.clone()) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is already being imported into"),
+            ));
+        }
+        let total = strata_fuse::tree::import::total_bytes(&req.path).map_err(bad);
+        let total = match total {
+            Ok(t) => t,
+            Err(e) => {
+                a.importing.lock().remove(&name);
+                return Err(e);
+            }
+        };
+        let importing = a.importing.clone();
+        let src = req.path.clone();
+        let vol = name.clone();
+        let spawned = a.jobs.spawn(move |job| {
+            job.total.store(total, std::sync::atomic::Ordering::Relaxed);
+            let r = handle.import(&src, &job.done);
+            // The handle (and, for an unmounted tree, its volume) goes before the volume
+            // can be mounted again.
+            drop(handle);
+            importing.lock().remove(&vol);
+            let s = r?;
+            Ok(
+                json!({"volume": vol, "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks,
+                      "special": s.special, "hard_links": s.hard_links, "copied_bytes": s.bytes}),
+            )
+        });
+        if spawned.is_err() {
+            a.importing.lock().remove(&name);
+        }
+        drop(exports);
+        spawned.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })
+    .await?;
+    Ok(Json(json!({"job": id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ExportImageReq {
     source: String,
     path: PathBuf,
@@ -1392,6 +1473,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{volume}", delete(delete_export))
         .route("/v1/volumes/{name}/import", post(import_image))
+        .route("/v1/volumes/{name}/fs-import", post(import_tree))
         .route("/v1/export-image", post(export_image))
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/scrub", post(scrub))

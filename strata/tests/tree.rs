@@ -636,3 +636,105 @@ fn diff_lists_added_removed_modified_metadata_and_renamed_paths() {
     m.d.ok(&["checkpoint", "create", "disk@c"]);
     m.d.fails(&["checkpoint", "diff", "box@one", "disk@c"], "not a tree");
 }
+
+#[test]
+fn import_keeps_types_modes_owners_times_xattrs_hard_links_and_holes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("rootfs");
+    fs::create_dir_all(src.join("etc/sub")).unwrap();
+    fs::write(src.join("etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
+    let sparse = fs::File::create(src.join("sparse")).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, b"tail", 20 << 20).unwrap();
+    sparse.set_len(30 << 20).unwrap();
+    drop(sparse);
+    fs::hard_link(src.join("etc/hosts"), src.join("etc/sub/hosts-link")).unwrap();
+    std::os::unix::fs::symlink("../etc/hosts", src.join("etc/sub/rel")).unwrap();
+    fs::write(src.join("suid"), b"#!/bin/sh\n").unwrap();
+    sh(
+        "mkfifo fifo && mknod null c 1 3 && chmod 4755 suid && chown 1234:5678 suid \
+         && chmod 1777 etc/sub && touch -h -d @1000000000 etc/sub/rel \
+         && touch -d @1234567890 etc/hosts suid etc && setfattr -n user.k -v value etc/hosts",
+        &src,
+    );
+    let d = Daemon::start(&dir.path().join("store"));
+    d.ok(&["fs", "create", "imp"]);
+    let out = d.ok(&["fs", "import", "imp", p(&src)]);
+    assert!(
+        out.contains("files=3") && out.contains("hard_links=1") && out.contains("special=2"),
+        "{out}"
+    );
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    d.ok(&["mount", "imp", p(&mnt)]);
+    // Every entry: same type, mode, owner, size, mtime (symlinks' own), content.
+    let (ok, listing) = run(
+        "sh",
+        &["-c", "find . -printf '%p %y %m %U:%G %s %T@ %l\\n' | sort"],
+        &src,
+    );
+    assert!(ok);
+    let (ok, copied) = run(
+        "sh",
+        &["-c", "find . -printf '%p %y %m %U:%G %s %T@ %l\\n' | sort"],
+        &mnt,
+    );
+    assert!(ok);
+    // Directory sizes differ by filesystem (ext4 reports 4096): compare all other fields.
+    let strip = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                if f[1] == "d" {
+                    format!("{} {} {} {} {}", f[0], f[1], f[2], f[3], f[5])
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect()
+    };
+    assert_eq!(strip(&copied), strip(&listing));
+    sh(
+        &format!(
+            "cmp {0}/sparse sparse && cmp {0}/etc/hosts etc/hosts",
+            p(&src)
+        ),
+        &mnt,
+    );
+    let a = fs::metadata(mnt.join("etc/hosts")).unwrap();
+    let b = fs::metadata(mnt.join("etc/sub/hosts-link")).unwrap();
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "hard links stay one inode"
+    );
+    assert_eq!(
+        fs::metadata(mnt.join("null")).unwrap().rdev(),
+        libc::makedev(1, 3)
+    );
+    assert_eq!(
+        sh("getfattr --only-values -n user.k etc/hosts", &mnt),
+        "value"
+    );
+    // The hole stayed a hole: SEEK_HOLE from 0 stops before the tail.
+    let f = fs::File::open(mnt.join("sparse")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor.
+    let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(hole > 0 && hole < 20 << 20, "hole at {hole}");
+    drop(f);
+    // Into the mounted tree: existing names are refused, nothing overwritten.
+    d.fails(&["fs", "import", "imp", p(&src)], "File exists");
+    assert_eq!(
+        fs::read(mnt.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    d.ok(&["volume", "create", "disk", "--size", "1M"]);
+    d.fails(&["fs", "import", "disk", p(&src)], "block volume");
+    d.fails(
+        &["fs", "import", "imp", "/nonexistent"],
+        "not an existing directory",
+    );
+    d.ok(&["unmount", p(&mnt)]);
+}

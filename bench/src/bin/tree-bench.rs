@@ -50,7 +50,10 @@ fn args() -> R<Args> {
 }
 
 fn run(cmd: &str, args: &[&str]) -> R<()> {
-    let out = Command::new(cmd).args(args).stdout(Stdio::null()).output()?;
+    let out = Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .output()?;
     if !out.status.success() {
         return Err(format!(
             "{cmd} {args:?} failed: {}",
@@ -164,7 +167,11 @@ fn fio(file: &Path, s: &Shape, size: u64, secs: u32) -> R<f64> {
         return Err(format!("fio {} on {} failed", s.name, file.display()).into());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let dir = if s.rw.contains("read") { "read" } else { "write" };
+    let dir = if s.rw.contains("read") {
+        "read"
+    } else {
+        "write"
+    };
     let job = &v["jobs"][0][dir];
     Ok(if s.bs == "1M" {
         job["bw_bytes"].as_f64().ok_or("fio: no bw_bytes")? / f64::from(1 << 20)
@@ -236,7 +243,10 @@ fn main() -> R<()> {
     let what = match &a.source {
         Some(s) => {
             let parent = s.parent().ok_or("--source has no parent")?;
-            let name = s.file_name().ok_or("--source has no name")?.to_string_lossy();
+            let name = s
+                .file_name()
+                .ok_or("--source has no name")?
+                .to_string_lossy();
             run("tar", &["cf", p(&tarball), "-C", p(parent), &name])?;
             s.display().to_string()
         }
@@ -259,7 +269,11 @@ fn main() -> R<()> {
         a.size >> 20
     );
 
-    let targets = [("strata", strata.clone()), ("bindfs", bind.clone()), ("native", native.clone())];
+    let targets = [
+        ("strata", strata.clone()),
+        ("bindfs", bind.clone()),
+        ("native", native.clone()),
+    ];
     // Rows: unpack, stat storm, rm -rf (seconds), then the fio shapes.
     let rows = 3 + SHAPES.len();
     let mut results = vec![vec![Vec::new(); targets.len()]; rows];
@@ -316,7 +330,13 @@ fn main() -> R<()> {
             (SHAPES[row - 3].name, true)
         };
         // Ratios are "how many times better Strata is": time ratios are inverted.
-        let ratio = |peer: f64| if higher_better { m[0] / peer } else { peer / m[0] };
+        let ratio = |peer: f64| {
+            if higher_better {
+                m[0] / peer
+            } else {
+                peer / m[0]
+            }
+        };
         println!(
             "{:34} {:>10.2} {:>10.2} {:>10.2}  {:>13.2}x {:>13.2}x",
             name,
@@ -328,9 +348,17 @@ fn main() -> R<()> {
         );
         let all: Vec<String> = res
             .iter()
-            .map(|v| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join("/"))
+            .map(|v| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
             .collect();
-        println!("{:34} runs: strata {} | bindfs {} | native {}", "", all[0], all[1], all[2]);
+        println!(
+            "{:34} runs: strata {} | bindfs {} | native {}",
+            "", all[0], all[1], all[2]
+        );
     }
     drop(mounts);
     drop(daemon);

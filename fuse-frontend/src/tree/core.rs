@@ -329,46 +329,6 @@ impl Txn<'_> {
     }
 }
 
-/// One xattr entry's position in a blob: (start, name range, value range).
-type XEntry = (usize, std::ops::Range<usize>, std::ops::Range<usize>);
-
-fn xattr_entries(b: &[u8]) -> impl Iterator<Item = Result<XEntry, String>> + '_ {
-    let mut at = 0usize;
-    std::iter::from_fn(move || {
-        if at >= b.len() {
-            return None;
-        }
-        let start = at;
-        if b.len() - at < 5 {
-            at = b.len();
-            return Some(Err("truncated xattr header".into()));
-        }
-        let nl = b[at] as usize;
-        let vl = u32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
-        let name = at + 5..at + 5 + nl;
-        let value = name.end..name.end.saturating_add(vl);
-        if nl == 0 || value.end > b.len() {
-            at = b.len();
-            return Some(Err("truncated xattr".into()));
-        }
-        at = value.end;
-        Some(Ok((start, name, value)))
-    })
-}
-
-fn check_xattrs(b: &[u8]) -> Result<(), String> {
-    xattr_entries(b).try_for_each(|e| e.map(|_| ()))
-}
-
-fn xattr_entry(name: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + name.len() + value.len());
-    out.push(name.len() as u8);
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    out.extend_from_slice(name);
-    out.extend_from_slice(value);
-    out
-}
-
 fn read_super(vol: &Volume) -> R<Super> {
     let mut b = vec![0u8; BS as usize];
     vol.read_bytes(SUPER_OFF, &mut b)
@@ -442,6 +402,7 @@ fn check_name(name: &[u8]) -> R<()> {
     Ok(())
 }
 
+#[derive(Debug)]
 pub struct NewNode<'a> {
     pub mode: u32,
     pub umask: u32,
@@ -452,6 +413,7 @@ pub struct NewNode<'a> {
 }
 
 /// An entry returned to readdir.
+#[derive(Debug)]
 pub struct ListEntry {
     pub ino: u64,
     pub kind: u32,

@@ -372,6 +372,47 @@ impl Bucket {
     }
 }
 
+/// Xattr blobs: entries `[name length u8][value length u32 LE][name][value]`.
+/// One xattr entry's position in a blob: (start, name range, value range).
+pub type XEntry = (usize, std::ops::Range<usize>, std::ops::Range<usize>);
+
+pub fn xattr_entries(b: &[u8]) -> impl Iterator<Item = Result<XEntry, String>> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= b.len() {
+            return None;
+        }
+        let start = at;
+        if b.len() - at < 5 {
+            at = b.len();
+            return Some(Err("truncated xattr header".into()));
+        }
+        let nl = b[at] as usize;
+        let vl = u32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
+        let name = at + 5..at + 5 + nl;
+        let value = name.end..name.end.saturating_add(vl);
+        if nl == 0 || value.end > b.len() {
+            at = b.len();
+            return Some(Err("truncated xattr".into()));
+        }
+        at = value.end;
+        Some(Ok((start, name, value)))
+    })
+}
+
+pub fn check_xattrs(b: &[u8]) -> Result<(), String> {
+    xattr_entries(b).try_for_each(|e| e.map(|_| ()))
+}
+
+pub fn xattr_entry(name: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + name.len() + value.len());
+    out.push(name.len() as u8);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(value);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -447,6 +488,19 @@ mod tests {
                 .collect(),
         };
         assert!(!full.fits(255));
+    }
+
+    #[test]
+    fn xattr_blobs() {
+        let mut b = xattr_entry(b"user.a", b"1");
+        b.extend(xattr_entry(b"security.selinux", &[7u8; 300]));
+        let e: Vec<XEntry> = xattr_entries(&b).map(Result::unwrap).collect();
+        assert_eq!(e.len(), 2);
+        assert_eq!(&b[e[1].1.clone()], b"security.selinux");
+        assert_eq!(b[e[1].2.clone()].len(), 300);
+        assert!(check_xattrs(&b).is_ok());
+        assert!(check_xattrs(&b[..b.len() - 1]).is_err());
+        assert!(check_xattrs(&[0, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod core;
 pub mod diff;
 mod format;
+pub mod import;
 
 use self::core::{Core, NewNode, SetAttr, R};
 use format::{Inode, Ts};
@@ -537,6 +538,37 @@ impl Filesystem for TreeFs {
     }
 }
 
+/// The tree of a volume, for work outside FUSE: the mount's own (so both see one cache and
+/// one inode allocator), or one opened on an unmounted volume — which the caller must keep
+/// from being mounted while the handle lives.
+#[derive(Clone, Debug)]
+pub struct TreeHandle {
+    core: Arc<Core>,
+}
+
+impl TreeHandle {
+    /// Opens the tree of an unmounted volume (a new tree is formatted first).
+    pub fn open(volume: Volume, store_dir: &Path) -> Result<TreeHandle, String> {
+        Ok(TreeHandle {
+            core: Arc::new(Core::open(volume, store_dir.to_path_buf())?),
+        })
+    }
+
+    /// Copies the contents of directory `src` into the tree (see [`import::import_dir`]),
+    /// then makes it durable. `done` counts file bytes copied.
+    pub fn import(
+        &self,
+        src: &Path,
+        done: &std::sync::atomic::AtomicU64,
+    ) -> Result<import::ImportStats, String> {
+        let stats = import::import_dir(&self.core, src, done)?;
+        self.core
+            .fsync()
+            .map_err(|e| format!("making the import durable: {e:?}"))?;
+        Ok(stats)
+    }
+}
+
 /// (total, free, available) 4 KiB blocks of the filesystem holding the store.
 fn store_space(dir: &Path) -> (u64, u64, u64) {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
@@ -629,6 +661,13 @@ impl TreeMount {
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// A handle on the mounted tree for work outside FUSE (an import).
+    pub fn handle(&self) -> TreeHandle {
+        TreeHandle {
+            core: self.core.clone(),
+        }
     }
 
     /// The mounted volume (a handle: for reading the live tree, e.g. a diff).
