@@ -113,7 +113,14 @@ impl Txn<'_> {
             .read_bytes(off, &mut b)
             .map_err(|e| eio("reading metadata", e))?;
         if self.meta.cache.len() >= CACHE_BLOCKS {
-            self.meta.cache.clear();
+            // Dropped whole, except inode blocks holding timestamps not written yet.
+            let keep: HashSet<u64> = self
+                .meta
+                .dirty_times
+                .iter()
+                .map(|&i| inode_block(i).0)
+                .collect();
+            self.meta.cache.retain(|o, _| keep.contains(o));
         }
         self.meta.cache.insert(off, Arc::new(b.clone()));
         Ok(b)
