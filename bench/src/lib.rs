@@ -62,10 +62,9 @@ pub fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
     Ok(())
 }
 
-/// Starts `strata serve` on `DIR/strata-store` with a volume `bench` of `size` bytes.
-/// Returns the daemon (its `socket` is the API socket) and the store path. The daemon's log
-/// is `DIR/strata-daemon.log`.
-pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
+/// Starts `strata serve` on `DIR/strata-store`. Returns the daemon (its `socket` is the API
+/// socket) and the store path. The daemon's log is `DIR/strata-daemon.log`.
+pub fn strata_serve(dir: &Path) -> R<(Server, PathBuf)> {
     let store = dir.join("strata-store");
     let log = std::fs::File::create(dir.join("strata-daemon.log"))?;
     let child = Command::new(strata_bin()?)
@@ -77,11 +76,60 @@ pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
     let api = store.join("strata.sock");
     let srv = Server { child, socket: api };
     wait_for(&srv.socket)?;
+    Ok((srv, store))
+}
+
+/// [`strata_serve`] with a volume `bench` of `size` bytes.
+pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
+    let (srv, store) = strata_serve(dir)?;
     strata_cli(
         &store,
         &["volume", "create", "bench", "--size", &size.to_string()],
     )?;
     Ok((srv, store))
+}
+
+/// One time-based fio job with O_DIRECT on `file` (`size` bytes): IOPS, or MiB/s for 1 MiB
+/// blocks.
+pub fn fio_rate(
+    file: &Path,
+    rw: &str,
+    bs: &str,
+    engine: &str,
+    depth: u32,
+    size: u64,
+    secs: u32,
+) -> R<f64> {
+    let out = Command::new("fio")
+        .arg("--name=bench")
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--ioengine={engine}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--runtime={secs}"))
+        .args([
+            "--time_based",
+            "--direct=1",
+            "--fallocate=none",
+            "--randrepeat=0",
+            "--norandommap",
+            "--output-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("fio {rw} {bs} on {} failed", file.display()).into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let job = &v["jobs"][0][dir];
+    Ok(if bs.eq_ignore_ascii_case("1M") {
+        job["bw_bytes"].as_f64().ok_or("fio: no bw_bytes")? / f64::from(1 << 20)
+    } else {
+        job["iops"].as_f64().ok_or("fio: no iops")?
+    })
 }
 
 /// The command line as `--flag value` pairs (every flag of the bench binaries takes a value).

@@ -56,13 +56,143 @@ pub enum FuseError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// A mounted FUSE session: mounting, unmounting and detaching shared by the image-file
+/// export and tree mounts. Dropping it without stopping detaches the mount lazily.
+#[derive(Debug)]
+pub(crate) struct MountSession {
+    mountpoint: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    what: &'static str,
+}
+
+impl MountSession {
+    /// Mounts `fs` for `volume` at `mountpoint` (an existing empty directory; `checked` is
+    /// its canonical path from [`prepare_mountpoint`]) with the options every Strata mount
+    /// has plus `extra`, served by `opts.threads` threads on `/dev/fuse` clones.
+    pub(crate) fn start<FS: fuser::Filesystem + Send + Sync + 'static>(
+        fs: FS,
+        volume: &str,
+        checked: PathBuf,
+        opts: &FuseOptions,
+        extra: Vec<fuser::MountOption>,
+        what: &'static str,
+    ) -> Result<(MountSession, fuser::Notifier), FuseError> {
+        let mountpoint = checked;
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("strata:{volume}")),
+            fuser::MountOption::Subtype("strata".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        config.mount_options.extend(extra);
+        if opts.read_only {
+            config.mount_options.push(fuser::MountOption::RO);
+        }
+        if opts.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(opts.threads.clamp(1, 64));
+        config.clone_fd = true;
+        let io = |source| FuseError::Io {
+            path: mountpoint.clone(),
+            source,
+        };
+        let session = fuser::Session::new(fs, &mountpoint, &config)
+            .map_err(io)?
+            .spawn()
+            .map_err(io)?;
+        let notifier = session.notifier();
+        tracing::info!(volume = %volume, mountpoint = %mountpoint.display(), "{what} mounted");
+        Ok((
+            MountSession {
+                mountpoint,
+                session: Some(session),
+                what,
+            },
+            notifier,
+        ))
+    }
+
+    pub(crate) fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts and waits for the serving threads. Refused with [`FuseError::Busy`] while a
+    /// file in the mount is open (or loop-mounted, or a working directory): it keeps serving.
+    pub(crate) fn stop(&mut self) -> Result<(), FuseError> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        unmount(&self.mountpoint, 0).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EBUSY) {
+                FuseError::Busy(self.mountpoint.clone())
+            } else {
+                FuseError::Io {
+                    path: self.mountpoint.clone(),
+                    source,
+                }
+            }
+        })?;
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.join() {
+                tracing::warn!(error = %e, "FUSE session ended with an error");
+            }
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), "{} unmounted", self.what);
+        Ok(())
+    }
+
+    /// Unmounts even when busy (a lazy detach: open files keep working until closed, new
+    /// opens see the directory underneath). For daemon shutdown.
+    pub(crate) fn detach(mut self) {
+        if self.session.is_none() {
+            return;
+        }
+        match unmount(&self.mountpoint, 0) {
+            Ok(()) => {
+                if let Some(s) = self.session.take() {
+                    let _ = s.join();
+                }
+            }
+            Err(_) => {
+                if let Err(e) = unmount(&self.mountpoint, libc::MNT_DETACH) {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "detaching the FUSE mount");
+                }
+                // The serving threads end when the last open file closes; the process does
+                // not wait for them.
+                if let Some(s) = self.session.take() {
+                    std::mem::forget(s);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MountSession {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = unmount(&self.mountpoint, libc::MNT_DETACH);
+            std::mem::forget(s);
+        }
+    }
+}
+
+/// Checks that `p` is an existing empty directory; returns its canonical path.
+pub(crate) fn prepare_mountpoint(p: &Path) -> Result<PathBuf, FuseError> {
+    check_mountpoint(p)?;
+    p.canonicalize().map_err(|source| FuseError::Io {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
 /// A running FUSE export. [`FuseExport::stop`] unmounts it; dropping it without stopping
 /// detaches the mount lazily.
 #[derive(Debug)]
 pub struct FuseExport {
-    mountpoint: PathBuf,
     fs: Arc<fs::Shared>,
-    session: Option<fuser::BackgroundSession>,
+    mount: MountSession,
     notifier: fuser::Notifier,
 }
 
@@ -76,52 +206,28 @@ impl FuseExport {
         mountpoint: &Path,
         opts: &FuseOptions,
     ) -> Result<FuseExport, FuseError> {
-        check_mountpoint(mountpoint)?;
-        let mountpoint = mountpoint.canonicalize().map_err(|source| FuseError::Io {
-            path: mountpoint.to_path_buf(),
-            source,
-        })?;
+        let checked = prepare_mountpoint(mountpoint)?;
         let name = volume.name().to_string();
         let shared = Arc::new(fs::Shared::new(store, volume, opts.read_only));
         shared.start_readahead();
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName(format!("strata:{name}")),
-            fuser::MountOption::Subtype("strata".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoDev,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoAtime,
-        ];
-        if opts.read_only {
-            config.mount_options.push(fuser::MountOption::RO);
-        }
-        if opts.allow_other {
-            config.acl = fuser::SessionACL::All;
-        }
-        config.n_threads = Some(opts.threads.clamp(1, 64));
-        config.clone_fd = true;
-        let session = fuser::Session::new(ImageFs::new(shared.clone()), &mountpoint, &config)
-            .map_err(|source| FuseError::Io {
-                path: mountpoint.clone(),
-                source,
-            })?;
-        let session = session.spawn().map_err(|source| FuseError::Io {
-            path: mountpoint.clone(),
-            source,
-        })?;
-        let notifier = session.notifier();
-        tracing::info!(volume = %name, mountpoint = %mountpoint.display(), "FUSE export mounted");
+        let extra = vec![fuser::MountOption::NoDev, fuser::MountOption::NoSuid];
+        let (mount, notifier) = MountSession::start(
+            ImageFs::new(shared.clone()),
+            &name,
+            checked,
+            opts,
+            extra,
+            "FUSE export",
+        )?;
         Ok(FuseExport {
-            mountpoint,
             fs: shared,
-            session: Some(session),
+            mount,
             notifier,
         })
     }
 
     pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
+        self.mount.mountpoint()
     }
 
     /// IO counters of `VOL.img` and the checkpoint files, for the metrics endpoint.
@@ -169,60 +275,13 @@ impl FuseExport {
     /// Unmounts and waits for the serving threads. Refused with [`FuseError::Busy`] while a
     /// file in the mount is open (or loop-mounted): the export then keeps serving.
     pub fn stop(&mut self) -> Result<(), FuseError> {
-        if self.session.is_none() {
-            return Ok(());
-        }
-        unmount(&self.mountpoint, 0).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EBUSY) {
-                FuseError::Busy(self.mountpoint.clone())
-            } else {
-                FuseError::Io {
-                    path: self.mountpoint.clone(),
-                    source,
-                }
-            }
-        })?;
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.join() {
-                tracing::warn!(error = %e, "FUSE session ended with an error");
-            }
-        }
-        tracing::info!(mountpoint = %self.mountpoint.display(), "FUSE export unmounted");
-        Ok(())
+        self.mount.stop()
     }
 
     /// Unmounts even when busy (a lazy detach: open files keep working until closed, new
     /// opens see the directory underneath). For daemon shutdown.
-    pub fn detach(mut self) {
-        if self.session.is_none() {
-            return;
-        }
-        match unmount(&self.mountpoint, 0) {
-            Ok(()) => {
-                if let Some(s) = self.session.take() {
-                    let _ = s.join();
-                }
-            }
-            Err(_) => {
-                if let Err(e) = unmount(&self.mountpoint, libc::MNT_DETACH) {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "detaching the FUSE mount");
-                }
-                // The serving threads end when the last open file closes; the process does
-                // not wait for them.
-                if let Some(s) = self.session.take() {
-                    std::mem::forget(s);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for FuseExport {
-    fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = unmount(&self.mountpoint, libc::MNT_DETACH);
-            std::mem::forget(s);
-        }
+    pub fn detach(self) {
+        self.mount.detach()
     }
 }
 

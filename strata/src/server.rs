@@ -1141,26 +1141,43 @@ async fn import_image(
         }
         let vol = a.store.open_volume(&name)?;
         let scratch = a.store.path().to_path_buf();
-        if !a.importing.lock().insert(name.clone()) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("volume {name} is already being imported into"),
-            ));
-        }
-        let importing = a.importing.clone();
+        let guard = register_import(a, &name)?;
         let spawned = a.jobs.spawn(move |job| {
             let r = crate::jobs::import(job, &vol, &req.path, req.format.as_deref(), &scratch);
-            importing.lock().remove(vol.name());
+            drop(guard);
             r
         });
-        if spawned.is_err() {
-            a.importing.lock().remove(&name);
-        }
         drop(exports);
         spawned.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
     })
     .await?;
     Ok(Json(json!({"job": id})))
+}
+
+/// An import registered in `App::importing`: no export or mount of the volume starts and no
+/// second import runs until it is dropped.
+struct ImportGuard {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    name: String,
+}
+
+impl Drop for ImportGuard {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.name);
+    }
+}
+
+fn register_import(a: &App, name: &str) -> Result<ImportGuard, ApiError> {
+    if !a.importing.lock().insert(name.to_string()) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("volume {name} is already being imported into"),
+        ));
+    }
+    Ok(ImportGuard {
+        set: a.importing.clone(),
+        name: name.to_string(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -1190,6 +1207,9 @@ async fn import_tree(
                 "volume {name} is a block volume; import disk images with `strata import`"
             )));
         }
+        // Registered first: no second import opens the same unmounted tree.
+        let guard = register_import(a, &name)?;
+        let total = strata_fuse::tree::import::total_bytes(&req.path).map_err(bad)?;
         let handle = match exports.get(&name) {
             Some(Exported::Tree { mount, .. }) => mount.handle(),
             Some(_) => return Err(bad(format!("volume {name} is exported as a disk"))),
@@ -1204,39 +1224,20 @@ async fn import_tree(
                 strata_fuse::tree::TreeHandle::open(vol, a.store.path()).map_err(bad)?
             }
         };
-        if !a.importing.lock().insert(name.clone()) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("volume {name} is already being imported into"),
-            ));
-        }
-        let total = strata_fuse::tree::import::total_bytes(&req.path).map_err(bad);
-        let total = match total {
-            Ok(t) => t,
-            Err(e) => {
-                a.importing.lock().remove(&name);
-                return Err(e);
-            }
-        };
-        let importing = a.importing.clone();
-        let src = req.path.clone();
-        let vol = name.clone();
+        let (src, vol) = (req.path.clone(), name.clone());
         let spawned = a.jobs.spawn(move |job| {
             job.total.store(total, std::sync::atomic::Ordering::Relaxed);
             let r = handle.import(&src, &job.done);
-            // The handle (and, for an unmounted tree, its volume) goes before the volume
-            // can be mounted again.
+            // The handle (and, for an unmounted tree, its volume) goes before the tree can
+            // be mounted again.
             drop(handle);
-            importing.lock().remove(&vol);
+            drop(guard);
             let s = r?;
             Ok(
                 json!({"volume": vol, "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks,
                       "special": s.special, "hard_links": s.hard_links, "copied_bytes": s.bytes}),
             )
         });
-        if spawned.is_err() {
-            a.importing.lock().remove(&name);
-        }
         drop(exports);
         spawned.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
     })

@@ -96,41 +96,7 @@ const SHAPES: [Shape; 6] = [
 
 /// Runs one fio job on `file`; returns IOPS (4K shapes) or MiB/s (1M shapes).
 fn fio(file: &Path, s: &Shape, size: u64, secs: u32) -> R<f64> {
-    let out = Command::new("fio")
-        .arg("--name=bench")
-        .arg(format!("--filename={}", file.display()))
-        .arg(format!("--rw={}", s.rw))
-        .arg(format!("--bs={}", s.bs))
-        .arg(format!("--ioengine={}", s.engine))
-        .arg(format!("--iodepth={}", s.depth))
-        .arg(format!("--size={size}"))
-        .arg(format!("--runtime={secs}"))
-        .args([
-            "--time_based",
-            "--direct=1",
-            "--fallocate=none",
-            "--randrepeat=0",
-            "--norandommap",
-            "--output-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("fio {} on {} failed", s.name, file.display()).into());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let dir = if s.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    };
-    let job = &v["jobs"][0][dir];
-    let value = if s.bs == "1M" {
-        job["bw_bytes"].as_f64().ok_or("fio: no bw_bytes")? / f64::from(1 << 20)
-    } else {
-        job["iops"].as_f64().ok_or("fio: no iops")?
-    };
-    Ok(value)
+    strata_bench::fio_rate(file, s.rw, s.bs, s.engine, s.depth, size, secs)
 }
 
 /// Fills the whole file with 1 MiB sequential writes so reads hit stored data.

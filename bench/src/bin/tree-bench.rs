@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
-use strata_bench::{strata_bin, strata_cli, wait_for, Server, R};
+use strata_bench::{strata_cli, strata_serve, R};
 
 struct Args {
     dir: PathBuf,
@@ -145,39 +145,7 @@ const SHAPES: [Shape; 4] = [
 ];
 
 fn fio(file: &Path, s: &Shape, size: u64, secs: u32) -> R<f64> {
-    let out = Command::new("fio")
-        .arg("--name=bench")
-        .arg(format!("--filename={}", file.display()))
-        .arg(format!("--rw={}", s.rw))
-        .arg(format!("--bs={}", s.bs))
-        .arg(format!("--size={size}"))
-        .arg(format!("--runtime={secs}"))
-        .args([
-            "--ioengine=psync",
-            "--time_based",
-            "--direct=1",
-            "--fallocate=none",
-            "--randrepeat=0",
-            "--norandommap",
-            "--output-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("fio {} on {} failed", s.name, file.display()).into());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let dir = if s.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    };
-    let job = &v["jobs"][0][dir];
-    Ok(if s.bs == "1M" {
-        job["bw_bytes"].as_f64().ok_or("fio: no bw_bytes")? / f64::from(1 << 20)
-    } else {
-        job["iops"].as_f64().ok_or("fio: no iops")?
-    })
+    strata_bench::fio_rate(file, s.rw, s.bs, "psync", 1, size, secs)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -219,19 +187,7 @@ fn main() -> R<()> {
     mounts.0.push(bind.clone());
 
     // Strata: a tree mounted from a store next to the ext4 image.
-    let store = a.dir.join("strata-store");
-    let log = std::fs::File::create(a.dir.join("strata-daemon.log"))?;
-    let child = Command::new(strata_bin()?)
-        .arg("--store")
-        .arg(&store)
-        .arg("serve")
-        .stderr(log)
-        .spawn()?;
-    let daemon = Server {
-        child,
-        socket: store.join("strata.sock"),
-    };
-    wait_for(&daemon.socket)?;
+    let (daemon, store) = strata_serve(&a.dir)?;
     let strata = a.dir.join("strata");
     std::fs::create_dir(&strata)?;
     strata_cli(&store, &["fs", "create", "bench"])?;

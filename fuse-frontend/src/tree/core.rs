@@ -201,6 +201,21 @@ impl Txn<'_> {
         Ok(None)
     }
 
+    /// Directory `parent`, checked to be a live directory without an entry `name`.
+    fn dir_for_new(&mut self, parent: u64, name: &[u8]) -> R<Inode> {
+        let p = self.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if p.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if self.find(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        Ok(p)
+    }
+
     fn insert(&mut self, dir: u64, name: &[u8], ino: u64, mode: u32) -> R<()> {
         let h = name_hash(name);
         let mut n = home_bucket(h);
@@ -685,16 +700,7 @@ impl Core {
         let _g = self.gate.read();
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
-        let mut p = t.inode(parent)?;
-        if !p.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        if p.nlink == 0 {
-            return Err(Errno::ENOENT);
-        }
-        if t.find(parent, name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
+        let mut p = t.dir_for_new(parent, name)?;
         let kind = n.mode & libc::S_IFMT;
         let mut perm = n.mode & 0o7777 & !n.umask;
         let mut gid = n.gid;
@@ -762,16 +768,7 @@ impl Core {
         if i.is_dir() {
             return Err(Errno::EPERM);
         }
-        let mut p = t.inode(parent)?;
-        if !p.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        if p.nlink == 0 {
-            return Err(Errno::ENOENT);
-        }
-        if t.find(parent, name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
+        let mut p = t.dir_for_new(parent, name)?;
         if i.nlink >= 65000 {
             return Err(Errno::EMLINK);
         }

@@ -20,12 +20,12 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use strata_engine::Volume;
 
-use crate::{FuseError, FuseOptions};
+use crate::{FuseError, FuseOptions, MountSession};
 
 pub use self::core::{check_tree, mkfs};
 
@@ -89,17 +89,30 @@ impl TreeFs {
         }
     }
 
+    /// Creates a node owned by the caller: `mode` is the type (regular when 0) and the
+    /// permission bits.
+    #[allow(clippy::too_many_arguments)]
     fn node(
         &self,
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        n: NewNode<'_>,
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+        target: Option<&[u8]>,
     ) -> R<(u64, Inode)> {
+        let kind = match mode & libc::S_IFMT {
+            0 => libc::S_IFREG,
+            k => k,
+        };
         let n = NewNode {
+            mode: kind | (mode & 0o7777),
+            umask,
+            rdev,
             uid: req.uid(),
             gid: req.gid(),
-            ..n
+            target,
         };
         self.core.create(parent.0, name.as_bytes(), n)
     }
@@ -199,17 +212,8 @@ impl Filesystem for TreeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let kind = mode & libc::S_IFMT;
-        let kind = if kind == 0 { libc::S_IFREG } else { kind };
-        let n = NewNode {
-            mode: kind | (mode & 0o7777),
-            umask,
-            rdev: u64::from(rdev),
-            uid: 0,
-            gid: 0,
-            target: None,
-        };
-        self.entry(self.node(req, parent, name, n), reply)
+        let r = self.node(req, parent, name, mode, umask, u64::from(rdev), None);
+        self.entry(r, reply)
     }
 
     fn mkdir(
@@ -221,15 +225,8 @@ impl Filesystem for TreeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let n = NewNode {
-            mode: libc::S_IFDIR | (mode & 0o7777),
-            umask,
-            rdev: 0,
-            uid: 0,
-            gid: 0,
-            target: None,
-        };
-        self.entry(self.node(req, parent, name, n), reply)
+        let r = self.node(req, parent, name, libc::S_IFDIR | mode, umask, 0, None);
+        self.entry(r, reply)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -248,15 +245,9 @@ impl Filesystem for TreeFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let n = NewNode {
-            mode: libc::S_IFLNK | 0o777,
-            umask: 0,
-            rdev: 0,
-            uid: 0,
-            gid: 0,
-            target: Some(target.as_os_str().as_bytes()),
-        };
-        self.entry(self.node(req, parent, link_name, n), reply)
+        let target = Some(target.as_os_str().as_bytes());
+        let r = self.node(req, parent, link_name, libc::S_IFLNK | 0o777, 0, 0, target);
+        self.entry(r, reply)
     }
 
     fn rename(
@@ -316,16 +307,7 @@ impl Filesystem for TreeFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let kind = mode & libc::S_IFMT;
-        let n = NewNode {
-            mode: if kind == 0 { libc::S_IFREG } else { kind } | (mode & 0o7777),
-            umask,
-            rdev: 0,
-            uid: 0,
-            gid: 0,
-            target: None,
-        };
-        match self.node(req, parent, name, n) {
+        match self.node(req, parent, name, mode, umask, 0, None) {
             Ok((ino, i)) => reply.created(
                 &TTL,
                 &attr(ino, &i),
@@ -588,9 +570,8 @@ fn store_space(dir: &Path) -> (u64, u64, u64) {
 /// the mount lazily.
 #[derive(Debug)]
 pub struct TreeMount {
-    mountpoint: PathBuf,
     core: Arc<Core>,
-    session: Option<fuser::BackgroundSession>,
+    mount: MountSession,
     notifier: fuser::Notifier,
 }
 
@@ -611,56 +592,26 @@ impl TreeMount {
         mountpoint: &Path,
         opts: &FuseOptions,
     ) -> Result<TreeMount, FuseError> {
-        crate::check_mountpoint(mountpoint)?;
-        let mountpoint = mountpoint.canonicalize().map_err(|source| FuseError::Io {
-            path: mountpoint.to_path_buf(),
-            source,
-        })?;
+        let checked = crate::prepare_mountpoint(mountpoint)?;
         let name = volume.name().to_string();
         let core = Core::open(volume, store_dir.to_path_buf()).map_err(|e| FuseError::Io {
-            path: mountpoint.clone(),
+            path: checked.clone(),
             source: std::io::Error::other(e),
         })?;
         let core = Arc::new(core);
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName(format!("strata:{name}")),
-            fuser::MountOption::Subtype("strata".into()),
-            fuser::MountOption::DefaultPermissions,
-            // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
-            fuser::MountOption::Dev,
-            fuser::MountOption::Suid,
-            fuser::MountOption::NoAtime,
-        ];
-        if opts.read_only {
-            config.mount_options.push(fuser::MountOption::RO);
-        }
-        if opts.allow_other {
-            config.acl = fuser::SessionACL::All;
-        }
-        config.n_threads = Some(opts.threads.clamp(1, 64));
-        config.clone_fd = true;
-        let session = fuser::Session::new(TreeFs { core: core.clone() }, &mountpoint, &config)
-            .map_err(|source| FuseError::Io {
-                path: mountpoint.clone(),
-                source,
-            })?;
-        let session = session.spawn().map_err(|source| FuseError::Io {
-            path: mountpoint.clone(),
-            source,
-        })?;
-        let notifier = session.notifier();
-        tracing::info!(volume = %name, mountpoint = %mountpoint.display(), "tree mounted");
+        // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
+        let extra = vec![fuser::MountOption::Dev, fuser::MountOption::Suid];
+        let fs = TreeFs { core: core.clone() };
+        let (mount, notifier) = MountSession::start(fs, &name, checked, opts, extra, "tree")?;
         Ok(TreeMount {
-            mountpoint,
             core,
-            session: Some(session),
+            mount,
             notifier,
         })
     }
 
     pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
+        self.mount.mountpoint()
     }
 
     /// A handle on the mounted tree for work outside FUSE (an import).
@@ -708,60 +659,17 @@ impl TreeMount {
     /// Unmounts and waits for the serving threads; refused with [`FuseError::Busy`] while
     /// a file in the tree is open or a process has its working directory there.
     pub fn stop(&mut self) -> Result<(), FuseError> {
-        if self.session.is_none() {
-            return Ok(());
-        }
-        // Timestamps held in memory go to the volume first.
+        // Timestamps held in memory go to the volume first, and again after the last
+        // request was served.
         let _ = self.core.sync_times();
-        crate::unmount(&self.mountpoint, 0).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EBUSY) {
-                FuseError::Busy(self.mountpoint.clone())
-            } else {
-                FuseError::Io {
-                    path: self.mountpoint.clone(),
-                    source,
-                }
-            }
-        })?;
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.join() {
-                tracing::warn!(error = %e, "FUSE session ended with an error");
-            }
-        }
+        self.mount.stop()?;
         let _ = self.core.sync_times();
-        tracing::info!(mountpoint = %self.mountpoint.display(), "tree unmounted");
         Ok(())
     }
 
     /// Unmounts even when busy (lazily), for daemon shutdown.
-    pub fn detach(mut self) {
+    pub fn detach(self) {
         let _ = self.core.sync_times();
-        if self.session.is_none() {
-            return;
-        }
-        match crate::unmount(&self.mountpoint, 0) {
-            Ok(()) => {
-                if let Some(s) = self.session.take() {
-                    let _ = s.join();
-                }
-            }
-            Err(_) => {
-                if let Err(e) = crate::unmount(&self.mountpoint, libc::MNT_DETACH) {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "detaching the tree mount");
-                }
-                if let Some(s) = self.session.take() {
-                    std::mem::forget(s);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for TreeMount {
-    fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = crate::unmount(&self.mountpoint, libc::MNT_DETACH);
-            std::mem::forget(s);
-        }
+        self.mount.detach()
     }
 }
