@@ -201,6 +201,16 @@ impl Txn<'_> {
         Ok(None)
     }
 
+    /// Directory `dir` gained (or lost) `entries` entries and `links` subdirectories:
+    /// counts and times updated and written.
+    fn dir_changed(&mut self, dir: u64, d: &mut Inode, entries: i32, links: i32, now: Ts) -> R<()> {
+        d.size = d.size.saturating_add_signed(i64::from(entries));
+        d.nlink = d.nlink.saturating_add_signed(links);
+        d.mtime = now;
+        d.ctime = now;
+        self.put_inode(dir, d)
+    }
+
     /// Directory `parent`, checked to be a live directory without an entry `name`.
     fn dir_for_new(&mut self, parent: u64, name: &[u8]) -> R<Inode> {
         let p = self.inode(parent)?;
@@ -747,13 +757,8 @@ impl Core {
         }
         t.insert(parent, name, ino, i.mode)?;
         t.put_inode(ino, &i)?;
-        p.size += 1;
-        if kind == libc::S_IFDIR {
-            p.nlink += 1;
-        }
-        p.mtime = now;
-        p.ctime = now;
-        t.put_inode(parent, &p)?;
+        let links = i32::from(kind == libc::S_IFDIR);
+        t.dir_changed(parent, &mut p, 1, links, now)?;
         t.commit()?;
         Self::remember(&mut m, parent, name, ino);
         Ok((ino, i))
@@ -780,10 +785,7 @@ impl Core {
         i.nlink += 1;
         i.ctime = now;
         t.put_inode(ino, &i)?;
-        p.size += 1;
-        p.mtime = now;
-        p.ctime = now;
-        t.put_inode(parent, &p)?;
+        t.dir_changed(parent, &mut p, 1, 0, now)?;
         t.commit()?;
         Self::remember(&mut m, parent, name, ino);
         Ok(i)
@@ -809,7 +811,6 @@ impl Core {
             if i.size > 0 {
                 return Err(Errno::ENOTEMPTY);
             }
-            p.nlink -= 1;
             i.nlink = 0;
         } else {
             if i.is_dir() {
@@ -819,10 +820,7 @@ impl Core {
         }
         i.ctime = now;
         t.remove_at(parent, b, idx)?;
-        p.size -= 1;
-        p.mtime = now;
-        p.ctime = now;
-        t.put_inode(parent, &p)?;
+        t.dir_changed(parent, &mut p, -1, -i32::from(dir), now)?;
         t.put_inode(e.ino, &i)?;
         let gone = i.nlink == 0;
         if gone {
