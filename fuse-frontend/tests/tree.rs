@@ -237,6 +237,37 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     assert_eq!(s, "still here");
     drop(open);
 
+    // Freed inode numbers are reused within a mount, and a reused number never shows the old
+    // file's bytes: delete files, make the kernel forget them, create files and grow them.
+    fs::create_dir(mnt.join("reuse")).unwrap();
+    let mut old_inos = std::collections::HashSet::new();
+    for i in 0..50 {
+        let p = mnt.join(format!("reuse/old{i}"));
+        fs::write(&p, vec![0xa5u8; 8192 + i]).unwrap();
+        old_inos.insert(fs::metadata(&p).unwrap().ino());
+    }
+    for i in 0..50 {
+        fs::remove_file(mnt.join(format!("reuse/old{i}"))).unwrap();
+    }
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut reused = 0;
+    for i in 0..50 {
+        let p = mnt.join(format!("reuse/new{i}"));
+        let f = fs::File::create(&p).unwrap();
+        f.set_len(8192 + 64).unwrap();
+        drop(f);
+        reused += usize::from(old_inos.contains(&fs::metadata(&p).unwrap().ino()));
+        assert!(
+            fs::read(&p).unwrap().iter().all(|&b| b == 0),
+            "{p:?} shows old bytes"
+        );
+    }
+    assert!(
+        reused > 0,
+        "no inode number was reused: the check proves nothing"
+    );
+
     // A large directory: 3000 entries, listed exactly once each.
     fs::create_dir(mnt.join("many")).unwrap();
     for i in 0..3000 {

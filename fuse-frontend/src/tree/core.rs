@@ -14,6 +14,11 @@ pub type R<T> = Result<T, Errno>;
 
 /// Metadata blocks kept in memory; the cache is dropped whole when it grows past this.
 const CACHE_BLOCKS: usize = 32 * 1024;
+/// Inode numbers reserved per superblock write.
+const INO_RESERVE: u64 = 64;
+/// Content of at most this many mapped blocks is freed in the same journal group as the
+/// inode; more is unmapped first.
+const FREE_INLINE_BLOCKS: usize = 256;
 /// Locks serializing content changes of one inode against its truncation and freeing.
 const STRIPES: usize = 64;
 
@@ -41,7 +46,11 @@ pub struct Known {
 
 pub struct Meta {
     cache: HashMap<u64, Arc<Vec<u8>>>,
+    /// The next inode number to hand out.
     next_ino: u64,
+    /// What the superblock records: numbers below it are handed out or reserved. Numbers
+    /// are reserved 64 at a time, so a create does not rewrite the superblock.
+    reserved: u64,
     /// Inodes freed during this mount (content already unmapped), reused first.
     free: Vec<u64>,
     /// Inodes whose timestamps changed in the cache only (writes that did not change the
@@ -98,6 +107,8 @@ pub struct Txn<'a> {
     dirty: BTreeMap<u64, Vec<u8>>,
     /// An xattr blob this change writes, cached once it commits.
     xpending: Option<(u64, Arc<Vec<u8>>)>,
+    /// Content blocks this change unmaps (written as zero blocks in the same group).
+    zeros: Vec<u64>,
 }
 
 impl Txn<'_> {
@@ -329,30 +340,45 @@ impl Txn<'_> {
             return Err(Errno::ENOSPC);
         }
         self.meta.next_ino += 1;
-        *self.block_mut(SUPER_OFF)? = Super {
-            next_ino: self.meta.next_ino,
+        if i >= self.meta.reserved {
+            // Written with this operation: a crash never leaves a number in use that the
+            // superblock does not cover.
+            self.meta.reserved = (i + INO_RESERVE).min(MAX_INO);
+            *self.block_mut(SUPER_OFF)? = Super {
+                next_ino: self.meta.reserved,
+            }
+            .encode();
         }
-        .encode();
         Ok(i)
     }
 
     fn commit(self) -> R<()> {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.zeros.is_empty() {
             return Ok(());
         }
-        let blocks: Vec<(u64, &[u8])> = self.dirty.iter().map(|(o, b)| (*o, &b[..])).collect();
+        let zero = vec![0u8; BS as usize];
+        let blocks: Vec<(u64, &[u8])> = self
+            .dirty
+            .iter()
+            .map(|(o, b)| (*o, &b[..]))
+            .chain(self.zeros.iter().map(|o| (*o, &zero[..])))
+            .collect();
         if let Err(e) = self.vol.write_blocks(&blocks) {
             // Nothing of this operation was applied; forget what the cache may hold of it
             // (a fresh allocation count included).
             self.meta.cache.clear();
             self.meta.xcache.clear();
             if let Ok(s) = read_super(self.vol) {
-                self.meta.next_ino = s.next_ino;
+                self.meta.reserved = s.next_ino;
+                self.meta.next_ino = self.meta.next_ino.max(s.next_ino);
             }
             return Err(engine_err("writing metadata", e));
         }
         for (o, b) in self.dirty {
             self.meta.cache.insert(o, Arc::new(b));
+        }
+        for o in &self.zeros {
+            self.meta.cache.remove(o);
         }
         if let Some((ino, b)) = self.xpending {
             self.meta.cache_xblob(ino, b);
@@ -469,6 +495,7 @@ impl Core {
             meta: Mutex::new(Meta {
                 cache: HashMap::new(),
                 next_ino: sb.next_ino,
+                reserved: sb.next_ino,
                 free: Vec::new(),
                 dirty_times: HashSet::new(),
                 known: Known::default(),
@@ -498,6 +525,7 @@ impl Core {
             meta,
             dirty: BTreeMap::new(),
             xpending: None,
+            zeros: Vec::new(),
         }
     }
 
@@ -529,6 +557,7 @@ impl Core {
             // Inode numbers the kernel may still hold are never handed out again.
             let sb = read_super(&self.vol)?;
             m.next_ino = m.next_ino.max(sb.next_ino);
+            m.reserved = sb.next_ino;
             let mut t = self.txn(&mut m);
             let after: Vec<(u64, Option<Inode>)> =
                 before.iter().map(|(i, _)| (*i, t.inode(*i).ok())).collect();
@@ -615,10 +644,21 @@ impl Core {
         } else {
             i.size.div_ceil(BS) * BS
         };
-        if span > 0 {
-            self.vol
-                .unmap_bytes(data_off(ino), span)
-                .map_err(|e| engine_err("freeing content", e))?;
+        // Few mapped blocks: freed with the slot, in one group. Many: unmapped first.
+        let (base, end) = (data_off(ino), data_off(ino) + span);
+        let mut mapped = Vec::new();
+        let mut at = base;
+        while let Some(off) = self.vol.next_data(at).filter(|o| *o < end) {
+            if mapped.len() == FREE_INLINE_BLOCKS {
+                self.vol
+                    .unmap_bytes(base, span)
+                    .map_err(|e| engine_err("freeing content", e))?;
+                mapped.clear();
+                break;
+            }
+            let blk = off - off % BS;
+            mapped.push(blk);
+            at = blk + BS;
         }
         let mut t = self.txn(&mut m);
         if i.xattr_len > 0 {
@@ -634,6 +674,7 @@ impl Core {
         };
         t.put_inode(ino, &free)?;
         t.set_orphan(ino, false)?;
+        t.zeros = mapped;
         t.commit()?;
         m.dirty_times.remove(&ino);
         m.free.push(ino);
