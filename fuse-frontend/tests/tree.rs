@@ -327,3 +327,54 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     );
     m.stop().unwrap();
 }
+
+/// Damaged metadata (a directory bucket that does not decode, an inode claiming 4 GiB of
+/// xattrs) is an IO error for the operations that touch it — never a panic, a huge
+/// allocation or wrong data — and the rest of the tree keeps working.
+#[test]
+fn damaged_metadata_is_an_error_not_a_panic() {
+    let env = Env::new();
+    env.create("dmg");
+    let (mut m, mnt) = env.mount("dmg");
+    fs::create_dir(mnt.join("d1")).unwrap();
+    fs::write(mnt.join("d1/f"), b"f").unwrap();
+    fs::write(mnt.join("x"), b"x").unwrap();
+    let x_ino = fs::metadata(mnt.join("x")).unwrap().ino();
+    let d1_ino = fs::metadata(mnt.join("d1")).unwrap().ino();
+    m.stop().unwrap();
+
+    let v = env.store.open_volume("dmg").unwrap();
+    // d1's only bucket: the first mapped block of its content span.
+    let span = (1u64 << 61) + d1_ino * (1u64 << 37);
+    let bucket = v.next_data(span).unwrap();
+    let mut bad = vec![0u8; 4096];
+    bad[0] = 200; // 200 entries: more than a block holds
+    v.write_blocks(&[(bucket - bucket % 4096, &bad)]).unwrap();
+    // x's inode claims 4 GiB of xattrs (xattr_len at byte 96 of the 256-byte slot).
+    let slot = (1u64 << 40) + x_ino * 256;
+    let blk = slot - slot % 4096;
+    let mut b = vec![0u8; 4096];
+    v.read_bytes(blk, &mut b).unwrap();
+    let at = (slot - blk) as usize + 96;
+    b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    v.write_blocks(&[(blk, &b)]).unwrap();
+    drop(v);
+
+    let (mut m, mnt) = env.mount("dmg");
+    let e = fs::read_dir(mnt.join("d1")).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+    assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        fs::metadata(mnt.join("d1/f")).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(xattr_get(&mnt.join("x"), "user.k").is_none());
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EIO)
+    );
+    // Everything else still works.
+    assert_eq!(fs::read(mnt.join("x")).unwrap(), b"x");
+    fs::write(mnt.join("y"), b"y").unwrap();
+    assert_eq!(names(&mnt), vec!["d1", "x", "y"]);
+    m.stop().unwrap();
+}

@@ -289,6 +289,12 @@ impl Txn<'_> {
         {
             return Ok(b.clone());
         }
+        if u64::from(len) > XATTR_SPAN {
+            return Err(eio(
+                "reading xattrs",
+                format!("inode {ino} claims {len} bytes of xattrs"),
+            ));
+        }
         let mut blob = Vec::with_capacity(len as usize);
         let base = xattr_off(ino);
         let mut off = 0u64;
@@ -642,7 +648,8 @@ impl Core {
         let span = if i.is_dir() {
             BUCKETS * BS
         } else {
-            i.size.div_ceil(BS) * BS
+            // (A size past the span, from a damaged inode, cannot reach another file.)
+            i.size.min(MAX_FILE_SIZE).div_ceil(BS) * BS
         };
         // Few mapped blocks: freed with the slot, in one group. Many: unmapped first.
         let (base, end) = (data_off(ino), data_off(ino) + span);
@@ -1085,10 +1092,12 @@ impl Core {
         if i.is_dir() {
             return Err(Errno::EISDIR);
         }
-        if offset >= i.size {
+        // A damaged inode's size never reaches past the file's span.
+        let fsize = i.size.min(MAX_FILE_SIZE);
+        if offset >= fsize {
             return Ok(Vec::new());
         }
-        let n = (u64::from(size)).min(i.size - offset) as usize;
+        let n = (u64::from(size)).min(fsize - offset) as usize;
         let mut buf = vec![0u8; n];
         self.vol
             .read_bytes(data_off(ino) + offset, &mut buf)
@@ -1211,18 +1220,19 @@ impl Core {
             let mut m = self.meta.lock();
             self.txn(&mut m).inode(ino)?
         };
-        if offset >= i.size {
+        let fsize = i.size.min(MAX_FILE_SIZE);
+        if offset >= fsize {
             return Err(Errno::ENXIO);
         }
         let base = data_off(ino);
         match whence {
             libc::SEEK_DATA => match self.vol.next_data(base + offset) {
-                Some(d) if d < base + i.size => Ok((d - base).max(offset)),
+                Some(d) if d < base + fsize => Ok((d - base).max(offset)),
                 _ => Err(Errno::ENXIO),
             },
             libc::SEEK_HOLE => {
                 let h = self.vol.next_hole(base + offset);
-                Ok((h.saturating_sub(base)).max(offset).min(i.size))
+                Ok((h.saturating_sub(base)).max(offset).min(fsize))
             }
             _ => Err(Errno::EINVAL),
         }

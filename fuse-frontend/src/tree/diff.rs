@@ -48,6 +48,9 @@ impl Side {
     }
 
     fn xattrs(&self, ino: u64, len: u32) -> Result<Vec<u8>, String> {
+        if u64::from(len) > XATTR_SPAN {
+            return Err(format!("inode {ino} claims {len} bytes of xattrs"));
+        }
         let mut b = vec![0u8; len as usize];
         self.read(xattr_off(ino), &mut b)?;
         Ok(b)
