@@ -4,7 +4,7 @@ set -euo pipefail
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
       qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
-      stress-ng git attr bindfs)
+      stress-ng git attr acl bindfs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -738,3 +738,30 @@ fn import_keeps_types_modes_owners_times_xattrs_hard_links_and_holes() {
     );
     d.ok(&["unmount", p(&mnt)]);
 }
+
+#[test]
+fn posix_acls_and_capabilities_are_kept_as_xattrs() {
+    let _serial = serial();
+    let m = Mounted::new(false);
+    fs::write(m.mnt.join("f"), b"x").unwrap();
+    sh(
+        "setfacl -m u:1000:rw f && setfattr -n security.capability -v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= f",
+        &m.mnt,
+    );
+    let check = |mnt: &Path| {
+        let acl = sh("getfacl -n f", mnt);
+        assert!(
+            acl.contains("user:1000:rw-") && acl.contains("mask::rw-"),
+            "{acl}"
+        );
+        let cap = sh("getfattr -e base64 -n security.capability f", mnt);
+        assert!(cap.contains("0sAQAAAgAgAAAAAAAAAAAAAAAAAAA="), "{cap}");
+    };
+    check(&m.mnt);
+    // Kept across a remount and in a checkpoint's fork.
+    m.d.ok(&["checkpoint", "create", "box@acl"]);
+    m.d.ok(&["unmount", p(&m.mnt)]);
+    m.d.ok(&["fs", "create", "box2", "--from", "box@acl"]);
+    m.d.ok(&["mount", "box2", p(&m.mnt)]);
+    check(&m.mnt);
+}
