@@ -30,7 +30,7 @@ pub use remote::{RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};
 pub use segment::{DEFAULT_REUSE_BYTES, PAGE_SIZE};
 pub use store::{Store, StoreOptions};
-pub use volume::{Snapshot, Volume, SECTOR};
+pub use volume::{Snapshot, Source, Volume, SECTOR};
 
 /// Store-wide figures.
 #[derive(Clone, Debug, PartialEq, Eq)]

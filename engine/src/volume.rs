@@ -1261,3 +1261,42 @@ impl Snapshot {
             .min(self.size)
     }
 }
+
+/// What to read from: a live volume or a checkpoint (image export, tree diffs).
+#[derive(Debug)]
+pub enum Source {
+    Live(Volume),
+    Checkpoint(Snapshot),
+}
+
+impl Source {
+    pub fn size(&self) -> u64 {
+        match self {
+            Source::Live(v) => v.size(),
+            Source::Checkpoint(s) => s.size(),
+        }
+    }
+
+    /// [`Volume::read`]: offset and length multiples of 512.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Source::Live(v) => v.read(offset, buf),
+            Source::Checkpoint(s) => s.read(offset, buf),
+        }
+    }
+
+    /// [`Volume::read_bytes`]: any offset and length.
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Source::Live(v) => v.read_bytes(offset, buf),
+            Source::Checkpoint(s) => s.read_bytes(offset, buf),
+        }
+    }
+
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        match self {
+            Source::Live(v) => v.next_data(offset),
+            Source::Checkpoint(s) => s.next_data(offset),
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use strata_engine::{Snapshot, Volume};
+use strata_engine::{Source, Volume};
 
 const CHUNK: usize = 1 << 20;
 
@@ -166,34 +166,6 @@ fn copy_in(job: &Job, vol: &Volume, raw: &Path) -> Result<u64, String> {
     Ok(len)
 }
 
-/// What an image export reads from: the live volume or a checkpoint.
-pub enum Source {
-    Live(Volume),
-    Checkpoint(Snapshot),
-}
-
-impl Source {
-    fn size(&self) -> u64 {
-        match self {
-            Source::Live(v) => v.size(),
-            Source::Checkpoint(s) => s.size(),
-        }
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        match self {
-            Source::Live(v) => v.read(off, buf),
-            Source::Checkpoint(s) => s.read(off, buf),
-        }
-        .map_err(|e| e.to_string())
-    }
-    fn next_data(&self, off: u64) -> Option<u64> {
-        match self {
-            Source::Live(v) => v.next_data(off),
-            Source::Checkpoint(s) => s.next_data(off),
-        }
-    }
-}
-
 /// Writes a volume or checkpoint to an image file; holes stay holes in a raw image.
 pub fn export(job: &Job, src: &Source, dst: &Path, format: &str) -> Result<Value, String> {
     if dst.exists() {
@@ -244,7 +216,7 @@ fn copy_out(job: &Job, src: &Source, raw: &Path) -> Result<u64, String> {
     while let Some(start) = src.next_data(off) {
         let start = start - start % 512;
         let n = CHUNK.min((size - start) as usize);
-        src.read(start, &mut buf[..n])?;
+        src.read(start, &mut buf[..n]).map_err(|e| e.to_string())?;
         f.write_all_at(&buf[..n], start)
             .map_err(|e| format!("writing {}: {e}", raw.display()))?;
         data += n as u64;

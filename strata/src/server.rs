@@ -654,72 +654,52 @@ fn map_ref(s: &str) -> MapRef<'_> {
 
 async fn diff(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let req: DiffReq = parse(&body)?;
-    let vol = req.a.split('@').next().unwrap_or_default().to_string();
-    let is_tree = {
-        let app = app.clone();
-        let vol = vol.clone();
-        blocking(&app, move |a| Ok(a.store.volume_info(&vol)?.tree)).await?
-    };
-    if is_tree {
-        return tree_diff(app, req).await;
-    }
-    let ranges = blocking(&app, move |a| {
-        Ok(a.store.diff(map_ref(&req.a), map_ref(&req.b))?)
-    })
-    .await?;
-    to_json(
-        ranges
+    let v = blocking(&app, move |a| {
+        let vol = req.a.split('@').next().unwrap_or_default();
+        if a.store.volume_info(vol)?.tree {
+            return tree_diff(a, &req);
+        }
+        let ranges = a.store.diff(map_ref(&req.a), map_ref(&req.b))?;
+        Ok(ranges
             .iter()
             .map(|r| json!({"offset": r.offset, "len_bytes": r.len}))
-            .collect::<Vec<_>>(),
-    )
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(Value::Array(v)))
 }
 
 /// `checkpoint diff` on trees: changed paths.
-async fn tree_diff(app: Arc<App>, req: DiffReq) -> ApiResult {
+fn tree_diff(a: &App, req: &DiffReq) -> Result<Vec<Value>, ApiError> {
     use strata_fuse::tree::diff::{diff, Side};
-    let changes = blocking(&app, move |a| {
-        let side = |s: &str| -> Result<Side, ApiError> {
-            match s.split_once('@') {
-                Some((v, c)) => Ok(Side::Checkpoint(a.store.open_checkpoint(v, c)?)),
-                None => {
-                    if !a.store.volume_info(s)?.tree {
-                        return Err(bad(format!("{s} is not a tree")));
-                    }
-                    // The mount's own handle when mounted; otherwise a handle of our own
-                    // (not for an ephemeral tree: dropping it would delete the tree).
-                    if let Some(Exported::Tree { mount, .. }) = a.exports.lock().get(s) {
-                        return Ok(Side::Live(mount.volume().clone()));
-                    }
-                    if a.store.volume_info(s)?.ephemeral {
-                        return Err(bad(format!(
-                            "{s} is an ephemeral tree that is not mounted; mount it to diff its live state"
-                        )));
-                    }
-                    Ok(Side::Live(a.store.open_volume(s)?))
-                }
-            }
-        };
-        let (sa, sb) = (side(&req.a)?, side(&req.b)?);
-        for (s, r) in [(&sa, &req.a), (&sb, &req.b)] {
-            let tree = match s {
-                Side::Live(v) => v.is_tree(),
-                Side::Checkpoint(c) => c.size() == strata_engine::TREE_VOLUME_SIZE,
-            };
-            if !tree {
-                return Err(bad(format!("{r} is not a tree; diff trees with trees")));
-            }
+    for r in [&req.a, &req.b] {
+        let vol = r.split('@').next().unwrap_or_default();
+        if !a.store.volume_info(vol)?.tree {
+            return Err(bad(format!("{r} is not a tree; diff trees with trees")));
         }
-        let ranges = a.store.diff(map_ref(&req.a), map_ref(&req.b))?;
-        diff(&sa, &sb, &ranges).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
-    })
-    .await?;
-    to_json(
-        changes
-            .iter()
-            .map(|c| json!({"path": c.path, "change": c.change, "from": c.from}))
-            .collect::<Vec<_>>(),
-    )
+    }
+    let side = |s: &str| -> Result<Side, ApiError> {
+        match s.split_once('@') {
+            Some((v, c)) => Ok(Side::Checkpoint(a.store.open_checkpoint(v, c)?)),
+            // The mount's own handle when mounted; otherwise a handle of our own (not for an
+            // ephemeral tree: dropping it would delete the tree).
+            None => match a.exports.lock().get(s) {
+                Some(Exported::Tree { mount, .. }) => Ok(Side::Live(mount.volume().clone())),
+                _ if a.store.volume_info(s)?.ephemeral => Err(bad(format!(
+                    "{s} is an ephemeral tree that is not mounted; mount it to diff its live state"
+                ))),
+                _ => Ok(Side::Live(a.store.open_volume(s)?)),
+            },
+        }
+    };
+    let (sa, sb) = (side(&req.a)?, side(&req.b)?);
+    let ranges = a.store.diff(map_ref(&req.a), map_ref(&req.b))?;
+    let changes =
+        diff(&sa, &sb, &ranges).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(changes
+        .iter()
+        .map(|c| json!({"path": c.path, "change": c.change, "from": c.from}))
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -1271,8 +1251,8 @@ async fn export_image(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
             )));
         }
         let src = match req.source.split_once('@') {
-            Some((v, c)) => crate::jobs::Source::Checkpoint(a.store.open_checkpoint(v, c)?),
-            None => crate::jobs::Source::Live(a.store.open_volume(&req.source)?),
+            Some((v, c)) => strata_engine::Source::Checkpoint(a.store.open_checkpoint(v, c)?),
+            None => strata_engine::Source::Live(a.store.open_volume(&req.source)?),
         };
         a.jobs
             .spawn(move |job| crate::jobs::export(job, &src, &req.path, &req.format))

@@ -51,10 +51,11 @@ pub struct Meta {
     /// What the superblock records: numbers below it are handed out or reserved. Numbers
     /// are reserved 64 at a time, so a create does not rewrite the superblock.
     reserved: u64,
-    /// Inodes freed during this mount (content already unmapped), reused first.
+    /// Inodes freed during this mount (content unmapped with them), reused first.
     free: Vec<u64>,
     /// Inodes whose timestamps changed in the cache only (writes that did not change the
-    /// size); written with the next metadata change of their block, or by [`Core::sync`].
+    /// size); written with the next metadata change of their block, or by
+    /// [`Core::sync_times`].
     dirty_times: HashSet<u64>,
     pub known: Known,
     /// Per inode, restores that replaced it with another file (see [`Core::generation`]).
@@ -404,13 +405,12 @@ fn read_super(vol: &Volume) -> R<Super> {
     }
 }
 
-/// Writes an empty tree (superblock and root directory) into a new tree volume.
-pub fn mkfs(vol: &Volume, uid: u32, gid: u32) -> strata_engine::Result<()> {
+/// Writes an empty tree (superblock and a root directory owned by root) into a new tree
+/// volume.
+fn mkfs(vol: &Volume) -> strata_engine::Result<()> {
     let now = Ts::now();
     let root = Inode {
         mode: libc::S_IFDIR | 0o755,
-        uid,
-        gid,
         nlink: 2,
         atime: now,
         mtime: now,
@@ -429,24 +429,6 @@ pub fn mkfs(vol: &Volume, uid: u32, gid: u32) -> strata_engine::Result<()> {
     .encode();
     vol.write_blocks(&[(SUPER_OFF, &sb), (off, &ib)])?;
     vol.flush()
-}
-
-/// Whether the volume holds a Strata tree: `Err` with the reason when not.
-pub fn check_tree(vol: &Volume) -> Result<(), String> {
-    if !vol.is_tree() {
-        return Err(format!(
-            "volume {} is a block volume, not a tree",
-            vol.name()
-        ));
-    }
-    let mut b = vec![0u8; BS as usize];
-    vol.read_bytes(SUPER_OFF, &mut b)
-        .map_err(|e| format!("reading the superblock: {e:?}"))?;
-    match Super::decode(&b) {
-        Some(Ok(_)) => Ok(()),
-        Some(Err(e)) => Err(e),
-        None => Err(format!("volume {} holds no Strata tree", vol.name())),
-    }
 }
 
 /// The generation the kernel is given for `ino`: the stored one plus 2^24 per restore that
@@ -489,12 +471,24 @@ pub struct ListEntry {
 impl Core {
     /// Opens the tree in `vol` for serving: frees orphans a crash left behind.
     pub fn open(vol: Volume, store_dir: std::path::PathBuf) -> Result<Core, String> {
-        if vol.is_tree() && vol.mapped_bytes() == 0 {
-            // A new tree volume is formatted by its first mount.
-            mkfs(&vol, 0, 0).map_err(|e| format!("formatting the new tree: {e}"))?;
+        if !vol.is_tree() {
+            return Err(format!(
+                "volume {} is a block volume, not a tree",
+                vol.name()
+            ));
         }
-        check_tree(&vol)?;
-        let sb = read_super(&vol).map_err(|e| format!("reading the superblock: {e:?}"))?;
+        if vol.mapped_bytes() == 0 {
+            // A new tree volume is formatted by its first mount.
+            mkfs(&vol).map_err(|e| format!("formatting the new tree: {e}"))?;
+        }
+        let mut b = vec![0u8; BS as usize];
+        vol.read_bytes(SUPER_OFF, &mut b)
+            .map_err(|e| format!("reading the superblock: {e}"))?;
+        let sb = match Super::decode(&b) {
+            Some(Ok(sb)) => sb,
+            Some(Err(e)) => return Err(e),
+            None => return Err(format!("volume {} holds no Strata tree", vol.name())),
+        };
         let core = Core {
             vol,
             gate: RwLock::new(()),
@@ -626,9 +620,10 @@ impl Core {
         Ok(found.len())
     }
 
-    /// Frees inode `ino` if it is unlinked and the kernel holds no reference: content first
-    /// (so a reused number never shows old bytes), then the slot and its orphan bit in one
-    /// change. Takes the inode's stripe and the metadata lock itself: callers hold neither.
+    /// Frees inode `ino` if it is unlinked and the kernel holds no reference: its content,
+    /// slot and orphan bit in one change (content of more than [`FREE_INLINE_BLOCKS`]
+    /// mapped blocks is unmapped just before), so a reused number never shows old bytes.
+    /// Takes the inode's stripe and the metadata lock itself: callers hold neither.
     fn free_if_unused(&self, ino: u64) -> R<()> {
         let _s = self.stripe(ino).write();
         let mut m = self.meta.lock();
@@ -657,9 +652,13 @@ impl Core {
         let mut at = base;
         while let Some(off) = self.vol.next_data(at).filter(|o| *o < end) {
             if mapped.len() == FREE_INLINE_BLOCKS {
+                // Not under the metadata lock: nothing reaches an unlinked inode nobody
+                // holds, and its stripe is ours.
+                drop(m);
                 self.vol
                     .unmap_bytes(base, span)
                     .map_err(|e| engine_err("freeing content", e))?;
+                m = self.meta.lock();
                 mapped.clear();
                 break;
             }
@@ -925,6 +924,7 @@ impl Core {
             d.ctime = now;
             t.put_inode(ino, &d)
         };
+        let mut freed = None;
         if exchange {
             let (db, di, de) = target.ok_or(Errno::ENOENT)?;
             if de.ino == se.ino {
@@ -935,8 +935,11 @@ impl Core {
             t.replace_at(newparent, db, di, se.ino, src.mode)?;
             moved_dir(&mut t, se.ino, parent, newparent)?;
             moved_dir(&mut t, de.ino, newparent, parent)?;
+            for d in [parent, newparent] {
+                let mut x = t.inode(d)?;
+                t.dir_changed(d, &mut x, 0, 0, now)?;
+            }
         } else {
-            let mut freed = None;
             if let Some((db, di, de)) = target {
                 if noreplace {
                     return Err(Errno::EEXIST);
@@ -959,14 +962,12 @@ impl Core {
                 // The old target loses this link.
                 t.remove_at(newparent, db, di)?;
                 let mut np = t.inode(newparent)?;
-                np.size -= 1;
+                t.dir_changed(newparent, &mut np, -1, -i32::from(dst.is_dir()), now)?;
                 if dst.is_dir() {
-                    np.nlink -= 1;
                     dst.nlink = 0;
                 } else {
                     dst.nlink -= 1;
                 }
-                t.put_inode(newparent, &np)?;
                 dst.ctime = now;
                 t.put_inode(de.ino, &dst)?;
                 if dst.nlink == 0 {
@@ -980,32 +981,16 @@ impl Core {
             t.remove_at(parent, sb, si)?;
             t.insert(newparent, newname, se.ino, src.mode)?;
             let mut p = t.inode(parent)?;
-            p.size -= 1;
-            t.put_inode(parent, &p)?;
+            t.dir_changed(parent, &mut p, -1, 0, now)?;
             let mut np = t.inode(newparent)?;
-            np.size += 1;
-            t.put_inode(newparent, &np)?;
+            t.dir_changed(newparent, &mut np, 1, 0, now)?;
             moved_dir(&mut t, se.ino, parent, newparent)?;
-            for d in [parent, newparent] {
-                let mut x = t.inode(d)?;
-                x.mtime = now;
-                x.ctime = now;
-                t.put_inode(d, &x)?;
-            }
-            t.commit()?;
-            drop(m);
-            if let Some(ino) = freed {
-                self.free_if_unused(ino)?;
-            }
-            return Ok(());
-        }
-        for d in [parent, newparent] {
-            let mut x = t.inode(d)?;
-            x.mtime = now;
-            x.ctime = now;
-            t.put_inode(d, &x)?;
         }
         t.commit()?;
+        drop(m);
+        if let Some(ino) = freed {
+            self.free_if_unused(ino)?;
+        }
         Ok(())
     }
 
@@ -1029,11 +1014,14 @@ impl Core {
             }
             if size < i.size {
                 // Unmapping first: a crash leaves the old size over zeros, never the new
-                // size over stale bytes.
+                // size over stale bytes. Not under the metadata lock: the inode's stripe,
+                // held for writing, keeps its content and size ours meanwhile.
                 drop(t);
+                drop(m);
                 self.vol
                     .unmap_bytes(data_off(ino) + size, i.size - size)
                     .map_err(|e| engine_err("truncating", e))?;
+                m = self.meta.lock();
                 t = self.txn(&mut m);
                 i = t.inode(ino)?;
             }
@@ -1133,14 +1121,15 @@ impl Core {
             t.commit()?;
             m.dirty_times.remove(&ino);
         } else {
-            // Only the times changed: kept in the cache, written with the next change of
-            // the block or at fsync (see docs/design/trees.md, durability).
-            t.put_inode(ino, &i)?;
-            let (off, _) = inode_block(ino);
-            let b = t.dirty.remove(&off).expect("just written");
+            // Only the times changed: kept in the cached block (`inode` just put it there),
+            // written with the next change of the block or at close, fsync, checkpoint or
+            // unmount (see docs/design/trees.md, durability).
             drop(t);
-            m.cache.insert(off, Arc::new(b));
-            m.dirty_times.insert(ino);
+            let (off, at) = inode_block(ino);
+            if let Some(b) = m.cache.get_mut(&off) {
+                i.encode_into(&mut Arc::make_mut(b)[at..at + INODE_SIZE as usize]);
+                m.dirty_times.insert(ino);
+            }
         }
         Ok(data.len() as u32)
     }
@@ -1184,12 +1173,16 @@ impl Core {
         }
         let _g = self.gate.read();
         let _s = self.stripe(ino).write();
-        let mut m = self.meta.lock();
-        let i = self.txn(&mut m).inode(ino)?;
+        let i = {
+            let mut m = self.meta.lock();
+            self.txn(&mut m).inode(ino)?
+        };
         if !i.is_reg() {
             return Err(Errno::ENODEV);
         }
         if punch || zero {
+            // Not under the metadata lock: the stripe, held for writing, keeps the content
+            // and size ours.
             let to = end.min(if keep { i.size } else { end });
             if to > offset {
                 self.vol
@@ -1197,6 +1190,7 @@ impl Core {
                     .map_err(|e| engine_err("punching", e))?;
             }
         }
+        let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let mut i = t.inode(ino)?;
         let now = Ts::now();

@@ -8,34 +8,22 @@
 
 use super::format::*;
 use std::collections::{BTreeSet, HashMap};
-use strata_engine::{ByteRange, Snapshot, Volume};
+use strata_engine::ByteRange;
 
 /// One version of a tree: a checkpoint or the live volume.
-#[derive(Debug)]
-pub enum Side {
-    Live(Volume),
-    Checkpoint(Snapshot),
+pub use strata_engine::Source as Side;
+
+/// Reading tree metadata from either version.
+trait TreeRead {
+    fn block(&self, off: u64) -> Result<Vec<u8>, String>;
+    fn inode(&self, ino: u64) -> Result<Option<Inode>, String>;
+    fn xattrs(&self, ino: u64, len: u32) -> Result<Vec<u8>, String>;
 }
 
-impl Side {
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        match self {
-            Side::Live(v) => v.read_bytes(off, buf),
-            Side::Checkpoint(s) => s.read_bytes(off, buf),
-        }
-        .map_err(|e| e.to_string())
-    }
-
-    fn next_data(&self, off: u64) -> Option<u64> {
-        match self {
-            Side::Live(v) => v.next_data(off),
-            Side::Checkpoint(s) => s.next_data(off),
-        }
-    }
-
+impl TreeRead for Side {
     fn block(&self, off: u64) -> Result<Vec<u8>, String> {
         let mut b = vec![0u8; BS as usize];
-        self.read(off, &mut b)?;
+        self.read_bytes(off, &mut b).map_err(|e| e.to_string())?;
         Ok(b)
     }
 
@@ -52,7 +40,8 @@ impl Side {
             return Err(format!("inode {ino} claims {len} bytes of xattrs"));
         }
         let mut b = vec![0u8; len as usize];
-        self.read(xattr_off(ino), &mut b)?;
+        self.read_bytes(xattr_off(ino), &mut b)
+            .map_err(|e| e.to_string())?;
         Ok(b)
     }
 }

@@ -27,8 +27,6 @@ use strata_engine::Volume;
 
 use crate::{FuseError, FuseOptions, MountSession};
 
-pub use self::core::{check_tree, mkfs};
-
 /// How long the kernel may trust names and attributes. This mount is the only writer; a
 /// restore invalidates explicitly.
 const TTL: Duration = Duration::from_secs(1);
@@ -649,11 +647,6 @@ impl TreeMount {
         }
         let _ = self.notifier.inval_inode(INodeNo(format::ROOT_INO), 0, 0);
         Ok(out)
-    }
-
-    /// Makes every acknowledged operation durable against power loss.
-    pub fn sync(&self) -> Result<(), Errno> {
-        self.core.fsync()
     }
 
     /// Unmounts and waits for the serving threads; refused with [`FuseError::Busy`] while
