@@ -5,17 +5,46 @@ set -euo pipefail
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
       qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
       stress-ng git attr acl bindfs)
+# The commands the tests, benches and guest builder call, with the package that ships each.
+# Checked as commands, not package names: this image ships qemu-utils 10.0 (a backport) that
+# apt removes when it installs qemu-system-x86 7.2, which a package-status check never sees.
+tools=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86
+       qemu-storage-daemon:qemu-system-common fio:fio mke2fs:e2fsprogs e2fsck:e2fsprogs
+       busybox:busybox-static cpio:cpio xz:xz-utils losetup:mount stress-ng:stress-ng git:git
+       setfattr:attr getfattr:attr setfacl:acl bindfs:bindfs pkg-config:pkg-config cc:build-essential)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+for t in "${tools[@]}"; do
+  command -v "${t%%:*}" >/dev/null || missing+=("${t##*:}")
+done
 if ((${#missing[@]})); then
-  echo "setup: installing ${missing[*]}"
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # QEMU's packages come from one source and must be installed at one version: ask for all
+  # of them at the version apt would pick for qemu-system-x86, so none is swapped or removed.
+  qemu_v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  if [ -n "$qemu_v" ] && [ "$qemu_v" != "(none)" ]; then
+    for i in "${!missing[@]}"; do
+      case "${missing[$i]}" in qemu-*) unset 'missing[i]' ;; esac
+    done
+    missing+=("qemu-system-x86=$qemu_v" "qemu-system-common=$qemu_v" "qemu-utils=$qemu_v")
+  fi
+  echo "setup: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${missing[@]}" >/dev/null
 elif ! apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | grep -q .; then
   # The QEMU test guest's kernel is fetched with apt-get download: it needs package lists.
   apt-get update -qq
+fi
+# Every promised command is present and runs, or setup fails naming it.
+absent=()
+for t in "${tools[@]}"; do command -v "${t%%:*}" >/dev/null || absent+=("${t%%:*} (${t##*:})"); done
+qemu-img --version >/dev/null 2>&1 || absent+=("qemu-img does not run")
+qemu-storage-daemon --version >/dev/null 2>&1 || absent+=("qemu-storage-daemon does not run")
+if ((${#absent[@]})); then
+  echo "setup: still missing after apt-get install: ${absent[*]}" >&2
+  exit 1
 fi
 
 # FUSE exports and their tests need /dev/fuse (the daemon mounts directly, as root).

@@ -353,7 +353,7 @@ fn qemu_img_compare_checkpoint_image_against_the_imported_file() {
     let differ = Command::new("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw", p(&raw), p(&img)])
         .status()
-        .unwrap();
+        .expect("qemu-img must be installed (scripts/setup.sh)");
     assert_eq!(differ.code(), Some(1), "the live image changed");
     s.d.ok(&["unexport", "vm"]);
 }
