@@ -10,6 +10,7 @@ mod error;
 pub mod io;
 mod journal;
 mod load;
+pub mod map;
 mod names;
 mod ops;
 mod remote;
