@@ -375,7 +375,7 @@ fn fresh(height: u32, layer: u64) -> Node {
 
 /// The chunk at `idx` below `node` (at `level`), made exclusive to this tree: shared nodes on
 /// the way are copied, and inner nodes are stamped with `layer`.
-fn descend_mut<'a>(node: &'a mut Arc<Node>, level: u32, idx: u64, layer: u64) -> &'a mut Chunk {
+fn descend_mut(node: &mut Arc<Node>, level: u32, idx: u64, layer: u64) -> &mut Chunk {
     match Arc::make_mut(node) {
         Node::Chunk(c) => c,
         Node::Inner {
