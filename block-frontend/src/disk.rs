@@ -12,6 +12,30 @@ pub trait Disk: Send + Sync {
     fn id(&self) -> &str;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
+    /// Reads consecutive bytes from `offset` into `bufs` in order (a request's guest
+    /// buffers; only their total is a multiple of 512).
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), DiskError> {
+        if let [one] = bufs {
+            return self.read(offset, one);
+        }
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = vec![0u8; total];
+        self.read(offset, &mut tmp)?;
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            b.copy_from_slice(&tmp[at..at + b.len()]);
+            at += b.len();
+        }
+        Ok(())
+    }
+    /// Writes `bufs`, in order, as consecutive bytes from `offset`. The buffers are guest
+    /// memory, which the guest may change meanwhile: implementations copy what they keep.
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), DiskError> {
+        if let [one] = bufs {
+            return self.write(offset, one);
+        }
+        self.write(offset, &bufs.concat())
+    }
     fn flush(&self) -> Result<(), DiskError>;
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError>;
@@ -41,6 +65,12 @@ impl Disk for Volume {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         logged("write", self, Volume::write(self, offset, data))
+    }
+    fn read_vectored(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), DiskError> {
+        logged("read", self, Volume::read_vectored(self, offset, bufs))
+    }
+    fn write_vectored(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), DiskError> {
+        logged("write", self, Volume::write_vectored(self, offset, bufs))
     }
     fn flush(&self) -> Result<(), DiskError> {
         logged("flush", self, Volume::flush(self))

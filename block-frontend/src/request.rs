@@ -11,7 +11,7 @@
 use crate::disk::Disk;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
 pub const SECTOR: u64 = 512;
 /// Largest data payload of one request; see `config.rs` for the limits advertised to guests.
@@ -45,6 +45,62 @@ pub struct Outcome {
     pub status: Option<u8>,
     /// Time from taking the chain off the ring to returning it.
     pub latency: std::time::Duration,
+    /// Bytes a read wrote straight into guest memory.
+    pub in_place: u64,
+}
+
+/// The guest memory and chain a request's data buffers are found in.
+struct Guest<'a, T> {
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<T>,
+}
+
+impl<T> Guest<'_, T>
+where
+    T: std::ops::Deref + Clone,
+    T::Target: GuestMemory + Sized,
+{
+    /// The data buffers of the chain: for a read (`write`: the device writes them) the first
+    /// `len` bytes of the writable descriptors, for a write the `len` bytes of the readable
+    /// descriptors after the 16-byte header. `None` if the chain does not hold them (the
+    /// reader and writer built from the same chain already checked every address).
+    fn buffers(&self, write: bool, len: usize) -> Option<Vec<VolatileSlice<'_>>> {
+        let (descs, perm, mut skip): (Vec<_>, _, usize) = if write {
+            (
+                self.chain.clone().writable().collect(),
+                Permissions::Write,
+                0,
+            )
+        } else {
+            (
+                self.chain.clone().readable().collect(),
+                Permissions::Read,
+                16,
+            )
+        };
+        let mut left = len;
+        let mut out = Vec::new();
+        for d in descs {
+            if left == 0 {
+                break;
+            }
+            for slice in self.mem.get_slices(d.addr(), d.len() as usize, perm).ok()? {
+                let mut vs = slice.ok()?;
+                if skip > 0 {
+                    let n = skip.min(vs.len());
+                    vs = vs.offset(n).ok()?;
+                    skip -= n;
+                }
+                let n = left.min(vs.len());
+                if n == 0 {
+                    continue;
+                }
+                out.push(vs.subslice(0, n).ok()?);
+                left -= n;
+            }
+        }
+        (left == 0).then_some(out)
+    }
 }
 
 /// Per-device settings a request is checked against.
@@ -92,12 +148,17 @@ where
     let Ok(mut status_writer) = data_writer.split_at(writable - 1) else {
         return (0, Outcome::default());
     };
+    let guest = Guest {
+        mem,
+        chain: chain.clone(),
+    };
     let (status, mut outcome) = match Reader::<()>::new(mem, chain) {
-        Ok(mut reader) => execute(disk, limits, &mut reader, &mut data_writer),
+        Ok(mut reader) => execute(disk, limits, &guest, &mut reader, &mut data_writer),
         Err(_) => (Status::IoErr, Outcome::default()),
     };
     outcome.status = Some(status as u8);
-    let written = data_writer.bytes_written();
+    // Reads fill guest memory in place, not through the writer: count them here.
+    let written = data_writer.bytes_written() + outcome.in_place as usize;
     if status_writer.write_obj(status as u8).is_err() {
         return (written as u32, outcome);
     }
@@ -137,12 +198,17 @@ fn range(disk: &dyn Disk, sector: u64, len: u64) -> Option<u64> {
     (offset.checked_add(len)? <= disk.size()).then_some(offset)
 }
 
-fn execute(
+fn execute<T>(
     disk: &dyn Disk,
     limits: Limits,
+    guest: &Guest<'_, T>,
     reader: &mut Reader<'_>,
     writer: &mut Writer<'_>,
-) -> (Status, Outcome) {
+) -> (Status, Outcome)
+where
+    T: std::ops::Deref + Clone,
+    T::Target: GuestMemory + Sized,
+{
     let Some((kind, sector)) = header(reader) else {
         return (Status::IoErr, Outcome::default());
     };
@@ -171,8 +237,8 @@ fn execute(
         return (Status::IoErr, out);
     }
     let status = match kind {
-        VIRTIO_BLK_T_IN => read(disk, sector, writer, &mut out),
-        VIRTIO_BLK_T_OUT => write(disk, sector, reader, &mut out),
+        VIRTIO_BLK_T_IN => read(disk, sector, guest, writer, &mut out),
+        VIRTIO_BLK_T_OUT => write(disk, sector, guest, reader, &mut out),
         VIRTIO_BLK_T_FLUSH => ok_or_ioerr(disk.flush()),
         VIRTIO_BLK_T_GET_ID => {
             let id = disk.id();
@@ -200,37 +266,73 @@ fn data_len(n: usize) -> Option<usize> {
     (n <= MAX_REQUEST_BYTES && (n as u64).is_multiple_of(SECTOR)).then_some(n)
 }
 
-fn read(disk: &dyn Disk, sector: u64, writer: &mut Writer<'_>, out: &mut Outcome) -> Status {
+fn read<T>(
+    disk: &dyn Disk,
+    sector: u64,
+    guest: &Guest<'_, T>,
+    writer: &Writer<'_>,
+    out: &mut Outcome,
+) -> Status
+where
+    T: std::ops::Deref + Clone,
+    T::Target: GuestMemory + Sized,
+{
     let Some(len) = data_len(writer.available_bytes()) else {
         return Status::IoErr;
     };
     let Some(offset) = range(disk, sector, len as u64) else {
         return Status::IoErr;
     };
-    let mut buf = vec![0u8; len];
-    if disk.read(offset, &mut buf).is_err() {
+    let Some(slices) = guest.buffers(true, len) else {
         return Status::IoErr;
-    }
-    if std::io::Write::write_all(writer, &buf).is_err() {
+    };
+    let mut bufs: Vec<&mut [u8]> = slices
+        .iter()
+        // SAFETY: each slice lies inside guest memory (checked by `get_slices`), which stays
+        // mapped while `guest.mem` is borrowed, i.e. for this whole request; the slices of
+        // one chain do not overlap each other's use here (they are filled one after the
+        // other). The guest may touch the buffers meanwhile; that only changes bytes it
+        // handed to the device to fill, and nothing here interprets them.
+        .map(|vs| unsafe { std::slice::from_raw_parts_mut(vs.ptr_guard_mut().as_ptr(), vs.len()) })
+        .collect();
+    if disk.read_vectored(offset, &mut bufs).is_err() {
         return Status::IoErr;
     }
     out.bytes = len as u64;
+    out.in_place = len as u64;
     Status::Ok
 }
 
-fn write(disk: &dyn Disk, sector: u64, reader: &mut Reader<'_>, out: &mut Outcome) -> Status {
+fn write<T>(
+    disk: &dyn Disk,
+    sector: u64,
+    guest: &Guest<'_, T>,
+    reader: &Reader<'_>,
+    out: &mut Outcome,
+) -> Status
+where
+    T: std::ops::Deref + Clone,
+    T::Target: GuestMemory + Sized,
+{
     let Some(len) = data_len(reader.available_bytes()) else {
         return Status::IoErr;
     };
     let Some(offset) = range(disk, sector, len as u64) else {
         return Status::IoErr;
     };
-    let mut buf = vec![0u8; len];
-    if std::io::Read::read_exact(reader, &mut buf).is_err() {
+    let Some(slices) = guest.buffers(false, len) else {
         return Status::IoErr;
-    }
+    };
+    let bufs: Vec<&[u8]> = slices
+        .iter()
+        // SAFETY: as in `read`: inside guest memory, mapped for the request. The disk copies
+        // these bytes before it checksums and stores them (`Disk::write_vectored`); a guest
+        // changing them meanwhile gets whichever bytes were copied, as with any device doing
+        // DMA.
+        .map(|vs| unsafe { std::slice::from_raw_parts(vs.ptr_guard().as_ptr(), vs.len()) })
+        .collect();
     out.bytes = len as u64;
-    ok_or_ioerr(disk.write(offset, &buf))
+    ok_or_ioerr(disk.write_vectored(offset, &bufs))
 }
 
 /// DISCARD and WRITE_ZEROES: a list of 16-byte segments (sector, sectors, flags).

@@ -1,21 +1,29 @@
-//! Every encoding of bytes the engine persists: RocksDB keys and values, leaves and journal
-//! entries. Keys are big-endian so RocksDB's byte order is numeric order. Every value ends in
-//! a crc32 of the bytes before it, so damaged metadata is reported, never trusted.
-//! The layout is documented in docs/design/on-disk-format.md; keep the two in step.
+//! Every encoding of bytes the engine persists: RocksDB keys and values, extent records,
+//! journal entries and segment headers. Keys are big-endian so RocksDB's byte order is
+//! numeric order. Every value ends in a crc32 of the bytes before it, so damaged metadata is
+//! reported, never trusted. The layout is documented in docs/design/on-disk-format.md; keep
+//! the two in step.
+//!
+//! Format 1 (per-block map entries in 64-block leaves, segments without checksum tables) is
+//! still decoded here, for the one-time upgrade at open (`upgrade.rs`).
 
-use crate::tree::{Entry, Leaf};
+use crate::map::{Loc, CHUNK_BLOCKS};
 use crate::{Error, Result};
 
 /// Bumped on any incompatible change to what this module writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The format-1 stores this build upgrades when it opens them.
+pub const FORMAT_V1: u32 = 1;
 pub const MAGIC: &[u8; 8] = b"STRATA01";
 
 pub const CF_META: &str = "meta";
 pub const CF_VOLUMES: &str = "volumes";
 pub const CF_CHECKPOINTS: &str = "checkpoints";
 pub const CF_LAYERS: &str = "layers";
-pub const CF_LEAVES: &str = "leaves";
-pub const ALL_CFS: [&str; 5] = [CF_META, CF_VOLUMES, CF_CHECKPOINTS, CF_LAYERS, CF_LEAVES];
+pub const CF_EXTENTS: &str = "extents";
+/// Format 1's per-block leaves; read by the upgrade, then dropped.
+pub const CF_LEAVES_V1: &str = "leaves";
+pub const ALL_CFS: [&str; 5] = [CF_META, CF_VOLUMES, CF_CHECKPOINTS, CF_LAYERS, CF_EXTENTS];
 
 pub const KEY_FORMAT: &[u8] = b"format";
 pub const KEY_STATE: &[u8] = b"state";
@@ -85,6 +93,14 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_be_bytes(a))
     }
+    fn loc(&mut self) -> Result<Loc> {
+        Ok(Loc {
+            segment: self.u32()?,
+            page: self.u32()?,
+            len_flags: self.u32()?,
+            crc: self.u32()?,
+        })
+    }
     fn done(self) -> Result<()> {
         if self.buf.is_empty() {
             Ok(())
@@ -109,9 +125,13 @@ pub fn strip_crc(v: &[u8]) -> Result<&[u8]> {
 
 /// `meta/format`.
 pub fn encode_format() -> Vec<u8> {
+    encode_format_version(FORMAT_VERSION)
+}
+
+pub fn encode_format_version(version: u32) -> Vec<u8> {
     let mut w = Writer::new();
     w.0.extend_from_slice(MAGIC);
-    w.u32(FORMAT_VERSION).sealed()
+    w.u32(version).sealed()
 }
 
 /// Returns the format version stored in `meta/format`.
@@ -200,6 +220,12 @@ impl VolumeRecord {
             created_unix: r.u64()?,
         };
         r.done()?;
+        if !rec.block_size.is_power_of_two() || rec.block_size < crate::map::PAGE_SIZE as u32 {
+            return Err(Error::Corrupt(format!(
+                "volume record has block size {}",
+                rec.block_size
+            )));
+        }
         Ok(rec)
     }
 }
@@ -254,6 +280,7 @@ pub struct LayerRecord {
     pub parent: u64,
     pub volume: u64,
     pub frozen: bool,
+    /// Blocks mapped in the layer's view, as of its last commit.
     pub mapped_blocks: u64,
 }
 
@@ -290,51 +317,88 @@ pub fn decode_u64_key(k: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(a))
 }
 
-/// `leaves/<layer><object><leaf index>`: the whole leaf as this layer sees it.
-pub fn leaf_key(layer: u64, object: u64, leaf_idx: u64) -> [u8; 24] {
-    let mut k = [0u8; 24];
-    k[..8].copy_from_slice(&layer.to_be_bytes());
-    k[8..16].copy_from_slice(&object.to_be_bytes());
-    k[16..].copy_from_slice(&leaf_idx.to_be_bytes());
-    k
+/// What an `extents` key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKey {
+    /// The layer has its own record of chunk `idx` (its extents follow; none = all holes).
+    Chunk { idx: u64 },
+    /// An extent of the layer starting at block `start`.
+    Extent { start: u64 },
 }
 
-pub fn decode_leaf_key(k: &[u8]) -> Result<(u64, u64, u64)> {
-    if k.len() != 24 {
-        return Err(Error::Corrupt("leaf key is malformed".into()));
+const KIND_CHUNK: u8 = 0;
+const KIND_EXTENT: u8 = 1;
+
+/// `extents/<layer><object><kind><position>`.
+pub fn extent_key(layer: u64, object: u64, k: ExtentKey) -> [u8; 25] {
+    let (kind, pos) = match k {
+        ExtentKey::Chunk { idx } => (KIND_CHUNK, idx),
+        ExtentKey::Extent { start } => (KIND_EXTENT, start),
+    };
+    let mut out = [0u8; 25];
+    out[..8].copy_from_slice(&layer.to_be_bytes());
+    out[8..16].copy_from_slice(&object.to_be_bytes());
+    out[16] = kind;
+    out[17..].copy_from_slice(&pos.to_be_bytes());
+    out
+}
+
+/// First key of `layer`'s records, and the first key past them.
+pub fn layer_extent_range(layer: u64) -> ([u8; 8], [u8; 8]) {
+    (layer.to_be_bytes(), (layer + 1).to_be_bytes())
+}
+
+pub fn decode_extent_key(k: &[u8]) -> Result<(u64, u64, ExtentKey)> {
+    if k.len() != 25 {
+        return Err(Error::Corrupt("extent key is malformed".into()));
     }
-    let word = |i: usize| {
+    let word = |at: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&k[i * 8..i * 8 + 8]);
+        a.copy_from_slice(&k[at..at + 8]);
         u64::from_be_bytes(a)
     };
-    Ok((word(0), word(1), word(2)))
+    let key = match k[16] {
+        KIND_CHUNK => ExtentKey::Chunk { idx: word(17) },
+        KIND_EXTENT => ExtentKey::Extent { start: word(17) },
+        _ => return Err(Error::Corrupt("extent key has an unknown kind".into())),
+    };
+    Ok((word(0), word(8), key))
 }
 
-pub fn encode_leaf(leaf: &Leaf) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(12 + leaf.len() * 16));
-    w = w.u64(leaf.bitmap());
-    for e in leaf.entries() {
-        w = w.u32(e.segment).u32(e.page).u32(e.len_flags).u32(e.crc);
-    }
-    w.sealed()
+/// The value of a chunk key: nothing but its crc.
+pub fn encode_chunk_marker() -> Vec<u8> {
+    Writer::new().sealed()
 }
 
-pub fn decode_leaf(v: &[u8]) -> Result<Leaf> {
-    let mut r = Reader::sealed(v, "leaf")?;
-    let bitmap = r.u64()?;
-    let n = bitmap.count_ones() as usize;
-    let mut entries = Vec::with_capacity(n);
-    for _ in 0..n {
-        entries.push(Entry {
-            segment: r.u32()?,
-            page: r.u32()?,
-            len_flags: r.u32()?,
-            crc: r.u32()?,
-        });
-    }
+pub fn decode_chunk_marker(v: &[u8]) -> Result<()> {
+    Reader::sealed(v, "chunk")?.done()
+}
+
+/// The value of an extent key: length in blocks and location.
+pub fn encode_extent(len: u64, loc: &Loc) -> Vec<u8> {
+    Writer::new()
+        .u32(u32::try_from(len).unwrap_or(u32::MAX))
+        .u32(loc.segment)
+        .u32(loc.page)
+        .u32(loc.len_flags)
+        .u32(loc.crc)
+        .sealed()
+}
+
+/// Decodes an extent value, checking it fits one chunk and that only raw runs are longer
+/// than a block.
+pub fn decode_extent(start: u64, v: &[u8]) -> Result<(u64, Loc)> {
+    let mut r = Reader::sealed(v, "extent")?;
+    let len = u64::from(r.u32()?);
+    let loc = r.loc()?;
     r.done()?;
-    Leaf::from_parts(bitmap, entries).ok_or_else(|| Error::Corrupt("leaf bitmap".into()))
+    let rel = start % CHUNK_BLOCKS;
+    if len == 0 || rel + len > CHUNK_BLOCKS || (len > 1 && !loc.is_raw()) {
+        return Err(Error::Corrupt(format!(
+            "extent at block {start} of {len} blocks is malformed"
+        )));
+    }
+    Ok((len, loc))
 }
 
 /// One journal entry: a mapping change made after the last commit.
@@ -344,43 +408,61 @@ pub struct JournalEntry {
     pub layer: u64,
     pub object: u64,
     pub block: u64,
-    /// Blocks covered: 1 for a mapping; an unmap may cover a run of blocks.
+    /// Blocks covered.
     pub count: u32,
     /// `None` unmaps the blocks (discard, write-zeroes).
-    pub entry: Option<Entry>,
+    pub loc: Option<Loc>,
+    /// What replay checks the stored bytes against: for a local location, the crc32 of the
+    /// big-endian page checksums its pages have in their segment's table (see
+    /// [`table_crc`]); for a remote one, `loc.crc` itself.
+    pub check: u32,
     /// Position in its group: the entries one install wrote together, with consecutive
     /// sequence numbers. Replay applies a group whole or not at all.
     pub index: u32,
     /// More entries of the group follow this one.
     pub more: bool,
+    /// Written by format 1 (one block per mapping, crc of the stored record in `check`).
+    pub v1: bool,
 }
 
-const JOURNAL_MAGIC: u16 = 0x534a; // "SJ"
+const JOURNAL_MAGIC: u16 = 0x534b; // "SK"
+const JOURNAL_MAGIC_V1: u16 = 0x534a; // "SJ"
+
+/// crc32 over the big-endian page checksums `crcs`: what a journal entry carries to verify
+/// a local record at replay.
+pub fn table_crc(crcs: &[u32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for c in crcs {
+        h.update(&c.to_be_bytes());
+    }
+    h.finalize()
+}
 
 impl JournalEntry {
     pub fn encode(&self) -> [u8; JOURNAL_ENTRY_SIZE] {
-        let e = self.entry.unwrap_or(Entry {
+        let l = self.loc.unwrap_or(Loc {
             segment: 0,
             page: 0,
             len_flags: 0,
             crc: 0,
         });
+        // A remote location's own crc is what replay checks; local ones carry the table crc.
+        let crc_field = if l.is_remote() { l.crc } else { self.check };
         let w = Writer(Vec::with_capacity(JOURNAL_ENTRY_SIZE));
-        let mut w = w.u32(
-            u32::from(JOURNAL_MAGIC) << 16
-                | u32::from(self.entry.is_some())
-                | u32::from(self.more) << 1,
-        );
-        w = w
+        let w = w
+            .u32(
+                u32::from(JOURNAL_MAGIC) << 16
+                    | u32::from(self.loc.is_some())
+                    | u32::from(self.more) << 1,
+            )
             .u64(self.seq)
             .u64(self.layer)
             .u64(self.object)
-            .u64(self.block);
-        w = w
-            .u32(e.segment)
-            .u32(e.page)
-            .u32(e.len_flags)
-            .u32(e.crc)
+            .u64(self.block)
+            .u32(l.segment)
+            .u32(l.page)
+            .u32(l.len_flags)
+            .u32(crc_field)
             .u32(self.count)
             .u32(self.index);
         let mut bytes = w.0;
@@ -393,35 +475,153 @@ impl JournalEntry {
     }
 
     /// `None` for anything that is not a whole, intact entry (torn or never written).
+    /// Format-1 entries decode with `v1` set: their mapping's stored length and lz4 flag are
+    /// in `loc.len_flags`, the record's crc32 in `check`.
     pub fn decode(b: &[u8]) -> Option<Self> {
-        let r = Reader::sealed(b.get(..JOURNAL_ENTRY_SIZE)?, "journal").ok()?;
-        let mut r = r;
+        let mut r = Reader::sealed(b.get(..JOURNAL_ENTRY_SIZE)?, "journal").ok()?;
         let head = r.u32().ok()?;
-        if head >> 16 != u32::from(JOURNAL_MAGIC) {
-            return None;
-        }
+        let v1 = match (head >> 16) as u16 {
+            JOURNAL_MAGIC => false,
+            JOURNAL_MAGIC_V1 => true,
+            _ => return None,
+        };
         let mapped = head & 1 == 1;
         let (seq, layer, object, block) =
             (r.u64().ok()?, r.u64().ok()?, r.u64().ok()?, r.u64().ok()?);
-        let e = Entry {
-            segment: r.u32().ok()?,
-            page: r.u32().ok()?,
-            len_flags: r.u32().ok()?,
-            crc: r.u32().ok()?,
-        };
+        let (segment, page, len_flags, crc) =
+            (r.u32().ok()?, r.u32().ok()?, r.u32().ok()?, r.u32().ok()?);
         let count = r.u32().ok()?;
         let index = r.u32().ok()?;
+        let is_remote = segment >= crate::map::REMOTE_BASE;
+        let loc = Loc {
+            segment,
+            page,
+            len_flags,
+            crc: if is_remote || v1 { crc } else { 0 },
+        };
         Some(JournalEntry {
             seq,
             layer,
             object,
             block,
             count,
-            entry: mapped.then_some(e),
+            loc: mapped.then_some(loc),
+            check: crc,
             index,
             more: head & 2 != 0,
+            v1,
         })
     }
+}
+
+/// Header of a data segment (its page 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub id: u32,
+    /// Pages the segment may hold, header and table included.
+    pub capacity_pages: u32,
+    /// Pages of the checksum table, from page 1.
+    pub table_pages: u32,
+}
+
+const SEGMENT_MAGIC: &[u8; 8] = b"STRASEG2";
+
+impl SegmentHeader {
+    /// A header for a segment of `capacity_pages`, with a table large enough for all of them.
+    pub fn new(id: u32, capacity_pages: u32) -> Self {
+        let table_pages = (capacity_pages * 4).div_ceil(crate::map::PAGE_SIZE as u32);
+        SegmentHeader {
+            id,
+            capacity_pages,
+            table_pages,
+        }
+    }
+
+    /// First page records may use.
+    pub fn data_start(&self) -> u32 {
+        1 + self.table_pages
+    }
+
+    /// The header page (4096 bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.0.extend_from_slice(SEGMENT_MAGIC);
+        let mut page = w
+            .u32(self.id)
+            .u32(self.capacity_pages)
+            .u32(self.table_pages)
+            .sealed();
+        page.resize(crate::map::PAGE_SIZE, 0);
+        page
+    }
+
+    /// `Ok(None)` for a page that does not start with a segment header at all (a format-1
+    /// segment, or one whose header never reached the disk).
+    pub fn decode(page: &[u8]) -> Result<Option<Self>> {
+        if page.len() < 24 || &page[..8] != SEGMENT_MAGIC {
+            return Ok(None);
+        }
+        let mut r = Reader::sealed(&page[..24], "segment header")?;
+        r.take(8)?;
+        let h = SegmentHeader {
+            id: r.u32()?,
+            capacity_pages: r.u32()?,
+            table_pages: r.u32()?,
+        };
+        r.done()?;
+        if h != SegmentHeader::new(h.id, h.capacity_pages) {
+            return Err(Error::Corrupt(format!(
+                "segment {} header has a table of {} pages for {} pages",
+                h.id, h.table_pages, h.capacity_pages
+            )));
+        }
+        Ok(Some(h))
+    }
+}
+
+/// A format-1 map entry: one block's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V1Entry {
+    pub segment: u32,
+    pub page: u32,
+    /// Stored length; bit 31 = lz4.
+    pub len_flags: u32,
+    pub crc: u32,
+}
+
+/// Format-1 `leaves/<layer><object><leaf index>` key.
+pub fn decode_v1_leaf_key(k: &[u8]) -> Result<(u64, u64, u64)> {
+    if k.len() != 24 {
+        return Err(Error::Corrupt("format-1 leaf key is malformed".into()));
+    }
+    let word = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&k[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(a)
+    };
+    Ok((word(0), word(1), word(2)))
+}
+
+/// A format-1 leaf: the entries of 64 consecutive blocks, as (slot, entry).
+pub fn decode_v1_leaf(v: &[u8]) -> Result<Vec<(u32, V1Entry)>> {
+    let mut r = Reader::sealed(v, "format-1 leaf")?;
+    let bitmap = r.u64()?;
+    let mut out = Vec::with_capacity(bitmap.count_ones() as usize);
+    for slot in 0..64u32 {
+        if bitmap >> slot & 1 == 1 {
+            out.push((
+                slot,
+                V1Entry {
+                    segment: r.u32()?,
+                    page: r.u32()?,
+                    len_flags: r.u32()?,
+                    crc: r.u32()?,
+                },
+            ));
+        }
+    }
+    r.done()?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -429,47 +629,59 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn arb_entry() -> impl Strategy<Value = Entry> {
-        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-            |(segment, page, len_flags, crc)| Entry {
-                segment,
-                page,
-                len_flags,
-                crc,
-            },
-        )
+    fn arb_loc() -> impl Strategy<Value = Loc> {
+        prop_oneof![
+            (1u32..1000, any::<u32>()).prop_map(|(s, p)| Loc::raw(s, p)),
+            (1u32..1000, any::<u32>(), 1u32..65536).prop_map(|(s, p, n)| Loc::lz4(s, p, n)),
+            (0u32..1000, any::<u32>(), 1u32..65536, any::<u32>()).prop_map(|(s, p, n, c)| Loc {
+                segment: crate::map::REMOTE_BASE + s,
+                page: p,
+                len_flags: n,
+                crc: c
+            }),
+        ]
     }
 
     proptest! {
         #[test]
-        fn leaf_roundtrip(slots in proptest::collection::btree_map(0usize..64, arb_entry(), 0..64)) {
-            let mut leaf = Leaf::default();
-            for (s, e) in &slots {
-                leaf.insert(*s, *e);
-            }
-            let enc = encode_leaf(&leaf);
-            prop_assert_eq!(decode_leaf(&enc).unwrap(), leaf);
+        fn extent_roundtrip(start in any::<u64>(), loc in arb_loc(), len in 1u64..1024) {
+            let len = if loc.is_raw() { len.min(CHUNK_BLOCKS - start % CHUNK_BLOCKS) } else { 1 };
+            let v = encode_extent(len, &loc);
+            prop_assert_eq!(decode_extent(start, &v).unwrap(), (len, loc));
         }
 
         #[test]
-        fn leaf_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_leaf(&bytes);
+        fn extent_decode_never_panics(start in any::<u64>(), bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_extent(start, &bytes);
+            let _ = decode_v1_leaf(&bytes);
+            let _ = SegmentHeader::decode(&bytes);
         }
 
         #[test]
         fn journal_roundtrip(seq in any::<u64>(), layer in any::<u64>(), block in any::<u64>(),
-                             e in proptest::option::of(arb_entry()), index in any::<u32>(),
-                             more in any::<bool>()) {
-            let j = JournalEntry { seq, layer, object: 0, block, count: 1, entry: e, index, more };
+                             loc in proptest::option::of(arb_loc()), check in any::<u32>(),
+                             index in any::<u32>(), more in any::<bool>(), count in 1u32..4096) {
+            let mut j = JournalEntry { seq, layer, object: 0, block, count, loc, check, index, more, v1: false };
+            if let Some(l) = loc.filter(|l| l.is_remote()) {
+                j.check = l.crc;
+            }
             prop_assert_eq!(JournalEntry::decode(&j.encode()), Some(j));
         }
 
         #[test]
-        fn leaf_keys_sort_numerically(a in any::<(u64, u64)>(), b in any::<(u64, u64)>()) {
-            let ka = leaf_key(a.0, 0, a.1);
-            let kb = leaf_key(b.0, 0, b.1);
+        fn extent_keys_sort_numerically(a in any::<(u64, u64)>(), b in any::<(u64, u64)>()) {
+            let ka = extent_key(a.0, 0, ExtentKey::Extent { start: a.1 });
+            let kb = extent_key(b.0, 0, ExtentKey::Extent { start: b.1 });
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
-            prop_assert_eq!(decode_leaf_key(&ka).unwrap(), (a.0, 0, a.1));
+            prop_assert_eq!(decode_extent_key(&ka).unwrap(), (a.0, 0, ExtentKey::Extent { start: a.1 }));
+            // A layer's chunk keys sort before its extents, and all of it inside its range.
+            let kc = extent_key(a.0, 0, ExtentKey::Chunk { idx: u64::MAX });
+            let first = extent_key(a.0, 0, ExtentKey::Extent { start: 0 });
+            prop_assert!(kc < first);
+            let (lo, hi) = layer_extent_range(a.0 % (u64::MAX - 1));
+            let k = extent_key(a.0 % (u64::MAX - 1), 0, ExtentKey::Extent { start: a.1 });
+            let inside = k[..] >= lo[..] && k[..] < hi[..];
+            prop_assert!(inside);
         }
 
         #[test]
@@ -492,9 +704,11 @@ mod tests {
             object: 0,
             block: 5,
             count: 3,
-            entry: None,
+            loc: None,
+            check: 0,
             index: 0,
             more: false,
+            v1: false,
         };
         let mut b = j.encode();
         b[20] ^= 1;
@@ -502,36 +716,73 @@ mod tests {
         assert_eq!(JournalEntry::decode(&[0u8; 64]), None);
     }
 
-    const PINNED_JOURNAL_CRC: u32 = 3_360_223_871;
-    const PINNED_LEAF_CRC: u32 = 2_968_333_532;
+    #[test]
+    fn segment_header_roundtrip_and_rejects() {
+        let h = SegmentHeader::new(7, 65536);
+        assert_eq!(h.table_pages, 64);
+        assert_eq!(h.data_start(), 65);
+        let page = h.encode();
+        assert_eq!(page.len(), 4096);
+        assert_eq!(SegmentHeader::decode(&page).unwrap(), Some(h));
+        assert_eq!(SegmentHeader::decode(&[0u8; 4096]).unwrap(), None);
+        let mut bad = page.clone();
+        bad[12] ^= 1;
+        assert!(SegmentHeader::decode(&bad).is_err());
+    }
+
+    const PINNED_JOURNAL_CRC: u32 = 1_315_305_730;
+    const PINNED_EXTENT_CRC: u32 = 3_505_796_842;
+    const PINNED_HEADER_CRC: u32 = 4_181_087_053;
 
     #[test]
     fn format_is_pinned() {
-        // Changing what the store writes must bump FORMAT_VERSION; these pin version 1 bytes.
-        // (A single-entry group, index 0 without `more`, encodes exactly as before groups.)
+        // Changing what the store writes must bump FORMAT_VERSION; these pin version 2 bytes.
         let j = JournalEntry {
             seq: 1,
             layer: 2,
             object: 0,
             block: 3,
-            count: 1,
-            entry: None,
+            count: 4,
+            loc: Some(Loc::raw(5, 6)),
+            check: 0xdead_beef,
             index: 0,
             more: false,
+            v1: false,
         };
-        assert_eq!(crc32fast::hash(&j.encode()), PINNED_JOURNAL_CRC);
-        let mut leaf = Leaf::default();
-        leaf.insert(
-            3,
-            Entry {
-                segment: 1,
-                page: 2,
-                len_flags: 4096,
-                crc: 0xdead_beef,
-            },
+        let e = encode_extent(4, &Loc::raw(5, 6));
+        let h = SegmentHeader::new(9, 65536).encode();
+        let got = (
+            crc32fast::hash(&j.encode()),
+            crc32fast::hash(&e),
+            crc32fast::hash(&h),
         );
-        assert_eq!(crc32fast::hash(&encode_leaf(&leaf)), PINNED_LEAF_CRC);
-        assert_eq!(decode_format(&encode_format()).unwrap(), 1);
+        assert_eq!(
+            got,
+            (PINNED_JOURNAL_CRC, PINNED_EXTENT_CRC, PINNED_HEADER_CRC),
+            "format 2 bytes changed"
+        );
+        assert_eq!(decode_format(&encode_format()).unwrap(), 2);
         assert_eq!(&encode_format()[..8], b"STRATA01");
+        // A format-1 journal entry (as that format wrote it) still decodes.
+        let v1: [u8; 64] = v1_journal_entry();
+        let d = JournalEntry::decode(&v1).expect("format-1 entry decodes");
+        assert!(d.v1 && d.loc.is_some() && d.count == 1 && d.block == 3);
+    }
+
+    /// A format-1 journal entry for block 3 of layer 2 mapped to segment 1 page 2, 4096 raw
+    /// bytes with crc 0xdeadbeef, built byte by byte as format 1 laid it out.
+    fn v1_journal_entry() -> [u8; 64] {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(0x534a_u32 << 16 | 1).to_be_bytes());
+        for v in [1u64, 2, 0, 3] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        for v in [1u32, 2, 4096, 0xdead_beef, 1, 0] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b.resize(60, 0);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_be_bytes());
+        b.try_into().unwrap_or([0; 64])
     }
 }

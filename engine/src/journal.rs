@@ -1,4 +1,4 @@
-//! The map journal: one 64-byte entry per mapping change since the last commit.
+//! The map journal: one 64-byte entry per extent change since the last commit.
 //!
 //! Data records reach the segment files before their write is acknowledged, but the extent
 //! map reaches RocksDB only at a commit. The journal bridges the two: each acknowledged write
@@ -99,7 +99,7 @@ impl Journal {
     }
 
     /// The write op for reserved entries.
-    pub fn write_op(file: &JournalFile, offset: u64, entries: &[JournalEntry]) -> Op {
+    pub fn write_op(file: &JournalFile, offset: u64, entries: &[JournalEntry]) -> Op<'static> {
         let mut buf = Vec::with_capacity(entries.len() * JOURNAL_ENTRY_SIZE);
         for e in entries {
             buf.extend_from_slice(&e.encode());
@@ -107,7 +107,7 @@ impl Journal {
         Op::Write {
             file: file.file.clone(),
             offset,
-            buf,
+            buf: crate::io::Data::Owned(buf),
         }
     }
 

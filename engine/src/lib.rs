@@ -1,37 +1,46 @@
 //! Strata's storage engine: thin-provisioned, copy-on-write volumes whose extent maps live in
-//! RocksDB and whose data lives in append-only segment files, with O(1) checkpoint, restore
-//! and fork.
+//! RocksDB and whose data lives in segment files of checksummed pages, with O(1) checkpoint,
+//! restore and fork.
 //!
 //! Start with [`Store::open`]; see `docs/ARCHITECTURE.md` for how the files fit together and
 //! `docs/design/` for the on-disk format and the durability contract.
 
+mod catalog;
 mod codec;
+mod defrag;
 mod error;
+mod handle;
+mod inner;
 pub mod io;
 mod journal;
 mod load;
 pub mod map;
 mod names;
 mod ops;
+mod record;
+mod refmap;
 mod remote;
 mod scrub;
 mod segment;
 mod store;
-pub mod tree;
+mod upgrade;
 mod volume;
 
 pub use codec::FORMAT_VERSION;
+pub use defrag::DefragReport;
 pub use error::{Error, Result};
+pub use handle::{Snapshot, Source, Volume};
+pub use map::PAGE_SIZE;
 pub use names::validate as validate_name;
 pub use ops::{
     ByteRange, CheckpointEntry, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions,
     DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE, TREE_VOLUME_SIZE,
 };
-pub use remote::{RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
+pub use remote::{BlockRecord, RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};
-pub use segment::{DEFAULT_REUSE_BYTES, PAGE_SIZE};
+pub use segment::DEFAULT_REUSE_BYTES;
 pub use store::{Store, StoreOptions};
-pub use volume::{Snapshot, Source, Volume, SECTOR};
+pub use volume::SECTOR;
 
 /// Store-wide figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +51,12 @@ pub struct StoreStats {
     pub live_bytes: u64,
     pub segment_files: usize,
     pub io_engine: &'static str,
+    /// Bytes of new records written into freed pages since open (reused: cached, allocated).
+    pub reused_bytes: u64,
+    /// Bytes of new records appended to fresh pages since open.
+    pub appended_bytes: u64,
+    /// Dead bytes not punched yet (kept for reuse, or waiting for an idle moment).
+    pub dead_bytes: u64,
 }
 
 impl Store {
@@ -143,10 +158,14 @@ impl Store {
     }
 
     /// Blocks of the live volume still held only in remote packs (a lazy restore not yet
-    /// hydrated). Does not open the volume.
+    /// hydrated). Does not open the volume (its map is loaded if it is not yet).
     pub fn remote_blocks(&self, volume: &str) -> Result<u64> {
         let vol = self.inner.catalog.lock().volume(volume)?.clone();
-        Ok(vol.count_remote())
+        if !vol.maybe_remote.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
+        load::ensure_loaded(&self.inner, &vol)?;
+        Ok(volume::count_remote(&vol))
     }
 
     /// Hydrates remote blocks of `volume` in `[from, to)`: fetches up to about `max_bytes`
@@ -177,28 +196,61 @@ impl Store {
 
     /// Remote packs the volume or any of its checkpoints still references.
     pub fn remote_packs_of(&self, volume: &str) -> Result<Vec<u32>> {
-        let cat = self.inner.catalog.lock();
-        let vol = cat.volume(volume)?;
-        let mut trees = vec![vol.map.read().tree.clone()];
-        for ((v, _), ck) in &cat.checkpoints {
-            if *v == vol.id {
-                if let Some(f) = cat.frozen.get(&ck.layer) {
-                    trees.push(f.tree.clone());
+        let layers: Vec<u64> = {
+            let cat = self.inner.catalog.lock();
+            let vol = cat.volume(volume)?;
+            let mut l = vec![vol.map.read().layer];
+            for ((v, _), ck) in &cat.checkpoints {
+                if *v == vol.id {
+                    l.push(ck.layer);
+                }
+            }
+            l
+        };
+        let mut packs = std::collections::BTreeSet::new();
+        for layer in layers {
+            for e in load::layer_tree(&self.inner, layer)?.extents() {
+                if e.loc.is_remote() {
+                    packs.insert(e.loc.segment - REMOTE_SEGMENT_BASE);
                 }
             }
         }
-        drop(cat);
-        let mut packs = std::collections::BTreeSet::new();
-        for t in &trees {
-            for (_, l) in t.leaves() {
-                packs.extend(
-                    l.entries()
-                        .iter()
-                        .filter_map(|e| e.remote().map(|x| x.pack)),
-                );
-            }
-        }
         Ok(packs.into_iter().collect())
+    }
+
+    /// Rewrites every fragmented chunk the live volume owns as one record each (reading it
+    /// through the normal read path), stopping after about `max_bytes`. A range written
+    /// meanwhile is skipped. See `defrag.rs`.
+    pub fn defragment(&self, volume: &str, max_bytes: u64) -> Result<DefragReport> {
+        let vol = self.inner.catalog.lock().volume(volume)?.clone();
+        defrag::defragment(&self.inner, &vol, max_bytes)
+    }
+
+    /// Sets the background defragmenter's budget in bytes per second (0 pauses it).
+    pub fn set_defrag_rate(&self, bytes_per_sec: u64) {
+        self.inner
+            .defrag
+            .rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What the background defragmenter has rewritten since open (read-triggered).
+    pub fn defrag_stats(&self) -> DefragReport {
+        let d = &self.inner.defrag;
+        let o = std::sync::atomic::Ordering::Relaxed;
+        DefragReport {
+            ranges: d.rewritten.load(o),
+            bytes: d.bytes.load(o),
+            skipped: d.skipped.load(o),
+        }
+    }
+
+    /// Waits until the background defragmenter has nothing queued (or `timeout` passes).
+    pub fn wait_defrag_idle(&self, timeout: std::time::Duration) {
+        let t = std::time::Instant::now();
+        while self.inner.defrag.pending() && t.elapsed() < timeout {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Reads and verifies every stored block.
@@ -206,7 +258,10 @@ impl Store {
         scrub::scrub(&self.inner)
     }
 
+    /// Store-wide figures (waits until the space the store references is counted, which a
+    /// background pass does right after open).
     pub fn stats(&self) -> StoreStats {
+        self.inner.wait_space_counted();
         let (live_bytes, segment_files) = self.inner.segments.usage();
         let cat = self.inner.catalog.lock();
         StoreStats {
@@ -215,6 +270,9 @@ impl Store {
             live_bytes,
             segment_files,
             io_engine: self.engine_name(),
+            reused_bytes: self.inner.segments.reused_pages() * PAGE_SIZE as u64,
+            appended_bytes: self.inner.segments.appended_pages() * PAGE_SIZE as u64,
+            dead_bytes: self.inner.segments.held_pages() * PAGE_SIZE as u64,
         }
     }
 }

@@ -1,31 +1,31 @@
-//! Opening a store: rebuild the in-memory maps from RocksDB, replay the journal, sweep
-//! unreferenced pages, and discard ephemeral volumes.
+//! Opening a store and loading maps.
 //!
-//! Layers are built parents first: a layer's tree is its parent's tree (an O(1) clone) with
-//! the layer's own leaf records laid over it, so the cost of loading is the number of leaf
-//! records, not the number of layers times the map size.
+//! * At open, only the catalog is read ([`load_catalog`]): volumes, checkpoints and the layer
+//!   tree, with each layer's mapped-block count. That is O(volumes + checkpoints), not O(data).
+//! * A layer's map is built when something needs it ([`layer_tree`], [`ensure_loaded`]): its
+//!   parent's map (an O(1) clone, loaded first if needed) with the layer's own chunk records
+//!   laid over it, read from a RocksDB snapshot outside every lock, so loading one volume
+//!   never holds up another volume's IO or commits.
+//! * The journal is replayed into the heads it names ([`replay`]).
+//! * What the committed maps reference is counted in the background ([`count_references`]):
+//!   until it finishes, freed space is held back rather than reused (see `segment.rs`).
 
-use crate::codec::{self, CheckpointRecord, JournalEntry, LayerRecord, StateRecord, VolumeRecord};
-use crate::io::Op;
-use crate::ops;
-use crate::segment::PAGE_SIZE;
-use crate::store::{cf, CheckpointMeta, FrozenLayer, Inner};
-use crate::tree::{leaf_index, Tree};
-use crate::volume::{apply_changes, Change, HeadMap, VolumeState};
+use crate::catalog::{CheckpointMeta, FrozenLayer, HeadMap, VolumeState};
+use crate::codec::{
+    self, CheckpointRecord, ExtentKey, JournalEntry, LayerRecord, StateRecord, VolumeRecord,
+};
+use crate::inner::{cf, Inner};
+use crate::map::{Chunk, Loc, Tree, CHUNK_BLOCKS};
+use crate::volume::{apply_changes, Change};
 use crate::{Error, Result};
-use rocksdb::IteratorMode;
-use std::collections::{HashMap, HashSet};
+use rocksdb::{Direction, IteratorMode};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-struct Built {
-    tree: Tree,
-    own: HashSet<u64>,
-    mapped: u64,
-    /// This layer or an ancestor has a remote entry in its own leaves (noticed while the
-    /// entries are counted anyway): the volume's `maybe_remote` hint.
-    remote: bool,
-}
+/// How often a map load is retried when a metadata operation rewrote one of its layers
+/// meanwhile.
+const MAX_LOAD_ATTEMPTS: usize = 16;
 
 fn scan<T>(
     inner: &Inner,
@@ -43,11 +43,8 @@ fn scan<T>(
     Ok(out)
 }
 
-pub(crate) fn load(
-    inner: &Arc<Inner>,
-    state: &StateRecord,
-    journal: Vec<JournalEntry>,
-) -> Result<()> {
+/// Reads volumes, checkpoints and layers into the catalog. No map is loaded.
+pub(crate) fn load_catalog(inner: &Inner, state: &StateRecord) -> Result<()> {
     let layers: HashMap<u64, LayerRecord> = scan(inner, codec::CF_LAYERS, |k, v| {
         Ok((codec::decode_u64_key(k)?, LayerRecord::decode(v)?))
     })?
@@ -64,12 +61,6 @@ pub(crate) fn load(
             CheckpointRecord::decode(v)?,
         ))
     })?;
-    let sizes: HashMap<u64, (u64, u32)> = volumes
-        .iter()
-        .map(|(_, r)| (r.id, (r.size, r.block_size)))
-        .collect();
-    let built = build_layers(inner, &layers, &sizes)?;
-
     let mut cat = inner.catalog.lock();
     cat.next_layer = state
         .next_layer
@@ -77,23 +68,21 @@ pub(crate) fn load(
     cat.next_volume = state
         .next_volume
         .max(volumes.iter().map(|(_, r)| r.id + 1).max().unwrap_or(1));
-    let mut built = built;
+    let mut heads = std::collections::HashSet::new();
     for (name, rec) in &volumes {
-        let b = built
-            .remove(&rec.head)
+        let l = layers
+            .get(&rec.head)
             .ok_or_else(|| Error::Corrupt(format!("volume {name} has no head layer")))?;
-        let parent = layers.get(&rec.head).map_or(0, |l| l.parent);
-        let head = HeadMap {
-            layer: rec.head,
-            parent,
-            tree: b.tree,
-            own: b.own,
-            dirty: HashSet::new(),
-            mapped_blocks: b.mapped,
-        };
+        heads.insert(rec.head);
+        let head = HeadMap::unloaded(rec.head, l.parent, l.mapped_blocks);
         cat.volumes.insert(
             name.clone(),
-            Arc::new(VolumeState::new(rec, name.clone(), head, b.remote)),
+            Arc::new(VolumeState::new(
+                rec,
+                name.clone(),
+                head,
+                inner.remote.any(),
+            )),
         );
     }
     for ((vid, name), rec) in checkpoints {
@@ -107,186 +96,276 @@ pub(crate) fn load(
             },
         );
     }
-    for (id, b) in built {
-        let Some(l) = layers.get(&id) else { continue };
+    for (id, l) in &layers {
+        if heads.contains(id) {
+            continue;
+        }
         cat.frozen.insert(
-            id,
+            *id,
             FrozenLayer {
                 parent: l.parent,
                 volume: l.volume,
-                tree: b.tree,
-                own: b.own,
-                mapped_blocks: b.mapped,
+                tree: None,
+                mapped_blocks: l.mapped_blocks,
             },
         );
-    }
-    drop(cat);
-
-    let replayed = replay(inner, state.committed_seq, journal)?;
-    let punched = inner.segments.sweep(&live_ranges(inner))?;
-    tracing::info!(replayed, punched_pages = punched, "store loaded");
-    inner.commit(Vec::new())?;
-
-    let ephemeral: Vec<String> = inner
-        .catalog
-        .lock()
-        .volumes
-        .values()
-        .filter(|v| v.ephemeral)
-        .map(|v| v.name.clone())
-        .collect();
-    for name in ephemeral {
-        tracing::info!(volume = %name, "discarding ephemeral volume left from a previous run");
-        ops::delete_volume(inner, &name, true)?;
     }
     Ok(())
 }
 
-/// Builds every layer's tree, parents first.
-fn build_layers(
-    inner: &Inner,
-    layers: &HashMap<u64, LayerRecord>,
-    sizes: &HashMap<u64, (u64, u32)>,
-) -> Result<HashMap<u64, Built>> {
-    let mut own_leaves: HashMap<u64, Vec<(u64, crate::tree::Leaf)>> = HashMap::new();
-    for item in inner
-        .db
-        .iterator_cf(cf(&inner.db, codec::CF_LEAVES)?, IteratorMode::Start)
-    {
-        let (k, v) = item?;
-        let (layer, _object, idx) = codec::decode_leaf_key(&k)?;
-        if layers.contains_key(&layer) {
-            own_leaves
-                .entry(layer)
-                .or_default()
-                .push((idx, codec::decode_leaf(&v)?));
-        }
+/// What a load reads, planned under the locks.
+struct Plan {
+    /// Layers to build, target first, each with its generation at planning time.
+    chain: Vec<(u64, u64)>,
+    /// The map of the nearest loaded ancestor, if any.
+    base: Option<Tree>,
+    /// Blocks the target's volume addresses, and pages per block.
+    blocks: u64,
+    ppb: u32,
+}
+
+fn plan(inner: &Inner, layer: u64) -> Result<std::result::Result<Tree, Plan>> {
+    let cat = inner.catalog.lock();
+    if let Some(t) = cat.loaded_tree(layer) {
+        return Ok(Ok(t));
     }
-    let mut kids: HashMap<u64, Vec<u64>> = HashMap::new();
-    let mut roots = Vec::new();
-    for (id, l) in layers {
-        if l.parent == 0 || !layers.contains_key(&l.parent) {
-            roots.push(*id);
-        } else {
-            kids.entry(l.parent).or_default().push(*id);
+    let volume_of = |l: u64| -> Option<&Arc<VolumeState>> {
+        match cat.frozen.get(&l) {
+            Some(f) => cat.volume_by_id(f.volume),
+            None => cat.head_of(l),
         }
-    }
-    let mut built: HashMap<u64, Built> = HashMap::new();
-    let mut stack: Vec<u64> = roots;
-    let mut visited = 0usize;
-    while let Some(id) = stack.pop() {
-        visited += 1;
-        if visited > layers.len() {
+    };
+    let vol = volume_of(layer)
+        .ok_or_else(|| Error::Corrupt(format!("layer {layer} belongs to no volume")))?;
+    let (mut blocks, ppb) = (vol.blocks(), vol.ppb());
+    let mut chain = Vec::new();
+    let mut at = layer;
+    let base = loop {
+        if let Some(t) = cat.loaded_tree(at) {
+            break Some(t);
+        }
+        if chain.len() > cat.frozen.len() + cat.volumes.len() {
             return Err(Error::Corrupt("layer parents form a cycle".into()));
         }
-        let l = layers[&id];
-        let (size, bs) = sizes.get(&l.volume).copied().unwrap_or((0, 4096));
-        let (mut tree, mut mapped) = match built.get(&l.parent) {
-            Some(p) => (p.tree.clone(), p.mapped),
-            None => (Tree::default(), 0),
-        };
-        let mut remote = built.get(&l.parent).is_some_and(|p| p.remote);
-        tree.reserve(size.div_ceil(u64::from(bs)));
-        let mut own = HashSet::new();
-        for (idx, leaf) in own_leaves.remove(&id).unwrap_or_default() {
-            for e in leaf.entries() {
-                inner.segments.incref(e);
-                remote |= e.is_remote();
-            }
-            let before = tree.leaf(idx).map_or(0, |l| l.len()) as u64;
-            mapped = mapped + leaf.len() as u64 - before;
-            tree.reserve((idx + 1) << crate::tree::LEVEL_BITS);
-            tree.set_leaf(idx, leaf);
-            own.insert(idx);
+        chain.push((at, cat.layer_gen(at)));
+        if let Some(v) = volume_of(at) {
+            blocks = blocks.max(v.blocks());
         }
-        stack.extend(kids.remove(&id).unwrap_or_default());
-        built.insert(
-            id,
-            Built {
-                tree,
-                own,
-                mapped,
-                remote,
-            },
-        );
+        match cat.parent_of(at) {
+            Some(0) | None => break None,
+            Some(p) => at = p,
+        }
+    };
+    // Checkpoints may be larger than their volume now is (a restore to an older size).
+    for ck in cat.checkpoints.values() {
+        if chain.iter().any(|(l, _)| *l == ck.layer) {
+            blocks = blocks.max(ck.size.div_ceil(u64::from(vol.block_size)));
+        }
     }
-    Ok(built)
+    Ok(Err(Plan {
+        chain,
+        base,
+        blocks,
+        ppb,
+    }))
+}
+
+/// The map of `layer` (frozen or a head), loading it and any unloaded ancestors from RocksDB
+/// first. O(1) once loaded.
+pub(crate) fn layer_tree(inner: &Inner, layer: u64) -> Result<Tree> {
+    for _ in 0..MAX_LOAD_ATTEMPTS {
+        // A RocksDB snapshot taken under the commit lock matches the catalog: every metadata
+        // operation holds that lock from its change in memory to its commit.
+        let (plan, snapshot) = {
+            let _c = inner.commit.lock();
+            match plan(inner, layer)? {
+                Ok(t) => return Ok(t),
+                Err(p) => (p, inner.db.snapshot()),
+            }
+        };
+        let mut tree = plan
+            .base
+            .clone()
+            .unwrap_or_else(|| Tree::new(plan.blocks, plan.ppb));
+        let mut built = Vec::with_capacity(plan.chain.len());
+        for &(l, gen) in plan.chain.iter().rev() {
+            tree.reserve(plan.blocks);
+            read_own_chunks(inner, &snapshot, l, &mut tree)?;
+            built.push((l, gen, tree.clone()));
+        }
+        drop(snapshot);
+        if install(inner, built) {
+            return Ok(tree);
+        }
+    }
+    Err(Error::Corrupt(format!(
+        "the records of layer {layer} kept changing while its map was loaded"
+    )))
+}
+
+/// Puts freshly built maps in the catalog; false when a layer's records changed since the
+/// snapshot they were read from (the caller loads again).
+fn install(inner: &Inner, built: Vec<(u64, u64, Tree)>) -> bool {
+    let mut cat = inner.catalog.lock();
+    if built.iter().any(|(l, gen, _)| cat.layer_gen(*l) != *gen) {
+        return false;
+    }
+    for (l, _, t) in built {
+        if let Some(f) = cat.frozen.get_mut(&l) {
+            f.mapped_blocks = t.mapped_blocks();
+            f.tree.get_or_insert(t);
+            continue;
+        }
+        if let Some(v) = cat.head_of(l) {
+            let mut m = v.map.write();
+            if !m.loaded {
+                let remote = inner.remote.any() && t.extents().any(|e| e.loc.is_remote());
+                v.maybe_remote.store(remote, Ordering::Relaxed);
+                let mapped = t.mapped_blocks();
+                *m = HeadMap::loaded(m.layer, m.parent, t, mapped);
+            }
+        }
+    }
+    true
+}
+
+/// Lays `layer`'s own chunk records (from `snap`) over `tree`.
+fn read_own_chunks(
+    inner: &Inner,
+    snap: &rocksdb::Snapshot<'_>,
+    layer: u64,
+    tree: &mut Tree,
+) -> Result<()> {
+    let (from, to) = codec::layer_extent_range(layer);
+    let mut chunks: BTreeMap<u64, Chunk> = BTreeMap::new();
+    let iter = snap.iterator_cf(
+        cf(&inner.db, codec::CF_EXTENTS)?,
+        IteratorMode::From(&from, Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item?;
+        if k[..] >= to[..] {
+            break;
+        }
+        let (_, object, key) = codec::decode_extent_key(&k)?;
+        if object != 0 {
+            return Err(Error::Corrupt(format!(
+                "layer {layer} has records of object {object}"
+            )));
+        }
+        match key {
+            ExtentKey::Chunk { idx } => {
+                codec::decode_chunk_marker(&v)?;
+                chunks.insert(idx, Chunk::new(layer));
+            }
+            ExtentKey::Extent { start } => {
+                let (len, loc) = codec::decode_extent(start, &v)?;
+                let idx = start / CHUNK_BLOCKS;
+                let c = chunks.get_mut(&idx).ok_or_else(|| {
+                    Error::Corrupt(format!(
+                        "layer {layer} has an extent at block {start} outside its chunks"
+                    ))
+                })?;
+                if !c.push_loaded(start % CHUNK_BLOCKS, len, loc) {
+                    return Err(Error::Corrupt(format!(
+                        "layer {layer} has overlapping extents at block {start}"
+                    )));
+                }
+            }
+        }
+    }
+    for (idx, c) in chunks {
+        tree.reserve((idx + 1) * CHUNK_BLOCKS);
+        tree.set_chunk(idx, c);
+    }
+    Ok(())
+}
+
+/// Makes sure `vol`'s head map is loaded (a restore or checkpoint meanwhile may move the head:
+/// loads until the current one is).
+pub(crate) fn ensure_loaded(inner: &Inner, vol: &VolumeState) -> Result<()> {
+    for _ in 0..MAX_LOAD_ATTEMPTS {
+        let layer = {
+            let m = vol.map.read();
+            if m.loaded {
+                return Ok(());
+            }
+            m.layer
+        };
+        if vol.deleted.load(Ordering::Relaxed) {
+            return Err(Error::NoSuchVolume(vol.name.clone()));
+        }
+        layer_tree(inner, layer)?;
+    }
+    Err(Error::Corrupt(format!(
+        "the map of volume {} could not be loaded",
+        vol.name
+    )))
 }
 
 /// Applies journal entries newer than the last commit whose data verifies, a group (the
 /// entries of one install) at a time: a group with a missing entry or a record that does not
-/// verify is dropped whole, so a multi-block change is never half-replayed.
-fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<usize> {
+/// verify is dropped whole, so a multi-extent change is never half-replayed. Volumes the
+/// journal names are loaded.
+pub(crate) fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<usize> {
     let mut applied = 0;
     let mut max_seq = committed;
     let journal: Vec<JournalEntry> = journal.into_iter().filter(|j| j.seq > committed).collect();
     let mut i = 0;
     while i < journal.len() {
         let head = journal[i];
-        max_seq = max_seq.max(head.seq);
-        // Collect the group starting here: index 0, then consecutive seqs and indexes.
-        let mut end = i + 1;
-        let mut complete = head.index == 0;
-        if complete {
-            let mut last = head;
-            while last.more {
-                match journal.get(end) {
-                    Some(n) if n.seq == last.seq + 1 && n.index == last.index + 1 => {
-                        last = *n;
-                        end += 1;
-                    }
-                    _ => {
-                        complete = false;
-                        break;
-                    }
-                }
-            }
-        }
-        let group = &journal[i..end];
+        let end = group_end(&journal, i);
+        let group = &journal[i..end.unwrap_or(i + 1)];
         for j in group {
             max_seq = max_seq.max(j.seq);
         }
-        i = end;
-        if !complete {
+        i += group.len();
+        if end.is_none() {
             continue;
         }
-        let vol = {
-            let cat = inner.catalog.lock();
-            cat.volumes
-                .values()
-                .find(|v| v.map.read().layer == head.layer)
-                .cloned()
-        };
+        let vol = inner.catalog.lock().head_of(head.layer).cloned();
         let Some(vol) = vol else { continue };
+        ensure_loaded(inner, &vol)?;
+        let ppb = vol.ppb();
+        let loc_of = |j: &JournalEntry| -> Option<Loc> {
+            let l = j.loc?;
+            Some(if j.v1 && !l.is_remote() {
+                Loc::inline(l.segment, l.page, l.stored_len(), l.is_lz4(), j.check)
+            } else {
+                l
+            })
+        };
         let ok = group.iter().all(|j| {
             j.layer == head.layer
-                && j.block < vol.blocks()
-                && j.entry
-                    .is_none_or(|e| record_verifies(inner, &e, vol.block_size))
+                && j.count > 0
+                && j.block + u64::from(j.count) <= vol.blocks()
+                && loc_of(j).is_none_or(|l| entry_verifies(inner, &l, j, ppb, vol.block_size))
         });
         if !ok {
             continue;
         }
+        let _gate = inner.gate.read();
+        let mut map = vol.map.write();
         for j in group {
-            if let Some(e) = j.entry {
+            let loc = loc_of(j);
+            if let Some(l) = loc {
                 // The record may sit only in the page cache (a process crash); the commit
                 // that ends the open must sync it before its mapping goes to RocksDB.
-                if let Some(seg) = inner.segments.get(e.segment) {
+                if let Some(seg) = inner.segments.get(l.segment) {
                     inner.segments.mark_written(&seg);
                 }
-                if e.is_remote() {
+                if l.is_remote() {
                     vol.maybe_remote.store(true, Ordering::Relaxed);
                 }
             }
             let change = Change {
                 block: j.block,
-                count: u64::from(j.count.max(1)),
-                new: j.entry,
+                count: u64::from(j.count),
+                new: loc,
                 expect: None,
+                check: j.check,
             };
-            let mut map = vol.map.write();
-            apply_changes(inner, &mut map, &[change]);
-            map.dirty.insert(leaf_index(j.block));
+            apply_changes(inner, &vol, &mut map, &[change]);
             applied += 1;
         }
     }
@@ -295,31 +374,84 @@ fn replay(inner: &Inner, committed: u64, journal: Vec<JournalEntry>) -> Result<u
     Ok(applied)
 }
 
-fn record_verifies(inner: &Inner, e: &crate::tree::Entry, block_size: u32) -> bool {
-    // A remote entry has no local bytes: it is verified when fetched.
-    if let Some(x) = e.remote() {
-        return inner.remote.has_pack(x.pack) && x.stored_len > 0 && x.stored_len <= block_size;
+/// The end of the group starting at `i` when it is complete (index 0, then consecutive
+/// sequence numbers and indexes until an entry without `more`).
+fn group_end(journal: &[JournalEntry], i: usize) -> Option<usize> {
+    let mut last = journal[i];
+    if last.index != 0 {
+        return None;
     }
-    let Some(seg) = inner.segments.get(e.segment) else {
-        return false;
-    };
-    if e.stored_len() == 0 || e.stored_len() > block_size {
-        return false;
+    let mut end = i + 1;
+    while last.more {
+        let n = journal.get(end)?;
+        if n.seq != last.seq + 1 || n.index != last.index + 1 {
+            return None;
+        }
+        last = *n;
+        end += 1;
     }
-    let op = Op::Read {
-        file: seg.file.clone(),
-        offset: u64::from(e.page) * PAGE_SIZE as u64,
-        buf: vec![0; e.stored_len() as usize],
-    };
-    let done = inner.segments.engine().run(op);
-    done.result.is_ok() && crc32fast::hash(&done.op.into_buf()) == e.crc
+    Some(end)
 }
 
-/// Page ranges referenced by any layer, per segment.
-fn live_ranges(inner: &Inner) -> HashMap<u32, Vec<(u32, u32)>> {
-    let mut live: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
-    for (e, _, _) in ops::all_records(inner) {
-        live.entry(e.segment).or_default().push((e.page, e.pages()));
+fn entry_verifies(inner: &Inner, l: &Loc, j: &JournalEntry, ppb: u32, block_size: u32) -> bool {
+    if l.is_remote() {
+        // A remote record has no local bytes: it is verified when fetched.
+        return j.count == 1
+            && inner.remote.has_pack(l.segment - crate::map::REMOTE_BASE)
+            && l.stored_len() > 0
+            && l.stored_len() <= block_size;
     }
-    live
+    if !l.is_raw() && (j.count != 1 || l.stored_len() == 0 || l.stored_len() > block_size) {
+        return false;
+    }
+    crate::record::verifies(&inner.segments, l, u64::from(j.count), ppb, j.check)
+}
+
+/// Pages per block of every layer's volume, for counting references by layer.
+pub(crate) fn layer_ppb(inner: &Inner) -> HashMap<u64, u32> {
+    let cat = inner.catalog.lock();
+    let mut out = HashMap::new();
+    for v in cat.volumes.values() {
+        out.insert(v.map.read().layer, v.ppb());
+    }
+    for (id, f) in &cat.frozen {
+        if let Some(v) = cat.volume_by_id(f.volume) {
+            out.insert(*id, v.ppb());
+        }
+    }
+    out
+}
+
+/// Counts, from `snap` (the committed state at open), every page each layer's own extents
+/// reference, then ends counting (`Segments::finish_counting`): from then on freed space is
+/// reused and returned, and space figures are exact.
+pub(crate) fn count_references(
+    inner: &Inner,
+    snap: &rocksdb::Snapshot<'_>,
+    ppb: &HashMap<u64, u32>,
+) -> Result<u64> {
+    let mut extents = 0u64;
+    for item in snap.iterator_cf(cf(&inner.db, codec::CF_EXTENTS)?, IteratorMode::Start) {
+        let (k, v) = item?;
+        let (layer, _, key) = codec::decode_extent_key(&k)?;
+        let ExtentKey::Extent { start } = key else {
+            continue;
+        };
+        let (len, loc) = codec::decode_extent(start, &v)?;
+        if loc.is_remote() {
+            continue;
+        }
+        let Some(&p) = ppb.get(&layer) else {
+            return Err(Error::Corrupt(format!(
+                "extent records of unknown layer {layer}"
+            )));
+        };
+        inner
+            .segments
+            .count_base(loc.segment, loc.page, loc.pages(len, p));
+        extents += 1;
+    }
+    let dead = inner.segments.finish_counting()?;
+    inner.dead.lock().extend(dead);
+    Ok(extents)
 }

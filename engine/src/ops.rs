@@ -2,15 +2,21 @@
 //!
 //! Each operation changes the in-memory catalog under the commit lock and ends with a synced
 //! commit carrying its RocksDB changes, so it is durable when it returns. Checkpoint, restore
-//! and fork touch a fixed number of records and clone one tree root: O(1) in the size of the
-//! volume and of its map.
+//! and fork touch a fixed number of records and clone one map root (or none, for a volume
+//! whose map is not loaded): O(1) in the size of the volume and of its map.
+//!
+//! A frozen layer's own records in RocksDB are complete (the checkpoint that froze it wrote
+//! its dirty chunks), so operations on checkpoints read them from there; a head's records
+//! lag its map until the next commit, so a loaded head is read from memory.
 
-use crate::codec::{self, CheckpointRecord, LayerRecord, VolumeRecord};
-use crate::store::{now_unix, Catalog, CheckpointMeta, DbOp, FrozenLayer, Inner};
-use crate::tree::{Entry, Tree, LEAF_SLOTS};
-use crate::volume::{HeadMap, Volume, VolumeState, SECTOR};
-use crate::{names, Error, Result};
-use std::collections::HashSet;
+use crate::catalog::{Catalog, CheckpointMeta, FrozenLayer, HeadMap, VolumeState};
+use crate::codec::{self, CheckpointRecord, ExtentKey, LayerRecord, VolumeRecord};
+use crate::inner::{cf, snapshot_dirty, DbOp, Inner};
+use crate::map::{Chunk, Extent, Tree, CHUNK_BLOCKS};
+use crate::volume::SECTOR;
+use crate::{names, Error, Result, Volume};
+use rocksdb::{Direction, IteratorMode};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -156,17 +162,18 @@ pub(crate) fn create_volume(
             ephemeral: opts.ephemeral,
             tree: opts.tree,
             head: layer,
-            created_unix: now_unix(),
+            created_unix: crate::store::now_unix(),
         };
-        let head = HeadMap {
-            layer,
-            parent: 0,
-            tree: Tree::with_capacity(size.div_ceil(u64::from(bs))),
-            own: HashSet::new(),
-            dirty: HashSet::new(),
-            mapped_blocks: 0,
-        };
-        let vol = Arc::new(VolumeState::new(&rec, name.to_string(), head, false));
+        let tree = Tree::new(
+            size.div_ceil(u64::from(bs)),
+            bs / crate::map::PAGE_SIZE as u32,
+        );
+        let vol = Arc::new(VolumeState::new(
+            &rec,
+            name.to_string(),
+            HeadMap::loaded(layer, 0, tree, 0),
+            false,
+        ));
         cat.volumes.insert(name.to_string(), vol);
         vec![
             DbOp::Put(codec::CF_VOLUMES, name.as_bytes().to_vec(), rec.encode()),
@@ -229,10 +236,15 @@ pub(crate) fn list_volumes(inner: &Inner) -> Vec<VolumeInfo> {
     v
 }
 
+/// Opens a volume for IO, loading its map first if needed.
 pub(crate) fn open_volume(inner: &Arc<Inner>, name: &str) -> Result<Volume> {
-    let cat = inner.catalog.lock();
-    let state = cat.volume(name)?.clone();
+    let state = inner.catalog.lock().volume(name)?.clone();
+    crate::load::ensure_loaded(inner, &state)?;
     state.handles.fetch_add(1, Ordering::Relaxed);
+    if state.deleted.load(Ordering::Relaxed) {
+        state.handles.fetch_sub(1, Ordering::Relaxed);
+        return Err(Error::NoSuchVolume(name.to_string()));
+    }
     Ok(Volume {
         inner: inner.clone(),
         state,
@@ -254,7 +266,9 @@ pub(crate) fn grow_volume(inner: &Inner, name: &str, new_size: u64) -> Result<Vo
         }
         let mut map = vol.map.write();
         vol.set_size(new_size);
-        map.tree.reserve(vol.blocks());
+        let blocks = vol.blocks();
+        map.tree.reserve(blocks);
+        map.committed.reserve(blocks);
         vec![Inner::volume_record(vol, map.layer)]
     };
     inner.commit_locked(&guard, ops)?;
@@ -279,29 +293,136 @@ fn children(cat: &Catalog, layer: u64) -> (Vec<u64>, Vec<Arc<VolumeState>>) {
     (frozen, heads)
 }
 
-/// Removes frozen layer `id`, first giving each child the leaf records it inherited from it.
-/// Returns the entries to release once the change is committed.
+/// A layer's own chunk records as RocksDB holds them: chunk index → its extents. Complete
+/// for frozen layers and for heads whose map is not loaded.
+pub(crate) fn own_chunks_db(inner: &Inner, layer: u64) -> Result<BTreeMap<u64, Vec<Extent>>> {
+    let (from, to) = codec::layer_extent_range(layer);
+    let mut out: BTreeMap<u64, Vec<Extent>> = BTreeMap::new();
+    for item in inner.db.iterator_cf(
+        cf(&inner.db, codec::CF_EXTENTS)?,
+        IteratorMode::From(&from, Direction::Forward),
+    ) {
+        let (k, v) = item?;
+        if k[..] >= to[..] {
+            break;
+        }
+        match codec::decode_extent_key(&k)?.2 {
+            ExtentKey::Chunk { idx } => {
+                out.entry(idx).or_default();
+            }
+            ExtentKey::Extent { start } => {
+                let (len, loc) = codec::decode_extent(start, &v)?;
+                out.entry(start / CHUNK_BLOCKS)
+                    .or_default()
+                    .push(Extent { start, len, loc });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `layer` has its own record of chunk `idx`: from its map if loaded, else from
+/// RocksDB.
+fn owns_chunk(inner: &Inner, cat: &Catalog, layer: u64, idx: u64) -> Result<bool> {
+    if let Some(t) = cat.loaded_tree(layer) {
+        return Ok(t.chunk(idx).is_some_and(|c| c.owner() == layer));
+    }
+    let k = codec::extent_key(layer, 0, ExtentKey::Chunk { idx });
+    Ok(inner
+        .db
+        .get_cf(cf(&inner.db, codec::CF_EXTENTS)?, k)?
+        .is_some())
+}
+
+/// Drops the references a layer's own chunks hold: from its map if loaded, else from the
+/// records RocksDB holds for it.
+fn release_layer(inner: &Inner, tree: Option<&Tree>, layer: u64, ppb: u32) -> Result<()> {
+    match tree {
+        Some(t) => inner.release_layer(t, layer),
+        None => {
+            for exts in own_chunks_db(inner, layer)?.values() {
+                for e in exts {
+                    inner.reference(&e.loc, e.len, ppb, -1);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives `child` its own copy of chunk `idx` (holding `exts`): the record in RocksDB, a
+/// reference on each extent, and ownership in its map if loaded.
+fn adopt(
+    inner: &Inner,
+    cat: &mut Catalog,
+    child: u64,
+    idx: u64,
+    exts: &[Extent],
+    ppb: u32,
+    ops: &mut Vec<DbOp>,
+) {
+    let mut chunk = Chunk::new(child);
+    for e in exts {
+        chunk.push_loaded(e.start % CHUNK_BLOCKS, e.len, e.loc);
+    }
+    let mut tree = Tree::new((idx + 1) * CHUNK_BLOCKS, ppb);
+    tree.set_chunk(idx, chunk);
+    if let Some(new) = tree.shared_chunk(idx) {
+        ops.push(DbOp::Chunk {
+            layer: child,
+            idx,
+            old: None,
+            new,
+        });
+    }
+    inner.reference_all(exts, ppb);
+    cat.touch_layer(child);
+    let take = |t: &mut Tree| {
+        t.reserve((idx + 1) * CHUNK_BLOCKS);
+        let _ = t.edit(idx, child, |_, _| ());
+    };
+    if let Some(f) = cat.frozen.get_mut(&child) {
+        if let Some(t) = f.tree.as_mut() {
+            take(t);
+        }
+    } else if let Some(v) = cat.head_of(child) {
+        let mut m = v.map.write();
+        if m.loaded {
+            take(&mut m.tree);
+            take(&mut m.committed);
+        }
+    }
+}
+
+/// Removes frozen layer `id`, first giving each child its own copy of every chunk it
+/// inherited from it. The layer's references are dropped here (they go dead with the commit
+/// that carries `ops`).
 fn remove_frozen_layer(
     cat: &mut Catalog,
     inner: &Inner,
     id: u64,
+    ppb: u32,
     ops: &mut Vec<DbOp>,
-) -> Option<FrozenLayer> {
-    let gone = cat.frozen.remove(&id)?;
+) -> Result<()> {
+    let Some(gone) = cat.frozen.remove(&id) else {
+        return Ok(());
+    };
+    let own = own_chunks_db(inner, id)?;
     let (frozen_kids, head_kids) = children(cat, id);
-    let adopt = |own: &mut HashSet<u64>, child: u64, ops: &mut Vec<DbOp>| {
-        for &idx in &gone.own {
-            if own.insert(idx) {
-                if let Some(leaf) = gone.tree.leaf(idx) {
-                    leaf.entries().iter().for_each(|e| inner.segments.incref(e));
-                }
-                ops.push(DbOp::Leaf(child, idx, gone.tree.shared_leaf(idx)));
+    let kids: Vec<u64> = frozen_kids
+        .iter()
+        .copied()
+        .chain(head_kids.iter().map(|v| v.map.read().layer))
+        .collect();
+    for kid in kids {
+        for (idx, exts) in &own {
+            if !owns_chunk(inner, cat, kid, *idx)? {
+                adopt(inner, cat, kid, *idx, exts, ppb, ops);
             }
         }
-    };
+    }
     for kid in frozen_kids {
         if let Some(f) = cat.frozen.get_mut(&kid) {
-            adopt(&mut f.own, kid, ops);
             f.parent = gone.parent;
             let rec = LayerRecord {
                 parent: f.parent,
@@ -314,26 +435,29 @@ fn remove_frozen_layer(
     }
     for vol in head_kids {
         let mut map = vol.map.write();
-        let layer = map.layer;
-        adopt(&mut map.own, layer, ops);
         map.parent = gone.parent;
         let rec = LayerRecord {
             parent: gone.parent,
             volume: vol.id,
             frozen: false,
-            mapped_blocks: 0,
+            mapped_blocks: map.mapped_blocks,
         };
-        ops.push(Inner::layer_record(layer, rec));
+        ops.push(Inner::layer_record(map.layer, rec));
     }
+    for exts in own.values() {
+        for e in exts {
+            inner.reference(&e.loc, e.len, ppb, -1);
+        }
+    }
+    cat.touch_layer(id);
     ops.extend(Inner::delete_layer_ops(id));
-    Some(gone)
+    Ok(())
 }
 
 pub(crate) fn delete_volume(inner: &Inner, name: &str, internal: bool) -> Result<()> {
     inner.check_poisoned()?;
     let guard = inner.commit.lock();
     let mut ops = Vec::new();
-    let mut released: Vec<(Tree, HashSet<u64>)> = Vec::new();
     {
         let mut cat = inner.catalog.lock();
         let vol = cat.volume(name)?.clone();
@@ -342,14 +466,17 @@ pub(crate) fn delete_volume(inner: &Inner, name: &str, internal: bool) -> Result
         }
         vol.deleted.store(true, Ordering::Relaxed);
         cat.volumes.remove(name);
-        let head = {
+        let (head, tree) = {
             let mut map = vol.map.write();
-            let tree = std::mem::take(&mut map.tree);
-            (map.layer, tree, std::mem::take(&mut map.own))
+            map.dirty.clear();
+            let tree = map.loaded.then(|| std::mem::take(&mut map.tree));
+            (map.layer, tree)
         };
-        ops.extend(Inner::delete_layer_ops(head.0));
-        released.push((head.1, head.2));
-        // Delete checkpoints children-first so that leaf records are moved as little as possible.
+        release_layer(inner, tree.as_ref(), head, vol.ppb())?;
+        cat.touch_layer(head);
+        ops.extend(Inner::delete_layer_ops(head));
+        // Delete checkpoints children-first so that chunk records are moved as little as
+        // possible.
         let mut mine: Vec<(String, u64)> = cat
             .checkpoints
             .iter()
@@ -371,14 +498,9 @@ pub(crate) fn delete_volume(inner: &Inner, name: &str, internal: bool) -> Result
                 codec::CF_CHECKPOINTS,
                 codec::checkpoint_key(vol.id, &ck),
             ));
-            if let Some(f) = remove_frozen_layer(&mut cat, inner, layer, &mut ops) {
-                released.push((f.tree, f.own));
-            }
+            remove_frozen_layer(&mut cat, inner, layer, vol.ppb(), &mut ops)?;
         }
         ops.push(DbOp::Delete(codec::CF_VOLUMES, name.as_bytes().to_vec()));
-    }
-    for (tree, own) in &released {
-        inner.release_layer(tree, own);
     }
     inner.commit_locked(&guard, ops)
 }
@@ -398,33 +520,31 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
         }
         let new = cat.alloc_layer();
         let mut ops = Vec::new();
-        let frozen = {
+        // The head's dirty chunks go into this commit: the frozen layer's records are then
+        // complete in RocksDB.
+        snapshot_dirty(&vol, &mut ops);
+        let (old, frozen) = {
             let mut map = vol.map.write();
             let old = map.layer;
-            for idx in map.dirty.drain().collect::<Vec<_>>() {
-                ops.push(DbOp::Leaf(old, idx, map.tree.shared_leaf(idx)));
-            }
             let frozen = FrozenLayer {
                 parent: map.parent,
                 volume: vol.id,
-                tree: map.tree.clone(),
-                own: std::mem::take(&mut map.own),
+                tree: map.loaded.then(|| map.tree.clone()),
                 mapped_blocks: map.mapped_blocks,
             };
             map.layer = new;
             map.parent = old;
             (old, frozen)
         };
-        let (old, f) = frozen;
         let size = vol.size();
-        let created_unix = now_unix();
+        let created_unix = crate::store::now_unix();
         ops.push(Inner::layer_record(
             old,
             LayerRecord {
-                parent: f.parent,
+                parent: frozen.parent,
                 volume: vol.id,
                 frozen: true,
-                mapped_blocks: f.mapped_blocks,
+                mapped_blocks: frozen.mapped_blocks,
             },
         ));
         ops.push(Inner::layer_record(
@@ -433,7 +553,7 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
                 parent: old,
                 volume: vol.id,
                 frozen: false,
-                mapped_blocks: 0,
+                mapped_blocks: frozen.mapped_blocks,
             },
         ));
         ops.push(Inner::volume_record(&vol, new));
@@ -447,7 +567,7 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
             codec::checkpoint_key(vol.id, name),
             rec.encode(),
         ));
-        cat.frozen.insert(old, f);
+        cat.frozen.insert(old, frozen);
         cat.checkpoints.insert(
             (vol.id, name.to_string()),
             CheckpointMeta {
@@ -479,10 +599,24 @@ fn find_checkpoint<'a>(
     Ok((v, c))
 }
 
+/// The layer of checkpoint `vol@name`, and whether `vol`'s map is loaded.
+fn checkpoint_layer(inner: &Inner, vol: &str, name: &str) -> Result<(u64, bool)> {
+    let cat = inner.catalog.lock();
+    let (v, c) = find_checkpoint(&cat, vol, name)?;
+    let loaded = v.map.read().loaded;
+    Ok((c.layer, loaded))
+}
+
 pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
     inner.check_poisoned()?;
+    // A loaded volume stays loaded: its new map is the checkpoint's, loaded first (outside
+    // the commit lock) if it is not yet.
+    let (ck_layer, loaded) = checkpoint_layer(inner, vol_name, name)?;
+    if loaded {
+        crate::load::layer_tree(inner, ck_layer)?;
+    }
     let guard = inner.commit.lock();
-    let (ops, old_tree, old_own) = {
+    let (ops, old) = {
         let mut cat = inner.catalog.lock();
         let new = cat.alloc_layer();
         let (vol, ck) = find_checkpoint(&cat, vol_name, name)?;
@@ -491,19 +625,22 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
             .frozen
             .get(&ck.layer)
             .ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
-        let mut tree = frozen.tree.clone();
+        let mapped = frozen.mapped_blocks;
+        let ck_tree = frozen.tree.clone();
         let mut map = vol.map.write();
         vol.set_size(ck.size);
-        tree.reserve(vol.blocks());
         let old_layer = map.layer;
-        let old_tree = std::mem::replace(&mut map.tree, tree);
-        let old_own = std::mem::take(&mut map.own);
-        map.dirty.clear();
-        map.layer = new;
-        map.parent = ck.layer;
-        map.mapped_blocks = frozen.mapped_blocks;
+        let old_tree = map.loaded.then(|| std::mem::take(&mut map.tree));
+        *map = match ck_tree {
+            Some(mut t) if old_tree.is_some() => {
+                t.reserve(vol.blocks());
+                HeadMap::loaded(new, ck.layer, t, mapped)
+            }
+            _ => HeadMap::unloaded(new, ck.layer, mapped),
+        };
         vol.maybe_remote
             .store(inner.remote.any(), Ordering::Relaxed);
+        cat.touch_layer(old_layer);
         let mut ops: Vec<DbOp> = Inner::delete_layer_ops(old_layer).into();
         ops.push(Inner::layer_record(
             new,
@@ -511,17 +648,18 @@ pub(crate) fn restore(inner: &Inner, vol_name: &str, name: &str) -> Result<()> {
                 parent: ck.layer,
                 volume: vol.id,
                 frozen: false,
-                mapped_blocks: 0,
+                mapped_blocks: mapped,
             },
         ));
         ops.push(Inner::volume_record(&vol, new));
-        (ops, old_tree, old_own)
+        drop(map);
+        (ops, (old_layer, old_tree, vol.ppb()))
     };
-    inner.commit_locked(&guard, ops)?;
-    drop(guard);
-    // The discarded head's records are freed by the next commit.
-    inner.release_layer(&old_tree, &old_own);
-    Ok(())
+    // The discarded head's records die with this commit (its RocksDB records are read
+    // before the commit deletes them).
+    let (old_layer, old_tree, ppb) = old;
+    release_layer(inner, old_tree.as_ref(), old_layer, ppb)?;
+    inner.commit_locked(&guard, ops)
 }
 
 pub(crate) fn fork(
@@ -545,9 +683,8 @@ pub(crate) fn fork(
             .frozen
             .get(&ck.layer)
             .ok_or_else(|| Error::Corrupt(format!("checkpoint {vol_name}@{name} has no layer")))?;
-        let mut tree = frozen.tree.clone();
         let mapped_blocks = frozen.mapped_blocks;
-        tree.reserve(ck.size.div_ceil(u64::from(src.block_size)));
+        let tree = frozen.tree.clone();
         let id = cat.next_volume;
         cat.next_volume += 1;
         let layer = cat.alloc_layer();
@@ -559,15 +696,14 @@ pub(crate) fn fork(
             ephemeral,
             tree: src.tree,
             head: layer,
-            created_unix: now_unix(),
+            created_unix: crate::store::now_unix(),
         };
-        let head = HeadMap {
-            layer,
-            parent: ck.layer,
-            tree,
-            own: HashSet::new(),
-            dirty: HashSet::new(),
-            mapped_blocks,
+        let head = match tree {
+            Some(mut t) => {
+                t.reserve(ck.size.div_ceil(u64::from(src.block_size)));
+                HeadMap::loaded(layer, ck.layer, t, mapped_blocks)
+            }
+            None => HeadMap::unloaded(layer, ck.layer, mapped_blocks),
         };
         cat.volumes.insert(
             new_name.to_string(),
@@ -590,7 +726,7 @@ pub(crate) fn fork(
                     parent: ck.layer,
                     volume: id,
                     frozen: false,
-                    mapped_blocks: 0,
+                    mapped_blocks,
                 },
             ),
         ]
@@ -604,7 +740,7 @@ pub(crate) fn delete_checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Re
     inner.check_poisoned()?;
     let guard = inner.commit.lock();
     let mut ops = Vec::new();
-    let gone = {
+    {
         let mut cat = inner.catalog.lock();
         let (vol, ck) = find_checkpoint(&cat, vol_name, name)?;
         if ck.pins.load(Ordering::Acquire) > 0 {
@@ -613,16 +749,13 @@ pub(crate) fn delete_checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Re
                 name: name.to_string(),
             });
         }
-        let (vid, layer) = (vol.id, ck.layer);
+        let (vid, layer, ppb) = (vol.id, ck.layer, vol.ppb());
         cat.checkpoints.remove(&(vid, name.to_string()));
         ops.push(DbOp::Delete(
             codec::CF_CHECKPOINTS,
             codec::checkpoint_key(vid, name),
         ));
-        remove_frozen_layer(&mut cat, inner, layer, &mut ops)
-    };
-    if let Some(f) = &gone {
-        inner.release_layer(&f.tree, &f.own);
+        remove_frozen_layer(&mut cat, inner, layer, ppb, &mut ops)?;
     }
     inner.commit_locked(&guard, ops)
 }
@@ -646,38 +779,69 @@ fn checkpoint_info(
         name: name.to_string(),
         size: ck.size,
         mapped_bytes: f.mapped_blocks * u64::from(vol.block_size),
-        exclusive_bytes: exclusive_bytes(cat, inner, ck.layer),
+        exclusive_bytes: exclusive_bytes(cat, inner, ck.layer, vol.ppb())?,
         parent: checkpoint_ref(cat, f.parent),
         is_base: vol.map.read().parent == ck.layer,
         created_unix: ck.created_unix,
     })
 }
 
-/// Bytes deleting frozen layer `layer` would free: records in leaves it owns that no child
-/// inherits and that no other leaf record references.
-fn exclusive_bytes(cat: &Catalog, inner: &Inner, layer: u64) -> u64 {
-    let Some(f) = cat.frozen.get(&layer) else {
-        return 0;
-    };
+/// Whether `layer` has no chunk record of its own (cheap for loaded maps: the walk stops at
+/// the first node the layer did not copy).
+fn owns_nothing(inner: &Inner, cat: &Catalog, layer: u64) -> Result<bool> {
+    if let Some(t) = cat.loaded_tree(layer) {
+        return Ok(t.owned(layer).is_empty());
+    }
+    let (from, _) = codec::layer_extent_range(layer);
+    let mut it = inner.db.iterator_cf(
+        cf(&inner.db, codec::CF_EXTENTS)?,
+        IteratorMode::From(&from, Direction::Forward),
+    );
+    Ok(match it.next() {
+        Some(item) => codec::decode_extent_key(&item?.0)?.0 != layer,
+        None => true,
+    })
+}
+
+/// Bytes deleting frozen layer `layer` would free: pages of extents in chunks it owns that no
+/// child inherits and that nothing else references. Exact once the store has counted its
+/// references (waits for that).
+fn exclusive_bytes(cat: &Catalog, inner: &Inner, layer: u64, ppb: u32) -> Result<u64> {
+    if !cat.frozen.contains_key(&layer) {
+        return Ok(0);
+    }
     let (frozen_kids, head_kids) = children(cat, layer);
-    let inherited = |idx: u64| {
-        frozen_kids
-            .iter()
-            .any(|k| cat.frozen.get(k).is_some_and(|c| !c.own.contains(&idx)))
-            || head_kids.iter().any(|v| !v.map.read().own.contains(&idx))
-    };
+    let kids: Vec<u64> = frozen_kids
+        .into_iter()
+        .chain(head_kids.iter().map(|v| v.map.read().layer))
+        .collect();
+    // A child with no chunk of its own inherits everything (a checkpoint just taken).
+    for k in &kids {
+        if owns_nothing(inner, cat, *k)? {
+            return Ok(0);
+        }
+    }
+    inner.wait_space_counted();
     let mut bytes = 0u64;
-    for &idx in &f.own {
-        if inherited(idx) {
+    for (idx, exts) in own_chunks_db(inner, layer)? {
+        let mut inherited = false;
+        for k in &kids {
+            if !owns_chunk(inner, cat, *k, idx)? {
+                inherited = true;
+                break;
+            }
+        }
+        if inherited {
             continue;
         }
-        for e in f.tree.leaf(idx).map(|l| l.entries()).unwrap_or_default() {
-            if inner.segments.refcount(e) == 1 {
-                bytes += u64::from(e.pages()) * crate::segment::PAGE_SIZE as u64;
+        for e in exts.iter().filter(|e| !e.loc.is_remote()) {
+            if let Some(seg) = inner.segments.get(e.loc.segment) {
+                let pages = seg.pages_with_count(e.loc.page, e.loc.pages(e.len, ppb), 1);
+                bytes += u64::from(pages) * crate::map::PAGE_SIZE as u64;
             }
         }
     }
-    bytes
+    Ok(bytes)
 }
 
 pub(crate) fn list_checkpoints(inner: &Inner, vol_name: &str) -> Result<Vec<CheckpointInfo>> {
@@ -710,16 +874,16 @@ pub(crate) struct Resolved {
     pub pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
-/// Resolves `r`; with `pin`, a checkpoint is also pinned (under the same lock, so it cannot be
-/// deleted in between) and the caller must unpin it.
+/// Resolves `r`, loading its map if needed; with `pin`, a checkpoint is also pinned (under
+/// the same lock, so it cannot be deleted in between) and the caller must unpin it.
 pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolved> {
-    let cat = inner.catalog.lock();
     match r {
         MapRef::Live(v) => {
-            let vol = cat.volume(v)?;
+            let vol = inner.catalog.lock().volume(v)?.clone();
+            crate::load::ensure_loaded(inner, &vol)?;
             let map = vol.map.read();
             Ok(Resolved {
-                tree: map.tree.clone(),
+                tree: map.tree(v)?.clone(),
                 block_size: vol.block_size,
                 lz4: vol.lz4,
                 size: vol.size(),
@@ -728,10 +892,15 @@ pub(crate) fn resolve(inner: &Inner, r: MapRef<'_>, pin: bool) -> Result<Resolve
             })
         }
         MapRef::Checkpoint(v, n) => {
+            let (layer, _) = checkpoint_layer(inner, v, n)?;
+            let tree = crate::load::layer_tree(inner, layer)?;
+            let cat = inner.catalog.lock();
             let (vol, ck) = find_checkpoint(&cat, v, n)?;
-            let f = cat.frozen.get(&ck.layer).ok_or_else(|| ckpt_err(v, n))?;
+            if ck.layer != layer {
+                return Err(ckpt_err(v, n));
+            }
             Ok(Resolved {
-                tree: f.tree.clone(),
+                tree,
                 block_size: vol.block_size,
                 lz4: vol.lz4,
                 size: ck.size,
@@ -830,19 +999,16 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
     let bs = u64::from(bsa);
     let limit = sa.max(sb);
     let mut out: Vec<ByteRange> = Vec::new();
-    let mut push = |blk: u64| {
-        let offset = blk * bs;
+    for (first, n) in changed_runs(&ta, &tb) {
+        let offset = first * bs;
         if offset >= limit {
-            return;
+            continue;
         }
-        let len = bs.min(limit - offset);
+        let len = (n * bs).min(limit - offset);
         match out.last_mut() {
             Some(r) if r.offset + r.len == offset => r.len += len,
             _ => out.push(ByteRange { offset, len }),
         }
-    };
-    for blk in changed_blocks(&ta, &tb) {
-        push(blk);
     }
     // Size changes show as differences past the smaller end.
     if sa != sb {
@@ -858,67 +1024,46 @@ pub(crate) fn diff(inner: &Inner, a: MapRef<'_>, b: MapRef<'_>) -> Result<Vec<By
     Ok(out)
 }
 
-/// Blocks whose entry differs between `a` and `b`, in order: costs what differs, since
-/// subtrees the two share are skipped.
-pub(crate) fn changed_blocks(a: &Tree, b: &Tree) -> Vec<u64> {
-    let mut out = Vec::new();
-    let empty = crate::tree::Leaf::default();
-    for idx in a.diff_leaves(b) {
-        let la = a.leaf(idx).unwrap_or(&empty);
-        let lb = b.leaf(idx).unwrap_or(&empty);
-        for slot in 0..LEAF_SLOTS {
-            if la.get(slot) != lb.get(slot) {
-                out.push(idx * LEAF_SLOTS as u64 + slot as u64);
-            }
-        }
-    }
-    out
-}
-
-/// Every distinct record referenced by any layer, with one place that references it.
-/// Whether block `blk` of `label` (a volume, or `VOL@CKPT`) still maps to `e`.
-pub(crate) fn still_mapped(inner: &Inner, label: &str, blk: u64, e: &Entry) -> bool {
-    let cat = inner.catalog.lock();
-    match label.split_once('@') {
-        None => cat
-            .volume(label)
-            .is_ok_and(|v| v.map.read().tree.get(blk) == Some(*e)),
-        Some((v, c)) => find_checkpoint(&cat, v, c)
-            .ok()
-            .and_then(|(_, ck)| cat.frozen.get(&ck.layer))
-            .is_some_and(|f| f.tree.get(blk) == Some(*e)),
-    }
-}
-
-pub(crate) fn all_records(inner: &Inner) -> Vec<(Entry, String, u64)> {
-    let cat = inner.catalog.lock();
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    let mut visit = |tree: &Tree, own: &HashSet<u64>, label: String| {
-        for &idx in own {
-            for (slot, e) in tree
-                .leaf(idx)
-                .map(|l| l.iter().collect::<Vec<_>>())
-                .unwrap_or_default()
-            {
-                if seen.insert((e.segment, e.page)) {
-                    out.push((e, label.clone(), idx * LEAF_SLOTS as u64 + slot as u64));
-                }
-            }
-        }
+/// Runs of blocks whose location differs between `a` and `b`, in order: costs what differs,
+/// since subtrees the two share are skipped, and runs follow extents, not blocks.
+pub(crate) fn changed_runs(a: &Tree, b: &Tree) -> Vec<(u64, u64)> {
+    let ppb = a.ppb();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |first: u64, n: u64| match out.last_mut() {
+        Some((f, l)) if *f + *l == first => *l += n,
+        _ => out.push((first, n)),
     };
-    for vol in cat.volumes.values() {
-        let m = vol.map.read();
-        visit(&m.tree, &m.own, vol.name.clone());
-    }
-    for ((vid, name), ck) in &cat.checkpoints {
-        let vol = cat
-            .volume_by_id(*vid)
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
-        if let Some(f) = cat.frozen.get(&ck.layer) {
-            visit(&f.tree, &f.own, format!("{vol}@{name}"));
+    for idx in a.diff_chunks(b) {
+        let base = idx * CHUNK_BLOCKS;
+        let pa = a.lookup(base, CHUNK_BLOCKS);
+        let pb = b.lookup(base, CHUNK_BLOCKS);
+        let (mut i, mut j) = (0, 0);
+        let mut at = base;
+        while i < pa.len() && j < pb.len() {
+            let (x, y) = (&pa[i], &pb[j]);
+            let end = (x.block + x.blocks).min(y.block + y.blocks);
+            let lx = x.loc.map(|l| l.advance(at - x.block, ppb));
+            let ly = y.loc.map(|l| l.advance(at - y.block, ppb));
+            if lx != ly {
+                // Single-block kinds differ block by block only where they differ.
+                push(at, end - at);
+            }
+            at = end;
+            if x.block + x.blocks == end {
+                i += 1;
+            }
+            if y.block + y.blocks == end {
+                j += 1;
+            }
         }
     }
     out
+}
+
+/// Blocks whose location differs between `a` and `b`, in order.
+pub(crate) fn changed_blocks(a: &Tree, b: &Tree) -> Vec<u64> {
+    changed_runs(a, b)
+        .into_iter()
+        .flat_map(|(f, n)| f..f + n)
+        .collect()
 }

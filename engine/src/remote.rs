@@ -1,26 +1,29 @@
 //! Remote records: map entries that point into objects held outside the store (packs in an
 //! S3-compatible bucket), for volumes restored lazily from a remote checkpoint.
 //!
-//! A remote entry is an ordinary 16-byte map entry whose segment id is at or above
+//! A remote location is a one-block [`Loc`] whose segment id is at or above
 //! [`REMOTE_SEGMENT_BASE`]: `segment - REMOTE_SEGMENT_BASE` names a *pack* registered with
 //! [`Store::register_remote_pack`] (an opaque descriptor the daemon understands: remote,
-//! object key, length), and the `page` field holds the record's byte offset in that pack.
-//! Length, lz4 flag and crc32 keep their meaning, so a fetched record is verified exactly like
-//! a local one. Because remote entries are part of the persisted map, a volume's hydration
-//! state *is* its map: a restart continues with whatever entries are still remote.
+//! object key, length), `page` holds the record's byte offset in that pack, `len_flags` its
+//! stored length and lz4 flag, `crc` the crc32 of its stored bytes. Because remote
+//! locations are part of the persisted map, a volume's hydration state *is* its map: a
+//! restart continues with whatever blocks are still remote.
+//!
+//! [`BlockRecord`] is the per-block view of stored records that pushing a checkpoint works
+//! with: every mapped block, its location and the crc32 of its stored bytes.
 //!
 //! The engine never talks to the network itself: the daemon installs a [`RemoteFetcher`].
 
 use crate::codec;
-use crate::store::{cf, Inner};
-use crate::tree::Entry;
-use crate::{Error, Result, Store};
+use crate::inner::cf;
+use crate::map::{Loc, PAGE_SIZE};
+use crate::{Error, Result, Snapshot, Store};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Segment ids from here up name remote packs, not local segment files.
-pub const REMOTE_SEGMENT_BASE: u32 = 0xF000_0000;
+pub const REMOTE_SEGMENT_BASE: u32 = crate::map::REMOTE_BASE;
 /// Largest byte range fetched for one group of adjacent remote records.
 const MAX_FETCH: u64 = 8 << 20;
 
@@ -47,13 +50,50 @@ pub struct RemoteExtent {
     pub crc: u32,
 }
 
-impl Entry {
+impl RemoteExtent {
+    pub(crate) fn loc(&self) -> Loc {
+        Loc {
+            segment: REMOTE_SEGMENT_BASE + self.pack,
+            page: self.offset,
+            len_flags: self.stored_len | if self.lz4 { Loc::LZ4 } else { 0 },
+            crc: self.crc,
+        }
+    }
+}
+
+/// One mapped block's stored record: where it is, how long, and the crc32 of its stored
+/// bytes (raw blocks: the block; lz4: the compressed bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockRecord {
+    /// Data segment, or `REMOTE_SEGMENT_BASE + pack` for a record in a remote pack.
+    pub segment: u32,
+    /// First page in the segment, or byte offset in the pack.
+    pub page: u32,
+    /// Stored length in bytes; bit 31 set = lz4.
+    pub len_flags: u32,
+    pub crc: u32,
+}
+
+impl BlockRecord {
+    pub fn stored_len(&self) -> u32 {
+        self.len_flags & !Loc::LZ4
+    }
+
+    pub fn is_lz4(&self) -> bool {
+        self.len_flags & Loc::LZ4 != 0
+    }
+
+    /// Pages the record occupies in its segment.
+    pub fn pages(&self) -> u32 {
+        self.stored_len().div_ceil(PAGE_SIZE as u32)
+    }
+
     /// True when the record lives in a remote pack.
     pub fn is_remote(&self) -> bool {
         self.segment >= REMOTE_SEGMENT_BASE
     }
 
-    /// The remote location, for remote entries.
+    /// The remote location, for remote records.
     pub fn remote(&self) -> Option<RemoteExtent> {
         self.is_remote().then(|| RemoteExtent {
             pack: self.segment - REMOTE_SEGMENT_BASE,
@@ -63,17 +103,14 @@ impl Entry {
             crc: self.crc,
         })
     }
-}
 
-impl RemoteExtent {
-    pub(crate) fn entry(&self) -> Entry {
-        Entry::new(
-            REMOTE_SEGMENT_BASE + self.pack,
-            self.offset,
-            self.stored_len,
-            self.lz4,
-            self.crc,
-        )
+    fn loc(&self) -> Loc {
+        Loc {
+            segment: self.segment,
+            page: self.page,
+            len_flags: self.len_flags,
+            crc: self.crc,
+        }
     }
 }
 
@@ -93,10 +130,10 @@ fn pack_key(id: u32) -> Vec<u8> {
 
 impl Remotes {
     /// Loads the registered packs from RocksDB.
-    pub fn load(inner: &Inner) -> Result<()> {
-        let meta = cf(&inner.db, codec::CF_META)?;
-        let mut packs = inner.remote.packs.write();
-        for item in inner.db.prefix_iterator_cf(meta, KEY_PREFIX) {
+    pub fn load(&self, db: &rocksdb::DB) -> Result<()> {
+        let meta = cf(db, codec::CF_META)?;
+        let mut packs = self.packs.write();
+        for item in db.prefix_iterator_cf(meta, KEY_PREFIX) {
             let (k, v) = item?;
             if !k.starts_with(KEY_PREFIX) {
                 break;
@@ -129,12 +166,12 @@ impl Remotes {
 /// other in one pack into one range, and verifies each record's crc32. `label` and
 /// `block_size` name the volume and locate a bad block in errors.
 pub(crate) fn fetch_records(
-    inner: &Inner,
+    remotes: &Remotes,
     label: &str,
     block_size: u32,
-    entries: &[(u64, Entry)],
+    entries: &[(u64, Loc)],
 ) -> Result<Vec<Vec<u8>>> {
-    let fetcher = inner.remote.fetcher.read().clone();
+    let fetcher = remotes.fetcher.read().clone();
     let err = |blk: u64, detail: String| Error::Remote {
         volume: label.to_string(),
         offset: blk * u64::from(block_size),
@@ -144,16 +181,14 @@ pub(crate) fn fetch_records(
     let mut i = 0;
     while i < entries.len() {
         let (blk, e) = entries[i];
-        let x = e
-            .remote()
-            .ok_or_else(|| err(blk, "not a remote record".into()))?;
+        let x = remote_of(&e).ok_or_else(|| err(blk, "not a remote record".into()))?;
         if x.stored_len == 0 || x.stored_len > block_size {
             return Err(err(blk, format!("bad stored length {}", x.stored_len)));
         }
         let mut j = i + 1;
         let mut end = u64::from(x.offset) + u64::from(x.stored_len);
         while j < entries.len() {
-            let Some(y) = entries[j].1.remote() else {
+            let Some(y) = remote_of(&entries[j].1) else {
                 break;
             };
             if y.pack != x.pack
@@ -167,8 +202,7 @@ pub(crate) fn fetch_records(
             end += u64::from(y.stored_len);
             j += 1;
         }
-        let desc = inner
-            .remote
+        let desc = remotes
             .pack(x.pack)
             .ok_or_else(|| err(blk, format!("remote pack {} is not registered", x.pack)))?;
         let f = fetcher
@@ -267,7 +301,7 @@ impl Store {
     /// [`Store::read_record`] for many records, appended to `out` back to back (no padding),
     /// in order. Local records that sit next to each other in a segment are read with one IO
     /// of up to 4 MiB, and the IOs of a call are submitted together.
-    pub fn read_records(&self, entries: &[Entry], out: &mut Vec<u8>) -> Result<()> {
+    pub fn read_records(&self, entries: &[BlockRecord], out: &mut Vec<u8>) -> Result<()> {
         const SPAN: u32 = (4 << 20) / crate::PAGE_SIZE as u32;
         if entries.iter().any(|e| e.is_remote()) {
             // Records still remote come from the fetcher (verified there); the local ones
@@ -281,8 +315,8 @@ impl Store {
                     .count();
                 let run = &entries[at..at + n];
                 if remote {
-                    let items: Vec<(u64, Entry)> = run.iter().map(|e| (0, *e)).collect();
-                    for rec in fetch_records(&self.inner, "record", 1 << 30, &items)? {
+                    let items: Vec<(u64, Loc)> = run.iter().map(|e| (0, e.loc())).collect();
+                    for rec in fetch_records(&self.inner.remote, "record", 1 << 30, &items)? {
                         out.extend_from_slice(&rec);
                     }
                 } else {
@@ -316,11 +350,11 @@ impl Store {
             let seg = inner.segments.get(seg_id).ok_or_else(|| {
                 Error::Corrupt(format!("map points at missing data segment {seg_id}"))
             })?;
-            ops.push(crate::io::Op::Read {
-                file: seg.file.clone(),
-                offset: u64::from(*first) * crate::PAGE_SIZE as u64,
-                buf: crate::io::take_buf(*pages as usize * crate::PAGE_SIZE),
-            });
+            ops.push(crate::io::Op::read(
+                &seg.file,
+                u64::from(*first) * crate::PAGE_SIZE as u64,
+                *pages as usize * crate::PAGE_SIZE,
+            ));
         }
         for (done, (first, _, range)) in inner.segments.engine().submit(ops).into_iter().zip(spans)
         {
@@ -347,9 +381,166 @@ impl Store {
     /// local records from their segment, remote ones through the fetcher. For pushing a
     /// checkpoint's records elsewhere; `e` must be referenced by an open view (a
     /// [`crate::Snapshot`]) so it cannot be freed meanwhile.
-    pub fn read_record(&self, e: &Entry) -> Result<Vec<u8>> {
+    pub fn read_record(&self, e: &BlockRecord) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(e.stored_len() as usize);
         self.read_records(std::slice::from_ref(e), &mut out)?;
         Ok(out)
+    }
+}
+
+/// The remote extent a remote location names.
+fn remote_of(l: &Loc) -> Option<RemoteExtent> {
+    l.is_remote().then(|| RemoteExtent {
+        pack: l.segment - REMOTE_SEGMENT_BASE,
+        offset: l.page,
+        stored_len: l.stored_len(),
+        lz4: l.is_lz4(),
+        crc: l.crc,
+    })
+}
+
+impl Snapshot {
+    /// Every mapped block and its record, in block order, with the crc32 of its stored bytes
+    /// (from the segments' checksum tables for raw blocks; lz4 records are read).
+    pub fn records(&self) -> Result<Vec<(u64, BlockRecord)>> {
+        let inner = &self.inner;
+        let ppb = self.tree.ppb();
+        let bs = self.block_size();
+        let mut out = Vec::new();
+        let _reuse = inner.segments.read_guard();
+        let extents: Vec<crate::map::Extent> = self.tree.extents().collect();
+        // Table slices of raw extents, read in batches.
+        for batch in extents.chunks(256) {
+            let mut ops = Vec::new();
+            let mut raw = Vec::new();
+            for (i, e) in batch.iter().enumerate() {
+                if e.loc.is_raw() {
+                    let seg = inner.segments.get(e.loc.segment).ok_or_else(|| {
+                        Error::Corrupt(format!(
+                            "map points at missing data segment {}",
+                            e.loc.segment
+                        ))
+                    })?;
+                    ops.push(crate::record::table_read(
+                        &seg,
+                        e.loc.page,
+                        e.loc.pages(e.len, ppb),
+                    ));
+                    raw.push(i);
+                }
+            }
+            let mut tables = inner.segments.engine().submit(ops).into_iter();
+            let mut raw = raw.into_iter().peekable();
+            for (i, e) in batch.iter().enumerate() {
+                if raw.peek() == Some(&i) {
+                    raw.next();
+                    let done = tables
+                        .next()
+                        .ok_or_else(|| Error::Corrupt("lost a table read".into()))?;
+                    done.result
+                        .map_err(|err| Error::io("reading checksums", err))?;
+                    let table = done.op.into_buf();
+                    for b in 0..e.len {
+                        let mut h: Option<crc32fast::Hasher> = None;
+                        for p in 0..u64::from(ppb) {
+                            let at = ((b * u64::from(ppb) + p) * 4) as usize;
+                            let c = u32::from_be_bytes([
+                                table[at],
+                                table[at + 1],
+                                table[at + 2],
+                                table[at + 3],
+                            ]);
+                            let part = crc32fast::Hasher::new_with_initial_len(c, PAGE_SIZE as u64);
+                            match h.as_mut() {
+                                None => h = Some(part),
+                                Some(h) => h.combine(&part),
+                            }
+                        }
+                        let l = e.loc.advance(b, ppb);
+                        out.push((
+                            e.start + b,
+                            BlockRecord {
+                                segment: l.segment,
+                                page: l.page,
+                                len_flags: bs,
+                                crc: h.map_or(0, |h| h.finalize()),
+                            },
+                        ));
+                    }
+                    continue;
+                }
+                out.push((e.start, self.block_record(&e.loc)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The record of a one-block location.
+    fn block_record(&self, l: &Loc) -> Result<BlockRecord> {
+        let flags = l.len_flags & (Loc::LZ4 | ((1 << 30) - 1));
+        let crc = if l.is_remote() || l.is_inline() {
+            l.crc
+        } else {
+            let stored =
+                crate::record::read_single(&self.inner.segments, l).map_err(|b| match b {
+                    crate::record::Bad::Io(e) => Error::io("reading records", e),
+                    _ => Error::Checksum {
+                        volume: self.name().to_string(),
+                        offset: 0,
+                    },
+                })?;
+            crc32fast::hash(&stored)
+        };
+        Ok(BlockRecord {
+            segment: l.segment,
+            page: l.page,
+            len_flags: flags,
+            crc,
+        })
+    }
+
+    /// The record block `block` maps to, if any.
+    pub fn record(&self, block: u64) -> Result<Option<BlockRecord>> {
+        let Some(l) = self.tree.get(block) else {
+            return Ok(None);
+        };
+        if !l.is_raw() {
+            return self.block_record(&l).map(Some);
+        }
+        let seg = self.inner.segments.get(l.segment).ok_or_else(|| {
+            Error::Corrupt(format!("map points at missing data segment {}", l.segment))
+        })?;
+        let ppb = self.tree.ppb();
+        let done = self
+            .inner
+            .segments
+            .engine()
+            .run(crate::record::table_read(&seg, l.page, ppb));
+        done.result
+            .map_err(|err| Error::io("reading checksums", err))?;
+        let table = done.op.into_buf();
+        let mut h: Option<crc32fast::Hasher> = None;
+        for c in table.chunks_exact(4) {
+            let part = crc32fast::Hasher::new_with_initial_len(
+                u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
+                PAGE_SIZE as u64,
+            );
+            match h.as_mut() {
+                None => h = Some(part),
+                Some(h) => h.combine(&part),
+            }
+        }
+        Ok(Some(BlockRecord {
+            segment: l.segment,
+            page: l.page,
+            len_flags: self.block_size(),
+            crc: h.map_or(0, |h| h.finalize()),
+        }))
+    }
+
+    /// Blocks whose location differs from `base`'s (mapped, unmapped or replaced), in block
+    /// order. Costs what differs: subtrees the two share are skipped.
+    pub fn changed_since(&self, base: &Snapshot) -> Vec<u64> {
+        crate::ops::changed_blocks(&self.tree, &base.tree)
     }
 }

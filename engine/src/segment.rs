@@ -1,13 +1,21 @@
-//! Data segments: append-only files holding block records at 4 KiB page granularity.
+//! Data segments: files of 4 KiB pages holding records, each page checked by a crc32 in the
+//! segment's own checksum table.
 //!
-//! Writers take space from the active segment with one atomic add; records are never
-//! overwritten in place, so a crash can never tear a block that a committed map points to.
-//! Each record carries a reference count (how many persisted leaves point at it); when it
-//! drops to zero the record's pages are queued for a hole punch after the next commit, and a
-//! sealed segment with no live pages is deleted.
+//! Layout (format 2): page 0 is a header (id, capacity, table size), pages `1..1+T` the table
+//! (the big-endian crc32 of page `p` at byte `4p`), then data pages. Writers take space from
+//! the active segment with one atomic add, or from runs freed before the last commit; a live
+//! page is never overwritten, so a crash can never tear a page that a committed map points
+//! to. Segments written by format 1 have no header and no table; their records carry their
+//! crc in the map (see `upgrade.rs`).
+//!
+//! Every page has a reference count (`refmap.rs`): how many extents of layers' own chunks
+//! cover it. When it drops to zero the page run is dead; after the next commit it is reused or
+//! punched, and a sealed segment with no live page is deleted.
 
+use crate::codec::SegmentHeader;
 use crate::io::{IoEngine, IoFile, Op};
-use crate::tree::Entry;
+use crate::map::PAGE_SIZE;
+use crate::refmap::{coalesce_ranges, RefMap};
 use crate::{Error, Result};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -15,28 +23,66 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Allocation unit inside a segment.
-pub const PAGE_SIZE: usize = 4096;
-/// Dead pages (64 MiB) that make a busy store punch its sealed segments.
-pub const PUNCH_BATCH_PAGES: u64 = 16 * 1024;
+/// Smallest hole (64 KiB) punched unless the store has been idle for long or closes: a punch
+/// takes the file's inode lock and, on a filesystem mounted with `discard`, waits for the
+/// device, which stalls writers to that file for little space when the hole is one page.
+/// Smaller dead runs wait (and a segment whose pages all die is deleted whole).
+const PUNCH_MIN_PAGES: u32 = 16;
+/// Dead pages waiting to be punched (4 GiB) beyond which a busy store punches too.
+pub const BUSY_PUNCH_PAGES: u64 = 1 << 20;
 
-/// Dead space (256 MiB) a busy store keeps for reuse instead of punching it. New records go
-/// there first: the pages are usually still in the page cache, and overwriting a cached page
-/// costs one copy, while appending costs a fresh page (allocation, buffer heads, delayed
-/// allocation) — about ten times more on the machines we measured.
-pub const DEFAULT_REUSE_BYTES: u64 = 256 << 20;
+/// What a [`Segments::reclaim`] call may punch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Punch {
+    /// Nothing: dead runs become free runs (up to the reuse cap) or wait.
+    No,
+    /// Dead ranges of at least 64 KiB, in sealed segments (and the active one with
+    /// `active`), for at most `budget`.
+    Large {
+        active: bool,
+        budget: Option<std::time::Duration>,
+    },
+    /// Everything, keeping no free runs, for at most `budget`.
+    All { budget: Option<std::time::Duration> },
+}
+
+/// Dead space (1 GiB) a store keeps for reuse instead of punching it. New records go there
+/// first: the pages are usually still in the page cache and their blocks allocated, and
+/// overwriting a cached page costs one copy, while appending costs a fresh page (allocation,
+/// buffer heads, delayed allocation, a new block at writeback) — several times more on the
+/// machines we measured (engine-bench seq, docs/BENCHMARKS.md). Kept until the store has
+/// been idle for a while, then punched.
+pub const DEFAULT_REUSE_BYTES: u64 = 1 << 30;
 
 /// How many of the most recently freed runs an allocation looks at.
 const FREE_SEARCH: usize = 32;
+
+/// A run of pages in one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PageRun {
+    pub segment: u32,
+    pub page: u32,
+    pub pages: u32,
+}
+
+#[derive(Debug)]
+struct Refs {
+    map: RefMap,
+    /// The base counts (what the committed maps reference) are still being added: counts
+    /// are deltas, and nothing is reported dead.
+    counting: bool,
+}
 
 #[derive(Debug)]
 pub struct Segment {
     pub id: u32,
     pub file: Arc<IoFile>,
+    /// `None` for a format-1 segment (or one whose header never reached the disk): no
+    /// checksum table, never appended to.
+    header: Option<SegmentHeader>,
     capacity_pages: u32,
     next_page: AtomicU64,
-    /// Reference count per record, indexed by the record's first page.
-    refs: Box<[AtomicU32]>,
+    refs: Mutex<Refs>,
     live_pages: AtomicU64,
     /// Dead page ranges waiting for the segment to be sealed before they are punched.
     deferred: Mutex<Vec<(u32, u32)>>,
@@ -45,31 +91,69 @@ pub struct Segment {
     /// Pages handed out by [`Segments::allocate`] whose records are not installed yet: the
     /// segment is not deleted while any are.
     reserved: AtomicU64,
-    /// Pages of records that died but have not been through [`Segments::reclaim`] yet, i.e.
-    /// that the last durable map may still reference: the segment is not deleted while any
-    /// are.
+    /// Pages that died but have not been through [`Segments::reclaim`] yet, i.e. that the
+    /// last durable map may still reference: the segment is not deleted while any are.
     pending_dead: AtomicU64,
+    /// Reads of this segment in flight that fetched pages from the device and have not
+    /// verified them yet (see `volume.rs`: cached reads are trusted unless one is).
+    verifying: AtomicU32,
+    /// Page ranges allocated since the last commit snapshot (start → pages): records there
+    /// are in no durable map, so when they die their pages can be reused at once.
+    fresh: Mutex<std::collections::BTreeMap<u32, u32>>,
 }
 
 impl Segment {
-    fn new(id: u32, file: Arc<IoFile>, capacity_pages: u32, first_free: u64) -> Self {
-        let refs = (0..capacity_pages).map(|_| AtomicU32::new(0)).collect();
+    fn new(
+        id: u32,
+        file: Arc<IoFile>,
+        header: Option<SegmentHeader>,
+        cap: u32,
+        next: u64,
+        counting: bool,
+    ) -> Self {
         Segment {
             id,
             file,
-            capacity_pages,
-            next_page: AtomicU64::new(first_free),
-            refs,
+            header,
+            capacity_pages: cap,
+            next_page: AtomicU64::new(next),
+            refs: Mutex::new(Refs {
+                map: RefMap::new(cap),
+                counting,
+            }),
             live_pages: AtomicU64::new(0),
             deferred: Mutex::new(Vec::new()),
             unsynced: AtomicBool::new(false),
             reserved: AtomicU64::new(0),
             pending_dead: AtomicU64::new(0),
+            verifying: AtomicU32::new(0),
+            fresh: Mutex::new(Default::default()),
         }
     }
 
     pub fn live_pages(&self) -> u64 {
         self.live_pages.load(Ordering::Relaxed)
+    }
+
+    /// Whether pages of this segment are checked against a checksum table (format 2).
+    pub fn has_table(&self) -> bool {
+        self.header.is_some()
+    }
+
+    /// First page records may use.
+    pub fn data_start(&self) -> u32 {
+        self.header.map_or(0, |h| h.data_start())
+    }
+
+    /// Byte offset of page `page`'s checksum in the table.
+    pub fn table_offset(page: u32) -> u64 {
+        PAGE_SIZE as u64 + 4 * u64::from(page)
+    }
+
+    /// Whether the page range lies in this segment's data area.
+    pub fn holds(&self, page: u32, pages: u32) -> bool {
+        page >= self.data_start()
+            && u64::from(page) + u64::from(pages) <= u64::from(self.capacity_pages)
     }
 
     fn try_alloc(&self, pages: u32) -> Option<u32> {
@@ -80,8 +164,54 @@ impl Segment {
         (end <= u64::from(self.capacity_pages)).then_some(start as u32)
     }
 
-    fn ref_slot(&self, page: u32) -> Option<&AtomicU32> {
-        self.refs.get(page as usize)
+    /// A read of this segment that will verify what it fetched from the device starts; the
+    /// guard ends it.
+    pub fn verifying(&self) -> VerifyGuard<'_> {
+        self.verifying.fetch_add(1, Ordering::SeqCst);
+        VerifyGuard(self)
+    }
+
+    /// True while any read of this segment has unverified pages in the page cache.
+    pub fn unverified_reads(&self) -> bool {
+        self.verifying.load(Ordering::SeqCst) > 0
+    }
+
+    fn note_fresh(&self, page: u32, pages: u32) {
+        let mut f = self.fresh.lock();
+        if let Some((&s, l)) = f.range_mut(..=page).next_back() {
+            if page + pages <= s + *l {
+                // Reused pages inside a range already fresh.
+                return;
+            }
+            if page <= s + *l {
+                *l = page + pages - s;
+                return;
+            }
+        }
+        f.insert(page, pages);
+    }
+
+    /// Whether every page of the range was allocated since the last commit snapshot.
+    fn is_fresh(&self, page: u32, pages: u32) -> bool {
+        let f = self.fresh.lock();
+        f.range(..=page)
+            .next_back()
+            .is_some_and(|(&s, &l)| page + pages <= s + l)
+    }
+
+    /// Pages of `[page, page + pages)` counted exactly `count` times.
+    pub fn pages_with_count(&self, page: u32, pages: u32, count: i32) -> u32 {
+        self.refs.lock().map.pages_with_count(page, pages, count)
+    }
+}
+
+/// See [`Segment::verifying`].
+#[derive(Debug)]
+pub struct VerifyGuard<'a>(&'a Segment);
+
+impl Drop for VerifyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.verifying.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -97,19 +227,28 @@ pub struct Segments {
     next_id: AtomicU32,
     /// Pages in every segment's `deferred` list.
     deferred_pages: AtomicU64,
-    /// Dead runs `(segment, first page, pages)` kept for reuse, oldest first; at most
-    /// `free_cap` pages.
+    /// Dead runs kept for reuse, oldest first; at most `free_cap` pages.
     free: Mutex<FreeRuns>,
     free_cap: u64,
     /// Readers hold it shared from map lookup to the end of their IO; [`Segments::reclaim`]
-    /// takes it exclusively before dead pages become reusable, so no reader still holding an
-    /// entry that died can read a page rewritten with other data.
+    /// takes it exclusively before dead pages become reusable, so no reader still holding a
+    /// location that died can read a page rewritten with other data.
     reuse_gate: RwLock<()>,
+    /// Bumped each time dead runs are handed back for reuse (after `reuse_gate`'s barrier).
+    /// A compare-and-set that outlives the reuse guard (a queued defragmenting rewrite)
+    /// compares it: the same location can hold other bytes once its pages were reused.
+    reuse_epoch: AtomicU64,
+    /// Reference counting is on (off while an open replays its journal: the counts are built
+    /// from what that open commits).
+    counting_on: AtomicBool,
+    /// Pages handed out from free runs, and appended, since open.
+    reused: AtomicU64,
+    appended: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct FreeRuns {
-    runs: std::collections::VecDeque<(u32, u32, u32)>,
+    runs: std::collections::VecDeque<PageRun>,
     pages: u64,
 }
 
@@ -142,8 +281,8 @@ fn parse_segment_name(name: &str) -> Option<u32> {
 }
 
 impl Segments {
-    /// Opens every segment in `dir` and starts a fresh active segment numbered at least
-    /// `next_id`.
+    /// Opens every segment in `dir` (sealed: nothing more is appended to them) and starts a
+    /// fresh active segment numbered at least `next_id`.
     pub fn open(
         dir: &Path,
         engine: Arc<dyn IoEngine>,
@@ -165,13 +304,8 @@ impl Segments {
             let file = engine
                 .open(&ent.path(), false)
                 .map_err(|e| Error::io("opening segment", e))?;
-            let len_pages = file
-                .size_bytes()
-                .map_err(|e| Error::io("sizing segment", e))?
-                .div_ceil(PAGE_SIZE as u64);
-            let cap = capacity_pages.max(u32::try_from(len_pages).unwrap_or(u32::MAX));
-            // Old segments are sealed: nothing more is appended to them.
-            all.insert(id, Arc::new(Segment::new(id, file, cap, u64::from(cap))));
+            let seg = Self::open_sealed(&engine, id, file, capacity_pages)?;
+            all.insert(id, Arc::new(seg));
             max_id = max_id.max(id);
         }
         let first = next_id.max(max_id + 1).max(1);
@@ -189,7 +323,52 @@ impl Segments {
             free: Mutex::new(FreeRuns::default()),
             free_cap: reuse_bytes / PAGE_SIZE as u64,
             reuse_gate: RwLock::new(()),
+            reuse_epoch: AtomicU64::new(0),
+            counting_on: AtomicBool::new(false),
+            reused: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
         })
+    }
+
+    fn open_sealed(
+        engine: &Arc<dyn IoEngine>,
+        id: u32,
+        file: Arc<IoFile>,
+        default_cap: u32,
+    ) -> Result<Segment> {
+        // Before the first read: readahead would cache pages nobody verified.
+        file.no_readahead();
+        let len = file
+            .size_bytes()
+            .map_err(|e| Error::io("sizing segment", e))?;
+        let len_pages = u32::try_from(len.div_ceil(PAGE_SIZE as u64)).unwrap_or(u32::MAX);
+        let header = if len >= PAGE_SIZE as u64 {
+            let done = engine.run(Op::read(&file, 0, PAGE_SIZE));
+            done.result
+                .map_err(|e| Error::io("reading segment header", e))?;
+            let page = done.op.into_buf();
+            match SegmentHeader::decode(&page) {
+                Ok(Some(h)) if h.id == id => Some(h),
+                Ok(Some(h)) => {
+                    return Err(Error::Corrupt(format!(
+                        "segment file {id} has the header of segment {}",
+                        h.id
+                    )))
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(segment = id, error = %e, "segment header is damaged; treating the segment as holding no checksummed data");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let cap = match header {
+            Some(h) => h.capacity_pages.max(len_pages),
+            None => default_cap.max(len_pages),
+        };
+        Ok(Segment::new(id, file, header, cap, u64::from(cap), true))
     }
 
     fn create(
@@ -201,10 +380,35 @@ impl Segments {
         let file = engine
             .open(&segment_path(dir, id), true)
             .map_err(|e| Error::io("creating segment", e))?;
+        file.no_readahead();
+        let header = SegmentHeader::new(id, capacity_pages);
+        // The header is durable before any record goes in: a segment on disk either has a
+        // valid header or held nothing a commit could reference.
+        let done = engine.submit(vec![Op::Write {
+            file: file.clone(),
+            offset: 0,
+            buf: crate::io::Data::Owned(header.encode()),
+        }]);
+        for d in done {
+            d.result
+                .map_err(|e| Error::io("writing segment header", e))?;
+        }
+        engine
+            .run(Op::Sync { file: file.clone() })
+            .result
+            .map_err(|e| Error::io("syncing segment header", e))?;
         engine
             .sync_dir(dir)
             .map_err(|e| Error::io("syncing data directory", e))?;
-        Ok(Arc::new(Segment::new(id, file, capacity_pages, 0)))
+        let seg = Segment::new(
+            id,
+            file,
+            Some(header),
+            capacity_pages,
+            u64::from(header.data_start()),
+            false,
+        );
+        Ok(Arc::new(seg))
     }
 
     /// Next segment id to persist, so ids are never reused.
@@ -216,17 +420,24 @@ impl Segments {
         self.all.read().get(&id).cloned()
     }
 
+    /// Largest record one allocation can hold, in pages.
+    pub fn max_record_pages(&self) -> u32 {
+        self.capacity_pages - SegmentHeader::new(0, self.capacity_pages).data_start()
+    }
+
     /// Reserves `pages` contiguous pages for new records: from the most recently freed runs
     /// when one is large enough, else at the end of the active segment.
     pub fn allocate(&self, pages: u32) -> Result<Allocation> {
-        if pages > self.capacity_pages {
-            return Err(Error::InvalidArgument(
-                "request larger than a data segment".into(),
-            ));
+        if pages == 0 || pages > self.max_record_pages() {
+            return Err(Error::InvalidArgument(format!(
+                "a record of {pages} pages does not fit a data segment"
+            )));
         }
         if let Some(a) = self.allocate_free(pages) {
+            self.reused.fetch_add(u64::from(pages), Ordering::Relaxed);
             return Ok(a);
         }
+        self.appended.fetch_add(u64::from(pages), Ordering::Relaxed);
         loop {
             let seg = self.active.read().clone();
             // Reserved before the pages are taken, so a segment sealed meanwhile is not
@@ -239,6 +450,7 @@ impl Segments {
             };
             if let Some(page) = seg.try_alloc(pages) {
                 a.page = page;
+                seg.note_fresh(page, pages);
                 return Ok(a);
             }
             drop(a);
@@ -258,24 +470,29 @@ impl Segments {
         let n = free.runs.len();
         let i = (n.saturating_sub(FREE_SEARCH)..n)
             .rev()
-            .find(|&i| free.runs[i].2 >= pages)?;
-        let (id, start, len) = free.runs[i];
-        let Some(seg) = self.get(id) else {
+            .find(|&i| free.runs[i].pages >= pages)?;
+        let run = free.runs[i];
+        let Some(seg) = self.get(run.segment) else {
             // Cannot happen (a segment with free runs is not deleted); drop the run.
             free.runs.remove(i);
-            free.pages -= u64::from(len);
+            free.pages -= u64::from(run.pages);
             return None;
         };
-        if len == pages {
+        if run.pages == pages {
             free.runs.remove(i);
         } else {
-            free.runs[i] = (id, start + pages, len - pages);
+            free.runs[i] = PageRun {
+                page: run.page + pages,
+                pages: run.pages - pages,
+                ..run
+            };
         }
         free.pages -= u64::from(pages);
         seg.reserved.fetch_add(u64::from(pages), Ordering::AcqRel);
+        seg.note_fresh(run.page, pages);
         Some(Allocation {
             seg,
-            page: start,
+            page: run.page,
             pages,
         })
     }
@@ -288,7 +505,7 @@ impl Segments {
     }
 
     /// Sync operations for the segments written since the last call.
-    pub fn take_unsynced(&self) -> Vec<Op> {
+    pub fn take_unsynced(&self) -> Vec<Op<'static>> {
         self.all
             .read()
             .values()
@@ -299,148 +516,313 @@ impl Segments {
             .collect()
     }
 
-    /// Counts one more reference to the record `e`.
-    pub fn incref(&self, e: &Entry) {
-        if let Some(seg) = self.get(e.segment) {
-            if let Some(slot) = seg.ref_slot(e.page) {
-                if slot.fetch_add(1, Ordering::Relaxed) == 0 {
-                    seg.live_pages
-                        .fetch_add(u64::from(e.pages()), Ordering::Relaxed);
-                }
+    /// Turns reference counting on: from now on every change is counted. Segments that
+    /// exist now count deltas until [`Segments::finish_counting`] has added their base.
+    pub fn start_counting(&self) {
+        self.counting_on.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds `delta` references to `[page, page + pages)` of `segment`; runs that lose their
+    /// last reference are appended to `dead` (and keep their segment until reclaimed) —
+    /// or to `fresh` when they were allocated since the last commit snapshot: no durable
+    /// map references those, so they may be reused without waiting for a commit.
+    pub fn reference(
+        &self,
+        segment: u32,
+        page: u32,
+        pages: u32,
+        delta: i32,
+        dead: &mut Vec<PageRun>,
+        fresh: &mut Vec<PageRun>,
+    ) {
+        if pages == 0 || !self.counting_on.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(seg) = self.get(segment) else {
+            return;
+        };
+        let mut died = Vec::new();
+        {
+            let mut r = seg.refs.lock();
+            let report = !r.counting;
+            r.map.add(page, pages, delta, report, &mut died);
+            seg.live_pages.store(r.map.live_pages(), Ordering::Relaxed);
+        }
+        for (p, n) in died {
+            seg.pending_dead.fetch_add(u64::from(n), Ordering::AcqRel);
+            let run = PageRun {
+                segment,
+                page: p,
+                pages: n,
+            };
+            if seg.is_fresh(p, n) {
+                fresh.push(run);
+            } else {
+                dead.push(run);
             }
         }
     }
 
-    /// Notes that record `e` died (its last reference went, or it lost its compare-and-set
-    /// and was never referenced): its segment is kept until the record is reclaimed.
-    pub fn mark_dead(&self, e: &Entry) {
-        if let Some(seg) = self.get(e.segment) {
-            seg.pending_dead
-                .fetch_add(u64::from(e.pages()), Ordering::AcqRel);
+    /// [`Segments::reference`] for several ranges of one segment, under one lock.
+    pub fn reference_many(
+        &self,
+        segment: u32,
+        ranges: &[(u32, u32)],
+        delta: i32,
+        dead: &mut Vec<PageRun>,
+        fresh: &mut Vec<PageRun>,
+    ) {
+        if !self.counting_on.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(seg) = self.get(segment) else {
+            return;
+        };
+        let mut died = Vec::new();
+        {
+            let mut r = seg.refs.lock();
+            let report = !r.counting;
+            for &(page, pages) in ranges {
+                r.map.add(page, pages, delta, report, &mut died);
+            }
+            seg.live_pages.store(r.map.live_pages(), Ordering::Relaxed);
+        }
+        for (p, n) in died {
+            seg.pending_dead.fetch_add(u64::from(n), Ordering::AcqRel);
+            let run = PageRun {
+                segment,
+                page: p,
+                pages: n,
+            };
+            if seg.is_fresh(p, n) {
+                fresh.push(run);
+            } else {
+                dead.push(run);
+            }
         }
     }
 
-    /// Held by a reader from its map lookup to the end of its IO (see `reuse_gate`).
+    /// Whether a dead run lies in pages allocated since the last commit snapshot.
+    pub fn is_fresh(&self, run: &PageRun) -> bool {
+        self.get(run.segment)
+            .is_some_and(|s| s.is_fresh(run.page, run.pages))
+    }
+
+    /// A commit snapshot: everything allocated so far may be in the durable map from now on.
+    pub fn forget_fresh(&self) {
+        for s in self.all.read().values() {
+            s.fresh.lock().clear();
+        }
+    }
+
+    /// Adds one base reference while counting what the committed maps reference.
+    pub fn count_base(&self, segment: u32, page: u32, pages: u32) {
+        let Some(seg) = self.get(segment) else {
+            return;
+        };
+        let mut r = seg.refs.lock();
+        if r.counting {
+            r.map.add(page, pages, 1, false, &mut Vec::new());
+        }
+    }
+
+    /// Ends counting: every segment that was counting deltas gets exact counts. Runs whose
+    /// references all went since the count began are returned as dead (the last durable map
+    /// may still reference them, so they go through a commit first); pages no map
+    /// referenced at all are punched now, and empty segments deleted.
+    pub fn finish_counting(&self) -> Result<Vec<PageRun>> {
+        let mut dead = Vec::new();
+        let mut punch = Vec::new();
+        let segs: Vec<Arc<Segment>> = self.all.read().values().cloned().collect();
+        for seg in segs {
+            let mut r = seg.refs.lock();
+            if !r.counting {
+                continue;
+            }
+            let (gone, negative) = r.map.take_unreferenced();
+            if negative > 0 {
+                tracing::error!(
+                    segment = seg.id,
+                    pages = negative,
+                    "reference counts went below zero; keeping the pages"
+                );
+            }
+            let mut keep = r.map.live_runs();
+            keep.extend(gone.iter().copied());
+            coalesce_ranges(&mut keep);
+            let mut cursor = seg.data_start();
+            for (start, len) in keep.into_iter().chain([(seg.capacity_pages, 0)]) {
+                if start > cursor {
+                    punch.push(Op::Punch {
+                        file: seg.file.clone(),
+                        offset: u64::from(cursor) * PAGE_SIZE as u64,
+                        len: u64::from(start - cursor) * PAGE_SIZE as u64,
+                    });
+                }
+                cursor = cursor.max(start + len);
+            }
+            for (p, n) in gone {
+                if negative == 0 {
+                    seg.pending_dead.fetch_add(u64::from(n), Ordering::AcqRel);
+                    dead.push(PageRun {
+                        segment: seg.id,
+                        page: p,
+                        pages: n,
+                    });
+                }
+            }
+            seg.live_pages.store(r.map.live_pages(), Ordering::Relaxed);
+            r.counting = false;
+        }
+        for d in self.engine.submit(punch) {
+            // A failed punch loses space, not data; the next open's count retries it.
+            if let Err(e) = d.result {
+                tracing::warn!(error = %e, "punching unreferenced pages failed");
+            }
+        }
+        self.delete_dead_segments()?;
+        Ok(dead)
+    }
+
+    /// Notes pages of `seg` that died without ever being referenced (a record that lost its
+    /// compare-and-set): they wait for a commit like any other dead run.
+    pub fn note_pending_dead(&self, seg: &Segment, pages: u32) {
+        seg.pending_dead
+            .fetch_add(u64::from(pages), Ordering::AcqRel);
+    }
+
+    /// Held by a reader from its map lookup to the end of its IO (see `reuse_gate`). Not
+    /// reentrant: a thread holding it must not take it again (a waiting reclaim would
+    /// deadlock them).
     pub fn read_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.reuse_gate.read()
     }
 
-    /// Drops one reference to `e`; true when it was the last one.
-    pub fn decref(&self, e: &Entry) -> bool {
-        let Some(seg) = self.get(e.segment) else {
-            return false;
-        };
-        let Some(slot) = seg.ref_slot(e.page) else {
-            return false;
-        };
-        let prev = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-        if prev == Ok(1) {
-            seg.live_pages
-                .fetch_sub(u64::from(e.pages()), Ordering::Relaxed);
-            return true;
-        }
-        false
+    /// How many times dead runs were handed back for reuse (see `reuse_epoch`). Read it
+    /// with the read guard held, before the lookup it vouches for.
+    pub fn reuse_epoch(&self) -> u64 {
+        self.reuse_epoch.load(Ordering::SeqCst)
     }
 
-    pub fn refcount(&self, e: &Entry) -> u32 {
-        self.get(e.segment)
-            .and_then(|s| s.ref_slot(e.page).map(|r| r.load(Ordering::Relaxed)))
-            .unwrap_or(0)
-    }
-
-    /// Queues dead records for punching, and punches when it is cheap to.
+    /// Queues dead runs for reuse or punching, and punches what `punch` allows.
     ///
     /// A punch takes the file's inode lock and, on a filesystem mounted with `discard`,
-    /// waits for the device: done eagerly, it stalls writers appending to the same file and
-    /// queues ahead of the flushes that checkpoints and guest fsyncs wait for. So dead pages
-    /// are punched in batches: everything when the store is `idle` (no write since the last
-    /// look), else only sealed segments and only once [`PUNCH_BATCH_PAGES`] have piled up.
+    /// waits for the device: done while writes flow, it stalls writers appending to the same
+    /// file and queues ahead of the flushes that checkpoints and guest fsyncs wait for. So
+    /// the committer punches only when the store is idle, large holes first, within a time
+    /// budget per call (see `store.rs`).
     ///
-    /// Dead records first become free runs for reuse, up to the reuse cap; `retain: false`
-    /// (an idle or closing store) sends every free run to punching.
-    pub fn reclaim(&self, dead: &[Entry], retain: bool, idle: bool) -> Result<()> {
-        // Dead records become free runs for reuse (in page order, so runs coalesce);
-        // what exceeds the cap, and everything once the store is idle, goes to punching.
-        let mut sorted: Vec<(u32, u32, u32)> = dead
+    /// Dead runs first become free runs for reuse, up to the reuse cap; [`Punch::All`] (a long
+    /// idle, a close) sends every free run to punching.
+    pub fn reclaim(&self, dead: &[PageRun], punch: Punch) -> Result<()> {
+        let retain = !matches!(punch, Punch::All { .. });
+        let mut sorted: Vec<PageRun> = dead
             .iter()
-            .filter(|e| self.get(e.segment).is_some())
-            .map(|e| (e.segment, e.page, e.pages()))
+            .filter(|r| self.get(r.segment).is_some())
+            .copied()
             .collect();
         sorted.sort_unstable();
         let mut evicted = Vec::new();
         {
-            // Every reader that could still hold one of these entries finishes first.
+            // Every reader that could still hold one of these locations finishes first.
             drop(self.reuse_gate.write());
+            if !sorted.is_empty() {
+                self.reuse_epoch.fetch_add(1, Ordering::SeqCst);
+            }
             let mut free = self.free.lock();
-            for (id, start, len) in sorted {
-                if let Some(seg) = self.get(id) {
+            for run in sorted {
+                if let Some(seg) = self.get(run.segment) {
                     let _ =
                         seg.pending_dead
                             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                                Some(v.saturating_sub(u64::from(len)))
+                                Some(v.saturating_sub(u64::from(run.pages)))
                             });
                 }
-                free.pages += u64::from(len);
+                free.pages += u64::from(run.pages);
                 match free.runs.back_mut() {
-                    Some((bid, bs, bl)) if *bid == id && *bs + *bl == start => *bl += len,
-                    _ => free.runs.push_back((id, start, len)),
+                    Some(b) if b.segment == run.segment && b.page + b.pages == run.page => {
+                        b.pages += run.pages
+                    }
+                    _ => free.runs.push_back(run),
                 }
             }
             while free.pages > if retain { self.free_cap } else { 0 } {
                 let Some(run) = free.runs.pop_front() else {
                     break;
                 };
-                free.pages -= u64::from(run.2);
+                free.pages -= u64::from(run.pages);
                 evicted.push(run);
             }
         }
-        for (id, start, len) in evicted {
-            if let Some(seg) = self.get(id) {
-                seg.deferred.lock().push((start, len));
+        for run in evicted {
+            if let Some(seg) = self.get(run.segment) {
+                seg.deferred.lock().push((run.page, run.pages));
                 self.deferred_pages
-                    .fetch_add(u64::from(len), Ordering::Relaxed);
+                    .fetch_add(u64::from(run.pages), Ordering::Relaxed);
             }
         }
-        if !idle && self.deferred_pages.load(Ordering::Relaxed) < PUNCH_BATCH_PAGES {
-            return Ok(());
-        }
+        let (min, active_too, budget) = match punch {
+            Punch::No => return self.delete_dead_segments(),
+            Punch::Large { active, budget } => (PUNCH_MIN_PAGES, active, budget),
+            Punch::All { budget } => (1, true, budget),
+        };
+        let started = std::time::Instant::now();
         let active = self.active.read().id;
-        let mut ops = Vec::new();
-        for seg in self.all.read().values() {
-            if seg.id == active && !idle {
+        let segs: Vec<Arc<Segment>> = self.all.read().values().cloned().collect();
+        'segments: for seg in segs {
+            if seg.id == active && !active_too {
                 continue;
             }
-            let mut ranges = std::mem::take(&mut *seg.deferred.lock());
-            if ranges.is_empty() {
-                continue;
-            }
-            let pages: u64 = ranges.iter().map(|r| u64::from(r.1)).sum();
-            self.deferred_pages.fetch_sub(pages, Ordering::Relaxed);
-            ranges.sort_unstable();
-            for (start, len) in coalesce(&ranges) {
-                ops.push(Op::Punch {
+            let ranges = {
+                let mut deferred = seg.deferred.lock();
+                coalesce_ranges(&mut deferred);
+                let (big, small): (Vec<_>, Vec<_>) = deferred.iter().partition(|r| r.1 >= min);
+                *deferred = small;
+                big
+            };
+            for (i, &(start, len)) in ranges.iter().enumerate() {
+                if budget.is_some_and(|b| started.elapsed() >= b) {
+                    // Out of time: the rest waits for the next call.
+                    seg.deferred.lock().extend_from_slice(&ranges[i..]);
+                    break 'segments;
+                }
+                self.deferred_pages
+                    .fetch_sub(u64::from(len), Ordering::Relaxed);
+                let d = self.engine.run(Op::Punch {
                     file: seg.file.clone(),
                     offset: u64::from(start) * PAGE_SIZE as u64,
                     len: u64::from(len) * PAGE_SIZE as u64,
                 });
-            }
-        }
-        for d in self.engine.submit(ops) {
-            // A failed punch loses space, not data; the next open's sweep retries it.
-            if let Err(e) = d.result {
-                tracing::warn!(error = %e, "punching freed pages failed");
+                // A failed punch loses space, not data; the next open's count retries it.
+                if let Err(e) = d.result {
+                    tracing::warn!(error = %e, "punching freed pages failed");
+                }
             }
         }
         self.delete_dead_segments()
     }
 
+    /// Dead pages waiting to be punched.
+    pub fn deferred_pages(&self) -> u64 {
+        self.deferred_pages.load(Ordering::Relaxed)
+    }
+
+    /// Dead pages not punched yet: free runs kept for reuse and holes waiting.
+    pub fn held_pages(&self) -> u64 {
+        self.deferred_pages() + self.free.lock().pages
+    }
+
+    pub fn reused_pages(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
+
+    pub fn appended_pages(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+    }
+
     fn delete_dead_segments(&self) -> Result<()> {
         let active = self.active.read().id;
-        // Under the free-run lock, so no allocation takes pages of a segment being deleted.
-        // A segment with free runs is kept: its pages are about to be written again.
-        let free = self.free.lock();
-        let with_runs: std::collections::HashSet<u32> = free.runs.iter().map(|r| r.0).collect();
-        let dead: Vec<u32> = self
+        let candidates: Vec<u32> = self
             .all
             .read()
             .values()
@@ -449,15 +831,38 @@ impl Segments {
                     && s.live_pages() == 0
                     && s.reserved.load(Ordering::Acquire) == 0
                     && s.pending_dead.load(Ordering::Acquire) == 0
-                    && !with_runs.contains(&s.id)
+                    && !s.refs.lock().counting
             })
             .map(|s| s.id)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        // Under the free-run lock, so no allocation takes pages of a segment being deleted.
+        // A segment with free runs is kept: its pages (cached, their blocks allocated) are
+        // about to be written again; once nothing is kept for reuse (a long idle, a close) it
+        // goes like any other.
+        let free = self.free.lock();
+        let dead: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| !free.runs.iter().any(|r| r.segment == *id))
+            .filter(|id| {
+                self.get(*id).is_some_and(|s| {
+                    s.live_pages() == 0
+                        && s.reserved.load(Ordering::Acquire) == 0
+                        && s.pending_dead.load(Ordering::Acquire) == 0
+                })
+            })
             .collect();
         if dead.is_empty() {
             return Ok(());
         }
         for id in &dead {
-            self.all.write().remove(id);
+            if let Some(seg) = self.all.write().remove(id) {
+                // Holes waiting to be punched go with the file.
+                let held: u64 = seg.deferred.lock().iter().map(|r| u64::from(r.1)).sum();
+                self.deferred_pages.fetch_sub(held, Ordering::Relaxed);
+            }
         }
         drop(free);
         for id in &dead {
@@ -470,42 +875,6 @@ impl Segments {
             .map_err(|e| Error::io("syncing data directory", e))
     }
 
-    /// After open: punches every page no record references (left by writes that never
-    /// committed, or frees a crash interrupted) and deletes segments with nothing live.
-    pub fn sweep(&self, live: &HashMap<u32, Vec<(u32, u32)>>) -> Result<u64> {
-        let mut ops = Vec::new();
-        let mut punched = 0u64;
-        let active = self.active.read().id;
-        for seg in self.all.read().values() {
-            if seg.id == active {
-                continue;
-            }
-            let mut ranges = live.get(&seg.id).cloned().unwrap_or_default();
-            ranges.sort_unstable();
-            let mut cursor = 0u32;
-            for (start, len) in coalesce(&ranges)
-                .into_iter()
-                .chain([(seg.capacity_pages, 0)])
-            {
-                if start > cursor {
-                    punched += u64::from(start - cursor);
-                    ops.push(Op::Punch {
-                        file: seg.file.clone(),
-                        offset: u64::from(cursor) * PAGE_SIZE as u64,
-                        len: u64::from(start - cursor) * PAGE_SIZE as u64,
-                    });
-                }
-                cursor = cursor.max(start + len);
-            }
-        }
-        for d in self.engine.submit(ops) {
-            d.result
-                .map_err(|e| Error::io("punching unreferenced pages", e))?;
-        }
-        self.delete_dead_segments()?;
-        Ok(punched)
-    }
-
     /// Live bytes and file count, for stats.
     pub fn usage(&self) -> (u64, usize) {
         let all = self.all.read();
@@ -516,21 +885,18 @@ impl Segments {
         (live, all.len())
     }
 
+    /// Heap bytes of reference counts, over all segments.
+    pub fn ref_heap_bytes(&self) -> usize {
+        self.all
+            .read()
+            .values()
+            .map(|s| s.refs.lock().map.heap_bytes())
+            .sum()
+    }
+
     pub fn engine(&self) -> &Arc<dyn IoEngine> {
         &self.engine
     }
-}
-
-/// Merges sorted `(start, len)` page ranges that touch.
-fn coalesce(sorted: &[(u32, u32)]) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = Vec::new();
-    for &(s, l) in sorted {
-        match out.last_mut() {
-            Some((ps, pl)) if *ps + *pl >= s => *pl = (*pl).max(s + l - *ps),
-            _ => out.push((s, l)),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -545,30 +911,71 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
         let segs = Segments::open(dir.path(), engine, 16 * PAGE_SIZE as u64, 0, 1).unwrap();
-        let a = segs.allocate(16).unwrap();
+        segs.start_counting();
+        let room = segs.max_record_pages();
+        let a = segs.allocate(room).unwrap();
         let first = a.seg.id;
-        let e = Entry::new(first, a.page, PAGE_SIZE as u32, false, 0);
-        segs.incref(&e);
+        let mut dead = Vec::new();
+        let mut fresh = Vec::new();
+        segs.reference(first, a.page, room, 1, &mut dead, &mut fresh);
+        let page = a.page;
         drop(a);
-        // Fill the rest so the next allocation rolls to a new active segment.
+        // The next allocation rolls to a new active segment.
         drop(segs.allocate(1).unwrap());
-        assert!(segs.decref(&e));
-        segs.mark_dead(&e);
-        segs.reclaim(&[], false, true).unwrap();
+        // As after a commit: the record is in the durable map.
+        segs.forget_fresh();
+        segs.reference(first, page, room, -1, &mut dead, &mut fresh);
+        assert!(fresh.is_empty());
+        assert_eq!(
+            dead,
+            vec![PageRun {
+                segment: first,
+                page,
+                pages: room
+            }]
+        );
+        segs.reclaim(&[], Punch::All { budget: None }).unwrap();
         assert!(
             segs.get(first).is_some(),
-            "deleted before its dead record was reclaimed"
+            "deleted before its dead pages were reclaimed"
         );
-        segs.reclaim(&[e], false, true).unwrap();
+        segs.reclaim(&dead, Punch::All { budget: None }).unwrap();
         assert!(segs.get(first).is_none(), "empty and reclaimed: deleted");
     }
 
     #[test]
-    fn coalesce_merges_touching_ranges() {
-        assert_eq!(
-            coalesce(&[(0, 2), (2, 1), (5, 1), (5, 3)]),
-            vec![(0, 3), (5, 3)]
+    fn pages_reused_inside_a_fresh_range_keep_it_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
+        let segs = Segments::open(dir.path(), engine, 1 << 20, 1 << 20, 1).unwrap();
+        let a = segs.allocate(64).unwrap();
+        let seg = a.seg.clone();
+        assert!(seg.is_fresh(a.page, 64));
+        seg.note_fresh(a.page, 16);
+        assert!(
+            seg.is_fresh(a.page, 64),
+            "a reuse inside the range shrank it"
         );
-        assert_eq!(coalesce(&[]), vec![]);
+        seg.note_fresh(a.page + 64, 8);
+        assert!(seg.is_fresh(a.page, 72));
+        segs.forget_fresh();
+        assert!(!seg.is_fresh(a.page, 1));
+    }
+
+    #[test]
+    fn new_segments_start_with_a_header_and_reopen_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
+        let id = {
+            let segs = Segments::open(dir.path(), engine.clone(), 1 << 20, 0, 1).unwrap();
+            let a = segs.allocate(4).unwrap();
+            assert_eq!(a.page, 2, "header page and a one-page table come first");
+            a.seg.id
+        };
+        let segs = Segments::open(dir.path(), engine, 1 << 20, 0, 1).unwrap();
+        let s = segs.get(id).unwrap();
+        assert!(s.has_table());
+        assert_eq!(s.data_start(), 2);
+        assert_ne!(segs.active.read().id, id, "a reopened segment is sealed");
     }
 }

@@ -1,21 +1,19 @@
-//! The store: opening and loading, the commit protocol, and the background committer.
+//! The store handle: opening (and recovering) a store, the background committer, closing.
 //!
-//! Lock order, outermost first: `commit` → `catalog` → `gate` → a volume's `map`.
-//! Writers hold `gate` shared while they change a map; a commit holds it exclusively for the
-//! moment it takes its snapshot, so every journal entry with a sequence number up to the
-//! snapshot's is in that commit and none after it is.
+//! Opening reads the catalog, replays the journal into the volumes it names, commits, and
+//! returns: it costs the catalog and the journal, not the data mapped. A background pass then
+//! counts what the committed maps reference (`load::count_references`); until it is done,
+//! space freed by overwrites is held back, not reused.
 
-use crate::codec::{self, StateRecord, VolumeRecord};
+use crate::codec::{self, StateRecord};
+use crate::inner::{cf, Inner, SpaceReady};
 use crate::io::{default_engine, IoEngine};
 use crate::journal::Journal;
 use crate::segment::Segments;
-use crate::tree::{Entry, SharedLeaf, Tree};
-use crate::volume::{HeadMap, VolumeState};
 use crate::{Error, Result};
 use parking_lot::{Condvar, Mutex, RwLock};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -27,10 +25,10 @@ const JOURNAL_DIR: &str = "journal";
 /// Data segment size: the most dead space an active segment holds back before it is sealed
 /// and punched (see `Segments::reclaim`), and 4 open files per GiB stored.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
-/// Commit early once this much data was written since the last commit.
-const DIRTY_COMMIT_BYTES: u64 = 256 << 20;
 /// Commit intervals without writes after which free runs kept for reuse are punched.
 const FREE_RUNS_IDLE_PERIODS: u32 = 5;
+/// A change is committed at the latest this long after it was made, even under load.
+const MAX_COMMIT_AGE: Duration = Duration::from_secs(30);
 
 /// How to open a store.
 #[derive(Clone, Debug)]
@@ -41,12 +39,21 @@ pub struct StoreOptions {
     pub engine: Option<Arc<dyn IoEngine>>,
     /// Size of each data segment file.
     pub segment_bytes: u64,
-    /// Background commit period; `None` commits only on flush and metadata operations.
+    /// How long the store may be quiet with changes not yet committed before a background
+    /// commit makes them durable (under load, commits come from flushes, metadata
+    /// operations, 1 GiB of data or 30 s; see docs/design/durability.md). `None`: no
+    /// background thread, commits only on flush and metadata operations.
     pub commit_interval: Option<Duration>,
     /// Freed space (bytes) kept for reuse by new writes instead of punched at once; it is
     /// punched when the store goes idle (with a background committer) or closes. `0` punches
     /// every freed page at the next opportunity.
     pub reuse_bytes: u64,
+    /// Count what the committed maps reference in a background thread after open (the
+    /// default), or before `Store::open` returns.
+    pub count_in_background: bool,
+    /// Bytes per second the background defragmenter may rewrite (ranges a read found
+    /// fragmented; see `defrag.rs`); 0 turns it off.
+    pub defrag_bytes_per_sec: u64,
 }
 
 impl Default for StoreOptions {
@@ -57,99 +64,19 @@ impl Default for StoreOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             commit_interval: Some(Duration::from_secs(1)),
             reuse_bytes: crate::segment::DEFAULT_REUSE_BYTES,
+            count_in_background: true,
+            defrag_bytes_per_sec: 512 << 20,
         }
     }
 }
 
-/// A layer that is no longer a volume's head: a checkpoint's frozen view.
-#[derive(Debug)]
-pub(crate) struct FrozenLayer {
-    pub parent: u64,
-    pub volume: u64,
-    pub tree: Tree,
-    /// Leaves this layer has records for.
-    pub own: HashSet<u64>,
-    pub mapped_blocks: u64,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct CheckpointMeta {
-    pub layer: u64,
-    pub size: u64,
-    pub created_unix: u64,
-    /// Open [`crate::Snapshot`]s of the checkpoint: it cannot be deleted while any are.
-    pub pins: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Metadata held in memory, mirrored in RocksDB.
-#[derive(Debug, Default)]
-pub(crate) struct Catalog {
-    pub volumes: HashMap<String, Arc<VolumeState>>,
-    pub frozen: HashMap<u64, FrozenLayer>,
-    /// (volume id, name) → checkpoint.
-    pub checkpoints: BTreeMap<(u64, String), CheckpointMeta>,
-    pub next_layer: u64,
-    pub next_volume: u64,
-}
-
-impl Catalog {
-    pub fn volume(&self, name: &str) -> Result<&Arc<VolumeState>> {
-        self.volumes
-            .get(name)
-            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
-    }
-
-    pub fn volume_by_id(&self, id: u64) -> Option<&Arc<VolumeState>> {
-        self.volumes.values().find(|v| v.id == id)
-    }
-
-    pub fn alloc_layer(&mut self) -> u64 {
-        let id = self.next_layer;
-        self.next_layer += 1;
-        id
-    }
-}
-
-/// A RocksDB change carried by a commit.
-#[derive(Debug)]
-pub(crate) enum DbOp {
-    Put(&'static str, Vec<u8>, Vec<u8>),
-    Delete(&'static str, Vec<u8>),
-    DeleteRange(&'static str, Vec<u8>, Vec<u8>),
-    /// A leaf record for (layer, leaf index); `None` writes an empty leaf.
-    Leaf(u64, u64, Option<SharedLeaf>),
-}
-
-#[derive(Debug)]
-pub(crate) struct Inner {
-    pub path: PathBuf,
-    pub db: DB,
-    pub segments: Segments,
-    pub journal: Journal,
-    pub gate: RwLock<()>,
-    pub commit: Mutex<()>,
-    pub catalog: Mutex<Catalog>,
-    pub seq: AtomicU64,
-    /// Records whose last reference went away since the last commit snapshot.
-    pub dead: Mutex<Vec<Entry>>,
-    pub poisoned: AtomicBool,
-    pub dirty_bytes: AtomicU64,
-    /// `seq` as of the last completed commit.
-    committed_seq: AtomicU64,
-    /// Dead records of durable commits, waiting for the committer thread to punch them.
-    reclaim_queue: Mutex<Vec<Entry>>,
-    /// True while the committer thread runs.
-    background: AtomicBool,
-    wake: (Mutex<bool>, Condvar),
-    /// Remote packs and the fetcher for lazily restored volumes.
-    pub remote: crate::remote::Remotes,
-}
-
-/// An open store. Dropping it stops the background committer and commits once more.
+/// An open store. Dropping it stops the background threads and commits once more.
 #[derive(Debug)]
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
     committer: Option<JoinHandle<()>>,
+    counter: Option<JoinHandle<()>>,
+    defragger: Option<JoinHandle<()>>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -177,25 +104,53 @@ fn mkdir(path: &Path) -> Result<()> {
     })
 }
 
-pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
-    db.cf_handle(name)
-        .ok_or_else(|| Error::Corrupt(format!("column family {name} is missing")))
-}
-
 fn open_db(path: &Path, create: bool) -> Result<DB> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
-    opts.create_missing_column_families(create);
+    opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     // RocksDB preallocates write_buffer_size * 1.1 (~70 MB by default) per WAL file, which
     // `du` counts against even an empty store. Capping the WAL caps the preallocation; map
     // metadata is small, so 16 MiB memtables are plenty.
     opts.set_max_total_wal_size(16 << 20);
     opts.set_write_buffer_size(16 << 20);
-    let cfs = codec::ALL_CFS
+    // Every column family present (a format-1 store also has `leaves`) must be opened.
+    let mut names: Vec<String> = codec::ALL_CFS.iter().map(|s| s.to_string()).collect();
+    if !create {
+        if let Ok(existing) = DB::list_cf(&opts, path) {
+            for n in existing {
+                if n != "default" && !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+    }
+    let cfs = names
         .iter()
-        .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     Ok(DB::open_cf_descriptors(&opts, path, cfs)?)
+}
+
+/// Reads the format record, upgrading a format-1 store in place; returns the state record.
+fn check_format(db: &DB, path: &Path) -> Result<StateRecord> {
+    let meta = cf(db, codec::CF_META)?;
+    let fmt = db
+        .get_cf(meta, codec::KEY_FORMAT)?
+        .ok_or_else(|| Error::Corrupt("no format record".into()))?;
+    let version = codec::decode_format(&fmt)?;
+    if version == codec::FORMAT_V1 {
+        let layers = crate::upgrade::upgrade_v1(db)?;
+        tracing::info!(store = %path.display(), layers, "upgraded the store from format 1 to format 2");
+    } else if version != codec::FORMAT_VERSION {
+        return Err(Error::FormatVersion {
+            found: version,
+            expected: codec::FORMAT_VERSION,
+        });
+    }
+    let st = db
+        .get_cf(meta, codec::KEY_STATE)?
+        .ok_or_else(|| Error::Corrupt("no state record".into()))?;
+    StateRecord::decode(&st)
 }
 
 impl Store {
@@ -216,8 +171,7 @@ impl Store {
                 mkdir(d)?;
             }
         }
-        let db = open_db(&db_path, fresh)?;
-        let meta = cf(&db, codec::CF_META)?;
+        let mut db = open_db(&db_path, fresh)?;
         let state = if fresh {
             let state = StateRecord {
                 committed_seq: 0,
@@ -225,6 +179,7 @@ impl Store {
                 next_volume: 1,
                 next_segment: 1,
             };
+            let meta = cf(&db, codec::CF_META)?;
             let mut b = WriteBatch::default();
             b.put_cf(meta, codec::KEY_FORMAT, codec::encode_format());
             b.put_cf(meta, codec::KEY_STATE, state.encode());
@@ -233,21 +188,12 @@ impl Store {
             db.write_opt(b, &wo)?;
             state
         } else {
-            let fmt = db
-                .get_cf(meta, codec::KEY_FORMAT)?
-                .ok_or_else(|| Error::Corrupt("no format record".into()))?;
-            let version = codec::decode_format(&fmt)?;
-            if version != codec::FORMAT_VERSION {
-                return Err(Error::FormatVersion {
-                    found: version,
-                    expected: codec::FORMAT_VERSION,
-                });
-            }
-            let st = db
-                .get_cf(meta, codec::KEY_STATE)?
-                .ok_or_else(|| Error::Corrupt("no state record".into()))?;
-            StateRecord::decode(&st)?
+            check_format(&db, &path)?
         };
+        if db.cf_handle(codec::CF_LEAVES_V1).is_some() {
+            // Emptied by the upgrade (in this open or an earlier one).
+            db.drop_cf(codec::CF_LEAVES_V1)?;
+        }
         let engine = opts.engine.clone().unwrap_or_else(default_engine);
         tracing::info!(store = %path.display(), engine = engine.name(), "opening store");
         for d in [path.join(DATA_DIR), path.join(JOURNAL_DIR)] {
@@ -261,6 +207,8 @@ impl Store {
             state.next_segment,
         )?;
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
+        let remote = crate::remote::Remotes::default();
+        remote.load(&db)?;
         let inner = Arc::new(Inner {
             path,
             db,
@@ -268,23 +216,68 @@ impl Store {
             journal,
             gate: RwLock::new(()),
             commit: Mutex::new(()),
-            catalog: Mutex::new(Catalog::default()),
+            catalog: Mutex::new(Default::default()),
             seq: AtomicU64::new(state.committed_seq),
             dead: Mutex::new(Vec::new()),
+            fresh_dead: Mutex::new((Vec::new(), 0)),
+            journal_entries: AtomicU64::new(0),
+            dirty_since_ms: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             poisoned: AtomicBool::new(false),
             dirty_bytes: AtomicU64::new(0),
             committed_seq: AtomicU64::new(state.committed_seq),
             reclaim_queue: Mutex::new(Vec::new()),
             background: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
-            remote: Default::default(),
+            remote,
+            space: SpaceReady::default(),
+            defrag: Default::default(),
         });
-        crate::remote::Remotes::load(&inner)?;
-        crate::load::load(&inner, &state, recovered.entries)?;
+        inner
+            .defrag
+            .rate
+            .store(opts.defrag_bytes_per_sec, Ordering::Relaxed);
+        crate::load::load_catalog(&inner, &state)?;
+        let replayed = crate::load::replay(&inner, state.committed_seq, recovered.entries)?;
+        // Ephemeral volumes left from a previous run go before anything is counted: their
+        // pages are then simply unreferenced.
+        let ephemeral: Vec<String> = inner
+            .catalog
+            .lock()
+            .volumes
+            .values()
+            .filter(|v| v.ephemeral)
+            .map(|v| v.name.clone())
+            .collect();
+        for name in &ephemeral {
+            tracing::info!(volume = %name, "discarding ephemeral volume left from a previous run");
+            crate::ops::delete_volume(&inner, name, true)?;
+        }
+        inner.commit(Vec::new())?;
+        tracing::info!(replayed, "store opened");
+        let counter = start_counting(&inner, opts.count_in_background)?;
         let committer = opts
             .commit_interval
             .and_then(|period| spawn_committer(&inner, period));
-        Ok(Store { inner, committer })
+        let weak = Arc::downgrade(&inner);
+        let defragger = (opts.defrag_bytes_per_sec > 0)
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("strata-defrag".into())
+                    .spawn(move || crate::defrag::run_thread(weak))
+                    .map_err(|e| tracing::error!(error = %e, "cannot start the defragmenter"))
+                    .ok()
+            })
+            .flatten();
+        if defragger.is_none() {
+            inner.defrag.rate.store(0, Ordering::Relaxed);
+        }
+        Ok(Store {
+            inner,
+            committer,
+            counter,
+            defragger,
+        })
     }
 
     /// The store directory.
@@ -301,6 +294,69 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.inner.commit(Vec::new())
     }
+
+    /// Waits until the references the store's committed maps hold have been counted (a
+    /// background pass after open): from then on freed space is reused and returned, and
+    /// space figures are exact.
+    pub fn wait_space_counted(&self) {
+        self.inner.wait_space_counted();
+    }
+
+    /// Heap bytes of the store's reference counts (for benches).
+    pub fn reference_heap_bytes(&self) -> usize {
+        self.inner.segments.ref_heap_bytes()
+    }
+}
+
+/// Turns reference counting on, with the base counts taken from the committed state right
+/// now: in a background thread, or here.
+fn start_counting(inner: &Arc<Inner>, background: bool) -> Result<Option<JoinHandle<()>>> {
+    let ppb = crate::load::layer_ppb(inner);
+    // No commit may happen between the snapshot the counts come from and counting on: the
+    // commit lock is held across both.
+    let guard = inner.commit.lock();
+    if !background {
+        let snap = inner.db.snapshot();
+        inner.segments.start_counting();
+        drop(guard);
+        let r = crate::load::count_references(inner, &snap, &ppb);
+        drop(snap);
+        finish(inner, r);
+        return Ok(None);
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    let spawned = std::thread::Builder::new()
+        .name("strata-count".into())
+        .spawn(move || {
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let snap = inner.db.snapshot();
+            let _ = tx.send(());
+            let t = std::time::Instant::now();
+            let r = crate::load::count_references(&inner, &snap, &ppb);
+            drop(snap);
+            if let Ok(n) = &r {
+                tracing::info!(extents = n, elapsed = ?t.elapsed(), "space accounting loaded");
+            }
+            finish(&inner, r);
+        });
+    let h = spawned.map_err(|e| Error::io("starting the counting thread", e))?;
+    rx.recv()
+        .map_err(|_| Error::Corrupt("the counting thread stopped before its snapshot".into()))?;
+    inner.segments.start_counting();
+    drop(guard);
+    Ok(Some(h))
+}
+
+fn finish(inner: &Inner, r: Result<u64>) {
+    if let Err(e) = r {
+        // Without a complete count nothing may be freed; reads and writes go on.
+        tracing::error!(error = %e, "counting referenced space failed; freed space is kept until the next open");
+    }
+    *inner.space.done.lock() = true;
+    inner.space.cv.notify_all();
 }
 
 impl Drop for Store {
@@ -313,17 +369,49 @@ impl Drop for Store {
         if let Some(h) = self.committer.take() {
             let _ = h.join();
         }
+        if let Some(h) = self.counter.take() {
+            let _ = h.join();
+        }
+        self.inner.defrag.stop();
+        if let Some(h) = self.defragger.take() {
+            let _ = h.join();
+        }
         self.inner.background.store(false, Ordering::Relaxed);
-        self.inner.drain_reclaim(true, false);
+        self.inner
+            .drain_reclaim(crate::segment::Punch::All { budget: None });
         if !self.inner.poisoned.load(Ordering::Relaxed) {
             if let Err(e) = self.inner.commit(Vec::new()) {
                 tracing::warn!(error = %e, "final commit failed");
             }
         }
         // The final commit kept what it freed for reuse; nothing will reuse it now.
-        if let Err(e) = self.inner.segments.reclaim(&[], false, true) {
+        if let Err(e) = self
+            .inner
+            .segments
+            .reclaim(&[], crate::segment::Punch::All { budget: None })
+        {
             tracing::warn!(error = %e, "returning freed space at close failed");
         }
+    }
+}
+
+/// What the committer may punch: nothing while writes flow (unless dead space piles up past
+/// 4 GiB), large holes once writes paused, everything after a longer quiet spell — each
+/// within a time budget, so a writer coming back never waits long behind punches.
+fn punch_policy(idle: bool, long_idle: bool, deferred: u64) -> crate::segment::Punch {
+    use crate::segment::{Punch, BUSY_PUNCH_PAGES};
+    let budget = Some(Duration::from_millis(100));
+    match (idle, long_idle) {
+        (false, _) if deferred < BUSY_PUNCH_PAGES => Punch::No,
+        (false, _) => Punch::Large {
+            active: false,
+            budget,
+        },
+        (true, false) => Punch::Large {
+            active: true,
+            budget,
+        },
+        (true, true) => Punch::All { budget },
     }
 }
 
@@ -333,6 +421,7 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
         .name("strata-commit".into())
         .spawn(move || {
             let mut last = std::time::Instant::now();
+            let mut looked = std::time::Instant::now();
             let mut last_seq = u64::MAX;
             let mut quiet_since = std::time::Instant::now();
             loop {
@@ -340,6 +429,7 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                     return;
                 };
                 {
+                    // One look per period (sooner when woken: enough data to commit).
                     let mut stop = strong.wake.0.lock();
                     if *stop {
                         return;
@@ -347,11 +437,12 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                     strong
                         .wake
                         .1
-                        .wait_for(&mut stop, period.saturating_sub(last.elapsed()));
+                        .wait_for(&mut stop, period.saturating_sub(looked.elapsed()));
                     if *stop {
                         return;
                     }
                 }
+                looked = std::time::Instant::now();
                 // No write since the last look: the active segment can be punched too. Free
                 // runs kept for reuse are punched only after a longer quiet spell, so a pause
                 // between bursts of writes does not throw them away (and a read-heavy phase
@@ -361,20 +452,24 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                 if !idle {
                     quiet_since = std::time::Instant::now();
                 }
-                let retain = quiet_since.elapsed() < period * FREE_RUNS_IDLE_PERIODS;
-                strong.drain_reclaim(idle, retain);
+                strong.drain_reclaim(punch_policy(
+                    idle,
+                    quiet_since.elapsed() >= period * FREE_RUNS_IDLE_PERIODS,
+                    strong.segments.deferred_pages(),
+                ));
                 last_seq = seq;
-                let due = last.elapsed() >= period
-                    || strong.dirty_bytes.load(Ordering::Relaxed) >= DIRTY_COMMIT_BYTES;
-                if !due || strong.poisoned.load(Ordering::Relaxed) {
+                // Commit when asked to by the amount or age of what is uncommitted, or once
+                // writes pause: never on a timer under load, where a commit's fdatasync would
+                // throttle writers to the device while a guest's own flushes already commit.
+                let pending = strong.seq.load(Ordering::Relaxed)
+                    != strong.committed_seq.load(Ordering::Relaxed)
+                    || !strong.dead.lock().is_empty();
+                let due = strong.commit_due(MAX_COMMIT_AGE)
+                    || (idle && pending && last.elapsed() >= period);
+                if !due || !pending || strong.poisoned.load(Ordering::Relaxed) {
                     continue;
                 }
                 last = std::time::Instant::now();
-                let idle = strong.seq.load(Ordering::Relaxed)
-                    == strong.committed_seq.load(Ordering::Relaxed);
-                if idle && strong.dead.lock().is_empty() {
-                    continue;
-                }
                 if let Err(e) = strong.commit(Vec::new()) {
                     tracing::error!(error = %e, "background commit failed");
                 }
@@ -389,195 +484,5 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
             tracing::error!(error = %e, "cannot start the commit thread; commits happen on flush only");
             None
         }
-    }
-}
-
-impl Inner {
-    /// Punches what durable commits left dead; `idle` includes the active segment.
-    fn drain_reclaim(&self, idle: bool, retain: bool) {
-        let dead = std::mem::take(&mut *self.reclaim_queue.lock());
-        if let Err(e) = self.segments.reclaim(&dead, retain, idle) {
-            tracing::warn!(error = %e, "reclaiming space failed");
-        }
-    }
-
-    pub fn check_poisoned(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::Relaxed) {
-            Err(Error::Poisoned)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Marks the store failed: no more writes until it is reopened.
-    pub fn poison(&self, e: Error) -> Error {
-        if !matches!(e, Error::NoSpace) {
-            tracing::error!(error = %e, "IO failure; store refuses writes until reopened");
-            self.poisoned.store(true, Ordering::Relaxed);
-        }
-        e
-    }
-
-    /// Records that `bytes` of data were written, waking the committer when enough piled up.
-    pub fn note_dirty(&self, bytes: u64) {
-        let before = self.dirty_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before < DIRTY_COMMIT_BYTES && before + bytes >= DIRTY_COMMIT_BYTES {
-            self.wake.1.notify_all();
-        }
-    }
-
-    /// Commits with the commit lock taken here.
-    pub fn commit(&self, extra: Vec<DbOp>) -> Result<()> {
-        let guard = self.commit.lock();
-        self.commit_locked(&guard, extra)
-    }
-
-    /// The commit protocol: snapshot the dirty map under the gate, make the data it points at
-    /// durable, write the map and `extra` in one synced RocksDB batch, then reclaim what the
-    /// batch stopped referencing.
-    pub fn commit_locked(
-        &self,
-        _commit: &parking_lot::MutexGuard<'_, ()>,
-        extra: Vec<DbOp>,
-    ) -> Result<()> {
-        self.check_poisoned()?;
-        let mut ops = extra;
-        let (state, dead, syncs, generation) = {
-            let cat = self.catalog.lock();
-            let _gate = self.gate.write();
-            let generation = self.journal.rotate().map_err(|e| self.poison(e))?;
-            for vol in cat.volumes.values() {
-                let mut map = vol.map.write();
-                let HeadMap {
-                    layer, tree, dirty, ..
-                } = &mut *map;
-                for idx in dirty.drain() {
-                    ops.push(DbOp::Leaf(*layer, idx, tree.shared_leaf(idx)));
-                }
-            }
-            let state = StateRecord {
-                committed_seq: self.seq.load(Ordering::Relaxed),
-                next_layer: cat.next_layer,
-                next_volume: cat.next_volume,
-                next_segment: self.segments.next_id(),
-            };
-            self.dirty_bytes.store(0, Ordering::Relaxed);
-            (
-                state,
-                std::mem::take(&mut *self.dead.lock()),
-                self.segments.take_unsynced(),
-                generation,
-            )
-        };
-        for done in self.segments.engine().submit(syncs) {
-            done.result
-                .map_err(|e| self.poison(Error::io("syncing data", e)))?;
-        }
-        let batch = self.build_batch(ops, &state)?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db
-            .write_opt(batch, &wo)
-            .map_err(|e| self.poison(Error::Db(e)))?;
-        self.committed_seq
-            .store(state.committed_seq, Ordering::Relaxed);
-        self.journal.remove_before(generation)?;
-        if self.background.load(Ordering::Relaxed) {
-            // Punching can wait on the device; the committer thread does it off the caller's path.
-            self.reclaim_queue.lock().extend(dead);
-            self.wake.1.notify_all();
-            Ok(())
-        } else {
-            // No committer to punch later: freed pages beyond the reuse cap are punched now.
-            self.segments.reclaim(&dead, true, true)
-        }
-    }
-
-    fn build_batch(&self, ops: Vec<DbOp>, state: &StateRecord) -> Result<WriteBatch> {
-        let mut b = WriteBatch::default();
-        for op in ops {
-            match op {
-                DbOp::Put(c, k, v) => b.put_cf(cf(&self.db, c)?, k, v),
-                DbOp::Delete(c, k) => b.delete_cf(cf(&self.db, c)?, k),
-                DbOp::DeleteRange(c, from, to) => b.delete_range_cf(cf(&self.db, c)?, from, to),
-                DbOp::Leaf(layer, idx, leaf) => {
-                    let v = match &leaf {
-                        Some(l) => codec::encode_leaf(l.leaf()),
-                        None => codec::encode_leaf(&Default::default()),
-                    };
-                    b.put_cf(
-                        cf(&self.db, codec::CF_LEAVES)?,
-                        codec::leaf_key(layer, 0, idx),
-                        v,
-                    );
-                }
-            }
-        }
-        b.put_cf(
-            cf(&self.db, codec::CF_META)?,
-            codec::KEY_STATE,
-            state.encode(),
-        );
-        Ok(b)
-    }
-
-    /// Adds records that lost their last reference; they are punched after the next commit.
-    pub fn release(&self, entries: impl IntoIterator<Item = Entry>) {
-        let mut dead = Vec::new();
-        for e in entries {
-            if self.segments.decref(&e) {
-                self.segments.mark_dead(&e);
-                dead.push(e);
-            }
-        }
-        if !dead.is_empty() {
-            self.dead.lock().extend(dead);
-        }
-    }
-
-    /// Drops every leaf record a layer owns (its entries lose one reference each).
-    pub fn release_layer(&self, tree: &Tree, own: &HashSet<u64>) {
-        for idx in own {
-            if let Some(leaf) = tree.leaf(*idx) {
-                self.release(leaf.entries().iter().copied());
-            }
-        }
-    }
-
-    pub fn volume_record(vol: &VolumeState, head: u64) -> DbOp {
-        let rec = VolumeRecord {
-            id: vol.id,
-            size: vol.size(),
-            block_size: vol.block_size,
-            lz4: vol.lz4,
-            ephemeral: vol.ephemeral,
-            tree: vol.tree,
-            head,
-            created_unix: vol.created_unix,
-        };
-        DbOp::Put(
-            codec::CF_VOLUMES,
-            vol.name.as_bytes().to_vec(),
-            rec.encode(),
-        )
-    }
-
-    pub fn layer_record(id: u64, rec: codec::LayerRecord) -> DbOp {
-        DbOp::Put(
-            codec::CF_LAYERS,
-            codec::layer_key(id).to_vec(),
-            rec.encode(),
-        )
-    }
-
-    pub fn delete_layer_ops(id: u64) -> [DbOp; 2] {
-        [
-            DbOp::Delete(codec::CF_LAYERS, codec::layer_key(id).to_vec()),
-            DbOp::DeleteRange(
-                codec::CF_LEAVES,
-                codec::leaf_key(id, 0, 0).to_vec(),
-                codec::leaf_key(id + 1, 0, 0).to_vec(),
-            ),
-        ]
     }
 }

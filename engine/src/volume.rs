@@ -1,146 +1,89 @@
-//! Volume IO: read, write, write-zeroes, discard and flush at 512-byte-aligned byte offsets.
+//! Volume IO: read, write, write-zeroes, discard at byte offsets, over a loaded map.
 //!
-//! A write stores each block as a new record (never in place), then, holding the store's gate
-//! shared and the volume's map lock, points the map at the new records and reserves journal
-//! entries; the journal entries are written before the write returns. A partial-block write
-//! reads the old block, patches it and installs the result only if the block still maps to
-//! what it read (compare-and-set), retrying otherwise, so two overlapping writes never lose
-//! each other's bytes.
+//! **Writes.** A write stores its whole blocks as one record per run of non-zero blocks
+//! (up to 16 MiB; all-zero blocks are unmapped instead), puts each page's crc32 in the
+//! segment's table, then, holding the store's gate shared and the volume's map lock, points
+//! the map at the new extents and reserves journal entries (one per extent); the entries are
+//! written before the write returns. A partial block is read, patched and installed only if
+//! the block still maps to what was read (compare-and-set), retrying otherwise, so two
+//! overlapping writes never lose each other's bytes.
+//!
+//! **Reads.** A read looks up the pieces of its range and reads each run of blocks stored
+//! back to back with one IO, straight into the caller's buffer. It first asks only for what
+//! the host's page cache holds (`RWF_NOWAIT`): those pages are trusted, because segment files
+//! are read without kernel readahead, so a page is cached only because Strata wrote it or
+//! read and verified it. Whatever comes from the device is read again with its checksums and
+//! verified (and dropped from the cache if it fails); a cached read that overlaps such an
+//! in-flight verification verifies too. Holes read as zeros.
 //!
 //! Concurrency contract: operations on different blocks are independent. Concurrent writes
 //! that overlap are each atomic per block: a block ends up wholly as one of them (patched by
 //! any partial writes that serialized after it), never a mix within a 512-byte sector. A
-//! multi-block write is not atomic as a whole.
+//! multi-block write is not atomic as a whole (except [`Writer::write_blocks`]).
 
-use crate::codec::JournalEntry;
-use crate::io::Op;
+use crate::catalog::{HeadMap, VolumeState};
+use crate::codec::{self, JournalEntry};
+use crate::inner::Inner;
+use crate::io::{Buf, Data, Op};
 use crate::journal::Journal;
-use crate::segment::PAGE_SIZE;
-use crate::store::Inner;
-use crate::tree::{leaf_index, leaf_slot, Entry, Tree};
+use crate::map::{Loc, Piece, Tree, PAGE_SIZE};
+use crate::record::{self, Bad};
 use crate::{Error, Result};
-use parking_lot::RwLock;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
-/// Sector size: offsets and lengths are multiples of it.
+/// Sector size: offsets and lengths of block requests are multiples of it.
 pub const SECTOR: u64 = 512;
 /// Bound on compare-and-set retries of one partial-block write.
 const MAX_CAS_RETRIES: usize = 64;
-/// Bound on re-reads of a block whose record was replaced while being read.
+/// Bound on re-reads of a range whose record was replaced while being read.
 const MAX_READ_RETRIES: usize = 8;
 /// Largest run of blocks one unmap journal entry covers.
 const UNMAP_CHUNK: u64 = 1 << 16;
+/// Largest record (pages) one write stores: 16 MiB.
+const MAX_RECORD_PAGES: u32 = 4096;
 
-/// The mutable view of a volume: its head layer.
-#[derive(Debug)]
-pub(crate) struct HeadMap {
-    pub layer: u64,
-    pub parent: u64,
-    pub tree: Tree,
-    /// Leaves this layer has (or will have at the next commit) its own records for.
-    pub own: HashSet<u64>,
-    /// Leaves changed since the last commit snapshot.
-    pub dirty: HashSet<u64>,
-    pub mapped_blocks: u64,
-}
-
-#[derive(Debug)]
-pub(crate) struct VolumeState {
-    pub id: u64,
-    pub name: String,
-    pub block_size: u32,
-    pub lz4: bool,
-    pub ephemeral: bool,
-    pub tree: bool,
-    pub created_unix: u64,
-    size: AtomicU64,
-    pub map: RwLock<HeadMap>,
-    pub handles: AtomicUsize,
-    pub deleted: AtomicBool,
-    /// Set when the map may hold remote entries (remote entries installed, loaded or
-    /// replayed; or, in a store with remote packs registered, after a fork or restore),
-    /// cleared by
-    /// [`VolumeState::count_remote`] finding none: reads then look for remote blocks to
-    /// hydrate. Only a hint, so that setting it costs no map walk; reads are correct either way.
-    pub maybe_remote: AtomicBool,
-}
-
-impl VolumeState {
-    pub fn new(
-        rec: &crate::codec::VolumeRecord,
-        name: String,
-        head: HeadMap,
-        maybe_remote: bool,
-    ) -> Self {
-        VolumeState {
-            id: rec.id,
-            name,
-            block_size: rec.block_size,
-            lz4: rec.lz4,
-            ephemeral: rec.ephemeral,
-            tree: rec.tree,
-            created_unix: rec.created_unix,
-            size: AtomicU64::new(rec.size),
-            map: RwLock::new(head),
-            handles: AtomicUsize::new(0),
-            deleted: AtomicBool::new(false),
-            maybe_remote: AtomicBool::new(maybe_remote),
-        }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
-    }
-
-    pub fn set_size(&self, size: u64) {
-        self.size.store(size, Ordering::Relaxed);
-    }
-
-    pub fn blocks(&self) -> u64 {
-        self.size().div_ceil(u64::from(self.block_size))
-    }
-
-    /// Blocks of the live map still held remotely (walks the map); clears the
-    /// `maybe_remote` hint when there are none.
-    pub fn count_remote(&self) -> u64 {
-        let n: u64 = self
-            .map
-            .read()
-            .tree
-            .leaves()
-            .iter()
-            .map(|(_, l)| l.entries().iter().filter(|e| e.is_remote()).count() as u64)
-            .sum();
-        if n == 0 {
-            self.maybe_remote.store(false, Ordering::Relaxed);
-        }
-        n
-    }
-}
-
-/// One change to a block's mapping.
+/// One change to a range's mapping.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Change {
     pub block: u64,
-    /// Blocks covered (unmaps only; a mapping covers one).
+    /// Blocks covered.
     pub count: u64,
-    pub new: Option<Entry>,
-    /// For compare-and-set: the mapping the new content was derived from.
-    pub expect: Option<Option<Entry>>,
+    pub new: Option<Loc>,
+    /// For compare-and-set (one block): the mapping the new content was derived from.
+    pub expect: Option<Option<Loc>>,
+    /// What replay checks the record against (see [`JournalEntry::check`]).
+    pub check: u32,
 }
 
-/// Applies `changes` to a head map. Caller holds the gate shared and the map exclusively.
-/// Returns, per change, whether it was applied, and the journal entries to write.
+/// A whole group's compare-and-set: the group is installed only if `[first, first + blocks)`
+/// still maps exactly to `pieces` (a defragmenting rewrite of what was read) and no dead
+/// pages were handed back for reuse since the lookup (`epoch`, [`Segments::reuse_epoch`]):
+/// a location whose pages were reused may be mapped again with other bytes, so equal
+/// locations alone do not prove equal content once the lookup's reuse guard is gone.
+///
+/// [`Segments::reuse_epoch`]: crate::segment::Segments::reuse_epoch
+#[derive(Debug, Clone)]
+pub(crate) struct RangeGuard {
+    pub first: u64,
+    pub blocks: u64,
+    pub pieces: Vec<Piece>,
+    pub epoch: u64,
+}
+
+/// Applies `changes` to a loaded head map. Caller holds the gate shared and the map
+/// exclusively. Returns, per change, whether it was applied, and the journal entries to
+/// write.
 pub(crate) fn apply_changes(
     inner: &Inner,
+    vol: &VolumeState,
     map: &mut HeadMap,
     changes: &[Change],
 ) -> (Vec<bool>, Vec<JournalEntry>) {
+    let ppb = vol.ppb();
     let mut applied = Vec::with_capacity(changes.len());
     let mut journal = Vec::with_capacity(changes.len());
-    let mut released = Vec::new();
     for c in changes {
         if let Some(expect) = c.expect {
             if map.tree.get(c.block) != expect {
@@ -148,30 +91,38 @@ pub(crate) fn apply_changes(
                 continue;
             }
         }
-        match c.new {
-            Some(e) => {
-                make_own(inner, map, leaf_index(c.block));
-                inner.segments.incref(&e);
-                let old = map
-                    .tree
-                    .update_leaf(leaf_index(c.block), |l| l.insert(leaf_slot(c.block), e));
-                match old {
-                    Some(o) => released.push(o),
-                    None => map.mapped_blocks += 1,
-                }
+        let layer = map.layer;
+        let edits = map.tree.replace(c.block, c.count, c.new, layer);
+        // References first go up (chunks taken over, the new extent), then down (what the
+        // change took out), so no run is seen dead on the way.
+        for (idx, _, taken) in &edits {
+            if let Some(t) = taken {
+                inner.reference_all(t, ppb);
             }
-            None => unmap_run(inner, map, c.block, c.count, &mut released),
+            map.dirty.insert(*idx);
         }
-        let count = u32::try_from(c.count).unwrap_or(u32::MAX);
+        if let Some(l) = &c.new {
+            inner.reference(l, c.count, ppb, 1);
+        }
+        let mut delta = 0i64;
+        for (_, r, _) in &edits {
+            for (loc, blocks) in &r.removed {
+                inner.reference(loc, *blocks, ppb, -1);
+            }
+            delta += r.mapped_delta;
+        }
+        map.mapped_blocks = (map.mapped_blocks as i64 + delta).max(0) as u64;
         journal.push(JournalEntry {
             seq: 0,
-            layer: map.layer,
+            layer,
             object: 0,
             block: c.block,
-            count,
-            entry: c.new,
+            count: u32::try_from(c.count).unwrap_or(u32::MAX),
+            loc: c.new,
+            check: c.check,
             index: 0,
             more: false,
+            v1: false,
         });
         applied.push(true);
     }
@@ -183,42 +134,27 @@ pub(crate) fn apply_changes(
         j.index = u32::try_from(i).unwrap_or(u32::MAX);
         j.more = i + 1 < n;
     }
-    inner.release(released);
     (applied, journal)
 }
 
-/// Copy-on-write bookkeeping before a leaf is changed: the first change a layer makes to a
-/// leaf gives it its own record, which references every entry the leaf holds.
-fn make_own(inner: &Inner, map: &mut HeadMap, idx: u64) {
-    if map.own.insert(idx) {
-        if let Some(leaf) = map.tree.leaf(idx) {
-            for e in leaf.entries() {
-                inner.segments.incref(e);
-            }
+/// Blocks of the live map still held remotely (walks the map); clears the `maybe_remote`
+/// hint when there are none.
+pub(crate) fn count_remote(vol: &VolumeState) -> u64 {
+    let n: u64 = {
+        let m = vol.map.read();
+        if !m.loaded {
+            return 0;
         }
+        m.tree
+            .extents()
+            .filter(|e| e.loc.is_remote())
+            .map(|e| e.len)
+            .sum()
+    };
+    if n == 0 {
+        vol.maybe_remote.store(false, Ordering::Relaxed);
     }
-    map.dirty.insert(idx);
-}
-
-fn unmap_run(inner: &Inner, map: &mut HeadMap, first: u64, count: u64, released: &mut Vec<Entry>) {
-    let end = first.saturating_add(count);
-    let mut at = first;
-    while let Some(b) = map.tree.next_mapped(at) {
-        if b >= end {
-            break;
-        }
-        let idx = leaf_index(b);
-        make_own(inner, map, idx);
-        let leaf_end = ((idx + 1) << crate::tree::LEVEL_BITS).min(end);
-        let removed: Vec<Entry> = map.tree.update_leaf(idx, |l| {
-            (b..leaf_end)
-                .filter_map(|blk| l.remove(leaf_slot(blk)))
-                .collect()
-        });
-        map.mapped_blocks -= removed.len() as u64;
-        released.extend(removed);
-        at = leaf_end;
-    }
+    n
 }
 
 /// Where a read finds its mappings.
@@ -228,15 +164,40 @@ pub(crate) enum MapSource<'a> {
 }
 
 impl MapSource<'_> {
-    fn lookup(&self, first: u64, n: u64) -> Vec<Option<Entry>> {
+    fn lookup(&self, first: u64, n: u64) -> Result<Vec<Piece>> {
         match self {
             MapSource::Head(v) => {
                 let m = v.map.read();
-                (first..first + n).map(|b| m.tree.get(b)).collect()
+                Ok(m.tree(&v.name)?.lookup(first, n))
             }
-            MapSource::Frozen(t) => (first..first + n).map(|b| t.get(b)).collect(),
+            MapSource::Frozen(t) => Ok(t.lookup(first, n)),
         }
     }
+
+    fn get(&self, block: u64) -> Result<Option<Loc>> {
+        Ok(self.lookup(block, 1)?.first().and_then(|p| p.loc))
+    }
+}
+
+/// IOs a read of `pieces` issues: runs of raw pieces stored back to back count once, every
+/// other stored piece once.
+pub(crate) fn io_runs(pieces: &[Piece], ppb: u32) -> usize {
+    let mut runs = 0;
+    let mut prev: Option<&Piece> = None;
+    for p in pieces {
+        if let Some(l) = p.loc {
+            let continues = prev
+                .and_then(|q| q.loc.map(|ql| (q, ql)))
+                .is_some_and(|(q, ql)| {
+                    q.block + q.blocks == p.block && ql.continues(q.blocks, &l, ppb)
+                });
+            if !continues {
+                runs += 1;
+            }
+        }
+        prev = Some(p);
+    }
+    runs
 }
 
 /// Geometry and identity of what is being read or written.
@@ -270,235 +231,89 @@ pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64, align: Align)
     Ok(())
 }
 
-/// Largest single read when coalescing records that sit next to each other on disk.
-const MAX_COALESCED_READ: usize = 4 << 20;
-
-/// True when `b` is stored right after `a` and both are raw whole blocks, so one read
-/// fetches both.
-fn contiguous(a: &Entry, b: &Entry, block_size: u32) -> bool {
-    a.segment == b.segment
-        && !a.is_lz4()
-        && !b.is_lz4()
-        && a.stored_len() == block_size
-        && b.stored_len() == block_size
-        && a.page + a.pages() == b.page
+/// Decompresses an lz4 block into `out` (one block).
+fn decode_lz4(stored: &[u8], out: &mut [u8]) -> bool {
+    matches!(lz4_flex::block::decompress_into(stored, out), Ok(n) if n == out.len())
 }
 
-/// Decompresses an lz4 record into `out` (one block), verifying its checksum first.
-fn decode_lz4(stored: &[u8], e: &Entry, out: &mut [u8]) -> bool {
-    crc32fast::hash(stored) == e.crc
-        && matches!(lz4_flex::block::decompress_into(stored, out), Ok(n) if n == out.len())
+fn missing_segment(seg: u32) -> Error {
+    Error::Corrupt(format!("map points at missing data segment {seg}"))
 }
 
-fn read_op(inner: &Inner, e: &Entry) -> Result<Op> {
-    let seg = inner.segments.get(e.segment).ok_or_else(|| {
-        Error::Corrupt(format!("map points at missing data segment {}", e.segment))
-    })?;
-    Ok(Op::Read {
-        file: seg.file.clone(),
-        offset: u64::from(e.page) * PAGE_SIZE as u64,
-        buf: crate::io::take_buf(e.stored_len() as usize),
-    })
+/// A run of pieces stored back to back in one segment: read with one IO.
+struct Run {
+    /// Byte range of the request it fills.
+    dst: std::ops::Range<usize>,
+    loc: Loc,
+    /// Byte offset in the segment file.
+    offset: u64,
+    /// First block, for error reports.
+    block: u64,
 }
 
-/// Block `blk`'s content as record `e` holds it, decoded. `None` when a local record does not
-/// verify (it may have been freed and its pages reused since `e` was looked up); a remote one
-/// that does not verify is an error.
-fn read_entry(
-    inner: &Inner,
-    name: &str,
-    block_size: u32,
-    blk: u64,
-    e: &Entry,
-) -> Result<Option<Vec<u8>>> {
-    let bs = block_size as usize;
-    let stored = if e.is_remote() {
-        let mut v = crate::remote::fetch_records(inner, name, block_size, &[(blk, *e)])?;
-        v.pop().unwrap_or_default()
-    } else {
-        let _reuse = inner.segments.read_guard();
-        let done = inner.segments.engine().run(read_op(inner, e)?);
-        if done.result.is_err() {
-            return Ok(None);
-        }
-        done.op.into_buf()
-    };
-    let mut block = vec![0u8; bs];
-    let ok = if e.is_lz4() {
-        decode_lz4(&stored, e, &mut block)
-    } else if stored.len() == bs && crc32fast::hash(&stored) == e.crc {
-        block.copy_from_slice(&stored);
-        true
-    } else {
-        false
-    };
-    match (ok, e.is_remote()) {
-        (true, _) => Ok(Some(block)),
-        (false, false) => Ok(None),
-        (false, true) => Err(Error::Remote {
-            volume: name.to_string(),
-            offset: blk * u64::from(block_size),
-            detail: "remote record does not decode to a block".into(),
-        }),
-    }
-}
+/// What went wrong with a piece: its first block.
+struct Stale(u64);
 
-/// Reads `buf.len()` bytes at `offset` (already range-checked).
+/// Reads `buf.len()` bytes at `offset` (already range-checked). Returns the pieces the
+/// range mapped to when it was read, and the reuse epoch of that lookup (see [`RangeGuard`]).
 pub(crate) fn read(
     inner: &Inner,
     src: &MapSource<'_>,
     g: &Geometry<'_>,
     offset: u64,
     buf: &mut [u8],
-) -> Result<()> {
+) -> Result<(Vec<Piece>, u64)> {
     if buf.is_empty() {
-        return Ok(());
+        return Ok((Vec::new(), 0));
     }
     let bs = u64::from(g.block_size);
     let first = offset / bs;
     let last = (offset + buf.len() as u64 - 1) / bs;
     // Records still in a remote pack are fetched (and verified) before the reuse guard is
     // taken: a slow network must not hold off page reuse for the whole store.
-    let mut prefetched: std::collections::HashMap<u64, (Entry, Vec<u8>)> = Default::default();
+    let mut prefetched: HashMap<u64, (Loc, Vec<u8>)> = HashMap::new();
     let may_be_remote = match src {
         MapSource::Head(v) => v.maybe_remote.load(Ordering::Relaxed),
         // A checkpoint's map carries no hint: any registered pack may be in it.
         MapSource::Frozen(_) => inner.remote.any(),
     };
     if may_be_remote {
-        let remote: Vec<(u64, Entry)> = src
-            .lookup(first, last - first + 1)
+        let remote: Vec<(u64, Loc)> = src
+            .lookup(first, last - first + 1)?
             .into_iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.filter(|e| e.is_remote()).map(|e| (first + i as u64, e)))
+            .filter_map(|p| p.loc.filter(Loc::is_remote).map(|l| (p.block, l)))
             .collect();
         if !remote.is_empty() {
-            let data = crate::remote::fetch_records(inner, g.name, g.block_size, &remote)?;
-            prefetched.extend(remote.into_iter().zip(data).map(|((b, e), d)| (b, (e, d))));
+            let data = crate::remote::fetch_records(&inner.remote, g.name, g.block_size, &remote)?;
+            prefetched.extend(remote.into_iter().zip(data).map(|((b, l), d)| (b, (l, d))));
         }
     }
-    // From lookup to the end of the IO: pages of entries looked up here are not handed to
-    // writers meanwhile (see `Segments::reclaim`).
-    let _reuse = inner.segments.read_guard();
-    let mut entries = src.lookup(first, last - first + 1);
-    let mut pending: Vec<usize> = (0..entries.len()).collect();
     for attempt in 0..=MAX_READ_RETRIES {
-        let mut ops = Vec::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut remote = Vec::new();
-        for &i in &pending {
-            let Some(e) = entries[i] else {
-                copy_block(g, offset, first + i as u64, None, buf);
-                continue;
-            };
-            if e.is_remote() {
-                remote.push((first + i as u64, e));
-                continue;
-            }
-            if let (Some(group), Some(Op::Read { buf: rbuf, .. })) =
-                (groups.last_mut(), ops.last_mut())
-            {
-                let prev = entries[group[group.len() - 1]].unwrap_or(e);
-                if group[group.len() - 1] + 1 == i
-                    && contiguous(&prev, &e, g.block_size)
-                    && rbuf.len() < MAX_COALESCED_READ
-                {
-                    rbuf.resize(rbuf.len() + g.block_size as usize, 0);
-                    group.push(i);
-                    continue;
-                }
-            }
-            ops.push(read_op(inner, &e)?);
-            groups.push(vec![i]);
-        }
-        let mut retry = Vec::new();
-        // Only lz4 records need a block to decompress into.
-        let mut block = Vec::new();
-        if !remote.is_empty() {
-            // Verified against their crc32 by the fetch; a failure is an error, never data.
-            // Fetched above unless the map changed since (then fetched here, under the guard).
-            let missing: Vec<(u64, Entry)> = remote
-                .iter()
-                .filter(|(b, e)| prefetched.get(b).is_none_or(|(pe, _)| pe != e))
-                .copied()
-                .collect();
-            let mut late =
-                crate::remote::fetch_records(inner, g.name, g.block_size, &missing)?.into_iter();
-            let fetched: Vec<Vec<u8>> = remote
-                .iter()
-                .map(|(b, e)| match prefetched.remove(b) {
-                    Some((pe, d)) if pe == *e => d,
-                    _ => late.next().unwrap_or_default(),
-                })
-                .collect();
-            for ((blk, e), stored) in remote.iter().zip(fetched) {
-                if e.is_lz4() {
-                    block.resize(g.block_size as usize, 0);
-                    if !decode_lz4(&stored, e, &mut block) {
-                        return Err(Error::Remote {
-                            volume: g.name.to_string(),
-                            offset: blk * bs,
-                            detail: "lz4 record does not decode".into(),
-                        });
-                    }
-                    copy_block(g, offset, *blk, Some(&block), buf);
-                } else if stored.len() == g.block_size as usize {
-                    copy_block(g, offset, *blk, Some(&stored), buf);
-                } else {
-                    return Err(Error::Remote {
-                        volume: g.name.to_string(),
-                        offset: blk * bs,
-                        detail: format!("raw record of {} bytes", stored.len()),
-                    });
-                }
-            }
-        }
-        for (done, group) in inner.segments.engine().submit(ops).into_iter().zip(groups) {
-            let ok = done.result.is_ok();
-            let data = done.op.into_buf();
-            let mut at = 0usize;
-            for i in group {
-                let e = entries[i].unwrap_or(Entry {
-                    segment: 0,
-                    page: 0,
-                    len_flags: 0,
-                    crc: 0,
-                });
-                let stored = &data[at..at + e.stored_len() as usize];
-                at += e.stored_len() as usize;
-                let raw = !e.is_lz4() && stored.len() == g.block_size as usize;
-                if ok && raw && crc32fast::hash(stored) == e.crc {
-                    copy_block(g, offset, first + i as u64, Some(stored), buf);
-                } else if ok && e.is_lz4() && {
-                    block.resize(g.block_size as usize, 0);
-                    decode_lz4(stored, &e, &mut block)
-                } {
-                    copy_block(g, offset, first + i as u64, Some(&block), buf);
-                } else {
-                    retry.push(i);
-                }
-            }
-            crate::io::give_buf(data);
-        }
-        if retry.is_empty() {
-            return Ok(());
-        }
-        // A record replaced (and punched) while we read it fails its checksum; look again.
-        let mut still_bad = None;
-        for &i in &retry {
-            let now = src.lookup(first + i as u64, 1)[0];
-            if now == entries[i] || attempt == MAX_READ_RETRIES {
-                still_bad.get_or_insert(i);
-            }
-            entries[i] = now;
-        }
-        if let Some(i) = still_bad {
+        // From lookup to the end of the IO: pages of locations looked up here are not handed
+        // to writers meanwhile (see `Segments::reclaim`).
+        let reuse = inner.segments.read_guard();
+        let epoch = inner.segments.reuse_epoch();
+        let pieces = src.lookup(first, last - first + 1)?;
+        let bad = match read_pieces(inner, g, offset, buf, &pieces, &prefetched)? {
+            None => return Ok((pieces, epoch)),
+            Some(Stale(b)) => b,
+        };
+        drop(reuse);
+        // A record replaced (and its pages reused) since the lookup fails its checksum; look
+        // again. Still mapped the same: it is damaged.
+        let then = pieces
+            .iter()
+            .find(|p| p.block <= bad && bad < p.block + p.blocks)
+            .and_then(|p| {
+                p.loc
+                    .map(|l| l.advance(bad - p.block, g.block_size / PAGE_SIZE as u32))
+            });
+        if src.get(bad)? == then || attempt == MAX_READ_RETRIES {
             return Err(Error::Checksum {
                 volume: g.name.to_string(),
-                offset: (first + i as u64) * bs,
+                offset: bad * bs,
             });
         }
-        pending = retry;
     }
     Err(Error::Checksum {
         volume: g.name.to_string(),
@@ -506,65 +321,450 @@ pub(crate) fn read(
     })
 }
 
-/// Copies the part of block `blk` inside the request into `buf` (zeros for `None`).
-fn copy_block(g: &Geometry<'_>, offset: u64, blk: u64, data: Option<&[u8]>, buf: &mut [u8]) {
+/// Reads `pieces` into `buf` (which starts at byte `offset` of the volume). `Some` names a
+/// block whose bytes did not verify.
+fn read_pieces(
+    inner: &Inner,
+    g: &Geometry<'_>,
+    offset: u64,
+    buf: &mut [u8],
+    pieces: &[Piece],
+    prefetched: &HashMap<u64, (Loc, Vec<u8>)>,
+) -> Result<Option<Stale>> {
     let bs = u64::from(g.block_size);
-    let start = (blk * bs).max(offset);
-    let end = ((blk + 1) * bs).min(offset + buf.len() as u64);
-    let dst = &mut buf[(start - offset) as usize..(end - offset) as usize];
-    match data {
-        Some(d) => dst.copy_from_slice(&d[(start - blk * bs) as usize..(end - blk * bs) as usize]),
-        None => dst.fill(0),
-    }
-}
-
-/// A block's new content, ready to store.
-struct Record<'a> {
-    block: u64,
-    payload: std::borrow::Cow<'a, [u8]>,
-    lz4: bool,
-    crc: u32,
-    expect: Option<Option<Entry>>,
-}
-
-fn encode_record(
-    block: u64,
-    data: std::borrow::Cow<'_, [u8]>,
-    lz4: bool,
-    expect: Option<Option<Entry>>,
-) -> Record<'_> {
-    let bs = data.len();
-    if lz4 {
-        let c = lz4_flex::block::compress(&data);
-        // Worth it only if it saves at least one page.
-        if c.len().div_ceil(PAGE_SIZE) < bs.div_ceil(PAGE_SIZE) {
-            let crc = crc32fast::hash(&c);
-            return Record {
-                block,
-                crc,
-                payload: c.into(),
-                lz4: true,
-                expect,
-            };
+    let end = offset + buf.len() as u64;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut others: Vec<(std::ops::Range<usize>, u64, Loc)> = Vec::new();
+    for p in pieces {
+        let from = (p.block * bs).max(offset);
+        let to = ((p.block + p.blocks) * bs).min(end);
+        let dst = (from - offset) as usize..(to - offset) as usize;
+        match p.loc {
+            None => buf[dst].fill(0),
+            Some(l) if l.is_raw() => {
+                let seg_off = u64::from(l.page) * PAGE_SIZE as u64 + (from - p.block * bs);
+                match runs.last_mut() {
+                    Some(r)
+                        if r.loc.segment == l.segment
+                            && r.dst.end == dst.start
+                            && r.offset + r.dst.len() as u64 == seg_off =>
+                    {
+                        r.dst.end = dst.end
+                    }
+                    _ => runs.push(Run {
+                        dst,
+                        loc: l,
+                        offset: seg_off,
+                        block: p.block,
+                    }),
+                }
+            }
+            Some(l) => others.push((dst, p.block, l)),
         }
     }
-    Record {
-        block,
-        crc: crc32fast::hash(&data),
-        payload: data,
-        lz4: false,
-        expect,
+    for (dst, block, l) in others {
+        let Some(data) = read_block(inner, g, block, &l, prefetched)? else {
+            return Ok(Some(Stale(block)));
+        };
+        let at = ((block * bs).max(offset) - block * bs) as usize;
+        let n = dst.len();
+        buf[dst].copy_from_slice(&data[at..at + n]);
     }
+    if runs.is_empty() {
+        return Ok(None);
+    }
+    // One IO per run, straight into the caller's buffer, from the page cache only.
+    let mut segs = Vec::with_capacity(runs.len());
+    for r in &runs {
+        segs.push(
+            inner
+                .segments
+                .get(r.loc.segment)
+                .ok_or_else(|| missing_segment(r.loc.segment))?,
+        );
+    }
+    let mut ops = Vec::with_capacity(runs.len());
+    let mut rest: &mut [u8] = buf;
+    let mut at = 0usize;
+    for (r, seg) in runs.iter().zip(&segs) {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dst.start - at);
+        let (dst, tail) = tail.split_at_mut(r.dst.len());
+        rest = tail;
+        at = r.dst.end;
+        ops.push(record::cached_read(seg, r.offset, dst));
+    }
+    let mut bad = None;
+    for ((done, r), seg) in inner
+        .segments
+        .engine()
+        .submit(ops)
+        .into_iter()
+        .zip(&runs)
+        .zip(&segs)
+    {
+        let got = done.result.map_err(|e| Error::io("reading data", e))?;
+        let Op::ReadCached {
+            buf: Buf::Slice(dst),
+            ..
+        } = done.op
+        else {
+            continue;
+        };
+        // A page brought in by a read still verifying it is not trusted yet.
+        let from = if seg.unverified_reads() { 0 } else { got };
+        if from < dst.len() && !verify_into(inner, seg, r.offset + from as u64, &mut dst[from..])? {
+            bad.get_or_insert(Stale(r.block + (from as u64) / bs));
+        }
+    }
+    Ok(bad)
+}
+
+/// Fills `dst` from byte `offset` of `seg`, reading the pages it covers from the device and
+/// checking them against the table. False when they do not verify.
+fn verify_into(
+    inner: &Inner,
+    seg: &crate::segment::Segment,
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<bool> {
+    let page = offset / PAGE_SIZE as u64;
+    let end = offset + dst.len() as u64;
+    let pages = end.div_ceil(PAGE_SIZE as u64) - page;
+    let (Ok(page32), Ok(pages32)) = (u32::try_from(page), u32::try_from(pages)) else {
+        return Ok(false);
+    };
+    match record::read_verified(inner.segments.engine(), seg, page32, pages32) {
+        Ok(data) => {
+            let at = (offset - page * PAGE_SIZE as u64) as usize;
+            dst.copy_from_slice(&data[at..at + dst.len()]);
+            crate::io::give_buf(data);
+            Ok(true)
+        }
+        Err(Bad::Checksum) => Ok(false),
+        Err(Bad::Io(e)) => Err(Error::io("reading data", e)),
+        Err(Bad::NoSegment) => Err(missing_segment(seg.id)),
+        Err(Bad::OutOfSegment) => Err(Error::Corrupt(format!(
+            "map points past the end of data segment {}",
+            seg.id
+        ))),
+    }
+}
+
+/// Block `blk`'s content as `loc` holds it, decoded and verified. `None` when a local record
+/// does not verify (it may have been freed and its pages reused since `loc` was looked up);
+/// a remote one that does not verify is an error.
+fn read_block(
+    inner: &Inner,
+    g: &Geometry<'_>,
+    blk: u64,
+    loc: &Loc,
+    prefetched: &HashMap<u64, (Loc, Vec<u8>)>,
+) -> Result<Option<Vec<u8>>> {
+    let bs = g.block_size as usize;
+    let remote_err = |detail: String| Error::Remote {
+        volume: g.name.to_string(),
+        offset: blk * bs as u64,
+        detail,
+    };
+    let stored = if loc.is_remote() {
+        match prefetched.get(&blk) {
+            Some((l, d)) if l == loc => d.clone(),
+            _ => crate::remote::fetch_records(&inner.remote, g.name, g.block_size, &[(blk, *loc)])?
+                .pop()
+                .unwrap_or_default(),
+        }
+    } else if loc.is_raw() {
+        let seg = inner
+            .segments
+            .get(loc.segment)
+            .ok_or_else(|| missing_segment(loc.segment))?;
+        let mut block = vec![0u8; bs];
+        let offset = u64::from(loc.page) * PAGE_SIZE as u64;
+        let got = inner
+            .segments
+            .engine()
+            .run(record::cached_read(&seg, offset, &mut block))
+            .result;
+        let got = got.map_err(|e| Error::io("reading data", e))?;
+        let from = if seg.unverified_reads() { 0 } else { got };
+        if from < bs && !verify_into(inner, &seg, offset + from as u64, &mut block[from..])? {
+            return Ok(None);
+        }
+        return Ok(Some(block));
+    } else {
+        match record::read_single(&inner.segments, loc) {
+            Ok(d) => d,
+            Err(Bad::Checksum) => return Ok(None),
+            Err(Bad::Io(e)) => return Err(Error::io("reading data", e)),
+            Err(Bad::NoSegment) => return Err(missing_segment(loc.segment)),
+            Err(Bad::OutOfSegment) => {
+                return Err(Error::Corrupt(format!(
+                    "map points past the end of data segment {}",
+                    loc.segment
+                )))
+            }
+        }
+    };
+    if loc.is_lz4() {
+        let mut block = vec![0u8; bs];
+        if decode_lz4(&stored, &mut block) {
+            return Ok(Some(block));
+        }
+        if loc.is_remote() {
+            return Err(remote_err("lz4 record does not decode".into()));
+        }
+        return Ok(None);
+    }
+    if stored.len() != bs {
+        if loc.is_remote() {
+            return Err(remote_err(format!("raw record of {} bytes", stored.len())));
+        }
+        return Ok(None);
+    }
+    Ok(Some(stored))
+}
+
+/// A run of blocks' new content, ready to store.
+struct Rec<'a> {
+    block: u64,
+    /// Whole blocks (plain), or one lz4-compressed block as stored (hydration).
+    data: Cow<'a, [u8]>,
+    stored_lz4: bool,
+    /// For compare-and-set (one block): the mapping the content was derived from.
+    expect: Option<Option<Loc>>,
 }
 
 /// What a write request asks of one block.
 enum BlockWrite<'a> {
+    /// Whole blocks from `block` on.
     Full(&'a [u8]),
     /// Patch `data` at `at` bytes into the block.
-    Partial {
-        at: usize,
-        data: &'a [u8],
-    },
+    Partial { at: usize, data: &'a [u8] },
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned
+        // middle of the byte slice, which stays borrowed for the same lifetime.
+        unsafe { b.align_to::<u128>() }
+    };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// A run of blocks to store as one record (or one lz4 block), as it will be stored.
+struct Stored<'a> {
+    block: u64,
+    blocks: u64,
+    bytes: Cow<'a, [u8]>,
+    lz4: bool,
+    expect: Option<Option<Loc>>,
+}
+
+/// A piece written to disk: where it went, and its pages' crcs.
+struct Placed {
+    block: u64,
+    blocks: u64,
+    loc: Loc,
+    expect: Option<Option<Loc>>,
+    crcs: Vec<u32>,
+}
+
+/// Splits records into the pieces to store, in allocations of at most `max_pages` pages,
+/// and the unmaps of all-zero blocks of plain content (thin provisioning).
+fn lay_out<'d>(
+    records: &'d [Rec<'_>],
+    bs: usize,
+    lz4: bool,
+    max_pages: u32,
+) -> (Vec<Vec<Stored<'d>>>, Vec<Change>) {
+    let mut unmaps = Vec::new();
+    let mut pieces = Vec::new();
+    for r in records {
+        if r.stored_lz4 {
+            pieces.push(Stored {
+                block: r.block,
+                blocks: 1,
+                bytes: Cow::Borrowed(&r.data),
+                lz4: true,
+                expect: r.expect,
+            });
+            continue;
+        }
+        for (first, run) in nonzero_runs(&r.data, bs, |i| {
+            unmaps.push(Change {
+                block: r.block + i,
+                count: 1,
+                new: None,
+                expect: r.expect,
+                check: 0,
+            })
+        }) {
+            split_run(
+                r.block + first,
+                run,
+                bs,
+                lz4,
+                max_pages,
+                r.expect,
+                &mut pieces,
+            );
+        }
+    }
+    let mut batches: Vec<(u32, Vec<Stored<'d>>)> = Vec::new();
+    for p in pieces {
+        let pages = p.bytes.len().div_ceil(PAGE_SIZE) as u32;
+        match batches.last_mut() {
+            Some((n, b)) if *n + pages <= max_pages => {
+                *n += pages;
+                b.push(p);
+            }
+            _ => batches.push((pages, vec![p])),
+        }
+    }
+    (batches.into_iter().map(|(_, b)| b).collect(), unmaps)
+}
+
+/// The runs of non-zero blocks of `data` (first block index, bytes); `zero` is called with
+/// the index of each all-zero block.
+fn nonzero_runs(data: &[u8], bs: usize, mut zero: impl FnMut(u64)) -> Vec<(u64, &[u8])> {
+    let n = data.len() / bs;
+    let mut out = Vec::new();
+    let mut start = None;
+    for i in 0..=n {
+        let is_zero = i < n && is_zero(&data[i * bs..(i + 1) * bs]);
+        if i == n || is_zero {
+            if let Some(s) = start.take() {
+                out.push((s as u64, &data[s * bs..i * bs]));
+            }
+            if is_zero {
+                zero(i as u64);
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
+    }
+    out
+}
+
+/// Cuts a run of plain blocks into pieces: one per block for lz4 volumes (compressed when
+/// that saves a page), else runs that fit an allocation.
+fn split_run<'d>(
+    block: u64,
+    run: &'d [u8],
+    bs: usize,
+    lz4: bool,
+    max_pages: u32,
+    expect: Option<Option<Loc>>,
+    out: &mut Vec<Stored<'d>>,
+) {
+    if lz4 {
+        for (i, plain) in run.chunks(bs).enumerate() {
+            let c = lz4_flex::block::compress(plain);
+            let saves = c.len().div_ceil(PAGE_SIZE) < bs.div_ceil(PAGE_SIZE);
+            let (bytes, lz4) = if saves {
+                (Cow::Owned(c), true)
+            } else {
+                (Cow::Borrowed(plain), false)
+            };
+            out.push(Stored {
+                block: block + i as u64,
+                blocks: 1,
+                bytes,
+                lz4,
+                expect,
+            });
+        }
+        return;
+    }
+    let per = (max_pages as usize * PAGE_SIZE / bs).max(1);
+    for (i, part) in run.chunks(per * bs).enumerate() {
+        out.push(Stored {
+            block: block + (i * per) as u64,
+            blocks: (part.len() / bs) as u64,
+            bytes: Cow::Borrowed(part),
+            lz4: false,
+            expect,
+        });
+    }
+}
+
+/// Turns placed pieces into changes: pieces stored back to back become one extent and one
+/// journal entry.
+fn changes_of(placed: Vec<Placed>, ppb: u32) -> Vec<Change> {
+    let mut merged: Vec<Placed> = Vec::new();
+    for p in placed {
+        match merged.last_mut() {
+            Some(q)
+                if q.expect.is_none()
+                    && p.expect.is_none()
+                    && q.block + q.blocks == p.block
+                    && q.loc.continues(q.blocks, &p.loc, ppb) =>
+            {
+                q.blocks += p.blocks;
+                q.crcs.extend(p.crcs);
+            }
+            _ => merged.push(p),
+        }
+    }
+    merged
+        .iter()
+        .map(|p| Change {
+            block: p.block,
+            count: p.blocks,
+            new: Some(p.loc),
+            expect: p.expect,
+            check: codec::table_crc(&p.crcs),
+        })
+        .collect()
+}
+
+/// Lays `batch` out in `alloc`: its pages' crcs, where each piece went, and the writes: one
+/// for the data (the caller's buffer itself when the batch is one whole-page piece of it,
+/// else the pieces gathered and padded in one buffer) and one for the checksum table.
+fn place<'a>(
+    alloc: &crate::segment::Allocation,
+    batch: &'a [Stored<'a>],
+    placed: &mut Vec<Placed>,
+    ops: &mut Vec<Op<'a>>,
+) {
+    let seg = &alloc.seg;
+    let mut crcs = Vec::new();
+    let mut page = alloc.page;
+    for p in batch {
+        let mut mine = Vec::with_capacity(p.bytes.len().div_ceil(PAGE_SIZE));
+        record::page_crcs(&p.bytes, &mut mine);
+        let loc = if p.lz4 {
+            Loc::lz4(seg.id, page, p.bytes.len() as u32)
+        } else {
+            Loc::raw(seg.id, page)
+        };
+        page += mine.len() as u32;
+        crcs.extend_from_slice(&mine);
+        placed.push(Placed {
+            block: p.block,
+            blocks: p.blocks,
+            loc,
+            expect: p.expect,
+            crcs: mine,
+        });
+    }
+    let buf = match batch {
+        [p] if p.bytes.len() % PAGE_SIZE == 0 => Data::Slice(&p.bytes),
+        _ => {
+            let mut g = crate::io::take_empty_buf(crcs.len() * PAGE_SIZE);
+            for p in batch {
+                g.extend_from_slice(&p.bytes);
+                g.resize(g.len().next_multiple_of(PAGE_SIZE), 0);
+            }
+            Data::Owned(g)
+        }
+    };
+    ops.push(Op::Write {
+        file: seg.file.clone(),
+        offset: u64::from(alloc.page) * PAGE_SIZE as u64,
+        buf,
+    });
+    ops.push(record::table_write(seg, alloc.page, &crcs));
 }
 
 pub(crate) struct Writer<'a> {
@@ -585,32 +785,57 @@ impl Writer<'_> {
         let g = self.geometry();
         check_range(&g, offset, data.len() as u64, align)?;
         self.inner.check_poisoned()?;
-        let bs = u64::from(g.block_size);
-        let mut reqs = Vec::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let abs = offset + pos as u64;
-            let blk = abs / bs;
-            let at = (abs - blk * bs) as usize;
-            let n = (bs as usize - at).min(data.len() - pos);
-            let chunk = &data[pos..pos + n];
-            reqs.push((
-                blk,
-                if n == bs as usize {
-                    BlockWrite::Full(chunk)
-                } else {
-                    BlockWrite::Partial { at, data: chunk }
-                },
-            ));
-            pos += n;
+        if data.is_empty() {
+            return Ok(());
         }
-        self.write_blocks(reqs)
+        let bs = u64::from(g.block_size);
+        let end = offset + data.len() as u64;
+        let mut reqs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let blk = pos / bs;
+            let at = (pos - blk * bs) as usize;
+            let slice = &data[(pos - offset) as usize..];
+            if at == 0 && end - pos >= bs {
+                // As many whole blocks as the request holds, in one piece.
+                let n = (end - pos) / bs;
+                reqs.push((blk, BlockWrite::Full(&slice[..(n * bs) as usize])));
+                pos += n * bs;
+            } else {
+                let n = (bs as usize - at).min((end - pos) as usize);
+                reqs.push((
+                    blk,
+                    BlockWrite::Partial {
+                        at,
+                        data: &slice[..n],
+                    },
+                ));
+                pos += n as u64;
+            }
+        }
+        self.write_reqs(reqs)
     }
 
-    fn write_blocks(&self, mut reqs: Vec<(u64, BlockWrite<'_>)>) -> Result<()> {
+    fn write_reqs(&self, reqs: Vec<(u64, BlockWrite<'_>)>) -> Result<()> {
+        let done = self.write_reqs_cas(reqs);
+        // Outside the reuse guard: handing pages back waits for every guard holder.
+        self.inner.reuse_fresh(false);
+        done
+    }
+
+    fn write_reqs_cas(&self, mut reqs: Vec<(u64, BlockWrite<'_>)>) -> Result<()> {
         for _ in 0..MAX_CAS_RETRIES {
-            let records = self.prepare(&reqs)?;
-            let conflicted = self.store_and_map(records)?;
+            let partial = reqs
+                .iter()
+                .any(|(_, w)| matches!(w, BlockWrite::Partial { .. }));
+            let conflicted = {
+                // From the lookup of a partial block's old location to the install that
+                // compares against it: that location's pages are not reused meanwhile, so
+                // it cannot come back mapped with other bytes and pass the compare (ABA).
+                let _reuse = partial.then(|| self.inner.segments.read_guard());
+                let records = self.prepare(&reqs)?;
+                self.store_and_map(records)?
+            };
             if conflicted.is_empty() {
                 return Ok(());
             }
@@ -619,38 +844,47 @@ impl Writer<'_> {
         Err(Error::Contention(self.vol.name.clone()))
     }
 
-    /// Builds the new content of each block (reading old content for partial blocks).
-    fn prepare<'d>(&self, reqs: &[(u64, BlockWrite<'d>)]) -> Result<Vec<Record<'d>>> {
+    /// Builds the new content of each request (reading old content for partial blocks).
+    fn prepare<'d>(&self, reqs: &[(u64, BlockWrite<'d>)]) -> Result<Vec<Rec<'d>>> {
         let mut out = Vec::with_capacity(reqs.len());
         for (blk, w) in reqs {
             match w {
-                BlockWrite::Full(d) => {
-                    out.push(encode_record(*blk, (*d).into(), self.vol.lz4, None))
-                }
+                BlockWrite::Full(d) => out.push(Rec {
+                    block: *blk,
+                    data: Cow::Borrowed(d),
+                    stored_lz4: false,
+                    expect: None,
+                }),
                 BlockWrite::Partial { at, data } => {
-                    // The old content is read from the very record the compare-and-set
+                    // The old content is read from the very location the compare-and-set
                     // below expects (`cur`), not through the map again: whatever happens to
-                    // the block meanwhile (a write, a restore bringing `cur` back), the
-                    // patch applies to `cur`'s bytes, or the install fails and the write is
-                    // redone.
+                    // the block meanwhile (a write, a restore bringing `cur` back), the patch
+                    // applies to `cur`'s bytes, or the install fails and the write is redone.
                     let (cur, mut block) = self.old_content(*blk)?;
                     block[*at..*at + data.len()].copy_from_slice(data);
-                    out.push(encode_record(*blk, block.into(), self.vol.lz4, Some(cur)));
+                    out.push(Rec {
+                        block: *blk,
+                        data: Cow::Owned(block),
+                        stored_lz4: false,
+                        expect: Some(cur),
+                    });
                 }
             }
         }
         Ok(out)
     }
 
-    /// Block `blk`'s current record and its content (zeros for a hole), read by entry.
-    fn old_content(&self, blk: u64) -> Result<(Option<Entry>, Vec<u8>)> {
-        let bs = self.vol.block_size as usize;
+    /// Block `blk`'s current location and its content (zeros for a hole), read by location.
+    /// The caller holds the reuse guard.
+    fn old_content(&self, blk: u64) -> Result<(Option<Loc>, Vec<u8>)> {
+        let g = self.geometry();
+        let bs = g.block_size as usize;
         for _ in 0..=MAX_READ_RETRIES {
-            let cur = self.vol.map.read().tree.get(blk);
-            let Some(e) = cur else {
+            let cur = self.vol.map.read().tree(&self.vol.name)?.get(blk);
+            let Some(l) = cur else {
                 return Ok((None, vec![0u8; bs]));
             };
-            if let Some(d) = read_entry(self.inner, &self.vol.name, self.vol.block_size, blk, &e)? {
+            if let Some(d) = read_block(self.inner, &g, blk, &l, &HashMap::new())? {
                 return Ok((cur, d));
             }
             // The record did not verify: freed and reused since the lookup (look again),
@@ -665,100 +899,172 @@ impl Writer<'_> {
         })
     }
 
-    /// Writes the records' data, installs their mappings, writes the journal. Returns the
-    /// blocks whose compare-and-set lost.
-    fn store_and_map(&self, records: Vec<Record<'_>>) -> Result<HashSet<u64>> {
+    /// Writes the records' data and checksums, installs their mappings, writes the journal.
+    /// Returns the blocks whose compare-and-set lost.
+    fn store_and_map(&self, records: Vec<Rec<'_>>) -> Result<HashSet<u64>> {
+        self.store_guarded(records, None)
+    }
+
+    /// Stores `data` (the current content of blocks from `first`, as read) as new records
+    /// and installs them only if the range still maps to what was read (`guard`): a
+    /// defragmenting rewrite. Only the mapped runs of the range are stored. Returns whether
+    /// it was installed.
+    pub(crate) fn rewrite(&self, data: &[u8], guard: &RangeGuard) -> Result<bool> {
+        // Written meanwhile: nothing to do (checked again, under the lock, at install).
+        if self
+            .vol
+            .map
+            .read()
+            .tree(&self.vol.name)?
+            .lookup(guard.first, guard.blocks)
+            != guard.pieces
+        {
+            return Ok(false);
+        }
+        let bs = self.vol.block_size as usize;
+        let mut records = Vec::new();
+        let mut run: Option<(u64, u64)> = None;
+        for p in guard.pieces.iter().chain([&Piece {
+            block: u64::MAX,
+            blocks: 0,
+            loc: None,
+        }]) {
+            match (run, p.loc) {
+                (Some((s, n)), Some(_)) if s + n == p.block => run = Some((s, n + p.blocks)),
+                (r, loc) => {
+                    if let Some((s, n)) = r {
+                        let at = ((s - guard.first) as usize) * bs;
+                        records.push(Rec {
+                            block: s,
+                            data: Cow::Borrowed(&data[at..at + n as usize * bs]),
+                            stored_lz4: false,
+                            expect: None,
+                        });
+                    }
+                    run = loc.map(|_| (p.block, p.blocks));
+                }
+            }
+        }
+        if records.is_empty() {
+            return Ok(false);
+        }
+        let done = self.store_guarded(records, Some(guard));
+        self.inner.reuse_fresh(false);
+        Ok(done?.is_empty())
+    }
+
+    fn store_guarded(
+        &self,
+        records: Vec<Rec<'_>>,
+        guard: Option<&RangeGuard>,
+    ) -> Result<HashSet<u64>> {
         let inner = self.inner;
         let bs = self.vol.block_size as usize;
-        // All-zero blocks are unmapped instead of stored (thin provisioning); decided once.
-        let zero: Vec<bool> = records
-            .iter()
-            .map(|r| !r.lz4 && r.payload.len() == bs && r.payload.iter().all(|&b| b == 0))
-            .collect();
-        let stored = || {
-            records
-                .iter()
-                .zip(&zero)
-                .filter(|(_, z)| !**z)
-                .map(|(r, _)| r)
-        };
-        let pages: u32 = stored()
-            .map(|r| r.payload.len().div_ceil(PAGE_SIZE) as u32)
-            .sum();
-        let mut changes = Vec::with_capacity(records.len());
-        let mut written = Vec::new();
+        let max_pages = MAX_RECORD_PAGES.min(inner.segments.max_record_pages());
+        let (batches, mut changes) = lay_out(&records, bs, self.vol.lz4, max_pages);
         // Held until the records are installed (or abandoned): see `Allocation`.
-        let mut _reservation = None;
-        if pages > 0 {
+        let mut reservations = Vec::with_capacity(batches.len());
+        let mut placed = Vec::new();
+        let mut ops: Vec<Op<'_>> = Vec::new();
+        for batch in &batches {
+            let pages = batch
+                .iter()
+                .map(|p| p.bytes.len().div_ceil(PAGE_SIZE) as u32)
+                .sum();
             let alloc = inner.segments.allocate(pages)?;
-            let (seg, first_page) = (alloc.seg.clone(), alloc.page);
-            _reservation = Some(alloc);
-            let mut buf = crate::io::take_empty_buf(pages as usize * PAGE_SIZE);
-            let mut page = first_page;
-            for r in stored() {
-                let e = Entry::new(seg.id, page, r.payload.len() as u32, r.lz4, r.crc);
-                buf.extend_from_slice(&r.payload);
-                buf.resize(buf.len().next_multiple_of(PAGE_SIZE), 0);
-                page += e.pages();
-                written.push(e);
-            }
-            let op = Op::Write {
-                file: seg.file.clone(),
-                offset: u64::from(first_page) * PAGE_SIZE as u64,
-                buf,
-            };
-            let done = inner.segments.engine().run(op);
+            place(&alloc, batch, &mut placed, &mut ops);
+            reservations.push(alloc);
+        }
+        for done in inner.segments.engine().submit(ops) {
             if let Err(e) = done.result {
                 return Err(inner.poison(Error::io("writing data", e)));
             }
-            crate::io::give_buf(done.op.into_buf());
-            inner.segments.mark_written(&seg);
-            inner.note_dirty(u64::from(pages) * PAGE_SIZE as u64);
         }
-        let mut w = written.iter();
-        for (r, z) in records.iter().zip(&zero) {
-            let new = if *z { None } else { w.next().copied() };
-            changes.push(Change {
-                block: r.block,
-                count: 1,
-                new,
-                expect: r.expect,
-            });
+        for a in &reservations {
+            inner.segments.mark_written(&a.seg);
         }
-        let applied = self.install(&changes)?;
-        let mut conflicted = HashSet::new();
-        let mut orphans = Vec::new();
-        for (c, ok) in changes.iter().zip(applied) {
-            if !ok {
-                conflicted.insert(c.block);
-                orphans.extend(c.new);
-            }
-        }
-        // Records that lost their compare-and-set were never referenced.
-        for e in &orphans {
-            inner.segments.mark_dead(e);
-        }
-        inner.dead.lock().extend(orphans);
-        Ok(conflicted)
+        let stored: u64 = placed.iter().map(|p| p.crcs.len() as u64).sum();
+        inner.note_dirty(stored * PAGE_SIZE as u64);
+        changes.extend(changes_of(placed, self.vol.ppb()));
+        changes.sort_by_key(|c| c.block);
+        let applied = self.install_guarded(&changes, guard)?;
+        drop(reservations);
+        Ok(self.abandon_lost(&changes, &applied))
     }
 
-    /// Replaces remote entries by local copies of their records: fetches and verifies them,
-    /// stores them and installs each with compare-and-set against the remote entry (a block
-    /// written meanwhile keeps the new write). Returns the bytes fetched.
-    pub(crate) fn hydrate(&self, items: &[(u64, Entry)]) -> Result<u64> {
+    /// Blocks whose compare-and-set lost; their new records were never referenced, so their
+    /// pages are free once the next commit is durable, like any other dead run.
+    fn abandon_lost(&self, changes: &[Change], applied: &[bool]) -> HashSet<u64> {
+        let ppb = self.vol.ppb();
+        let mut conflicted = HashSet::new();
+        let (mut orphans, mut fresh) = (Vec::new(), Vec::new());
+        for (c, ok) in changes.iter().zip(applied) {
+            if *ok {
+                continue;
+            }
+            conflicted.insert(c.block);
+            if let Some(l) = c.new {
+                let run = crate::segment::PageRun {
+                    segment: l.segment,
+                    page: l.page,
+                    pages: l.pages(c.count, ppb),
+                };
+                if let Some(seg) = self.inner.segments.get(run.segment) {
+                    self.inner.segments.note_pending_dead(&seg, run.pages);
+                }
+                if self.inner.segments.is_fresh(&run) {
+                    fresh.push(run);
+                } else {
+                    orphans.push(run);
+                }
+            }
+        }
+        if !orphans.is_empty() {
+            self.inner.dead.lock().extend(orphans);
+        }
+        self.inner.add_fresh(fresh);
+        conflicted
+    }
+
+    /// Writes whole blocks (distinct, any order) as one journal group.
+    pub fn write_blocks(&self, blocks: &[(u64, &[u8])]) -> Result<()> {
+        let mut sorted: Vec<(u64, &[u8])> = blocks.to_vec();
+        sorted.sort_by_key(|(b, _)| *b);
+        let records = sorted
+            .into_iter()
+            .map(|(block, d)| Rec {
+                block,
+                data: Cow::Borrowed(d),
+                stored_lz4: false,
+                expect: None,
+            })
+            .collect();
+        let done = self.store_and_map(records).map(|_| ());
+        self.inner.reuse_fresh(false);
+        done
+    }
+
+    /// Replaces remote locations by local copies of their records: fetches and verifies
+    /// them, stores them and installs each with compare-and-set against the remote location
+    /// (a block written meanwhile keeps the new write). Returns the bytes fetched.
+    pub(crate) fn hydrate(&self, items: &[(u64, Loc)]) -> Result<u64> {
         if items.is_empty() {
             return Ok(0);
         }
         self.inner.check_poisoned()?;
-        let data =
-            crate::remote::fetch_records(self.inner, &self.vol.name, self.vol.block_size, items)?;
+        let data = crate::remote::fetch_records(
+            &self.inner.remote,
+            &self.vol.name,
+            self.vol.block_size,
+            items,
+        )?;
         // Only records that decode to a block are kept (a hostile manifest can describe a
         // record whose crc matches but which is not one).
         let bs = self.vol.block_size as usize;
         let mut scratch = vec![0u8; bs];
-        for ((blk, e), d) in items.iter().zip(&data) {
-            let fits = if e.is_lz4() {
-                decode_lz4(d, e, &mut scratch)
+        for ((blk, l), d) in items.iter().zip(&data) {
+            let fits = if l.is_lz4() {
+                decode_lz4(d, &mut scratch)
             } else {
                 d.len() == bs
             };
@@ -774,28 +1080,44 @@ impl Writer<'_> {
         let records = items
             .iter()
             .zip(data)
-            .map(|(&(block, e), d)| Record {
+            .map(|(&(block, l), d)| Rec {
                 block,
-                payload: d.into(),
-                lz4: e.is_lz4(),
-                crc: e.crc,
-                expect: Some(Some(e)),
+                data: Cow::Owned(d),
+                stored_lz4: l.is_lz4(),
+                expect: Some(Some(l)),
             })
             .collect();
-        self.store_and_map(records)?;
+        let done = self.store_and_map(records);
+        self.inner.reuse_fresh(false);
+        done?;
         Ok(bytes)
     }
 
     /// Installs changes in the map and writes their journal entries.
     pub(crate) fn install(&self, changes: &[Change]) -> Result<Vec<bool>> {
+        self.install_guarded(changes, None)
+    }
+
+    /// [`Writer::install`], all or nothing under `guard`.
+    fn install_guarded(&self, changes: &[Change], guard: Option<&RangeGuard>) -> Result<Vec<bool>> {
         let inner = self.inner;
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
         let (applied, entries, reservation) = {
             let _gate = inner.gate.read();
             let mut map = self.vol.map.write();
             if self.vol.deleted.load(Ordering::Relaxed) {
                 return Err(Error::NoSuchVolume(self.vol.name.clone()));
             }
-            let (applied, entries) = apply_changes(inner, &mut map, changes);
+            let tree = map.tree(&self.vol.name)?;
+            if guard.is_some_and(|g| {
+                inner.segments.reuse_epoch() != g.epoch
+                    || tree.lookup(g.first, g.blocks) != g.pieces
+            }) {
+                return Ok(vec![false; changes.len()]);
+            }
+            let (applied, entries) = apply_changes(inner, self.vol, &mut map, changes);
             let reservation = (!entries.is_empty()).then(|| inner.journal.reserve(entries.len()));
             (applied, entries, reservation)
         };
@@ -804,6 +1126,7 @@ impl Writer<'_> {
             if let Err(e) = inner.segments.engine().run(op).result {
                 return Err(inner.poison(Error::io("writing journal", e)));
             }
+            inner.note_journal(entries.len() as u64);
         }
         Ok(applied)
     }
@@ -838,9 +1161,11 @@ impl Writer<'_> {
                 count: n,
                 new: None,
                 expect: None,
+                check: 0,
             }])?;
             b += n;
         }
+        self.inner.reuse_fresh(false);
         Ok(())
     }
 
@@ -853,12 +1178,12 @@ impl Writer<'_> {
         while at < to {
             let blk = at / bs;
             let end = ((blk + 1) * bs).min(to);
-            if self.vol.map.read().tree.get(blk).is_some() {
+            if self.vol.map.read().tree(&self.vol.name)?.get(blk).is_some() {
                 let w = BlockWrite::Partial {
                     at: (at - blk * bs) as usize,
                     data: &zeros[..(end - at) as usize],
                 };
-                self.write_blocks(vec![(blk, w)])?;
+                self.write_reqs(vec![(blk, w)])?;
             }
             at = end;
         }
@@ -877,426 +1202,30 @@ pub(crate) fn hydrate_step(
     max_bytes: u64,
 ) -> Result<(Option<u64>, u64)> {
     const SCAN: u64 = 1 << 16;
+    crate::load::ensure_loaded(inner, vol)?;
     let (items, next) = {
         let m = vol.map.read();
+        let limit = from.saturating_add(SCAN).min(to);
         let mut items = Vec::new();
         let mut bytes = 0u64;
-        let mut at = from;
-        let limit = from.saturating_add(SCAN).min(to);
-        let next = loop {
-            let Some(b) = m.tree.next_mapped(at) else {
-                break None;
-            };
-            if b >= to {
-                break None;
+        let mut next = None;
+        for p in m.tree(&vol.name)?.lookup(from, limit.saturating_sub(from)) {
+            let Some(l) = p.loc else { continue };
+            if !l.is_remote() {
+                continue;
             }
-            if b >= limit || bytes >= max_bytes {
-                break Some(b);
+            if bytes >= max_bytes {
+                next = Some(p.block);
+                break;
             }
-            if let Some(e) = m.tree.get(b).filter(|e| e.is_remote()) {
-                bytes += u64::from(e.stored_len());
-                items.push((b, e));
-            }
-            at = b + 1;
-        };
+            bytes += u64::from(l.stored_len());
+            items.push((p.block, l));
+        }
+        if next.is_none() && limit < to {
+            next = m.tree.next_mapped(limit).filter(|b| *b < to);
+        }
         (items, next)
     };
     let fetched = Writer { inner, vol }.hydrate(&items)?;
     Ok((next, fetched))
-}
-
-/// An open volume: read, write and flush. Cheap to clone; an ephemeral volume is deleted
-/// when its last handle is dropped.
-#[derive(Debug)]
-pub struct Volume {
-    pub(crate) inner: Arc<Inner>,
-    pub(crate) state: Arc<VolumeState>,
-}
-
-impl Clone for Volume {
-    fn clone(&self) -> Self {
-        self.state.handles.fetch_add(1, Ordering::Relaxed);
-        Volume {
-            inner: self.inner.clone(),
-            state: self.state.clone(),
-        }
-    }
-}
-
-impl Drop for Volume {
-    fn drop(&mut self) {
-        let last = self.state.handles.fetch_sub(1, Ordering::AcqRel) == 1;
-        if last && self.state.ephemeral && !self.state.deleted.load(Ordering::Relaxed) {
-            if let Err(e) = crate::ops::delete_volume(&self.inner, &self.state.name, true) {
-                tracing::warn!(volume = %self.state.name, error = %e, "discarding ephemeral volume failed");
-            }
-        }
-    }
-}
-
-impl Volume {
-    pub fn name(&self) -> &str {
-        &self.state.name
-    }
-
-    /// Logical size in bytes.
-    pub fn size(&self) -> u64 {
-        self.state.size()
-    }
-
-    pub fn block_size(&self) -> u32 {
-        self.state.block_size
-    }
-
-    fn writer(&self) -> Writer<'_> {
-        Writer {
-            inner: &self.inner,
-            vol: &self.state,
-        }
-    }
-
-    fn read_aligned(&self, offset: u64, buf: &mut [u8], align: Align) -> Result<()> {
-        let g = Geometry {
-            name: &self.state.name,
-            block_size: self.state.block_size,
-            size: self.state.size(),
-        };
-        check_range(&g, offset, buf.len() as u64, align)?;
-        if !buf.is_empty() && self.state.maybe_remote.load(Ordering::Relaxed) {
-            // Blocks still remote are fetched once and kept (hydrated), not fetched per read.
-            let bs = u64::from(g.block_size);
-            let (first, last) = (offset / bs, (offset + buf.len() as u64 - 1) / bs);
-            let remote: Vec<(u64, Entry)> = {
-                let m = self.state.map.read();
-                (first..=last)
-                    .filter_map(|b| m.tree.get(b).filter(|e| e.is_remote()).map(|e| (b, e)))
-                    .collect()
-            };
-            match self.writer().hydrate(&remote) {
-                // The remote failed (or sent bad data): that is the read's answer.
-                Err(e @ Error::Remote { .. }) => return Err(e),
-                // Keeping the blocks failed (a full disk, a store refusing writes): the read
-                // below still fetches and serves them.
-                Err(e) => {
-                    tracing::debug!(volume = %self.state.name, error = %e, "blocks read but not kept")
-                }
-                Ok(_) => {}
-            }
-        }
-        read(&self.inner, &MapSource::Head(&self.state), &g, offset, buf)
-    }
-
-    /// Points blocks at records in remote packs (a lazy restore): reads fetch them on demand
-    /// and [`Volume::hydrate_step`] copies them in. Each block must be inside the volume and
-    /// each pack registered. Durable after the next flush, like a write.
-    pub fn install_remote(&self, extents: &[(u64, crate::RemoteExtent)]) -> Result<()> {
-        let blocks = self.state.blocks();
-        let mut changes = Vec::with_capacity(extents.len().min(4096));
-        for (i, (blk, x)) in extents.iter().enumerate() {
-            if *blk >= blocks {
-                return Err(Error::InvalidArgument(format!(
-                    "remote extent for block {blk} is beyond the volume's {blocks} blocks"
-                )));
-            }
-            if !self.inner.remote.has_pack(x.pack) {
-                return Err(Error::InvalidArgument(format!(
-                    "remote pack {} is not registered",
-                    x.pack
-                )));
-            }
-            if x.stored_len == 0 || x.stored_len > self.state.block_size {
-                return Err(Error::InvalidArgument(format!(
-                    "remote extent for block {blk} has stored length {}",
-                    x.stored_len
-                )));
-            }
-            changes.push(Change {
-                block: *blk,
-                count: 1,
-                new: Some(x.entry()),
-                expect: None,
-            });
-            if changes.len() == 4096 || i + 1 == extents.len() {
-                self.state.maybe_remote.store(true, Ordering::Relaxed);
-                self.writer().install(&changes)?;
-                changes.clear();
-            }
-        }
-        Ok(())
-    }
-
-    /// Hydrates remote blocks in `[from, to)`: see [`crate::Store::hydrate_step`], which does
-    /// the same without a handle.
-    pub fn hydrate_step(&self, from: u64, to: u64, max_bytes: u64) -> Result<(Option<u64>, u64)> {
-        hydrate_step(&self.inner, &self.state, from, to, max_bytes)
-    }
-
-    /// Blocks of the live volume still held only remotely.
-    pub fn remote_blocks(&self) -> u64 {
-        self.state.count_remote()
-    }
-
-    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Never-written and
-    /// discarded ranges read as zeros.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_aligned(offset, buf, Align::Sector)
-    }
-
-    /// Writes `data` at `offset` (both multiples of 512). Once this returns the data survives
-    /// a crash of this process; after a [`Volume::flush`] it survives a power cut.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.writer().write(offset, data, Align::Sector)
-    }
-
-    /// Makes the range read as zeros, releasing its space.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.writer().unmap(offset, len, Align::Sector)
-    }
-
-    /// Releases the range's space; it reads as zeros afterwards.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.writer().unmap(offset, len, Align::Sector)
-    }
-
-    /// [`Volume::read`] at any byte offset and length, for frontends that serve the volume
-    /// as a file.
-    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_aligned(offset, buf, Align::Byte)
-    }
-
-    /// [`Volume::write`] at any byte offset and length: partial blocks are
-    /// read-modify-written atomically with respect to other writes.
-    pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.writer().write(offset, data, Align::Byte)
-    }
-
-    /// Writes whole blocks at block-aligned byte offsets (distinct blocks, in any order) as
-    /// one change: one journal group, so after a crash of the process, or after a power cut
-    /// before the next flush, either every block has its new content or none has. All-zero
-    /// blocks are unmapped. Durability as [`Volume::write`].
-    pub fn write_blocks(&self, blocks: &[(u64, &[u8])]) -> Result<()> {
-        let bs = u64::from(self.state.block_size);
-        let size = self.state.size();
-        let mut seen = HashSet::with_capacity(blocks.len());
-        let mut reqs = Vec::with_capacity(blocks.len());
-        for (off, data) in blocks {
-            if off % bs != 0
-                || data.len() as u64 != bs
-                || off.checked_add(bs).is_none_or(|e| e > size)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "block write at {off} of {} bytes: must be one whole {bs}-byte block inside the volume",
-                    data.len()
-                )));
-            }
-            if !seen.insert(off / bs) {
-                return Err(Error::InvalidArgument(format!(
-                    "block write names offset {off} twice"
-                )));
-            }
-            reqs.push((off / bs, BlockWrite::Full(data)));
-        }
-        self.inner.check_poisoned()?;
-        self.writer().write_blocks(reqs)
-    }
-
-    /// Whether this is a sandbox tree volume.
-    pub fn is_tree(&self) -> bool {
-        self.state.tree
-    }
-
-    /// [`Volume::discard`] at any byte offset and length: whole blocks are released, the
-    /// partial blocks at either edge are rewritten with zeros in the range.
-    pub fn unmap_bytes(&self, offset: u64, len: u64) -> Result<()> {
-        self.writer().unmap(offset, len, Align::Byte)
-    }
-
-    /// Makes every write acknowledged before this call durable against power loss.
-    pub fn flush(&self) -> Result<()> {
-        self.inner.commit(Vec::new())
-    }
-
-    /// Bytes currently mapped (stored) in the live volume.
-    pub fn mapped_bytes(&self) -> u64 {
-        self.state.map.read().mapped_blocks * u64::from(self.state.block_size)
-    }
-
-    /// First mapped byte offset at or after `offset` (`None`: only holes remain): for
-    /// SEEK_DATA / SEEK_HOLE.
-    pub fn next_data(&self, offset: u64) -> Option<u64> {
-        let bs = u64::from(self.state.block_size);
-        let b = self.state.map.read().tree.next_mapped(offset / bs)?;
-        Some((b * bs).max(offset)).filter(|o| *o < self.size())
-    }
-
-    /// First byte offset at or after `offset` that lies in a hole, or the size when none
-    /// does: for SEEK_HOLE (the end of the volume counts as a hole).
-    pub fn next_hole(&self, offset: u64) -> u64 {
-        let bs = u64::from(self.state.block_size);
-        let b = self.state.map.read().tree.next_unmapped(offset / bs);
-        (b * bs).max(offset).min(self.size())
-    }
-}
-
-/// A read-only view of a checkpoint (its map is an O(1) clone, unaffected by later writes).
-#[derive(Debug)]
-pub struct Snapshot {
-    inner: Arc<Inner>,
-    name: String,
-    tree: Tree,
-    block_size: u32,
-    lz4: bool,
-    size: u64,
-    id: u64,
-    pin: Option<Arc<std::sync::atomic::AtomicUsize>>,
-}
-
-impl Drop for Snapshot {
-    fn drop(&mut self) {
-        if let Some(p) = &self.pin {
-            p.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Snapshot {
-    pub(crate) fn new(inner: Arc<Inner>, name: String, r: crate::ops::Resolved) -> Self {
-        Snapshot {
-            inner,
-            name,
-            tree: r.tree,
-            block_size: r.block_size,
-            lz4: r.lz4,
-            size: r.size,
-            id: r.id,
-            pin: r.pin,
-        }
-    }
-
-    /// `VOL@CKPT`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_aligned(offset, buf, Align::Sector)
-    }
-
-    /// [`Snapshot::read`] at any byte offset and length.
-    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_aligned(offset, buf, Align::Byte)
-    }
-
-    fn read_aligned(&self, offset: u64, buf: &mut [u8], align: Align) -> Result<()> {
-        let g = Geometry {
-            name: &self.name,
-            block_size: self.block_size,
-            size: self.size,
-        };
-        check_range(&g, offset, buf.len() as u64, align)?;
-        read(&self.inner, &MapSource::Frozen(&self.tree), &g, offset, buf)
-    }
-
-    /// The checkpoint's id: unique in the store and never reused, so a checkpoint deleted
-    /// and taken again under the same name has a new id.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
-    /// Whether the volume stores lz4-compressed records.
-    pub fn lz4(&self) -> bool {
-        self.lz4
-    }
-
-    /// Every mapped block and its record, in block order.
-    pub fn records(&self) -> Vec<(u64, Entry)> {
-        let mut out = Vec::new();
-        for (idx, leaf) in self.tree.leaves() {
-            for (slot, e) in leaf.iter() {
-                out.push((idx * crate::tree::LEAF_SLOTS as u64 + slot as u64, e));
-            }
-        }
-        out.sort_unstable_by_key(|(b, _)| *b);
-        out
-    }
-
-    /// Blocks whose record differs from `base`'s (mapped, unmapped or replaced), in block
-    /// order. Costs what differs: subtrees the two share are skipped.
-    pub fn changed_since(&self, base: &Snapshot) -> Vec<u64> {
-        crate::ops::changed_blocks(&self.tree, &base.tree)
-    }
-
-    /// The record block `block` maps to, if any.
-    pub fn record(&self, block: u64) -> Option<Entry> {
-        self.tree.get(block)
-    }
-
-    /// Ids of the checkpoints this one descends from (through forks too), nearest first.
-    pub fn ancestors(&self) -> Vec<u64> {
-        crate::ops::checkpoint_ancestors(&self.inner, self.id)
-    }
-
-    /// First mapped byte offset at or after `offset`.
-    pub fn next_data(&self, offset: u64) -> Option<u64> {
-        let bs = u64::from(self.block_size);
-        let b = self.tree.next_mapped(offset / bs)?;
-        Some((b * bs).max(offset)).filter(|o| *o < self.size)
-    }
-
-    /// First byte offset at or after `offset` in a hole, or the size: see
-    /// [`Volume::next_hole`].
-    pub fn next_hole(&self, offset: u64) -> u64 {
-        let bs = u64::from(self.block_size);
-        (self.tree.next_unmapped(offset / bs) * bs)
-            .max(offset)
-            .min(self.size)
-    }
-}
-
-/// What to read from: a live volume or a checkpoint (image export, tree diffs).
-#[derive(Debug)]
-pub enum Source {
-    Live(Volume),
-    Checkpoint(Snapshot),
-}
-
-impl Source {
-    pub fn size(&self) -> u64 {
-        match self {
-            Source::Live(v) => v.size(),
-            Source::Checkpoint(s) => s.size(),
-        }
-    }
-
-    /// [`Volume::read`]: offset and length multiples of 512.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self {
-            Source::Live(v) => v.read(offset, buf),
-            Source::Checkpoint(s) => s.read(offset, buf),
-        }
-    }
-
-    /// [`Volume::read_bytes`]: any offset and length.
-    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self {
-            Source::Live(v) => v.read_bytes(offset, buf),
-            Source::Checkpoint(s) => s.read_bytes(offset, buf),
-        }
-    }
-
-    pub fn next_data(&self, offset: u64) -> Option<u64> {
-        match self {
-            Source::Live(v) => v.next_data(offset),
-            Source::Checkpoint(s) => s.next_data(offset),
-        }
-    }
 }

@@ -36,9 +36,11 @@ fn run_with_failure(kind: &'static str, fail_at: u64) {
         fail_kind: Some(kind),
         ..Default::default()
     };
-    let engine = Arc::new(FaultEngine::new(plan));
-    let store = Store::open(dir.path(), opts(engine)).unwrap();
+    let engine = Arc::new(FaultEngine::new(FaultPlan::default()));
+    let store = Store::open(dir.path(), opts(engine.clone())).unwrap();
     let vol = store.open_volume("v").unwrap();
+    // Counted from here: the Nth operation of the writes below fails.
+    engine.arm(plan);
     let mut acked: Vec<Option<Vec<u8>>> = vec![None; 64];
     let mut failed = None;
     for i in 0..64usize {
@@ -122,16 +124,16 @@ fn corrupt_data_is_a_checksum_error() {
         v.write(5 * BS as u64, &pattern(8, BS)).unwrap();
         v.flush().unwrap();
     }
-    // Flip one byte of the first record in the data segment.
-    let seg = std::fs::read_dir(dir.path().join("data"))
+    // Flip one byte of the first record in the first data segment (its first data page
+    // follows the header and a one-page checksum table), as the media would: the page cache
+    // is dropped so the next read comes from the disk.
+    let mut segs: Vec<_> = std::fs::read_dir(dir.path().join("data"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
-        .unwrap();
-    let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[100] ^= 0xff;
-    std::fs::write(&seg, &bytes).unwrap();
+        .collect();
+    segs.sort();
+    corrupt_on_media(&segs[0], 2 * 4096 + 100);
     let s = open(dir.path(), Arc::new(SyncEngine::new()));
     let v = s.open_volume("v").unwrap();
     let mut buf = vec![0u8; BS];
@@ -157,7 +159,7 @@ fn other_format_version_is_refused() {
     {
         let mut o = rocksdb::Options::default();
         o.create_if_missing(false);
-        let cfs = ["meta", "volumes", "checkpoints", "layers", "leaves"];
+        let cfs = ["meta", "volumes", "checkpoints", "layers", "extents"];
         let db = rocksdb::DB::open_cf(&o, dir.path().join("meta"), cfs).unwrap();
         let meta = db.cf_handle("meta").unwrap();
         let mut v = db.get_cf(meta, b"format").unwrap().unwrap();
@@ -171,8 +173,28 @@ fn other_format_version_is_refused() {
     match Store::open(dir.path(), opts(Arc::new(SyncEngine::new()))) {
         Err(Error::FormatVersion {
             found: 99,
-            expected: 1,
+            expected: 2,
         }) => {}
         other => panic!("expected a format version error, got {other:?}"),
     }
+}
+
+/// Flips one byte of `path` at `offset` behind the page cache's back: written, synced, and
+/// evicted, so that the next read of it comes from the disk, as after media damage.
+fn corrupt_on_media(path: &std::path::Path, offset: u64) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: posix_fadvise on an open fd with plain integers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
 }

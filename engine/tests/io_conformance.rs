@@ -3,12 +3,13 @@
 //! fault engine with no faults planned): batches complete in submission order and hand their
 //! buffers back; writes are readable; reads past the end of a file fail; punched ranges read
 //! as zeros without changing the file size; sync succeeds; large batches (beyond one ring's
-//! depth) complete whole.
+//! depth) complete whole; borrowed buffers are filled and read in place; a cached read
+//! returns what the page cache holds and never waits for the device.
 
 mod common;
 use common::*;
 use std::sync::Arc;
-use strata_engine::io::{FaultEngine, FaultPlan, IoEngine, Op};
+use strata_engine::io::{Buf, Data, FaultEngine, FaultPlan, IoEngine, Op};
 
 fn all_engines() -> Vec<(&'static str, Arc<dyn IoEngine>)> {
     let mut v = engines();
@@ -26,7 +27,7 @@ fn batches_complete_in_order_with_their_buffers() {
             .map(|i| Op::Write {
                 file: f.clone(),
                 offset: i * 4096,
-                buf: pattern(i, 4096),
+                buf: Data::Owned(pattern(i, 4096)),
             })
             .collect();
         let done = e.submit(ops);
@@ -44,7 +45,7 @@ fn batches_complete_in_order_with_their_buffers() {
             .map(|i| Op::Read {
                 file: f.clone(),
                 offset: i * 4096,
-                buf: vec![0; 4096],
+                buf: Buf::Owned(vec![0; 4096]),
             })
             .collect();
         for (k, d) in e.submit(reads).into_iter().enumerate() {
@@ -68,14 +69,14 @@ fn reads_past_the_end_fail_and_punches_read_as_zeros() {
             .run(Op::Write {
                 file: f.clone(),
                 offset: 0,
-                buf: vec![9; 16384]
+                buf: Data::Owned(vec![9; 16384])
             })
             .result
             .is_ok());
         let past = e.run(Op::Read {
             file: f.clone(),
             offset: 12288,
-            buf: vec![0; 8192],
+            buf: Buf::Owned(vec![0; 8192]),
         });
         assert!(
             past.result.is_err(),
@@ -94,7 +95,7 @@ fn reads_past_the_end_fail_and_punches_read_as_zeros() {
         let d = e.run(Op::Read {
             file: f.clone(),
             offset: 0,
-            buf: vec![1; 16384],
+            buf: Buf::Owned(vec![1; 16384]),
         });
         assert!(d.result.is_ok());
         let b = d.op.into_buf();
@@ -121,17 +122,17 @@ fn mixed_batch_results_line_up() {
             Op::Write {
                 file: f.clone(),
                 offset: 0,
-                buf: vec![1; 4096],
+                buf: Data::Owned(vec![1; 4096]),
             },
             Op::Read {
                 file: f.clone(),
                 offset: 1 << 30,
-                buf: vec![0; 4096],
+                buf: Buf::Owned(vec![0; 4096]),
             },
             Op::Write {
                 file: f.clone(),
                 offset: 4096,
-                buf: vec![2; 4096],
+                buf: Data::Owned(vec![2; 4096]),
             },
             Op::Sync { file: f.clone() },
         ];
@@ -145,5 +146,55 @@ fn mixed_batch_results_line_up() {
             "{name}: the failing read is reported in its own slot"
         );
         assert!(matches!(done[1].op, Op::Read { .. }));
+    }
+}
+
+#[test]
+fn borrowed_buffers_and_cached_reads() {
+    for (name, e) in all_engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = e.open(&dir.path().join("f"), true).unwrap();
+        let data = pattern(7, 3 * 4096);
+        let w = e.run(Op::Write {
+            file: f.clone(),
+            offset: 0,
+            buf: Data::Slice(&data),
+        });
+        assert_eq!(w.result.unwrap(), data.len(), "{name}");
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 8192];
+        let done = e.submit(vec![
+            Op::Read {
+                file: f.clone(),
+                offset: 4096,
+                buf: Buf::Slice(&mut a),
+            },
+            Op::ReadCached {
+                file: f.clone(),
+                offset: 0,
+                buf: Buf::Slice(&mut b),
+            },
+        ]);
+        assert_eq!(done[0].result.as_ref().unwrap(), &4096, "{name}");
+        let cached = *done[1].result.as_ref().unwrap();
+        drop(done);
+        assert_eq!(a, data[4096..8192], "{name}: read into the caller's buffer");
+        if name == "fault" {
+            assert_eq!(cached, 0, "the fault engine reports nothing cached");
+        } else {
+            // Just written: in the page cache.
+            assert_eq!(cached, 8192, "{name}");
+            assert_eq!(b, data[..8192], "{name}");
+            // Synced and dropped from the cache: a cached read finds nothing there.
+            assert!(e.run(Op::Sync { file: f.clone() }).result.is_ok());
+            f.evict(0, 3 * 4096);
+            let mut c = vec![0u8; 4096];
+            let r = e.run(Op::ReadCached {
+                file: f.clone(),
+                offset: 8192,
+                buf: Buf::Slice(&mut c),
+            });
+            assert_eq!(r.result.unwrap(), 0, "{name}: evicted pages are not cached");
+        }
     }
 }

@@ -62,7 +62,7 @@ fn pack_source(
     let id = store.register_remote_pack(b"pack-0").unwrap();
     let mut pack = Vec::new();
     let mut extents = Vec::new();
-    for (blk, e) in snap.records() {
+    for (blk, e) in snap.records().unwrap() {
         let stored = store.read_record(&e).unwrap();
         extents.push((
             blk,
@@ -77,7 +77,12 @@ fn pack_source(
         pack.extend_from_slice(&stored);
     }
     // The batched reader returns the same bytes (coalescing adjacent records).
-    let entries: Vec<_> = snap.records().into_iter().map(|(_, e)| e).collect();
+    let entries: Vec<_> = snap
+        .records()
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
     let mut batched = Vec::new();
     store.read_records(&entries, &mut batched).unwrap();
     assert!(batched == pack, "read_records differs from read_record");

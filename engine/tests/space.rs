@@ -43,7 +43,9 @@ fn overwrites_reuse_freed_space() {
         "8 overwrites of 32 MiB grew du from {full} to {after}"
     );
     // The writes went into freed pages, not into new segment files: 256 MiB appended would
-    // have needed 32 more 8 MiB segments.
+    // have needed 37 more 8 MiB segments. An 8 MiB segment holds 7 records of 1 MiB (after
+    // its header and checksum table), so the fill takes 5 segments and the first round of
+    // overwrites 5 more (nothing it frees is reusable before its flush); later rounds reuse.
     let newest = std::fs::read_dir(dir.path().join("data"))
         .unwrap()
         .filter_map(|e| {
@@ -56,7 +58,7 @@ fn overwrites_reuse_freed_space() {
         .max()
         .unwrap();
     assert!(
-        newest <= 8,
+        newest <= 10,
         "segment {newest} was created: freed space was not reused"
     );
     for i in 0..32 {

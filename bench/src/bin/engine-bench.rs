@@ -5,9 +5,13 @@
 //! * `depth`   — 4 KiB random read/write at checkpoint-chain depth 0 and 100.
 //! * `aftercp` — 4 KiB random writes right after a checkpoint vs steady state.
 //! * `meta`    — checkpoint, fork and restore latency with SMALL and LARGE GiB mapped, and
-//!   store open time and heap bytes per mapped extent for each.
+//!   store open time, first open of the volume and heap per mapped GiB for each.
+//! * `seq`     — 1 MiB sequential writes over the whole volume, to the last write and to the
+//!   flush, vs a plain file doing the same with fsync.
+//! * `age`     — 1 MiB sequential reads before and after random overwrites, and after the
+//!   defragmenter has run.
 //!
-//! Usage: engine-bench [floor|depth|aftercp|meta|all] [--dir DIR] [--small GIB] [--large GIB]
+//! Usage: engine-bench [floor|seq|depth|aftercp|meta|age|all] [--dir DIR] [--small GIB] [--large GIB]
 //!        [--ops N]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -78,7 +82,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--large: {e}"))?
             }
             "--ops" => a.ops = val("--ops")?.parse().map_err(|e| format!("--ops: {e}"))?,
-            "floor" | "depth" | "aftercp" | "meta" | "all" => a.what = x,
+            "floor" | "seq" | "depth" | "aftercp" | "meta" | "age" | "phases" | "all" => a.what = x,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -255,6 +259,61 @@ fn floor(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Sequential 1 MiB writes over the whole volume (a fill, then overwrites), each pass timed
+/// to its last write and to the flush that follows, against a plain file doing the same and
+/// ending with `fsync`: what a user sees when a copy or an image unpack finishes.
+fn seq(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use std::os::unix::fs::FileExt;
+    let dir = fresh(&a.dir.join("seq"));
+    std::fs::create_dir_all(&dir)?;
+    let size = a.small_gib * GIB;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.join("plain.img"))?;
+    let store = Store::open(dir.join("store"), opts())?;
+    store.create_volume("v", size, VolumeOptions::default())?;
+    let vol = store.open_volume("v")?;
+    let mut chunk = vec![0x5au8; 1 << 20];
+    println!(
+        "seq: {} GiB of 1 MiB sequential writes per pass; a fill, then overwrites",
+        a.small_gib
+    );
+    for pass in 0..4u64 {
+        let t = Instant::now();
+        for off in (0..size).step_by(1 << 20) {
+            chunk[..8].copy_from_slice(&(off ^ pass).to_le_bytes());
+            vol.write(off, &chunk)?;
+        }
+        let ew = t.elapsed();
+        vol.flush()?;
+        let ef = t.elapsed();
+        let t = Instant::now();
+        for off in (0..size).step_by(1 << 20) {
+            chunk[..8].copy_from_slice(&(off ^ pass).to_le_bytes());
+            file.write_all_at(&chunk, off)?;
+        }
+        let pw = t.elapsed();
+        file.sync_all()?;
+        let pf = t.elapsed();
+        let mib = (size >> 20) as f64;
+        println!(
+            "  pass {pass}: engine {:>6.0} MiB/s to the last write, {:>6.0} MiB/s to the flush | file {:>6.0} / {:>6.0} MiB/s | ratio with flush {:.2}",
+            mib / ew.as_secs_f64(),
+            mib / ef.as_secs_f64(),
+            mib / pw.as_secs_f64(),
+            mib / pf.as_secs_f64(),
+            pf.as_secs_f64() / ef.as_secs_f64()
+        );
+    }
+    drop(vol);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn rand_rw(vol: &Volume, blocks: u64, n: usize, seed: u64) -> (f64, f64) {
     let mut r = Rng(seed | 1);
     let mut buf = vec![0u8; BS];
@@ -368,8 +427,11 @@ struct MetaResult {
     fork: Vec<Duration>,
     restore: Vec<Duration>,
     open: Duration,
-    extents: u64,
-    heap_per_extent: f64,
+    first_open: Duration,
+    count: Duration,
+    extents: usize,
+    heap_open: usize,
+    heap_loaded: usize,
 }
 
 fn meta_one(a: &Args, gib: u64) -> Result<MetaResult, Box<dyn std::error::Error>> {
@@ -382,13 +444,22 @@ fn meta_one(a: &Args, gib: u64) -> Result<MetaResult, Box<dyn std::error::Error>
         let vol = store.open_volume("v")?;
         fill(&vol, size);
     }
-    // Open time and heap: measured on a fresh open of the filled store.
+    // Open time and heap: measured on a fresh open of the filled store; the volume's map is
+    // loaded when it is first opened, and the store counts what its maps reference in the
+    // background.
     let before = LIVE.load(Ordering::Relaxed);
     let t = Instant::now();
     let store = Store::open(&dir, opts())?;
     let open = t.elapsed();
-    let heap = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let heap_open = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let t = Instant::now();
+    store.wait_space_counted();
+    let count = t.elapsed();
+    let t = Instant::now();
     let vol = store.open_volume("v")?;
+    let first_open = t.elapsed();
+    let heap_loaded = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let extents = vol.extent_count();
     let mut r = Rng(3);
     let (mut ck, mut fork, mut restore) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..200 {
@@ -419,8 +490,11 @@ fn meta_one(a: &Args, gib: u64) -> Result<MetaResult, Box<dyn std::error::Error>
         fork,
         restore,
         open,
-        extents: blocks,
-        heap_per_extent: heap as f64 / blocks as f64,
+        first_open,
+        count,
+        extents,
+        heap_open,
+        heap_loaded,
     })
 }
 
@@ -432,12 +506,21 @@ fn meta(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     for m in [&small, &large] {
         println!(
-            "  {:>3} GiB mapped ({:>8} extents): checkpoint p50 {:>8.3?} p99 {:>8.3?} | fork p50 {:>8.3?} p99 {:>8.3?} | restore p50 {:>8.3?} p99 {:>8.3?} | open {:>8.3?} | heap {:.1} B/extent",
-            m.gib, m.extents,
+            "  {:>3} GiB mapped: checkpoint p50 {:>8.3?} p99 {:>8.3?} | fork p50 {:>8.3?} p99 {:>8.3?} | restore p50 {:>8.3?} p99 {:>8.3?}",
+            m.gib,
             pct(m.ck.clone(), 0.5), pct(m.ck.clone(), 0.99),
             pct(m.fork.clone(), 0.5), pct(m.fork.clone(), 0.99),
             pct(m.restore.clone(), 0.5), pct(m.restore.clone(), 0.99),
-            m.open, m.heap_per_extent,
+        );
+        println!(
+            "      Store::open {:>8.3?} (heap {} B) | first open of the volume {:>8.3?} | references counted in {:>8.3?} | {} extents, heap {:.0} B per mapped GiB ({:.1} B per extent)",
+            m.open,
+            m.heap_open,
+            m.first_open,
+            m.count,
+            m.extents,
+            m.heap_loaded as f64 / m.gib as f64,
+            m.heap_loaded as f64 / m.extents.max(1) as f64,
         );
     }
     let ratio = |f: fn(&MetaResult) -> &Vec<Duration>| {
@@ -449,6 +532,154 @@ fn meta(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ratio(|m| &m.fork),
         ratio(|m| &m.restore)
     );
+    Ok(())
+}
+
+/// vhost-bench's sequence in one process, one phase after the other, each timed (writes to
+/// the flush that ends them): where a frontend's figure comes from.
+fn phases(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = fresh(&a.dir.join("phases"));
+    let size = a.small_gib * GIB;
+    let blocks = size / BS as u64;
+    let store = Store::open(&dir, opts())?;
+    store.create_volume("v", size, VolumeOptions::default())?;
+    let vol = store.open_volume("v")?;
+    let secs = Duration::from_secs(4);
+    let mb = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    for off in (0..size).step_by(1 << 20) {
+        vol.write(off, &mb)?;
+    }
+    vol.flush()?;
+    println!(
+        "phases: fill + flush {:>8.0} MiB/s",
+        (size >> 20) as f64 / t.elapsed().as_secs_f64()
+    );
+    let mut r = Rng(9);
+    let data = vec![0x11u8; BS];
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < secs {
+        vol.write(r.below(blocks) * BS as u64, &data)?;
+        n += 1;
+    }
+    vol.flush()?;
+    println!(
+        "  randwrite + flush {:>8.0} IOPS",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    for phase in ["seqread", "seqread again"] {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < secs {
+            vol.read((n % (size >> 20)) << 20, &mut buf)?;
+            n += 1;
+        }
+        println!(
+            "  {phase:<16} {:>8.0} MiB/s (defrag so far {:?})",
+            n as f64 / t.elapsed().as_secs_f64(),
+            store.defrag_stats()
+        );
+    }
+    for phase in ["seqwrite + flush", "again"] {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < secs {
+            vol.write((n % (size >> 20)) << 20, &mb)?;
+            n += 1;
+        }
+        let w = t.elapsed();
+        vol.flush()?;
+        let st = store.stats();
+        println!("  {phase:<16} {:>8.0} MiB/s ({:.0} to the last write) reused {} MiB appended {} MiB held dead {} MiB", n as f64 / t.elapsed().as_secs_f64(), n as f64 / w.as_secs_f64(), st.reused_bytes >> 20, st.appended_bytes >> 20, st.dead_bytes >> 20);
+    }
+    drop(vol);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// MiB/s of reading the whole volume with 1 MiB reads; median of `runs` passes.
+fn seqread(vol: &Volume, size: u64, runs: usize) -> f64 {
+    let mut buf = vec![0u8; 1 << 20];
+    median(
+        (0..runs)
+            .map(|_| {
+                rate((size >> 20) as usize, |i| {
+                    vol.read((i as u64) << 20, &mut buf).expect("read")
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Ages a sequentially written volume with random 4 KiB overwrites (a checkpoint after each
+/// round) and reports 1 MiB sequential reads before, after aging, and after the background
+/// defragmenter has run (it rewrites ranges that reads find fragmented).
+fn age(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = fresh(&a.dir.join("age"));
+    let size = a.small_gib * GIB;
+    let blocks = size / BS as u64;
+    let store = Store::open(&dir, opts())?;
+    store.create_volume("v", size, VolumeOptions::default())?;
+    let vol = store.open_volume("v")?;
+    fill(&vol, size);
+    let before = seqread(&vol, size, 3);
+    let before_extents = vol.extent_count();
+    // Aging, with the defragmenter paused so it cannot tidy up behind the measurement.
+    store.set_defrag_rate(0);
+    let mut r = Rng(17);
+    let rounds = 5;
+    let per_round = (blocks / 10) as usize;
+    let data = vec![0x33u8; BS];
+    for round in 0..rounds {
+        for _ in 0..per_round {
+            vol.write(r.below(blocks) * BS as u64, &data)?;
+        }
+        store.checkpoint("v", &format!("age{round}"))?;
+    }
+    let aged = seqread(&vol, size, 3);
+    let aged_extents = vol.extent_count();
+    // The defragmenter: reads queue the fragmented ranges they meet; passes until a pass
+    // finds nothing left to rewrite.
+    store.set_defrag_rate(512 << 20);
+    let t = Instant::now();
+    let mut passes = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let done = store.defrag_stats().ranges;
+        for i in 0..(size >> 20) {
+            vol.read(i << 20, &mut buf)?;
+        }
+        store.wait_defrag_idle(Duration::from_secs(60));
+        passes += 1;
+        if store.defrag_stats().ranges == done || passes == 20 {
+            break;
+        }
+    }
+    let took = t.elapsed();
+    let stats = store.defrag_stats();
+    let after = seqread(&vol, size, 3);
+    println!(
+        "age: {} GiB filled with 1 MiB writes, then {rounds} rounds of {per_round} random 4K overwrites, a checkpoint after each; 1 MiB seqread, median of 3",
+        a.small_gib
+    );
+    println!("  before aging      {before:>7.0} MiB/s  ({before_extents} extents)");
+    println!(
+        "  after aging       {aged:>7.0} MiB/s  ({aged_extents} extents)   ratio {:.2}",
+        aged / before
+    );
+    println!(
+        "  after defragment  {after:>7.0} MiB/s  ({} extents)   ratio {:.2}   ({} ranges, {} MiB rewritten in {passes} read passes, {took:.1?})",
+        vol.extent_count(),
+        after / before,
+        stats.ranges,
+        stats.bytes >> 20
+    );
+    drop(vol);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -469,7 +700,10 @@ fn main() {
         }
     };
     run("floor", floor);
+    run("seq", seq);
     run("depth", depth);
     run("aftercp", aftercp);
     run("meta", meta);
+    run("age", age);
+    run("phases", phases);
 }

@@ -1,12 +1,18 @@
 //! Strata's vhost-user-blk export against qemu-storage-daemon (raw and qcow2 on the same
-//! filesystem), driven by the same user-space virtio-blk driver (libblkio's
-//! `virtio-blk-vhost-user`) in one run, so no guest kernel hides the backends' speed.
+//! filesystem, `cache.direct=off`: both sides use the host page cache), driven by the same
+//! user-space virtio-blk driver (libblkio's `virtio-blk-vhost-user`) in one run, so no guest
+//! kernel hides the backends' speed.
 //!
-//! Shapes: 4 KiB random read and write at QD32, 1 MiB sequential read and write at QD8, and
-//! 4 KiB random write right after a checkpoint (a qcow2 internal snapshot for the peer).
-//! Prints IOPS / MiB/s per target and the ratios. Results: docs/BENCHMARKS.md.
+//! Per target and round, on a fresh 1 GiB disk: a sequential fill with 1 MiB requests then
+//! one FLUSH (timed to the flush's completion: what copying an image in costs), 4 KiB random
+//! read QD32, 4 KiB random write QD32, 1 MiB sequential read QD8 (after the random writes),
+//! 1 MiB sequential write QD8, a second 1 GiB sequential pass with a FLUSH, and 4 KiB random
+//! write right after a checkpoint (a qcow2 internal snapshot for the peer). Every write shape
+//! ends with one FLUSH inside its timing (a write-back cache answers unflushed writes from
+//! memory); the unflushed figure is printed beside it. Rounds alternate the targets; medians
+//! of the rounds and their ratios are printed. Results: docs/BENCHMARKS.md.
 //!
-//! Usage: vhost-bench [--dir DIR] [--size-mib N] [--secs S]
+//! Usage: vhost-bench [--dir DIR] [--size-mib N] [--secs S] [--rounds N]
 //! Needs `strata` built next to this binary, qemu-storage-daemon and qemu-img.
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
@@ -20,19 +26,22 @@ struct Args {
     dir: PathBuf,
     size: u64,
     secs: f64,
+    rounds: usize,
 }
 
 fn args() -> R<Args> {
     let mut a = Args {
         dir: PathBuf::from("/var/tmp/strata-vhost-bench"),
         size: 1 << 30,
-        secs: 5.0,
+        secs: 4.0,
+        rounds: 3,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
             "--dir" => a.dir = PathBuf::from(v),
             "--size-mib" => a.size = v.parse::<u64>()? << 20,
             "--secs" => a.secs = v.parse()?,
+            "--rounds" => a.rounds = v.parse()?,
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -103,8 +112,10 @@ impl Client {
         })
     }
 
-    /// Keeps `depth` requests of `bs` bytes in flight for `secs`; returns ops per second.
-    fn run(&mut self, write: bool, random: bool, bs: usize, depth: usize, secs: f64) -> R<f64> {
+    /// Keeps `depth` requests of `bs` bytes in flight for `secs`; returns ops per second
+    /// (for writes, counted to the completion of a FLUSH issued after the last write, and
+    /// to the last write).
+    fn run(&mut self, write: bool, random: bool, bs: usize, depth: usize, secs: f64) -> R<Rate> {
         Ok(self.run_timed(write, random, bs, depth, secs)?.0)
     }
 
@@ -116,7 +127,7 @@ impl Client {
         bs: usize,
         depth: usize,
         secs: f64,
-    ) -> R<(f64, Vec<Duration>)> {
+    ) -> R<(Rate, Vec<Duration>)> {
         let blocks = self.capacity / bs as u64;
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut seq = 0u64;
@@ -127,8 +138,9 @@ impl Client {
                 x ^= x << 17;
                 (x % blocks) * bs as u64
             } else {
+                let at = seq;
                 seq = (seq + 1) % blocks;
-                seq * bs as u64
+                at * bs as u64
             }
         };
         let submit = |q: &mut Blkioq, slot: usize, off: u64, base: *mut u8| {
@@ -143,13 +155,13 @@ impl Client {
         };
         let mut issued_at = vec![Instant::now(); depth];
         let mut lat = Vec::new();
+        let start = Instant::now();
         for (slot, at) in issued_at.iter_mut().enumerate() {
             *at = Instant::now();
             submit(&mut self.q, slot, next(slot), self.base);
         }
         let mut comps: Vec<MaybeUninit<Completion>> =
             (0..depth).map(|_| MaybeUninit::uninit()).collect();
-        let start = Instant::now();
         let mut done = 0u64;
         let mut inflight = depth;
         let mut stopping = false;
@@ -173,15 +185,38 @@ impl Client {
                 }
             }
         }
-        Ok((done as f64 / start.elapsed().as_secs_f64(), lat))
+        let unflushed = done as f64 / start.elapsed().as_secs_f64();
+        if write {
+            self.flush()?;
+        }
+        let rate = Rate {
+            unflushed,
+            flushed: done as f64 / start.elapsed().as_secs_f64(),
+        };
+        Ok((rate, lat))
     }
 
-    fn fill(&mut self) -> R<()> {
-        let blocks = self.capacity / SLOT as u64;
-        for i in 0..SLOTS {
-            // SAFETY: each slot is SLOT bytes inside the mapped region.
-            unsafe { std::ptr::write_bytes(self.base.add(i * SLOT), 0x5a ^ i as u8, SLOT) };
+    /// One FLUSH, waited for.
+    fn flush(&mut self) -> R<()> {
+        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
+        self.q.flush(usize::MAX, ReqFlags::empty());
+        let n = self.q.do_io(&mut comps, 1, None, None)?;
+        // SAFETY: do_io initialised the first n completions.
+        if n != 1 || unsafe { comps[0].assume_init_read() }.ret != 0 {
+            return Err("flush failed".into());
         }
+        Ok(())
+    }
+
+    /// Writes the whole disk once with 1 MiB requests at QD8, then one FLUSH; MiB/s to the
+    /// flush's completion.
+    fn pass(&mut self, tag: u8) -> R<f64> {
+        let blocks = self.capacity / SLOT as u64;
+        for i in 0..8 {
+            // SAFETY: each slot is SLOT bytes inside the mapped region.
+            unsafe { std::ptr::write_bytes(self.base.add(i * SLOT), tag ^ i as u8, SLOT) };
+        }
+        let t = Instant::now();
         let mut issued = 0u64;
         let mut inflight = 0usize;
         let mut comps: Vec<MaybeUninit<Completion>> =
@@ -197,62 +232,86 @@ impl Client {
                 inflight += 1;
             }
             let n = self.q.do_io(&mut comps, 1, None, None)?;
+            for c in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                if unsafe { c.assume_init_read() }.ret != 0 {
+                    return Err("fill write failed".into());
+                }
+            }
             inflight -= n;
         }
-        Ok(())
+        self.flush()?;
+        Ok(blocks as f64 / t.elapsed().as_secs_f64())
     }
+}
+
+/// A shape's rate to its last request, and (for writes) to the FLUSH after it.
+#[derive(Default, Clone, Copy, Debug)]
+struct Rate {
+    unflushed: f64,
+    flushed: f64,
 }
 
 #[derive(Default, Clone, Copy)]
 struct Row {
+    fill: f64,
     rr: f64,
-    rw: f64,
+    rw: Rate,
     sr: f64,
-    sw: f64,
-    after: f64,
+    sw: Rate,
+    pass: f64,
+    after: Rate,
 }
 
+/// Every shape but the after-snapshot one, on one connection.
 fn measure(socket: &Path, secs: f64) -> R<Row> {
     let mut c = Client::connect(socket)?;
-    c.fill()?;
+    let fill = c.pass(0x5a)?;
     Ok(Row {
-        rr: c.run(false, true, 4096, 32, secs)?,
+        fill,
+        rr: c.run(false, true, 4096, 32, secs)?.unflushed,
         rw: c.run(true, true, 4096, 32, secs)?,
-        sr: c.run(false, false, SLOT, 8, secs)?,
+        sr: c.run(false, false, SLOT, 8, secs)?.unflushed,
         sw: c.run(true, false, SLOT, 8, secs)?,
-        after: 0.0,
+        pass: c.pass(0xa5)?,
+        after: Rate::default(),
     })
 }
 
-fn main() -> R<()> {
-    let a = args()?;
-    let _ = std::fs::remove_dir_all(&a.dir);
-    std::fs::create_dir_all(&a.dir)?;
-    let size = a.size.to_string();
-    let raw = a.dir.join("disk.raw");
-    let qcow = a.dir.join("disk.qcow2");
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn create_images(dir: &Path, size: u64) -> R<(PathBuf, PathBuf)> {
+    let raw = dir.join("disk.raw");
+    let qcow = dir.join("disk.qcow2");
     for (img, fmt) in [(&raw, "raw"), (&qcow, "qcow2")] {
+        let _ = std::fs::remove_file(img);
         let st = Command::new("qemu-img")
             .args(["create", "-q", "-f", fmt])
             .arg(img)
-            .arg(&size)
+            .arg(size.to_string())
             .status()?;
         if !st.success() {
             return Err("qemu-img create failed".into());
         }
     }
-    println!(
-        "vhost-bench: {} MiB disks in {}, {} s per shape, one queue",
-        a.size >> 20,
-        a.dir.display(),
-        a.secs
-    );
+    Ok((raw, qcow))
+}
 
+/// One round: each target on a fresh disk, the after-checkpoint shape last.
+fn round(a: &Args, stall: &mut Option<String>) -> R<[Row; 3]> {
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir)?;
+    let (raw, qcow) = create_images(&a.dir, a.size)?;
     let (srv, store) = strata_server(&a.dir, a.size)?;
     let mut strata = measure(&srv.socket, a.secs)?;
     strata_cli(&store, &["checkpoint", "create", "bench@c1"])?;
     strata.after = Client::connect(&srv.socket)?.run(true, true, 4096, 32, a.secs)?;
-    let stall = checkpoint_stall(&srv.socket, &store, a.secs)?;
+    if stall.is_none() {
+        *stall = Some(checkpoint_stall(&srv.socket, &store, a.secs)?);
+    }
     drop(srv);
 
     let srv = qsd(&a.dir, &raw, "raw", "qsd-raw")?;
@@ -272,42 +331,68 @@ fn main() -> R<()> {
     let srv = qsd(&a.dir, &qcow, "qcow2", "qsd-qcow2-snap")?;
     qq.after = Client::connect(&srv.socket)?.run(true, true, 4096, 32, a.secs)?;
     drop(srv);
+    Ok([strata, qraw, qq])
+}
 
-    let mib = |ops: f64| ops; // 1 MiB requests: ops/s == MiB/s
+fn main() -> R<()> {
+    let a = args()?;
     println!(
-        "{:<28} {:>14} {:>14} {:>14} {:>9} {:>9}",
+        "vhost-bench: {} MiB disks in {}, {} s per shape, one queue, {} rounds (medians)",
+        a.size >> 20,
+        a.dir.display(),
+        a.secs,
+        a.rounds
+    );
+    let mut rounds: Vec<[Row; 3]> = Vec::new();
+    let mut stall = None;
+    for _ in 0..a.rounds {
+        rounds.push(round(&a, &mut stall)?);
+    }
+    let _ = std::fs::remove_dir_all(&a.dir);
+    let med = |t: usize, f: fn(&Row) -> f64| median(rounds.iter().map(|r| f(&r[t])).collect());
+    println!(
+        "{:<40} {:>14} {:>14} {:>14} {:>9} {:>9}",
         "shape", "strata", "qsd raw", "qsd qcow2", "vs raw", "vs qcow2"
     );
-    let line = |name: &str, s: f64, r: f64, q: f64, unit: &str| {
-        println!("{name:<28} {s:>10.0} {unit:<3} {r:>10.0} {unit:<3} {q:>10.0} {unit:<3} {:>9.2} {:>9.2}", s / r, s / q);
+    let line = |name: &str, f: fn(&Row) -> f64, unit: &str| {
+        let (s, r, q) = (med(0, f), med(1, f), med(2, f));
+        println!(
+            "{name:<40} {s:>10.0} {unit:<3} {r:>10.0} {unit:<3} {q:>10.0} {unit:<3} {:>9.2} {:>9.2}",
+            s / r,
+            s / q
+        );
     };
-    line("4K randread QD32", strata.rr, qraw.rr, qq.rr, "iops");
-    line("4K randwrite QD32", strata.rw, qraw.rw, qq.rw, "iops");
-    line(
-        "1M seqread QD8",
-        mib(strata.sr),
-        mib(qraw.sr),
-        mib(qq.sr),
-        "MiB",
-    );
-    line(
-        "1M seqwrite QD8",
-        mib(strata.sw),
-        mib(qraw.sw),
-        mib(qq.sw),
-        "MiB",
+    line("1 GiB fill 1M QD8 + FLUSH", |r| r.fill, "MiB");
+    line("4K randread QD32", |r| r.rr, "iops");
+    line("4K randwrite QD32 + FLUSH", |r| r.rw.flushed, "iops");
+    line("  (unflushed)", |r| r.rw.unflushed, "iops");
+    line("1M seqread QD8 (after randwrite)", |r| r.sr, "MiB");
+    line("1M seqwrite QD8 + FLUSH", |r| r.sw.flushed, "MiB");
+    line("  (unflushed)", |r| r.sw.unflushed, "MiB");
+    line("1 GiB overwrite 1M QD8 + FLUSH", |r| r.pass, "MiB");
+    let (sa, qa) = (med(0, |r| r.after.flushed), med(2, |r| r.after.flushed));
+    let steady = med(0, |r| r.rw.flushed);
+    println!(
+        "{:<40} {sa:>10.0} iops {:>14} {qa:>10.0} iops {:>9} {:>9.2}",
+        "4K randwrite after ckpt/snap + FLUSH",
+        "-",
+        "-",
+        sa / qa
     );
     println!(
-        "{:<28} {:>10.0} iops {:>14} {:>10.0} iops {:>9} {:>9.2}",
-        "4K randwrite after ckpt/snap",
-        strata.after,
+        "{:<40} {:>10.0} iops {:>14} {:>10.0} iops",
+        "  (unflushed)",
+        med(0, |r| r.after.unflushed),
         "-",
-        qq.after,
-        "-",
-        strata.after / qq.after
+        med(2, |r| r.after.unflushed)
     );
-    println!("{stall}");
-    let _ = std::fs::remove_dir_all(&a.dir);
+    println!(
+        "strata after a checkpoint vs steady state (flushed): {:.2}",
+        sa / steady
+    );
+    if let Some(s) = stall {
+        println!("{s}");
+    }
     Ok(())
 }
 

@@ -27,7 +27,7 @@ impl IoEngine for SyncEngine {
         Ok(Arc::new(IoFile::new(open_file(path, create)?, id)))
     }
 
-    fn submit(&self, ops: Vec<Op>) -> Vec<Done> {
+    fn submit<'a>(&self, ops: Vec<Op<'a>>) -> Vec<Done<'a>> {
         ops.into_iter()
             .map(|mut op| {
                 let result = run_blocking(&mut op);

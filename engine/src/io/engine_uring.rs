@@ -1,5 +1,5 @@
-//! io_uring engine: one ring per thread, each batch of two or more operations a single
-//! submission (a lone operation is a plain syscall, which is cheaper).
+//! io_uring engine: one ring per thread; a batch of several reads (or several syncs) is a
+//! single submission, anything else runs as plain syscalls (see `worth_a_ring`).
 //!
 //! The ring lives in a thread-local, so threads never contend on it and `submit` needs no
 //! lock. A batch larger than the ring is fed in chunks. Buffers stay owned by the `Op`s in
@@ -52,18 +52,28 @@ impl UringEngine {
     }
 }
 
-fn build_sqe(op: &mut Op, index: usize) -> Option<io_uring::squeue::Entry> {
+fn build_sqe(op: &mut Op<'_>, index: usize) -> Option<io_uring::squeue::Entry> {
     let fd = types::Fd(op.file().file().as_raw_fd());
     let sqe = match op {
         Op::Read { offset, buf, .. } => {
-            let len = u32::try_from(buf.len()).ok()?;
-            opcode::Read::new(fd, buf.as_mut_ptr(), len)
+            let b = buf.bytes_mut();
+            let len = u32::try_from(b.len()).ok()?;
+            opcode::Read::new(fd, b.as_mut_ptr(), len)
                 .offset(*offset)
                 .build()
         }
+        Op::ReadCached { offset, buf, .. } => {
+            let b = buf.bytes_mut();
+            let len = u32::try_from(b.len()).ok()?;
+            opcode::Read::new(fd, b.as_mut_ptr(), len)
+                .offset(*offset)
+                .rw_flags(libc::RWF_NOWAIT)
+                .build()
+        }
         Op::Write { offset, buf, .. } => {
-            let len = u32::try_from(buf.len()).ok()?;
-            opcode::Write::new(fd, buf.as_ptr(), len)
+            let b = buf.bytes();
+            let len = u32::try_from(b.len()).ok()?;
+            opcode::Write::new(fd, b.as_ptr(), len)
                 .offset(*offset)
                 .build()
         }
@@ -78,24 +88,40 @@ fn build_sqe(op: &mut Op, index: usize) -> Option<io_uring::squeue::Entry> {
     Some(sqe.user_data(index as u64))
 }
 
-/// Turns a completion into the op's result, finishing short transfers with plain syscalls.
-fn finish(op: &mut Op, res: i32) -> io::Result<()> {
+/// Turns a completion into the op's result, finishing short transfers with plain syscalls
+/// (except cached reads, whose short count is their answer).
+fn finish(op: &mut Op<'_>, res: i32) -> io::Result<usize> {
     if res < 0 {
+        if matches!(op, Op::ReadCached { .. })
+            && matches!(-res, libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL)
+        {
+            return Ok(0);
+        }
         return Err(io::Error::from_raw_os_error(-res));
     }
     let done = res as usize;
     match op {
-        Op::Read { file, offset, buf } if done < buf.len() => file
-            .file()
-            .read_exact_at(&mut buf[done..], *offset + done as u64),
-        Op::Write { file, offset, buf } if done < buf.len() => file
-            .file()
-            .write_all_at(&buf[done..], *offset + done as u64),
-        _ => Ok(()),
+        Op::Read { file, offset, buf } => {
+            let b = buf.bytes_mut();
+            if done < b.len() {
+                file.file()
+                    .read_exact_at(&mut b[done..], *offset + done as u64)?;
+            }
+            Ok(b.len())
+        }
+        Op::Write { file, offset, buf } => {
+            let b = buf.bytes();
+            if done < b.len() {
+                file.file()
+                    .write_all_at(&b[done..], *offset + done as u64)?;
+            }
+            Ok(b.len())
+        }
+        _ => Ok(done),
     }
 }
 
-fn run_on_ring(ring: &mut IoUring, ops: &mut [Op], results: &mut [Option<io::Result<()>>]) {
+fn run_on_ring(ring: &mut IoUring, ops: &mut [Op<'_>], results: &mut [Option<io::Result<usize>>]) {
     let mut next = 0;
     let mut inflight = 0usize;
     let mut retries = 0u32;
@@ -106,10 +132,11 @@ fn run_on_ring(ring: &mut IoUring, ops: &mut [Op], results: &mut [Option<io::Res
                 next += 1;
                 continue;
             };
-            // SAFETY: the SQE points into `ops[next]`'s buffer, which stays alive and unmoved
-            // (the slice is not touched except through `finish` after its completion) until
-            // the completion with this user_data is reaped below; the fd is owned by the
-            // op's `Arc<IoFile>`, alive for the same span.
+            // SAFETY: the SQE points into `ops[next]`'s buffer (owned by the op, or borrowed
+            // by it for the lifetime of the `ops` vector, which outlives this call), which
+            // stays alive and unmoved (the slice is not touched except through `finish` after
+            // its completion) until the completion with this user_data is reaped below; the
+            // fd is owned by the op's `Arc<IoFile>`, alive for the same span.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
                 break;
             }
@@ -137,6 +164,21 @@ fn run_on_ring(ring: &mut IoUring, ops: &mut [Op], results: &mut [Option<io::Res
     }
 }
 
+/// Whether a batch goes through the ring. Reads that hit the page cache complete inline in
+/// one submission, and syncs of several files run in parallel in the kernel's workers; but a
+/// buffered write that cannot complete inline is handed to a kernel worker thread (a wakeup
+/// and a context switch per write, measured at several times the cost of the `pwrite`), and a
+/// lone operation gains nothing from the ring. So: two or more reads, or two or more syncs,
+/// and nothing else.
+fn worth_a_ring(ops: &[Op<'_>]) -> bool {
+    let reads = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Read { .. } | Op::ReadCached { .. }))
+        .count();
+    let syncs = ops.iter().filter(|o| matches!(o, Op::Sync { .. })).count();
+    (reads >= 2 && reads == ops.len()) || (syncs >= 2 && syncs == ops.len())
+}
+
 impl IoEngine for UringEngine {
     fn name(&self) -> &'static str {
         "io_uring"
@@ -147,10 +189,8 @@ impl IoEngine for UringEngine {
         Ok(Arc::new(IoFile::new(open_file(path, create)?, id)))
     }
 
-    fn submit(&self, mut ops: Vec<Op>) -> Vec<Done> {
-        if ops.len() == 1 {
-            // One operation gains nothing from the ring and costs an extra SQE round trip:
-            // a plain syscall is faster.
+    fn submit<'a>(&self, mut ops: Vec<Op<'a>>) -> Vec<Done<'a>> {
+        if !worth_a_ring(&ops) {
             return ops
                 .into_iter()
                 .map(|mut op| {
@@ -159,7 +199,7 @@ impl IoEngine for UringEngine {
                 })
                 .collect();
         }
-        let mut results: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
+        let mut results: Vec<Option<io::Result<usize>>> = (0..ops.len()).map(|_| None).collect();
         RING.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {

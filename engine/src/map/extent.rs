@@ -17,6 +17,9 @@ pub const REMOTE_BASE: u32 = 0xF000_0000;
 ///   checksum table.
 /// * **lz4**: a local segment, `len_flags` = stored length | [`Loc::LZ4`]. One block,
 ///   compressed, padded to whole pages (checked against the table like raw pages).
+/// * **format 1**: a local segment, `len_flags` = stored length | [`Loc::INLINE`] (| lz4),
+///   `crc` the crc32 of the stored bytes: one block written by format 1, in a segment
+///   without a checksum table (see `upgrade.rs`).
 /// * **remote**: `segment >= REMOTE_BASE`; `segment - REMOTE_BASE` is a registered pack,
 ///   `page` the record's byte offset in it, `len_flags` its stored length (| LZ4) and `crc`
 ///   the crc32 of its stored bytes. One block.
@@ -30,6 +33,8 @@ pub struct Loc {
 
 impl Loc {
     pub const LZ4: u32 = 1 << 31;
+    /// The crc of the stored bytes is in `crc` (format-1 records), not in a table.
+    pub const INLINE: u32 = 1 << 30;
     const LEN_MASK: u32 = (1 << 30) - 1;
 
     /// Raw blocks stored from `page` of `segment`.
@@ -51,6 +56,21 @@ impl Loc {
             len_flags: stored_len | Self::LZ4,
             crc: 0,
         }
+    }
+
+    /// A format-1 record of `stored_len` bytes whose crc32 is `crc`.
+    pub fn inline(segment: u32, page: u32, stored_len: u32, lz4: bool, crc: u32) -> Self {
+        Loc {
+            segment,
+            page,
+            len_flags: stored_len | Self::INLINE | if lz4 { Self::LZ4 } else { 0 },
+            crc,
+        }
+    }
+
+    /// A local record checked against the crc it carries (format 1).
+    pub fn is_inline(&self) -> bool {
+        !self.is_remote() && self.len_flags & Self::INLINE != 0
     }
 
     pub fn is_remote(&self) -> bool {

@@ -30,7 +30,7 @@ const READ_BATCH: usize = 4 << 20;
 
 enum Plan {
     Reuse(Extent),
-    Upload(strata_engine::tree::Entry),
+    Upload(strata_engine::BlockRecord),
 }
 
 pub fn now_unix() -> u64 {
@@ -159,7 +159,9 @@ pub fn push(
             (packs.len() - 1) as u32
         })
     };
-    let records = snap.records();
+    let records = snap
+        .records()
+        .with_context(|| format!("listing the records of {}", snap.name()))?;
     // Blocks changed since the base, and the base's extents: both sorted by block, walked
     // alongside the records (no hash tables over every block).
     let changed: Vec<u64> = base
@@ -185,7 +187,7 @@ pub fn push(
             // Unchanged since the base, or rewritten with the same bytes (a block copied
             // again, an image imported again): the base's extent holds this content.
             let same = !is_changed
-                || match bsnap.record(*blk) {
+                || match bsnap.record(*blk)? {
                     Some(be)
                         if be.crc == e.crc
                             && be.len_flags == e.len_flags
@@ -314,7 +316,7 @@ pub fn push(
     let mut done_bytes = 0u64;
     // Records to upload are read in batches (adjacent records in one IO, straight into the
     // pack), verified against their crc32 as they are read.
-    let mut batch: Vec<(u64, strata_engine::tree::Entry)> = Vec::new();
+    let mut batch: Vec<(u64, strata_engine::BlockRecord)> = Vec::new();
     let mut batch_bytes = 0usize;
     let last = plan.len();
     for (i, (blk, p)) in plan.into_iter().enumerate() {
