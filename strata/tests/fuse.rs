@@ -175,7 +175,11 @@ fn ext4_on_the_image_checkpoint_keeps_old_files_and_restore_shows_without_remoun
 
 fn fio(args: &[&str]) -> String {
     // No verify state file: fio would leave it in the working directory (the source tree).
-    let args: Vec<&str> = args.iter().copied().chain(["--verify_state_save=0"]).collect();
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--verify_state_save=0"])
+        .collect();
     let out = sh("fio", &args);
     assert!(!out.contains("verify: bad"), "fio verify failed: {out}");
     out
