@@ -3,14 +3,18 @@
 
 use crate::config;
 use crate::disk::Disk;
-use crate::request::{drain_queue, Limits};
+use crate::helpers::Helpers;
+use crate::request::{handle_chain, Limits, Outcome};
 use crate::stats::IoStats;
 use parking_lot::RwLock;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -84,31 +88,116 @@ impl BlockBackend {
         }
     }
 
-    /// Drains one queue; returns whether anything completed.
-    fn process(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<bool> {
+    /// Drains one queue. Requests run on this thread and, when several are waiting, on the
+    /// shared helper threads too (completing out of order, as virtio allows); each
+    /// completion goes on the used ring as soon as it is done, and the driver is told as soon
+    /// as it asks (with `EVENT_IDX`, when its used-event index says so), so that it reaps and
+    /// submits more while the rest is served. Returns only once every request it handed to a
+    /// helper is back: nothing outlives this call's guest memory or queue state.
+    fn process(
+        &self,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMemoryMmap>,
+        event_idx: bool,
+    ) -> io::Result<()> {
         // The queue belongs to this worker thread alone; the lock only fences the control
         // path (vring setup), so holding it across the requests is uncontended.
         let mut state = vring.get_mut();
-        let outcomes = drain_queue(
-            self.shared.disk.as_ref(),
-            self.limits(),
-            state.get_queue_mut(),
-            mem,
-        )
-        .map_err(|e| io::Error::other(format!("used ring: {e:?}")))?;
-        for o in &outcomes {
+        let helpers = Helpers::get();
+        // Requests handed to helpers at once: enough to keep them busy, few enough that this
+        // thread serves its share.
+        let max_out = helpers.threads() * 2;
+        let (done_tx, done_rx) = mpsc::channel::<(u16, u32, Outcome)>();
+        let mut pending = VecDeque::new();
+        let mut out = 0usize;
+        let result = loop {
+            while let Some(c) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                pending.push_back(c);
+            }
+            while pending.len() > 1 && out < max_out {
+                let Some(chain) = pending.pop_back() else {
+                    break;
+                };
+                let (disk, limits, mem, tx) = (
+                    self.shared.disk.clone(),
+                    self.limits(),
+                    mem.clone(),
+                    done_tx.clone(),
+                );
+                helpers.run(move || {
+                    let start = std::time::Instant::now();
+                    let head = chain.head_index();
+                    let (len, mut o) = handle_chain(disk.as_ref(), limits, chain, &mem);
+                    o.latency = start.elapsed();
+                    // The worker waits for every helper's answer; it cannot be gone.
+                    let _ = tx.send((head, len, o));
+                });
+                out += 1;
+            }
+            let mut finished = Vec::new();
+            if let Some(chain) = pending.pop_front() {
+                let start = std::time::Instant::now();
+                let head = chain.head_index();
+                let (len, mut o) =
+                    handle_chain(self.shared.disk.as_ref(), self.limits(), chain, mem);
+                o.latency = start.elapsed();
+                finished.push((head, len, o));
+            } else if out > 0 {
+                // Nothing left to serve here: wait for a helper.
+                match done_rx.recv() {
+                    Ok(d) => {
+                        finished.push(d);
+                        out -= 1;
+                    }
+                    Err(_) => break Err(io::Error::other("block helper lost a request")),
+                }
+            } else {
+                break Ok(());
+            }
+            while let Ok(d) = done_rx.try_recv() {
+                finished.push(d);
+                out -= 1;
+            }
+            if let Err(e) = self.complete(&mut state, mem, event_idx, &finished) {
+                break Err(e);
+            }
+        };
+        // On an error, still wait for what helpers hold (their answers are dropped).
+        while out > 0 && done_rx.recv().is_ok() {
+            out -= 1;
+        }
+        result
+    }
+
+    /// Puts finished requests on the used ring and notifies the driver if it asks.
+    fn complete(
+        &self,
+        state: &mut vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+        finished: &[(u16, u32, Outcome)],
+    ) -> io::Result<()> {
+        let used_err = |e| io::Error::other(format!("used ring: {e:?}"));
+        for (head, len, o) in finished {
+            state
+                .get_queue_mut()
+                .add_used(mem, *head, *len)
+                .map_err(used_err)?;
             self.shared
                 .stats
                 .record(o.kind, o.bytes, o.status == Some(0), o.latency);
+            if !event_idx || state.needs_notification().map_err(used_err)? {
+                state.signal_used_queue()?;
+            }
         }
-        Ok(!outcomes.is_empty())
+        Ok(())
     }
 
     fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.shared.mem.read().clone() else {
             return Err(io::Error::other("no guest memory mapped"));
         };
-        let mem = atomic.memory();
+        let mem = atomic.memory().into_inner();
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
@@ -116,16 +205,7 @@ impl BlockBackend {
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
-            let any = self.process(vring, &mem)?;
-            if any {
-                let notify = !event_idx
-                    || vring
-                        .needs_notification()
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
-                if notify {
-                    vring.signal_used_queue()?;
-                }
-            }
+            self.process(vring, &mem, event_idx)?;
             if !event_idx
                 || !vring
                     .enable_notification()

@@ -4,6 +4,7 @@
 //! * `request.rs` — walk one descriptor chain, execute it against a [`Disk`], write the status.
 //! * `config.rs` — feature bits and the virtio-blk config space.
 //! * `backend.rs` — the vhost-user device: one worker thread per queue.
+//! * `helpers.rs` — helper threads shared by all exports, so one queue uses several cores.
 //! * `disk.rs` — the [`Disk`] trait and its implementation for engine volumes.
 //! * `stats.rs` — IO counters and latency histograms for metrics.
 //! * this file — [`Export`]: listen on a socket, serve one hypervisor connection at a time,
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod disk;
+mod helpers;
 pub mod request;
 pub mod stats;
 

@@ -174,15 +174,29 @@ pub fn drain_queue(
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<Outcome>, virtio_queue::Error> {
     let mut out = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let start = std::time::Instant::now();
-        let head = chain.head_index();
-        let (len, mut outcome) = handle_chain(disk, limits, chain, mem);
-        queue.add_used(mem, head, len)?;
-        outcome.latency = start.elapsed();
+    while let Some(outcome) = serve_next(disk, limits, queue, mem)? {
         out.push(outcome);
     }
     Ok(out)
+}
+
+/// Serves the next available chain, if any, and puts it on the used ring (the caller
+/// decides when to notify the driver).
+pub fn serve_next(
+    disk: &dyn Disk,
+    limits: Limits,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<Outcome>, virtio_queue::Error> {
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return Ok(None);
+    };
+    let start = std::time::Instant::now();
+    let head = chain.head_index();
+    let (len, mut outcome) = handle_chain(disk, limits, chain, mem);
+    queue.add_used(mem, head, len)?;
+    outcome.latency = start.elapsed();
+    Ok(Some(outcome))
 }
 
 fn header(reader: &mut Reader<'_>) -> Option<(u32, u64)> {

@@ -4,7 +4,8 @@
 //! kernel hides the backends' speed.
 //!
 //! Per target and round, on a fresh 1 GiB disk: a sequential fill with 1 MiB requests then
-//! one FLUSH (timed to the flush's completion: what copying an image in costs), 4 KiB random
+//! one FLUSH (timed to the flush's completion: what copying an image in costs), 1 MiB
+//! sequential read QD8 of what the fill wrote, 4 KiB random
 //! read QD32, 4 KiB random write QD32, 1 MiB sequential read QD8 (after the random writes),
 //! 1 MiB sequential write QD8, a second 1 GiB sequential pass with a FLUSH, and 4 KiB random
 //! write right after a checkpoint (a qcow2 internal snapshot for the peer). Every write shape
@@ -255,6 +256,7 @@ struct Rate {
 #[derive(Default, Clone, Copy)]
 struct Row {
     fill: f64,
+    sr0: f64,
     rr: f64,
     rw: Rate,
     sr: f64,
@@ -269,6 +271,7 @@ fn measure(socket: &Path, secs: f64) -> R<Row> {
     let fill = c.pass(0x5a)?;
     Ok(Row {
         fill,
+        sr0: c.run(false, false, SLOT, 8, secs)?.unflushed,
         rr: c.run(false, true, 4096, 32, secs)?.unflushed,
         rw: c.run(true, true, 4096, 32, secs)?,
         sr: c.run(false, false, SLOT, 8, secs)?.unflushed,
@@ -363,6 +366,7 @@ fn main() -> R<()> {
         );
     };
     line("1 GiB fill 1M QD8 + FLUSH", |r| r.fill, "MiB");
+    line("1M seqread QD8 (after the fill)", |r| r.sr0, "MiB");
     line("4K randread QD32", |r| r.rr, "iops");
     line("4K randwrite QD32 + FLUSH", |r| r.rw.flushed, "iops");
     line("  (unflushed)", |r| r.rw.unflushed, "iops");
