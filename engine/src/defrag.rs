@@ -26,7 +26,7 @@ use crate::map::{Piece, CHUNK_BLOCKS};
 use crate::volume::{io_runs, RangeGuard, Writer};
 use crate::Result;
 use parking_lot::{Condvar, Mutex};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,10 +44,22 @@ struct Job {
     guard: RangeGuard,
 }
 
+/// Rewrites waiting for the background thread.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Bytes of copies in `jobs`.
+    bytes: usize,
+    /// (volume id, first block, blocks) of every job queued or running: a range read again
+    /// before its rewrite is not queued twice (the second copy would only be skipped, and
+    /// would take queue room from ranges not seen yet).
+    ranges: HashSet<(u64, u64, u64)>,
+}
+
 /// The background defragmenter's queue, budget and counters.
 #[derive(Default)]
 pub(crate) struct Defrag {
-    queue: Mutex<(VecDeque<Job>, usize)>,
+    queue: Mutex<Queue>,
     cv: Condvar,
     /// Bytes per second the background thread may write; 0 turns read-triggered rewrites off.
     pub rate: AtomicU64,
@@ -129,11 +141,11 @@ pub(crate) fn after_read(
         return;
     }
     let mut q = d.queue.lock();
-    if q.1 + buf.len() > QUEUE_BYTES {
+    if q.bytes + buf.len() > QUEUE_BYTES || !q.ranges.insert((vol.id, first, blocks)) {
         return;
     }
-    q.1 += buf.len();
-    q.0.push_back(Job {
+    q.bytes += buf.len();
+    q.jobs.push_back(Job {
         vol: vol.clone(),
         data: buf.to_vec(),
         guard: RangeGuard {
@@ -183,8 +195,8 @@ pub(crate) fn run_thread(inner: std::sync::Weak<Inner>) {
                 if *d.stop.lock() {
                     return;
                 }
-                if let Some(j) = q.0.pop_front() {
-                    q.1 -= j.data.len();
+                if let Some(j) = q.jobs.pop_front() {
+                    q.bytes -= j.data.len();
                     break j;
                 }
                 d.cv.wait_for(&mut q, Duration::from_millis(200));
@@ -205,6 +217,12 @@ pub(crate) fn run_thread(inner: std::sync::Weak<Inner>) {
             run_job(&strong, &job);
         }
         spent += job.data.len() as u64;
+        strong
+            .defrag
+            .queue
+            .lock()
+            .ranges
+            .remove(&(job.vol.id, job.guard.first, job.guard.blocks));
     }
 }
 
@@ -215,9 +233,9 @@ impl Defrag {
         self.cv.notify_all();
     }
 
-    /// Whether read-triggered rewrites are waiting.
+    /// Whether read-triggered rewrites are waiting or running.
     pub fn pending(&self) -> bool {
-        !self.queue.lock().0.is_empty()
+        !self.queue.lock().ranges.is_empty()
     }
 }
 

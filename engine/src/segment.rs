@@ -715,6 +715,19 @@ impl Segments {
     /// Dead runs first become free runs for reuse, up to the reuse cap; [`Punch::All`] (a long
     /// idle, a close) sends every free run to punching.
     pub fn reclaim(&self, dead: &[PageRun], punch: Punch) -> Result<()> {
+        self.reclaim_runs(dead, punch, true)
+    }
+
+    /// Hands back runs of records that no map ever pointed at (written, then abandoned when
+    /// their compare-and-set lost): no reader can hold their locations, so there is no one
+    /// to wait for and no compare-and-set to warn (see `reuse_epoch`). Warning them would do
+    /// harm: a defragmenting rewrite that lost hands its pages back, and bumping the epoch
+    /// for that would make the next queued rewrite lose too, and so on.
+    pub fn reclaim_unmapped(&self, runs: &[PageRun]) -> Result<()> {
+        self.reclaim_runs(runs, Punch::No, false)
+    }
+
+    fn reclaim_runs(&self, dead: &[PageRun], punch: Punch, mapped: bool) -> Result<()> {
         let retain = !matches!(punch, Punch::All { .. });
         let mut sorted: Vec<PageRun> = dead
             .iter()
@@ -725,8 +738,10 @@ impl Segments {
         let mut evicted = Vec::new();
         {
             // Every reader that could still hold one of these locations finishes first.
-            drop(self.reuse_gate.write());
-            if !sorted.is_empty() {
+            if mapped {
+                drop(self.reuse_gate.write());
+            }
+            if mapped && !sorted.is_empty() {
                 self.reuse_epoch.fetch_add(1, Ordering::SeqCst);
             }
             let mut free = self.free.lock();

@@ -1022,7 +1022,9 @@ impl Writer<'_> {
         if !orphans.is_empty() {
             self.inner.dead.lock().extend(orphans);
         }
-        self.inner.add_fresh(fresh);
+        if let Err(e) = self.inner.segments.reclaim_unmapped(&fresh) {
+            tracing::warn!(error = %e, "reusing abandoned pages failed");
+        }
         conflicted
     }
 

@@ -66,6 +66,10 @@ enum Op {
         vol: usize,
     },
     Reopen,
+    /// Rewrites the volume's fragmented chunks; content must not change.
+    Defragment {
+        vol: usize,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -94,6 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => v.clone().prop_map(|vol| Op::Create { vol }),
         1 => v.clone().prop_map(|vol| Op::Grow { vol }),
         1 => Just(Op::Reopen),
+        2 => v.clone().prop_map(|vol| Op::Defragment { vol }),
     ]
 }
 
@@ -201,6 +206,14 @@ fn step(h: &mut Harness, m: &mut Model, op: &Op, opts: VolumeOptions) {
             );
         }
         Op::Flush => s.flush().unwrap(),
+        Op::Defragment { vol } => {
+            let r = s.defragment(VOLS[vol], u64::MAX);
+            assert_eq!(
+                r.is_ok(),
+                m.vols.contains_key(&vol),
+                "defragment {op:?}: {r:?}"
+            );
+        }
         Op::Checkpoint { vol, ck } => {
             let Some(content) = m.vols.get(&vol) else {
                 return;

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::needless_range_loop)]
-//! Scenario: simulated power loss. A seeded workload (writes, partial writes, discards,
-//! flushes, checkpoints) runs on a fault-injecting IO engine that stops the machine at a
+//! Scenario: simulated power loss. A seeded workload (writes of runs of blocks, partial
+//! writes that split extents, discards, flushes, checkpoints, defragmenting rewrites) runs on a fault-injecting IO engine that stops the machine at a
 //! seeded operation; the engine then rewrites every file as the media could hold it (each
 //! unsynced write dropped, kept or torn by sector). After reopening with a normal engine:
 //! every block reads a value it legitimately had (its value at the last successful flush or
@@ -41,6 +41,8 @@ struct Expect {
     must: BTreeMap<String, Vec<Vec<u8>>>,
     /// Checkpoints whose creation failed: may exist, and if so hold this content.
     may: BTreeMap<String, Vec<Vec<u8>>>,
+    /// Ranges the workload's defragmenting passes rewrote.
+    defragged: u64,
 }
 
 impl Expect {
@@ -51,6 +53,7 @@ impl Expect {
             allowed: vec![vec![zero]; BLOCKS],
             must: BTreeMap::new(),
             may: BTreeMap::new(),
+            defragged: 0,
         }
     }
     fn set(&mut self, b: usize, v: Vec<u8>) {
@@ -83,7 +86,7 @@ fn workload(store: &Store, rng: &mut Rng) -> Expect {
     };
     for i in 0..250 {
         let b = rng.below(BLOCKS as u64) as usize;
-        let ok = match rng.below(10) {
+        let ok = match rng.below(11) {
             0..=3 => {
                 let n = (1 + rng.below(3) as usize).min(BLOCKS - b);
                 let data = pattern(rng.next(), n * BS);
@@ -111,6 +114,14 @@ fn workload(store: &Store, rng: &mut Rng) -> Expect {
                 }
                 ok
             }
+            // Rewrites fragmented ranges as one record each: same content, new places.
+            10 => match store.defragment("v", u64::MAX) {
+                Ok(r) => {
+                    ex.defragged += r.ranges;
+                    true
+                }
+                Err(_) => false,
+            },
             _ => {
                 let name = format!("c{i}");
                 let snapshot = ex.current.clone();
@@ -184,6 +195,7 @@ fn power_loss_at_seeded_crash_points() {
         .unwrap_or(1000);
     let mut crashed_mid_workload = 0;
     let mut unsynced_seen = 0;
+    let mut defragged = 0;
     for seed in 0..points {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -206,6 +218,7 @@ fn power_loss_at_seeded_crash_points() {
             }
             Err(_) => Expect::new(),
         };
+        defragged += ex.defragged;
         if engine.ops() > crash_at {
             crashed_mid_workload += 1;
         }
@@ -213,7 +226,11 @@ fn power_loss_at_seeded_crash_points() {
         unsynced_seen += report.unsynced_writes;
         check(dir.path(), &ex, seed);
     }
-    println!("power loss: {points} crash points, {crashed_mid_workload} inside the workload, {unsynced_seen} unsynced writes dropped/kept/torn");
+    println!("power loss: {points} crash points, {crashed_mid_workload} inside the workload, {unsynced_seen} unsynced writes dropped/kept/torn, {defragged} ranges rewritten by the defragmenter");
+    assert!(
+        defragged > 0,
+        "the defragmenter never rewrote anything: crashes during its rewrites are not tested"
+    );
     assert!(
         crashed_mid_workload * 2 > points,
         "most crash points must fall inside the workload"
