@@ -94,6 +94,8 @@ pub struct Segment {
     /// Pages that died but have not been through [`Segments::reclaim`] yet, i.e. that the
     /// last durable map may still reference: the segment is not deleted while any are.
     pending_dead: AtomicU64,
+    /// Pages of this segment in the free-run list (changed under its lock).
+    free_pages: AtomicU64,
     /// Reads of this segment in flight that fetched pages from the device and have not
     /// verified them yet (see `volume.rs`: cached reads are trusted unless one is).
     verifying: AtomicU32,
@@ -126,6 +128,7 @@ impl Segment {
             unsynced: AtomicBool::new(false),
             reserved: AtomicU64::new(0),
             pending_dead: AtomicU64::new(0),
+            free_pages: AtomicU64::new(0),
             verifying: AtomicU32::new(0),
             fresh: Mutex::new(Default::default()),
         }
@@ -478,6 +481,8 @@ impl Segments {
             free.pages -= u64::from(run.pages);
             return None;
         };
+        seg.free_pages
+            .fetch_sub(u64::from(pages), Ordering::Relaxed);
         if run.pages == pages {
             free.runs.remove(i);
         } else {
@@ -752,6 +757,8 @@ impl Segments {
                             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                                 Some(v.saturating_sub(u64::from(run.pages)))
                             });
+                    seg.free_pages
+                        .fetch_add(u64::from(run.pages), Ordering::Relaxed);
                 }
                 free.pages += u64::from(run.pages);
                 match free.runs.back_mut() {
@@ -766,6 +773,10 @@ impl Segments {
                     break;
                 };
                 free.pages -= u64::from(run.pages);
+                if let Some(seg) = self.get(run.segment) {
+                    seg.free_pages
+                        .fetch_sub(u64::from(run.pages), Ordering::Relaxed);
+                }
                 evicted.push(run);
             }
         }
@@ -860,10 +871,10 @@ impl Segments {
         let free = self.free.lock();
         let dead: Vec<u32> = candidates
             .into_iter()
-            .filter(|id| !free.runs.iter().any(|r| r.segment == *id))
             .filter(|id| {
                 self.get(*id).is_some_and(|s| {
-                    s.live_pages() == 0
+                    s.free_pages.load(Ordering::Relaxed) == 0
+                        && s.live_pages() == 0
                         && s.reserved.load(Ordering::Acquire) == 0
                         && s.pending_dead.load(Ordering::Acquire) == 0
                 })
