@@ -90,7 +90,9 @@ pub fn strata_daemon(dir: &Path, size: u64) -> R<(Server, PathBuf)> {
 }
 
 /// One time-based fio job with O_DIRECT on `file` (`size` bytes): IOPS, or MiB/s for 1 MiB
-/// blocks.
+/// blocks. A write job is timed to the completion of an `fsync` of the file issued right
+/// after fio's last write (O_DIRECT only bypasses the page cache of the file fio opens, not
+/// the server's own cache: without the fsync both sides would be measured into memory).
 pub fn fio_rate(
     file: &Path,
     rw: &str,
@@ -122,13 +124,28 @@ pub fn fio_rate(
     if !out.status.success() {
         return Err(format!("fio {rw} {bs} on {} failed", file.display()).into());
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let dir = if rw.contains("read") { "read" } else { "write" };
-    let job = &v["jobs"][0][dir];
-    Ok(if bs.eq_ignore_ascii_case("1M") {
-        job["bw_bytes"].as_f64().ok_or("fio: no bw_bytes")? / f64::from(1 << 20)
+    let write = !rw.contains("read");
+    let fsync_secs = if write {
+        let t = std::time::Instant::now();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)?
+            .sync_all()?;
+        t.elapsed().as_secs_f64()
     } else {
-        job["iops"].as_f64().ok_or("fio: no iops")?
+        0.0
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let job = &v["jobs"][0][if write { "write" } else { "read" }];
+    let runtime = job["runtime"].as_f64().ok_or("fio: no runtime")? / 1000.0;
+    if runtime <= 0.0 {
+        return Err("fio: zero runtime".into());
+    }
+    let secs = runtime + fsync_secs;
+    Ok(if bs.eq_ignore_ascii_case("1M") {
+        job["io_bytes"].as_f64().ok_or("fio: no io_bytes")? / f64::from(1 << 20) / secs
+    } else {
+        job["total_ios"].as_f64().ok_or("fio: no total_ios")? / secs
     })
 }
 

@@ -23,6 +23,9 @@ pub(crate) const DIRTY_COMMIT_BYTES: u64 = 2 << 30;
 /// Commit once this many journal entries were written since the last commit (64 MiB of
 /// journal).
 pub(crate) const JOURNAL_COMMIT_ENTRIES: u64 = 1 << 20;
+/// Data written since writeback was last started that makes the committer start it again
+/// (see [`crate::segment::Segments::start_writeback`]).
+pub(crate) const WRITEBACK_KICK_BYTES: u64 = 32 << 20;
 /// Fresh dead pages (64 KiB) that make a writer hand them back for reuse.
 const FRESH_RECLAIM_PAGES: u64 = 16;
 
@@ -71,6 +74,8 @@ pub(crate) struct Inner {
     pub opened: std::time::Instant,
     pub poisoned: AtomicBool,
     pub dirty_bytes: AtomicU64,
+    /// Bytes written since writeback was last started.
+    pub unkicked_bytes: AtomicU64,
     /// `seq` as of the last completed commit.
     pub committed_seq: AtomicU64,
     /// Dead runs of durable commits, waiting for the committer thread to punch them.
@@ -118,7 +123,10 @@ impl Inner {
     /// Records that `bytes` of data were written, waking the committer when enough piled up.
     pub fn note_dirty(&self, bytes: u64) {
         let before = self.dirty_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before < DIRTY_COMMIT_BYTES && before + bytes >= DIRTY_COMMIT_BYTES {
+        let unkicked = self.unkicked_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if (before < DIRTY_COMMIT_BYTES && before + bytes >= DIRTY_COMMIT_BYTES)
+            || (unkicked < WRITEBACK_KICK_BYTES && unkicked + bytes >= WRITEBACK_KICK_BYTES)
+        {
             self.wake.1.notify_all();
         }
     }

@@ -96,6 +96,8 @@ pub struct Segment {
     pending_dead: AtomicU64,
     /// Pages of this segment in the free-run list (changed under its lock).
     free_pages: AtomicU64,
+    /// Written since writeback was last started on it (see [`Segments::start_writeback`]).
+    unkicked: AtomicBool,
     /// Reads of this segment in flight that fetched pages from the device and have not
     /// verified them yet (see `volume.rs`: cached reads are trusted unless one is).
     verifying: AtomicU32,
@@ -129,6 +131,7 @@ impl Segment {
             reserved: AtomicU64::new(0),
             pending_dead: AtomicU64::new(0),
             free_pages: AtomicU64::new(0),
+            unkicked: AtomicBool::new(false),
             verifying: AtomicU32::new(0),
             fresh: Mutex::new(Default::default()),
         }
@@ -507,6 +510,24 @@ impl Segments {
     /// data (marking at allocation could be cleared by a snapshot taken mid-write).
     pub fn mark_written(&self, seg: &Segment) {
         seg.unsynced.store(true, Ordering::Release);
+        seg.unkicked.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts writeback of every segment written since the last call, without waiting: the
+    /// device works while writes go on, and the next commit's `fdatasync` finds less to do.
+    pub fn start_writeback(&self) {
+        let segs: Vec<Arc<Segment>> = self
+            .all
+            .read()
+            .values()
+            .filter(|s| s.unkicked.swap(false, Ordering::Relaxed))
+            .cloned()
+            .collect();
+        for s in segs {
+            if let Err(e) = self.engine.start_writeback(&s.file) {
+                tracing::debug!(segment = s.id, error = %e, "starting writeback failed");
+            }
+        }
     }
 
     /// Sync operations for the segments written since the last call.

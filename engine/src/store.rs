@@ -225,6 +225,7 @@ impl Store {
             opened: std::time::Instant::now(),
             poisoned: AtomicBool::new(false),
             dirty_bytes: AtomicU64::new(0),
+            unkicked_bytes: AtomicU64::new(0),
             committed_seq: AtomicU64::new(state.committed_seq),
             reclaim_queue: Mutex::new(Vec::new()),
             background: AtomicBool::new(false),
@@ -443,6 +444,14 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                     }
                 }
                 looked = std::time::Instant::now();
+                // Enough written since the last time: let the device start on it now rather
+                // than all at the next flush (writes keep going meanwhile).
+                if strong.unkicked_bytes.load(Ordering::Relaxed)
+                    >= crate::inner::WRITEBACK_KICK_BYTES
+                {
+                    strong.unkicked_bytes.store(0, Ordering::Relaxed);
+                    strong.segments.start_writeback();
+                }
                 // No write since the last look: the active segment can be punched too. Free
                 // runs kept for reuse are punched only after a longer quiet spell, so a pause
                 // between bursts of writes does not throw them away (and a read-heavy phase

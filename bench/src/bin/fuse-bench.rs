@@ -1,7 +1,9 @@
 //! Strata's FUSE export (`strata export fuse`) against qemu-storage-daemon's FUSE export of a
 //! raw file on the same filesystem, in one run, with the same fio jobs: 4 KiB random read and
 //! write at QD1 (psync) and QD16 (libaio), 1 MiB sequential read and write at QD1, all with
-//! O_DIRECT so the page cache of the FUSE file does not answer for either side. Each shape
+//! O_DIRECT so the page cache of the FUSE file does not answer for either side; write shapes
+//! are timed to the completion of an `fsync` of the file after the last write (both servers
+//! cache writes: qsd with `cache.direct=off`, Strata in its segment files). Each shape
 //! runs `--runs` times, alternating the two servers; the medians and their ratio are printed.
 //!
 //! Usage: fuse-bench [--dir DIR] [--size-mib N] [--secs S] [--runs N]

@@ -1,7 +1,8 @@
 //! A Strata tree mount (`strata mount`) against native ext4 on a loop device and against a
 //! FUSE passthrough of that ext4 (bindfs), in one run, with the same workloads: unpack a
 //! source tree (tar), a stat storm (`find -ls` twice), `rm -rf`, and fio on one file (4 KiB
-//! random read and write at QD1, 1 MiB sequential read and write; O_DIRECT). Each workload
+//! random read and write at QD1, 1 MiB sequential read and write; O_DIRECT; writes timed to
+//! the completion of an `fsync` of the file after the last write). Each workload
 //! runs `--runs` times, rotating the order of the three targets; medians and the ratios
 //! strata/bindfs and strata/native (higher is better for Strata) are printed.
 //!
