@@ -1071,6 +1071,16 @@ impl Core {
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> R<Vec<u8>> {
+        let mut buf = Vec::new();
+        let n = self.read_into(ino, offset, size, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// [`Core::read`] into `buf` (grown as needed, never shrunk, so a caller that
+    /// keeps it pays for zeroing and faulting in its memory once, not per read): returns the
+    /// bytes read, at the start of `buf`.
+    pub fn read_into(&self, ino: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> R<usize> {
         let _g = self.gate.read();
         let _s = self.stripe(ino).read();
         let i = {
@@ -1083,14 +1093,16 @@ impl Core {
         // A damaged inode's size never reaches past the file's span.
         let fsize = i.size.min(MAX_FILE_SIZE);
         if offset >= fsize {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let n = (u64::from(size)).min(fsize - offset) as usize;
-        let mut buf = vec![0u8; n];
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
         self.vol
-            .read_bytes(data_off(ino) + offset, &mut buf)
+            .read_bytes(data_off(ino) + offset, &mut buf[..n])
             .map_err(|e| engine_err("reading", e))?;
-        Ok(buf)
+        Ok(n)
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<u32> {

@@ -328,10 +328,14 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
+        thread_local! {
+            // One read buffer per serving thread, kept between reads.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        BUF.with_borrow_mut(|buf| match self.core.read_into(ino.0, offset, size, buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(e),
+        })
     }
 
     fn write(
