@@ -159,13 +159,17 @@ pub(crate) fn after_read(
 }
 
 /// Rewrites one job's range; counts what happened.
-fn run_job(inner: &Inner, job: &Job) {
+fn run_job(inner: &Inner, job: &mut Job) {
     let d = &inner.defrag;
-    let w = Writer {
-        inner,
-        vol: &job.vol,
-    };
-    match w.rewrite(&job.data, &job.guard) {
+    let vol = job.vol.clone();
+    let w = Writer { inner, vol: &vol };
+    let mut done = w.rewrite(&job.data, &job.guard);
+    if matches!(done, Ok(false)) && reread(inner, job) {
+        // Pages were handed back for reuse since the read (a commit's reclaim, say) but the
+        // range maps as it did: read it again under a fresh guard and retry once.
+        done = w.rewrite(&job.data, &job.guard);
+    }
+    match done {
         Ok(true) => {
             d.rewritten.fetch_add(1, Ordering::Relaxed);
             d.bytes.fetch_add(job.data.len() as u64, Ordering::Relaxed);
@@ -180,6 +184,38 @@ fn run_job(inner: &Inner, job: &Job) {
     }
 }
 
+/// Reads a job's range again when it still maps to what the job read (only the reuse epoch
+/// moved on), refreshing its data and guard. False when the range changed, or the read
+/// failed: the job is dropped.
+fn reread(inner: &Inner, job: &mut Job) -> bool {
+    let g = &job.guard;
+    let same = job.vol.map.read().tree.lookup(g.first, g.blocks) == g.pieces;
+    if !same {
+        return false;
+    }
+    let bs = u64::from(job.vol.block_size);
+    let geometry = crate::volume::Geometry {
+        name: &job.vol.name,
+        block_size: job.vol.block_size,
+        size: job.vol.size(),
+    };
+    let first = g.first;
+    match crate::volume::read(
+        inner,
+        &crate::volume::MapSource::Head(&job.vol),
+        &geometry,
+        first * bs,
+        &mut job.data,
+    ) {
+        Ok((pieces, epoch)) => {
+            job.guard.pieces = pieces;
+            job.guard.epoch = epoch;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// The background thread: takes queued jobs, paces them to the byte budget, rewrites.
 pub(crate) fn run_thread(inner: std::sync::Weak<Inner>) {
     let mut window = Instant::now();
@@ -188,7 +224,7 @@ pub(crate) fn run_thread(inner: std::sync::Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let job = {
+        let mut job = {
             let d = &strong.defrag;
             let mut q = d.queue.lock();
             loop {
@@ -214,7 +250,7 @@ pub(crate) fn run_thread(inner: std::sync::Weak<Inner>) {
             spent = 0;
         }
         if strong.check_poisoned().is_ok() {
-            run_job(&strong, &job);
+            run_job(&strong, &mut job);
         }
         spent += job.data.len() as u64;
         strong
