@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Strata needs to build and test on Debian 12 (run as root). Idempotent.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
       qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
-      stress-ng git attr acl bindfs)
+      stress-ng git attr acl bindfs fuse-overlayfs)
 # The commands the tests, benches and guest builder call, with the package that ships each.
 # Checked as commands, not package names: this image ships qemu-utils 10.0 (a backport) that
 # apt removes when it installs qemu-system-x86 7.2, which a package-status check never sees.
 tools=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86
        qemu-storage-daemon:qemu-system-common fio:fio mke2fs:e2fsprogs e2fsck:e2fsprogs
        busybox:busybox-static cpio:cpio xz:xz-utils losetup:mount stress-ng:stress-ng git:git
-       setfattr:attr getfattr:attr setfacl:acl bindfs:bindfs pkg-config:pkg-config cc:build-essential)
+       setfattr:attr getfattr:attr setfacl:acl bindfs:bindfs fuse-overlayfs:fuse-overlayfs
+       npm:npm pkg-config:pkg-config cc:build-essential)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -74,3 +76,21 @@ for tool in pjdfstest:0.2.2 fsx:0.3.2; do
     CARGO_TARGET_DIR=/var/tmp/strata-tools-target cargo install "$name" --version "$version" --locked --root "$GARAGE_ROOT" -q
   fi
 done
+
+# The node_modules phase of tree-bench (issue 13) installs bench/workload/npm offline from
+# this cache, primed once from the npm registry (a failure here only warns: no test needs it,
+# and the bench says the cache is missing).
+NPM_CACHE="$GARAGE_ROOT/npm-cache"
+lock_sum=$(sha256sum bench/workload/npm/package-lock.json | cut -c1-16)
+if [ ! -e "$NPM_CACHE/.primed-$lock_sum" ]; then
+  echo "setup: priming $NPM_CACHE for tree-bench's npm phase (once)"
+  tmp=$(mktemp -d)
+  cp bench/workload/npm/package.json bench/workload/npm/package-lock.json "$tmp/"
+  if (cd "$tmp" && npm ci -q --cache "$NPM_CACHE" --ignore-scripts --no-audit --no-fund \
+        --omit-lockfile-registry-resolved=false >/dev/null 2>&1); then
+    touch "$NPM_CACHE/.primed-$lock_sum"
+  else
+    echo "setup: warning: could not prime the npm cache (tree-bench's npm phase needs it)" >&2
+  fi
+  rm -rf "$tmp"
+fi

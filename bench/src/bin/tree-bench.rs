@@ -1,17 +1,22 @@
-//! A Strata tree mount (`strata mount`) against native ext4 on a loop device and against a
-//! FUSE passthrough of that ext4 (bindfs), in one run, with the same workloads: unpack a
-//! source tree (tar), a stat storm (`find -ls` twice), `rm -rf`, and fio on one file (4 KiB
-//! random read and write at QD1, 1 MiB sequential read and write; O_DIRECT; writes timed to
-//! the completion of an `fsync` of the file after the last write). Each workload
-//! runs `--runs` times, rotating the order of the three targets; medians and the ratios
-//! strata/bindfs and strata/native (higher is better for Strata) are printed.
+//! A Strata tree mount (`strata mount`) against native ext4 on a loop device and against two
+//! FUSE filesystems over that ext4: fuse-overlayfs (lower and upper directories on the ext4,
+//! as rootless containers run it) and bindfs (a plain passthrough), in one run, with the same
+//! workloads: unpack a source tree (tar), a stat storm (`find -ls` twice), `rm -rf`, a real
+//! `node_modules` install (`npm ci --offline` of bench/workload/npm from the cache
+//! scripts/setup.sh primes), a `git clone --no-local` of a repository holding the source
+//! tree, the latency of single create / stat / rename / unlink calls (p50 and p99), and fio
+//! on one file (4 KiB random read and write at QD1, 1 MiB sequential read and write;
+//! O_DIRECT; writes timed to the completion of an `fsync` of the file after the last
+//! write). Each workload runs `--runs` times, rotating the order of the targets; medians and
+//! the ratios of Strata to each peer (higher is better for Strata) are printed.
 //!
 //! The ext4 image and Strata's store sit on the same filesystem (`--dir`).
 //!
 //! Usage: tree-bench [--dir DIR] [--source DIR] [--runs N] [--secs S] [--size-mib N]
-//! `--source` is the tree to unpack (default: the first crates of ~/.cargo/registry/src,
-//! by name, up to about 10,000 files). Needs `strata` built next to this binary, root,
-//! mkfs.ext4, bindfs, tar, find and fio.
+//! [--ops N] `--source` is the tree to unpack (default: the first crates of
+//! ~/.cargo/registry/src, by name, up to about 10,000 files); `--ops` the files of the
+//! latency phase (default 2000). Needs `strata` built next to this binary, root, mkfs.ext4,
+//! fuse-overlayfs, bindfs, tar, find, git, npm (with the cache setup primes) and fio.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,6 +29,7 @@ struct Args {
     runs: usize,
     secs: u32,
     size: u64,
+    ops: usize,
 }
 
 fn args() -> R<Args> {
@@ -33,6 +39,7 @@ fn args() -> R<Args> {
         runs: 3,
         secs: 5,
         size: 1 << 30,
+        ops: 2000,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -41,20 +48,31 @@ fn args() -> R<Args> {
             "--runs" => a.runs = v.parse()?,
             "--secs" => a.secs = v.parse()?,
             "--size-mib" => a.size = v.parse::<u64>()? << 20,
+            "--ops" => a.ops = v.parse()?,
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
-    if a.runs == 0 || a.secs == 0 {
-        return Err("--runs and --secs must be at least 1".into());
+    if a.runs == 0 || a.secs == 0 || a.ops == 0 {
+        return Err("--runs, --secs and --ops must be at least 1".into());
     }
     Ok(a)
 }
 
 fn run(cmd: &str, args: &[&str]) -> R<()> {
-    let out = Command::new(cmd)
+    run_in(None, cmd, args)
+}
+
+/// Runs a command (in directory `cwd` when given), failing with its stderr.
+fn run_in(cwd: Option<&Path>, cmd: &str, args: &[&str]) -> R<()> {
+    let mut c = Command::new(cmd);
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    let out = c
         .args(args)
         .stdout(Stdio::null())
-        .output()?;
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd} {args:?} failed: {}",
@@ -71,8 +89,12 @@ fn p(path: &Path) -> &str {
 
 /// Seconds one shell command takes.
 fn timed(cmd: &str, args: &[&str]) -> R<f64> {
+    timed_in(None, cmd, args)
+}
+
+fn timed_in(cwd: Option<&Path>, cmd: &str, args: &[&str]) -> R<f64> {
     let t = Instant::now();
-    run(cmd, args)?;
+    run_in(cwd, cmd, args)?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -164,13 +186,78 @@ impl Drop for Mounts {
     }
 }
 
+/// Where scripts/setup.sh primes npm's cache with the packages of bench/workload/npm.
+const NPM_CACHE: &str = "/var/tmp/strata-tools/npm-cache";
+const NPM_PACKAGE: &str = include_str!("../../workload/npm/package.json");
+const NPM_LOCK: &str = include_str!("../../workload/npm/package-lock.json");
+
+/// Installs bench/workload/npm's `node_modules` into `dir` from the primed cache, without
+/// the network; returns seconds.
+fn npm_ci(dir: &Path) -> R<f64> {
+    std::fs::create_dir(dir)?;
+    std::fs::write(dir.join("package.json"), NPM_PACKAGE)?;
+    std::fs::write(dir.join("package-lock.json"), NPM_LOCK)?;
+    timed_in(
+        Some(dir),
+        "npm",
+        &[
+            "ci",
+            "--offline",
+            "--cache",
+            NPM_CACHE,
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--omit-lockfile-registry-resolved=false",
+        ],
+    )
+}
+
+/// Latency samples (µs) of single metadata calls in `dir`, `n` files: create (open with
+/// O_CREAT and close), stat, rename, unlink.
+fn op_latency(dir: &Path, n: usize, out: &mut [Vec<f64>; 4]) -> R<()> {
+    std::fs::create_dir(dir)?;
+    let name = |p: &str, i: usize| dir.join(format!("{p}{i:06}"));
+    let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6;
+    for i in 0..n {
+        let t = Instant::now();
+        drop(std::fs::File::create(name("f", i))?);
+        out[0].push(us(t));
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        std::fs::metadata(name("f", i))?;
+        out[1].push(us(t));
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        std::fs::rename(name("f", i), name("g", i))?;
+        out[2].push(us(t));
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        std::fs::remove_file(name("g", i))?;
+        out[3].push(us(t));
+    }
+    std::fs::remove_dir(dir)?;
+    Ok(())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
 fn main() -> R<()> {
     let a = args()?;
+    if !Path::new(NPM_CACHE).is_dir() {
+        return Err(format!("{NPM_CACHE} is missing: run scripts/setup.sh to prime it").into());
+    }
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
     let mut mounts = Mounts(Vec::new());
 
-    // Native ext4 on a loop device, and bindfs over a directory of it.
+    // Native ext4 on a loop device; fuse-overlayfs and bindfs over directories of it.
     let img = a.dir.join("ext4.img");
     std::fs::File::create(&img)?.set_len(16 << 30)?;
     run("mkfs.ext4", &["-q", "-F", p(&img)])?;
@@ -186,6 +273,30 @@ fn main() -> R<()> {
     std::fs::create_dir(&bind)?;
     run("bindfs", &[p(&bindsrc), p(&bind)])?;
     mounts.0.push(bind.clone());
+    let (lower, upper, work) = (
+        ext4.join("ovl-lower"),
+        ext4.join("ovl-upper"),
+        ext4.join("ovl-work"),
+    );
+    for d in [&lower, &upper, &work] {
+        std::fs::create_dir(d)?;
+    }
+    let overlay = a.dir.join("overlay");
+    std::fs::create_dir(&overlay)?;
+    run(
+        "fuse-overlayfs",
+        &[
+            "-o",
+            &format!(
+                "lowerdir={},upperdir={},workdir={}",
+                p(&lower),
+                p(&upper),
+                p(&work)
+            ),
+            p(&overlay),
+        ],
+    )?;
+    mounts.0.push(overlay.clone());
 
     // Strata: a tree mounted from a store next to the ext4 image.
     let (daemon, store) = strata_serve(&a.dir)?;
@@ -195,7 +306,8 @@ fn main() -> R<()> {
     strata_cli(&store, &["mount", "bench", p(&strata)])?;
     mounts.0.push(strata.clone());
 
-    // The source tree, as an uncompressed tarball (so tar's work is the filesystem's).
+    // The source tree, as an uncompressed tarball (so tar's work is the filesystem's), and a
+    // git repository holding it (outside every target) for the clone phase.
     let tarball = a.dir.join("src.tar");
     let what = match &a.source {
         Some(s) => {
@@ -215,6 +327,24 @@ fn main() -> R<()> {
             format!("{} crates from {}", crates.len(), index.display())
         }
     };
+    let repo = a.dir.join("repo");
+    std::fs::create_dir(&repo)?;
+    run("tar", &["xf", p(&tarball), "-C", p(&repo)])?;
+    let git = |args: &[&str]| -> R<()> {
+        let mut all = vec![
+            "-C",
+            p(&repo),
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=b@b",
+        ];
+        all.extend_from_slice(args);
+        run("git", &all)
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "-A", "-f"])?;
+    git(&["commit", "-q", "-m", "source"])?;
     let files = Command::new("tar").arg("tf").arg(&tarball).output()?.stdout;
     let entries = files.iter().filter(|&&b| b == b'\n').count();
     let tar_bytes = std::fs::metadata(&tarball)?.len();
@@ -228,13 +358,23 @@ fn main() -> R<()> {
 
     let targets = [
         ("strata", strata.clone()),
+        ("fuse-overlayfs", overlay.clone()),
         ("bindfs", bind.clone()),
         ("native", native.clone()),
     ];
-    // Rows: unpack, stat storm, rm -rf (seconds), then the fio shapes.
-    let rows = 3 + SHAPES.len();
-    let mut results = vec![vec![Vec::new(); targets.len()]; rows];
-    for (t, (_, root)) in targets.iter().enumerate() {
+    let nt = targets.len();
+    // Rows of seconds (lower is better), then the fio shapes (higher is better).
+    let names = [
+        "unpack (s)",
+        "stat storm: find -ls x2 (s)",
+        "rm -rf (s)",
+        "npm ci --offline (s)",
+        "git clone --no-local (s)",
+    ];
+    let rows = names.len() + SHAPES.len();
+    let mut results = vec![vec![Vec::new(); nt]; rows];
+    let mut lat: Vec<[Vec<f64>; 4]> = (0..nt).map(|_| Default::default()).collect();
+    for (_, root) in &targets {
         // The fio file, written in full once.
         let f = root.join("fio.dat");
         run(
@@ -249,11 +389,10 @@ fn main() -> R<()> {
                 "--fallocate=none",
             ],
         )?;
-        let _ = t;
     }
     for r in 0..a.runs {
-        for k in 0..targets.len() {
-            let t = (k + r) % targets.len();
+        for k in 0..nt {
+            let t = (k + r) % nt;
             let root = &targets[t].1;
             let dst = root.join(format!("run{r}"));
             std::fs::create_dir(&dst)?;
@@ -264,27 +403,38 @@ fn main() -> R<()> {
             }
             results[1][t].push(t0.elapsed().as_secs_f64());
             results[2][t].push(timed("rm", &["-rf", p(&dst)])?);
+            let npm = root.join(format!("npm{r}"));
+            results[3][t].push(npm_ci(&npm)?);
+            run("rm", &["-rf", p(&npm)])?;
+            let clone = root.join(format!("clone{r}"));
+            results[4][t].push(timed(
+                "git",
+                &["clone", "-q", "--no-local", p(&repo), p(&clone)],
+            )?);
+            run("rm", &["-rf", p(&clone)])?;
+            op_latency(&root.join(format!("ops{r}")), a.ops, &mut lat[t])?;
         }
         for (i, s) in SHAPES.iter().enumerate() {
-            for k in 0..targets.len() {
-                let t = (k + r) % targets.len();
+            for k in 0..nt {
+                let t = (k + r) % nt;
                 let f = targets[t].1.join("fio.dat");
-                results[3 + i][t].push(fio(&f, s, a.size, a.secs)?);
+                results[names.len() + i][t].push(fio(&f, s, a.size, a.secs)?);
             }
         }
     }
 
-    let names = ["unpack (s)", "stat storm: find -ls x2 (s)", "rm -rf (s)"];
-    println!(
-        "\n{:34} {:>10} {:>10} {:>10}  {:>14} {:>14}",
-        "workload (median)", "strata", "bindfs", "native", "strata/bindfs", "strata/native"
-    );
+    let head: String = targets.iter().map(|(n, _)| format!(" {n:>14}")).collect();
+    let vs: String = targets[1..]
+        .iter()
+        .map(|(n, _)| format!(" {:>16}", format!("vs {n}")))
+        .collect();
+    println!("\n{:34}{head} {vs}", "workload (median)");
     for (row, res) in results.iter_mut().enumerate() {
         let m: Vec<f64> = res.iter_mut().map(|v| median(v)).collect();
-        let (name, higher_better) = if row < 3 {
+        let (name, higher_better) = if row < names.len() {
             (names[row], false)
         } else {
-            (SHAPES[row - 3].name, true)
+            (SHAPES[row - names.len()].name, true)
         };
         // Ratios are "how many times better Strata is": time ratios are inverted.
         let ratio = |peer: f64| {
@@ -294,28 +444,39 @@ fn main() -> R<()> {
                 peer / m[0]
             }
         };
-        println!(
-            "{:34} {:>10.2} {:>10.2} {:>10.2}  {:>13.2}x {:>13.2}x",
-            name,
-            m[0],
-            m[1],
-            m[2],
-            ratio(m[1]),
-            ratio(m[2])
-        );
+        let cells: String = m.iter().map(|x| format!(" {x:>14.2}")).collect();
+        let ratios: String = m[1..]
+            .iter()
+            .map(|&x| format!(" {:>15.2}x", ratio(x)))
+            .collect();
+        println!("{name:34}{cells} {ratios}");
         let all: Vec<String> = res
             .iter()
-            .map(|v| {
-                v.iter()
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join("/")
+            .zip(&targets)
+            .map(|(v, (n, _))| {
+                let runs: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+                format!("{n} {}", runs.join("/"))
             })
             .collect();
-        println!(
-            "{:34} runs: strata {} | bindfs {} | native {}",
-            "", all[0], all[1], all[2]
-        );
+        println!("{:34} runs: {}", "", all.join(" | "));
+    }
+    println!(
+        "\nsingle calls, {} files x {} runs, latency in µs (p50 / p99):",
+        a.ops, a.runs
+    );
+    println!("{:10}{head}", "call");
+    for (o, op) in ["create", "stat", "rename", "unlink"].iter().enumerate() {
+        let cells: String = lat
+            .iter_mut()
+            .map(|l| {
+                let v = &mut l[o];
+                format!(
+                    " {:>14}",
+                    format!("{:.0} / {:.0}", percentile(v, 0.5), percentile(v, 0.99))
+                )
+            })
+            .collect();
+        println!("{op:10}{cells}");
     }
     drop(mounts);
     drop(daemon);
