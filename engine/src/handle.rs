@@ -274,9 +274,21 @@ impl Volume {
     /// First mapped byte offset at or after `offset` (`None`: only holes remain): for
     /// SEEK_DATA / SEEK_HOLE.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.next_data_before(offset, u64::MAX)
+    }
+
+    /// [`Volume::next_data`] limited to offsets before `end`: costs what the map holds in
+    /// `[offset, end)`, whatever lies past it.
+    pub fn next_data_before(&self, offset: u64, end: u64) -> Option<u64> {
         let bs = u64::from(self.state.block_size);
-        let b = self.state.map.read().tree.next_mapped(offset / bs)?;
-        Some((b * bs).max(offset)).filter(|o| *o < self.size())
+        let end = end.min(self.size());
+        let b = self
+            .state
+            .map
+            .read()
+            .tree
+            .next_mapped_before(offset / bs, end.div_ceil(bs))?;
+        Some((b * bs).max(offset)).filter(|o| *o < end)
     }
 
     /// First byte offset at or after `offset` that lies in a hole, or the size when none
@@ -374,9 +386,17 @@ impl Snapshot {
 
     /// First mapped byte offset at or after `offset`.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.next_data_before(offset, u64::MAX)
+    }
+
+    /// First byte offset in `[offset, end)` holding data: see [`Volume::next_data_before`].
+    pub fn next_data_before(&self, offset: u64, end: u64) -> Option<u64> {
         let bs = u64::from(self.block_size);
-        let b = self.tree.next_mapped(offset / bs)?;
-        Some((b * bs).max(offset)).filter(|o| *o < self.size)
+        let end = end.min(self.size);
+        let b = self
+            .tree
+            .next_mapped_before(offset / bs, end.div_ceil(bs))?;
+        Some((b * bs).max(offset)).filter(|o| *o < end)
     }
 
     /// First byte offset at or after `offset` in a hole, or the size: see
@@ -429,6 +449,13 @@ impl Source {
         match self {
             Source::Live(v) => v.next_data(offset),
             Source::Checkpoint(s) => s.next_data(offset),
+        }
+    }
+
+    pub fn next_data_before(&self, offset: u64, end: u64) -> Option<u64> {
+        match self {
+            Source::Live(v) => v.next_data_before(offset, end),
+            Source::Checkpoint(s) => s.next_data_before(offset, end),
         }
     }
 }

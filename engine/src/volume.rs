@@ -1224,7 +1224,7 @@ pub(crate) fn hydrate_step(
             items.push((p.block, l));
         }
         if next.is_none() && limit < to {
-            next = m.tree.next_mapped(limit).filter(|b| *b < to);
+            next = m.tree.next_mapped_before(limit, to);
         }
         (items, next)
     };

@@ -684,7 +684,15 @@ fn tree_diff(a: &App, req: &DiffReq) -> Result<Vec<Value>, ApiError> {
             // The mount's own handle when mounted; otherwise a handle of our own (not for an
             // ephemeral tree: dropping it would delete the tree).
             None => match a.exports.lock().get(s) {
-                Some(Exported::Tree { mount, .. }) => Ok(Side::Live(mount.volume().clone())),
+                Some(Exported::Tree { mount, .. }) => {
+                    let vol = mount.volume().map_err(|e| {
+                        ApiError(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("syncing the mounted tree: {e:?}"),
+                        )
+                    })?;
+                    Ok(Side::Live(vol.clone()))
+                }
                 _ if a.store.volume_info(s)?.ephemeral => Err(bad(format!(
                     "{s} is an ephemeral tree that is not mounted; mount it to diff its live state"
                 ))),

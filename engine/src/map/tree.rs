@@ -334,8 +334,14 @@ impl Tree {
 
     /// First mapped block at or after `block`, if any.
     pub fn next_mapped(&self, block: u64) -> Option<u64> {
+        self.next_mapped_before(block, u64::MAX)
+    }
+
+    /// First mapped block in `[block, end)`, if any. Costs what lies in that range, not what
+    /// lies past it (chunks a volume unmapped stay in the tree until it is rewritten).
+    pub fn next_mapped_before(&self, block: u64, end: u64) -> Option<u64> {
         let root = self.root.as_ref()?;
-        next_mapped_rec(root, self.height, 0, block)
+        next_mapped_rec(root, self.height, 0, block, end).filter(|b| *b < end)
     }
 
     /// First unmapped block at or after `block` (every block past the last mapped one is
@@ -460,7 +466,7 @@ fn diff_rec(
     }
 }
 
-fn next_mapped_rec(node: &Arc<Node>, level: u32, base: u64, from: u64) -> Option<u64> {
+fn next_mapped_rec(node: &Arc<Node>, level: u32, base: u64, from: u64, end: u64) -> Option<u64> {
     match node.as_ref() {
         Node::Chunk(c) => {
             let first = base * CHUNK_BLOCKS;
@@ -479,7 +485,10 @@ fn next_mapped_rec(node: &Arc<Node>, level: u32, base: u64, from: u64) -> Option
                 if child_end <= from {
                     continue;
                 }
-                if let Some(b) = next_mapped_rec(kid, level - 1, child, from) {
+                if child.saturating_mul(CHUNK_BLOCKS) >= end {
+                    return None;
+                }
+                if let Some(b) = next_mapped_rec(kid, level - 1, child, from, end) {
                     return Some(b);
                 }
             }

@@ -535,7 +535,11 @@ impl Core {
     /// gets a new generation, so the kernel drops its old inode instead of reusing it.
     /// Inodes that are the same file keep theirs: open handles to them see the restored
     /// content.
-    pub fn quiesce<T>(&self, changed: bool, f: impl FnOnce() -> T) -> R<T> {
+    ///
+    /// Returns, with `f`'s result, the inodes whose cached state the kernel must drop after
+    /// a change: directories it holds (their sizes, link counts, times) and the inodes the
+    /// change replaced or changed. Files the change left as they were keep their pages.
+    pub fn quiesce<T>(&self, changed: bool, f: impl FnOnce() -> T) -> R<(T, Vec<u64>)> {
         let _g = self.gate.write();
         self.sync_times()?;
         let before: Vec<(u64, Option<Inode>)> = if changed {
@@ -547,6 +551,7 @@ impl Core {
             Vec::new()
         };
         let out = f();
+        let mut stale = Vec::new();
         if changed {
             let mut m = self.meta.lock();
             m.cache.clear();
@@ -575,14 +580,33 @@ impl Core {
                 if !same {
                     *m.epochs.entry(ino).or_insert(0) += 1;
                 }
+                // Any change shows in the ctime (or the size and mtime, which set it).
+                let untouched = matches!((&old, &new), (Some(o), Some(n))
+                    if o.size == n.size && o.mtime == n.mtime && o.ctime == n.ctime);
+                if !same || !untouched || old.as_ref().is_some_and(Inode::is_dir) {
+                    stale.push(ino);
+                }
             }
         }
-        Ok(out)
+        Ok((out, stale))
     }
 
     /// The generation the kernel is given for `ino`: see [`generation_of`].
     pub fn generation(&self, ino: u64, i: &Inode) -> u64 {
         generation_of(&self.meta.lock(), ino, i)
+    }
+
+    /// The names the kernel holds directly under the root: invalidating them drops every
+    /// cached name below them too (the kernel prunes the subtree of an invalidated entry).
+    pub fn known_top_entries(&self) -> Vec<Vec<u8>> {
+        let m = self.meta.lock();
+        m.known
+            .names
+            .values()
+            .flatten()
+            .filter(|(parent, _)| *parent == ROOT_INO)
+            .map(|(_, name)| name.clone())
+            .collect()
     }
 
     /// What the kernel was told (for invalidation): inodes it holds and their names.
@@ -596,10 +620,7 @@ impl Core {
     fn free_orphans(&self) -> R<usize> {
         let mut found = Vec::new();
         let mut at = ORPHAN_BASE;
-        while let Some(off) = self.vol.next_data(at) {
-            if off >= XATTR_BASE {
-                break;
-            }
+        while let Some(off) = self.vol.next_data_before(at, XATTR_BASE) {
             let blk = off - off % BS;
             let mut b = vec![0u8; BS as usize];
             self.vol
@@ -650,7 +671,7 @@ impl Core {
         let (base, end) = (data_off(ino), data_off(ino) + span);
         let mut mapped = Vec::new();
         let mut at = base;
-        while let Some(off) = self.vol.next_data(at).filter(|o| *o < end) {
+        while let Some(off) = self.vol.next_data_before(at, end) {
             if mapped.len() == FREE_INLINE_BLOCKS {
                 // Not under the metadata lock: nothing reaches an unlinked inode nobody
                 // holds, and its stripe is ours.
@@ -1232,9 +1253,9 @@ impl Core {
         }
         let base = data_off(ino);
         match whence {
-            libc::SEEK_DATA => match self.vol.next_data(base + offset) {
-                Some(d) if d < base + fsize => Ok((d - base).max(offset)),
-                _ => Err(Errno::ENXIO),
+            libc::SEEK_DATA => match self.vol.next_data_before(base + offset, base + fsize) {
+                Some(d) => Ok((d - base).max(offset)),
+                None => Err(Errno::ENXIO),
             },
             libc::SEEK_HOLE => {
                 let h = self.vol.next_hole(base + offset);
@@ -1296,10 +1317,7 @@ impl Core {
             let base = data_off(ino);
             let mut at = base + first_bucket * BS;
             let end = base + BUCKETS * BS;
-            while let Some(off) = self.vol.next_data(at) {
-                if off >= end {
-                    break;
-                }
+            while let Some(off) = self.vol.next_data_before(at, end) {
                 let n = (off - base) / BS;
                 let b = t.bucket(ino, n)?;
                 for e in b.entries {

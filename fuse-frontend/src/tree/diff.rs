@@ -70,10 +70,7 @@ impl Paths<'_> {
             let base = data_off(dir);
             let end = base + BUCKETS * BS;
             let mut at = base;
-            while let Some(off) = self.side.next_data(at) {
-                if off >= end {
-                    break;
-                }
+            while let Some(off) = self.side.next_data_before(at, end) {
                 let blk = off - off % BS;
                 let b = Bucket::decode(&self.side.block(blk)?)
                     .map_err(|e| format!("directory {dir}: {e}"))?;

@@ -27,9 +27,11 @@ use strata_engine::Volume;
 
 use crate::{FuseError, FuseOptions, MountSession};
 
-/// How long the kernel may trust names and attributes. This mount is the only writer; a
-/// restore invalidates explicitly.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust names and attributes. This mount is the only writer: the
+/// kernel learns of every change it makes from the replies, and what changes the tree
+/// behind the kernel's back (a restore, an import through [`TreeMount::handle`]) tells the
+/// kernel what it dropped ([`TreeMount::restore`], [`TreeMount::invalidate`]).
+const TTL: Duration = Duration::from_secs(3600);
 const MAX_IO: u32 = 1 << 20;
 
 fn file_type(mode: u32) -> FileType {
@@ -137,6 +139,9 @@ impl Filesystem for TreeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Not FUSE_WRITEBACK_CACHE: under it the kernel answers SEEK_DATA / SEEK_HOLE from
+        // the daemon while the data may still be dirty in its own page cache (a `cp` would
+        // skip written data), and keeps a cached file's size as its own across a restore.
         // Listing a directory returns its entries' attributes too (no LOOKUP per entry),
         // when the kernel judges it useful (a stat storm after a readdir).
         let _ = config
@@ -528,6 +533,9 @@ impl Filesystem for TreeFs {
 #[derive(Clone, Debug)]
 pub struct TreeHandle {
     core: Arc<Core>,
+    /// The mount's channel to the kernel, when the tree is mounted: what the handle changes
+    /// behind the kernel's back is invalidated there.
+    notifier: Option<fuser::Notifier>,
 }
 
 impl TreeHandle {
@@ -535,6 +543,7 @@ impl TreeHandle {
     pub fn open(volume: Volume, store_dir: &Path) -> Result<TreeHandle, String> {
         Ok(TreeHandle {
             core: Arc::new(Core::open(volume, store_dir.to_path_buf())?),
+            notifier: None,
         })
     }
 
@@ -545,7 +554,18 @@ impl TreeHandle {
         src: &Path,
         done: &std::sync::atomic::AtomicU64,
     ) -> Result<import::ImportStats, String> {
-        let stats = import::import_dir(&self.core, src, done)?;
+        let stats = import::import_dir(&self.core, src, done);
+        if let Some(n) = &self.notifier {
+            // New entries need nothing (the kernel keeps no negative entries), but the
+            // directories they went into changed size, link count and times: the kernel
+            // drops the attributes it holds (and the root's, whose attributes an import
+            // sets).
+            let (inos, _) = self.core.known_snapshot();
+            for ino in inos.into_iter().chain([format::ROOT_INO]) {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+        let stats = stats?;
         self.core
             .fsync()
             .map_err(|e| format!("making the import durable: {e:?}"))?;
@@ -620,33 +640,60 @@ impl TreeMount {
     pub fn handle(&self) -> TreeHandle {
         TreeHandle {
             core: self.core.clone(),
+            notifier: Some(self.notifier.clone()),
         }
     }
 
-    /// The mounted volume (a handle: for reading the live tree, e.g. a diff).
-    pub fn volume(&self) -> &Volume {
-        &self.core.vol
+    /// The mounted volume (a handle: for reading the live tree, e.g. a diff), after the
+    /// kernel wrote back what it held dirty ([`TreeMount::sync`]).
+    pub fn volume(&self) -> Result<&Volume, Errno> {
+        self.sync()?;
+        Ok(&self.core.vol)
+    }
+
+    /// Makes the kernel write back every page it holds dirty for this mount (pages written
+    /// through a shared writable `mmap` stay in the kernel until writeback, `msync`, `fsync`
+    /// or `syncfs`), so the volume holds every write made before the call. Must not run on
+    /// a thread that serves this mount's requests.
+    pub fn sync(&self) -> Result<(), Errno> {
+        let dir = std::fs::File::open(self.mount.mountpoint()).map_err(|e| {
+            tracing::warn!(error = %e, "opening the mountpoint to sync it");
+            Errno::EIO
+        })?;
+        // SAFETY: `dir` is an open descriptor for the duration of the call.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, "syncfs of the mounted tree");
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// Runs `f` (a checkpoint of the volume) with every operation of the mount held off, so
-    /// the checkpoint holds no half-done operation and every timestamp.
+    /// the checkpoint holds no half-done operation, every timestamp, and every write made
+    /// before the call (the kernel's dirty pages are written back first).
     pub fn checkpoint<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
-        self.core.quiesce(false, f)
+        self.sync()?;
+        Ok(self.core.quiesce(false, f)?.0)
     }
 
     /// Runs `f` (a restore of the volume) with every operation held off, then drops every
     /// cache and tells the kernel to forget what it cached: names it looked up and inodes'
     /// attributes and pages. Processes then see the restored tree; a file they hold open
-    /// that the restored tree does not have answers ENOENT.
+    /// that the restored tree does not have answers ENOENT. Pages the kernel held dirty
+    /// are written back first, so none lands in the restored tree.
     pub fn restore<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
-        let out = self.core.quiesce(true, f)?;
-        let (inos, entries) = self.core.known_snapshot();
-        for (parent, name) in entries {
+        self.sync()?;
+        let (out, stale) = self.core.quiesce(true, f)?;
+        // Names: those under the root are enough, the kernel drops the cached subtree of
+        // each. Inodes: directories and what the restore replaced or changed; other cached
+        // inodes are the same files with the same content.
+        for name in self.core.known_top_entries() {
             let _ = self
                 .notifier
-                .inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+                .inval_entry(INodeNo(format::ROOT_INO), OsStr::from_bytes(&name));
         }
-        for ino in inos {
+        for ino in stale {
             let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
         }
         let _ = self.notifier.inval_inode(INodeNo(format::ROOT_INO), 0, 0);
@@ -666,6 +713,8 @@ impl TreeMount {
 
     /// Unmounts even when busy (lazily), for daemon shutdown.
     pub fn detach(self) {
+        // A lazily detached mount cannot write back once the daemon is gone.
+        let _ = self.sync();
         let _ = self.core.sync_times();
         self.mount.detach()
     }
