@@ -33,6 +33,11 @@ use crate::{FuseError, FuseOptions, MountSession};
 /// kernel what it dropped ([`TreeMount::restore`], [`TreeMount::invalidate`]).
 const TTL: Duration = Duration::from_secs(3600);
 const MAX_IO: u32 = 1 << 20;
+/// How files are opened: cached pages stay valid across opens (this mount is the only
+/// writer, and a restore invalidates), and `close` costs no round trip (no FLUSH: this
+/// mount keeps no POSIX locks, and what `flush` did, writing timestamps held in memory,
+/// is done at `release`, which the kernel sends without waiting).
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 fn file_type(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
@@ -295,7 +300,7 @@ impl Filesystem for TreeFs {
             Ok(i) if i.is_dir() => reply.error(Errno::EISDIR),
             // This mount is the only writer, and a restore invalidates: cached pages stay
             // valid across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(e),
         }
     }
@@ -316,7 +321,7 @@ impl Filesystem for TreeFs {
                 &attr(ino, &i),
                 Generation(self.core.generation(ino, &i)),
                 FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                OPEN_FLAGS,
             ),
             Err(e) => reply.error(e),
         }
@@ -369,7 +374,22 @@ impl Filesystem for TreeFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2) promises no durability; timestamps held in memory are written here so
+        // Not sent for files opened here (FOPEN_NOFLUSH); kept for any that are.
+        ok(self.core.sync_times(), reply)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) promises no durability; timestamps held in memory are written when the
+        // last handle of a file goes (the kernel sends this without waiting for it), so
         // that a closed file's times survive a crash of the daemon.
         ok(self.core.sync_times(), reply)
     }
