@@ -107,6 +107,15 @@ impl VolumeState {
         }
     }
 
+    /// Name, block size and current size, for the read and write paths.
+    pub(crate) fn geometry(&self) -> crate::volume::Geometry<'_> {
+        crate::volume::Geometry {
+            name: &self.name,
+            block_size: self.block_size,
+            size: self.size(),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }

@@ -193,20 +193,8 @@ fn reread(inner: &Inner, job: &mut Job) -> bool {
     if !same {
         return false;
     }
-    let bs = u64::from(job.vol.block_size);
-    let geometry = crate::volume::Geometry {
-        name: &job.vol.name,
-        block_size: job.vol.block_size,
-        size: job.vol.size(),
-    };
     let first = g.first;
-    match crate::volume::read(
-        inner,
-        &crate::volume::MapSource::Head(&job.vol),
-        &geometry,
-        first * bs,
-        &mut job.data,
-    ) {
+    match read_head(inner, &job.vol, first, &mut job.data) {
         Ok((pieces, epoch)) => {
             job.guard.pieces = pieces;
             job.guard.epoch = epoch;
@@ -214,6 +202,23 @@ fn reread(inner: &Inner, job: &mut Job) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Reads `data.len()` bytes of the volume's head from block `first`: the pieces read and the
+/// reuse epoch they were read at (what a [`RangeGuard`] holds).
+fn read_head(
+    inner: &Inner,
+    vol: &VolumeState,
+    first: u64,
+    data: &mut [u8],
+) -> Result<(Vec<Piece>, u64)> {
+    crate::volume::read(
+        inner,
+        &crate::volume::MapSource::Head(vol),
+        &vol.geometry(),
+        first * u64::from(vol.block_size),
+        data,
+    )
 }
 
 /// The background thread: takes queued jobs, paces them to the byte budget, rewrites.
@@ -313,18 +318,7 @@ pub(crate) fn defragment(
             continue;
         }
         let mut data = vec![0u8; (blocks * bs) as usize];
-        let g = crate::volume::Geometry {
-            name: &vol.name,
-            block_size: vol.block_size,
-            size: vol.size(),
-        };
-        let (read, epoch) = crate::volume::read(
-            inner,
-            &crate::volume::MapSource::Head(vol),
-            &g,
-            first * bs,
-            &mut data,
-        )?;
+        let (read, epoch) = read_head(inner, vol, first, &mut data)?;
         let mapped: u64 = read
             .iter()
             .filter(|p| p.loc.is_some())

@@ -61,11 +61,7 @@ impl Volume {
     }
 
     fn geometry(&self) -> Geometry<'_> {
-        Geometry {
-            name: &self.state.name,
-            block_size: self.state.block_size,
-            size: self.state.size(),
-        }
+        self.state.geometry()
     }
 
     fn read_aligned(&self, offset: u64, buf: &mut [u8], align: Align) -> Result<()> {
@@ -452,6 +448,7 @@ impl Source {
         }
     }
 
+    /// First byte offset in `[offset, end)` holding data.
     pub fn next_data_before(&self, offset: u64, end: u64) -> Option<u64> {
         match self {
             Source::Live(v) => v.next_data_before(offset, end),

@@ -774,11 +774,7 @@ pub(crate) struct Writer<'a> {
 
 impl Writer<'_> {
     fn geometry(&self) -> Geometry<'_> {
-        Geometry {
-            name: &self.vol.name,
-            block_size: self.vol.block_size,
-            size: self.vol.size(),
-        }
+        self.vol.geometry()
     }
 
     pub fn write(&self, offset: u64, data: &[u8], align: Align) -> Result<()> {

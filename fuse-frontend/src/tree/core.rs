@@ -609,12 +609,9 @@ impl Core {
             .collect()
     }
 
-    /// What the kernel was told (for invalidation): inodes it holds and their names.
-    pub fn known_snapshot(&self) -> (Vec<u64>, Vec<(u64, Vec<u8>)>) {
-        let m = self.meta.lock();
-        let inos = m.known.lookups.keys().copied().collect();
-        let entries = m.known.names.values().flatten().cloned().collect();
-        (inos, entries)
+    /// The inodes the kernel holds (for invalidation).
+    pub fn known_inodes(&self) -> Vec<u64> {
+        self.meta.lock().known.lookups.keys().copied().collect()
     }
 
     fn free_orphans(&self) -> R<usize> {

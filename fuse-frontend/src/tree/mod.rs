@@ -29,8 +29,8 @@ use crate::{FuseError, FuseOptions, MountSession};
 
 /// How long the kernel may trust names and attributes. This mount is the only writer: the
 /// kernel learns of every change it makes from the replies, and what changes the tree
-/// behind the kernel's back (a restore, an import through [`TreeMount::handle`]) tells the
-/// kernel what it dropped ([`TreeMount::restore`], [`TreeMount::invalidate`]).
+/// behind the kernel's back tells the kernel what to drop ([`TreeMount::restore`], and
+/// [`TreeHandle::import`] through a [`TreeMount::handle`]).
 const TTL: Duration = Duration::from_secs(3600);
 const MAX_IO: u32 = 1 << 20;
 /// How files are opened: cached pages stay valid across opens (this mount is the only
@@ -580,8 +580,12 @@ impl TreeHandle {
             // directories they went into changed size, link count and times: the kernel
             // drops the attributes it holds (and the root's, whose attributes an import
             // sets).
-            let (inos, _) = self.core.known_snapshot();
-            for ino in inos.into_iter().chain([format::ROOT_INO]) {
+            for ino in self
+                .core
+                .known_inodes()
+                .into_iter()
+                .chain([format::ROOT_INO])
+            {
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
             }
         }
