@@ -1,13 +1,17 @@
 //! The filesystem itself, independent of FUSE: namespace, attributes, extended attributes and
 //! file IO over a tree volume, with POSIX errors. Every metadata change is one
-//! [`Txn`]: the blocks it touches are written with one `Volume::write_blocks`, one journal
-//! group, so after a crash an operation (a rename, a create) is all there or not at all.
+//! [`Txn`]: the blocks it touches are staged in memory whole, and the staged changes of many
+//! operations are written together with one `Volume::write_blocks`, one journal group (group
+//! commit: [`COMMIT_INTERVAL`] after the first, or at `fsync`), so after a crash an
+//! operation (a rename, a create) is all there or not at all, and the operations that are
+//! there are the first ones, in order.
 
 use super::format::*;
 use fuser::Errno;
-use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 use strata_engine::Volume;
 
 pub type R<T> = Result<T, Errno>;
@@ -21,6 +25,13 @@ const INO_RESERVE: u64 = 64;
 const FREE_INLINE_BLOCKS: usize = 256;
 /// Locks serializing content changes of one inode against its truncation and freeing.
 const STRIPES: usize = 64;
+/// Staged metadata changes are written at most this long after the first of them (a crash
+/// of the daemon loses at most this much of the metadata operations not `fsync`ed).
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+/// ... or as soon as this many blocks are staged.
+const COMMIT_BLOCKS: usize = 1024;
+/// How long the committer waits before it tries again after a failed group write.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
     tracing::warn!(error = %e, "tree: {what}");
@@ -53,6 +64,16 @@ pub struct Meta {
     reserved: u64,
     /// Inodes freed during this mount (content unmapped with them), reused first.
     free: Vec<u64>,
+    /// Metadata blocks changed by operations already answered and not written yet: their
+    /// content is in `cache` (a zero block for content being unmapped), kept there until
+    /// [`write_staged`] writes them all as one group.
+    staged: BTreeSet<u64>,
+    /// Inodes freed by staged changes: reused only once those are written (their content's
+    /// zero blocks must land before a new file's data does).
+    freed_staged: Vec<u64>,
+    /// Why the last group write failed; cleared by the next one that succeeds. While set,
+    /// every new metadata change first tries to write the staged ones and fails with them.
+    failed: Option<Errno>,
     /// Inodes whose timestamps changed in the cache only (writes that did not change the
     /// size); written with the next metadata change of their block, or by
     /// [`Core::sync_times`].
@@ -88,6 +109,91 @@ pub struct Core {
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
     pub store_dir: std::path::PathBuf,
+    /// Wakes the committer thread (see [`committer`]).
+    kick: Arc<Kick>,
+}
+
+/// The committer's wake-up: `armed` when changes were staged onto an empty stage, `stop`
+/// when the core is dropped.
+#[derive(Default)]
+struct Kick {
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl Kick {
+    fn arm(&self) {
+        self.state.lock().0 = true;
+        self.cv.notify_one();
+    }
+
+    fn stop(&self) {
+        self.state.lock().1 = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits until armed (true) or stopped (false).
+    fn wait(&self) -> bool {
+        let mut s = self.state.lock();
+        while !s.0 && !s.1 {
+            self.cv.wait(&mut s);
+        }
+        s.0 = false;
+        !s.1
+    }
+}
+
+/// Writes staged metadata [`COMMIT_INTERVAL`] after the first change of each group. Holds
+/// the core only while writing: it ends when the core is dropped.
+fn committer(core: Weak<Core>, kick: Arc<Kick>) {
+    while kick.wait() {
+        std::thread::sleep(COMMIT_INTERVAL);
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        if core.commit_staged().is_err() {
+            // Logged by the failed write; the stage is kept and tried again.
+            drop(core);
+            std::thread::sleep(RETRY_INTERVAL);
+            kick.arm();
+        }
+    }
+}
+
+/// The first block at or after `at` and before `end` that holds metadata: mapped in the
+/// volume or staged.
+fn next_block(vol: &Volume, m: &Meta, at: u64, end: u64) -> Option<u64> {
+    let mapped = vol.next_data_before(at, end).map(|o| o - o % BS);
+    let staged = m.staged.range(at..end).next().copied();
+    match (mapped, staged) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Writes every staged block as one group. On failure everything stays staged (the
+/// operations were answered: they are tried again, not dropped) and `failed` says why.
+fn write_staged(vol: &Volume, m: &mut Meta) -> R<()> {
+    if m.staged.is_empty() {
+        return Ok(());
+    }
+    let blocks: Vec<(u64, &[u8])> = m.staged.iter().map(|o| (*o, &m.cache[o][..])).collect();
+    if let Err(e) = vol.write_blocks(&blocks) {
+        let e = engine_err("writing metadata", e);
+        m.failed = Some(e);
+        return Err(e);
+    }
+    m.failed = None;
+    let staged = std::mem::take(&mut m.staged);
+    for o in staged {
+        // Unmapped content is read from the volume again (where it is now zeros).
+        if m.cache.get(&o).is_some_and(|b| b.iter().all(|x| *x == 0)) {
+            m.cache.remove(&o);
+        }
+    }
+    let freed = std::mem::take(&mut m.freed_staged);
+    m.free.extend(freed);
+    Ok(())
 }
 
 /// Attributes to change (setattr).
@@ -105,11 +211,29 @@ pub struct SetAttr {
 pub struct Txn<'a> {
     vol: &'a Volume,
     meta: &'a mut Meta,
+    kick: &'a Kick,
     dirty: BTreeMap<u64, Vec<u8>>,
     /// An xattr blob this change writes, cached once it commits.
     xpending: Option<(u64, Arc<Vec<u8>>)>,
     /// Content blocks this change unmaps (written as zero blocks in the same group).
     zeros: Vec<u64>,
+    /// The allocator as it was before this change (restored when the change is dropped
+    /// uncommitted: a raised reservation must not outlive the superblock write it needs).
+    before: (u64, u64),
+    /// An inode number this change took from the free list (given back if dropped).
+    reused: Option<u64>,
+    committed: bool,
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            (self.meta.next_ino, self.meta.reserved) = self.before;
+            if let Some(i) = self.reused.take() {
+                self.meta.free.push(i);
+            }
+        }
+    }
 }
 
 impl Txn<'_> {
@@ -125,14 +249,18 @@ impl Txn<'_> {
             .read_bytes(off, &mut b)
             .map_err(|e| eio("reading metadata", e))?;
         if self.meta.cache.len() >= CACHE_BLOCKS {
-            // Dropped whole, except inode blocks holding timestamps not written yet.
+            // Dropped whole, except staged blocks and inode blocks holding timestamps not
+            // written yet.
             let keep: HashSet<u64> = self
                 .meta
                 .dirty_times
                 .iter()
                 .map(|&i| inode_block(i).0)
                 .collect();
-            self.meta.cache.retain(|o, _| keep.contains(o));
+            let staged = &self.meta.staged;
+            self.meta
+                .cache
+                .retain(|o, _| keep.contains(o) || staged.contains(o));
         }
         self.meta.cache.insert(off, Arc::new(b.clone()));
         Ok(b)
@@ -340,6 +468,7 @@ impl Txn<'_> {
 
     fn alloc_ino(&mut self) -> R<u64> {
         if let Some(i) = self.meta.free.pop() {
+            self.reused = Some(i);
             return Ok(i);
         }
         let i = self.meta.next_ino;
@@ -359,36 +488,37 @@ impl Txn<'_> {
         Ok(i)
     }
 
-    fn commit(self) -> R<()> {
+    /// Stages the change: from here on every operation sees it, and it is written with the
+    /// next group. Fails (and the change is dropped) only while group writes fail.
+    fn commit(mut self) -> R<()> {
         if self.dirty.is_empty() && self.zeros.is_empty() {
+            self.committed = true;
             return Ok(());
         }
-        let zero = vec![0u8; BS as usize];
-        let blocks: Vec<(u64, &[u8])> = self
-            .dirty
-            .iter()
-            .map(|(o, b)| (*o, &b[..]))
-            .chain(self.zeros.iter().map(|o| (*o, &zero[..])))
-            .collect();
-        if let Err(e) = self.vol.write_blocks(&blocks) {
-            // Nothing of this operation was applied; forget what the cache may hold of it
-            // (a fresh allocation count included).
-            self.meta.cache.clear();
-            self.meta.xcache.clear();
-            if let Ok(s) = read_super(self.vol) {
-                self.meta.reserved = s.next_ino;
-                self.meta.next_ino = self.meta.next_ino.max(s.next_ino);
-            }
-            return Err(engine_err("writing metadata", e));
+        if self.meta.failed.is_some() {
+            write_staged(self.vol, self.meta)?;
         }
-        for (o, b) in self.dirty {
+        let was_empty = self.meta.staged.is_empty();
+        for (o, b) in std::mem::take(&mut self.dirty) {
             self.meta.cache.insert(o, Arc::new(b));
+            self.meta.staged.insert(o);
         }
-        for o in &self.zeros {
-            self.meta.cache.remove(o);
+        if !self.zeros.is_empty() {
+            let zero = Arc::new(vec![0u8; BS as usize]);
+            for o in std::mem::take(&mut self.zeros) {
+                self.meta.cache.insert(o, zero.clone());
+                self.meta.staged.insert(o);
+            }
         }
-        if let Some((ino, b)) = self.xpending {
+        if let Some((ino, b)) = self.xpending.take() {
             self.meta.cache_xblob(ino, b);
+        }
+        self.committed = true;
+        if self.meta.staged.len() >= COMMIT_BLOCKS {
+            // Answered already: a failure here is kept (and reported) by the stage.
+            let _ = write_staged(self.vol, self.meta);
+        } else if was_empty {
+            self.kick.arm();
         }
         Ok(())
     }
@@ -469,8 +599,9 @@ pub struct ListEntry {
 }
 
 impl Core {
-    /// Opens the tree in `vol` for serving: frees orphans a crash left behind.
-    pub fn open(vol: Volume, store_dir: std::path::PathBuf) -> Result<Core, String> {
+    /// Opens the tree in `vol` for serving: frees orphans a crash left behind, and starts
+    /// the thread that writes staged metadata.
+    pub fn open(vol: Volume, store_dir: std::path::PathBuf) -> Result<Arc<Core>, String> {
         if !vol.is_tree() {
             return Err(format!(
                 "volume {} is a block volume, not a tree",
@@ -497,6 +628,9 @@ impl Core {
                 next_ino: sb.next_ino,
                 reserved: sb.next_ino,
                 free: Vec::new(),
+                staged: BTreeSet::new(),
+                freed_staged: Vec::new(),
+                failed: None,
                 dirty_times: HashSet::new(),
                 known: Known::default(),
                 epochs: HashMap::new(),
@@ -505,14 +639,36 @@ impl Core {
             }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             store_dir,
+            kick: Arc::new(Kick::default()),
         };
         let n = core
             .free_orphans()
             .map_err(|e| format!("freeing orphaned inodes: {e:?}"))?;
+        core.commit_staged()
+            .map_err(|e| format!("freeing orphaned inodes: {e:?}"))?;
         if n > 0 {
             tracing::info!(volume = %core.vol.name(), inodes = n, "freed inodes unlinked while open before a crash");
         }
+        let core = Arc::new(core);
+        let (weak, kick) = (Arc::downgrade(&core), core.kick.clone());
+        std::thread::Builder::new()
+            .name("tree-commit".into())
+            .spawn(move || committer(weak, kick))
+            .map_err(|e| format!("starting the metadata committer: {e}"))?;
         Ok(core)
+    }
+
+    /// Writes the staged metadata changes (one group).
+    pub fn commit_staged(&self) -> R<()> {
+        write_staged(&self.vol, &mut self.meta.lock())
+    }
+
+    /// Writes held timestamps and every staged change: what was answered before is then
+    /// in the volume (a crash of the daemon keeps it; [`Core::fsync`] also survives a
+    /// power cut).
+    pub fn commit(&self) -> R<()> {
+        self.sync_times()?;
+        self.commit_staged()
     }
 
     fn stripe(&self, ino: u64) -> &RwLock<()> {
@@ -520,12 +676,17 @@ impl Core {
     }
 
     fn txn<'a>(&'a self, meta: &'a mut Meta) -> Txn<'a> {
+        let before = (meta.next_ino, meta.reserved);
         Txn {
             vol: &self.vol,
             meta,
+            kick: &self.kick,
             dirty: BTreeMap::new(),
             xpending: None,
             zeros: Vec::new(),
+            before,
+            reused: None,
+            committed: false,
         }
     }
 
@@ -541,7 +702,7 @@ impl Core {
     /// change replaced or changed. Files the change left as they were keep their pages.
     pub fn quiesce<T>(&self, changed: bool, f: impl FnOnce() -> T) -> R<(T, Vec<u64>)> {
         let _g = self.gate.write();
-        self.sync_times()?;
+        self.commit()?;
         let before: Vec<(u64, Option<Inode>)> = if changed {
             let mut m = self.meta.lock();
             let inos: Vec<u64> = m.known.lookups.keys().copied().collect();
@@ -558,6 +719,7 @@ impl Core {
             m.xcache.clear();
             m.xcache_bytes = 0;
             m.free.clear();
+            m.freed_staged.clear();
             m.dirty_times.clear();
             // Inode numbers the kernel may still hold are never handed out again.
             let sb = read_super(&self.vol)?;
@@ -668,10 +830,12 @@ impl Core {
         let (base, end) = (data_off(ino), data_off(ino) + span);
         let mut mapped = Vec::new();
         let mut at = base;
-        while let Some(off) = self.vol.next_data_before(at, end) {
+        while let Some(off) = next_block(&self.vol, &m, at, end) {
             if mapped.len() == FREE_INLINE_BLOCKS {
-                // Not under the metadata lock: nothing reaches an unlinked inode nobody
-                // holds, and its stripe is ours.
+                // The unlink is written first: a crash never shows a linked file whose
+                // content is gone. Not under the metadata lock: nothing reaches an unlinked
+                // inode nobody holds, and its stripe is ours.
+                write_staged(&self.vol, &mut m)?;
                 drop(m);
                 self.vol
                     .unmap_bytes(base, span)
@@ -701,14 +865,15 @@ impl Core {
         t.zeros = mapped;
         t.commit()?;
         m.dirty_times.remove(&ino);
-        m.free.push(ino);
+        m.freed_staged.push(ino);
         Ok(())
     }
 
     pub fn getattr(&self, ino: u64) -> R<Inode> {
         let _g = self.gate.read();
         let mut m = self.meta.lock();
-        self.txn(&mut m).inode(ino)
+        let i = self.txn(&mut m).inode(ino);
+        i
     }
 
     fn remember(m: &mut Meta, parent: u64, name: &[u8], ino: u64) {
@@ -1042,6 +1207,13 @@ impl Core {
                 m = self.meta.lock();
                 t = self.txn(&mut m);
                 i = t.inode(ino)?;
+            } else if size > i.size {
+                drop(t);
+                drop(m);
+                self.zero_past_eof(ino, i.size, size)?;
+                m = self.meta.lock();
+                t = self.txn(&mut m);
+                i = t.inode(ino)?;
             }
             i.size = size;
             i.mtime = now;
@@ -1103,7 +1275,8 @@ impl Core {
         let _s = self.stripe(ino).read();
         let i = {
             let mut m = self.meta.lock();
-            self.txn(&mut m).inode(ino)?
+            let i = self.txn(&mut m).inode(ino)?;
+            i
         };
         if i.is_dir() {
             return Err(Errno::EISDIR);
@@ -1129,11 +1302,16 @@ impl Core {
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(Errno::EFBIG)?;
         let _g = self.gate.read();
-        let _s = self.stripe(ino).read();
-        {
-            let mut m = self.meta.lock();
-            if !self.txn(&mut m).inode(ino)?.is_reg() {
-                return Err(Errno::EINVAL);
+        let stripe = self.stripe(ino);
+        let mut shared = Some(stripe.read());
+        let mut _exclusive = None;
+        if offset > self.file_size(ino)? {
+            // A gap past the end: zeroed first (see `zero_past_eof`), with the content ours.
+            shared = None;
+            _exclusive = Some(stripe.write());
+            let size = self.file_size(ino)?;
+            if offset > size {
+                self.zero_past_eof(ino, size, offset)?;
             }
         }
         self.vol
@@ -1161,7 +1339,35 @@ impl Core {
                 m.dirty_times.insert(ino);
             }
         }
+        // The stripe is held to here: a truncation never lands between the data and the size.
+        drop(m);
+        drop(shared);
         Ok(data.len() as u32)
+    }
+
+    /// The size of regular file `ino` (EINVAL for any other kind).
+    fn file_size(&self, ino: u64) -> R<u64> {
+        let mut m = self.meta.lock();
+        let i = self.txn(&mut m).inode(ino)?;
+        if !i.is_reg() {
+            return Err(Errno::EINVAL);
+        }
+        Ok(i.size)
+    }
+
+    /// Makes the content of `ino` between its end (`size`) and `to` read as zeros, before
+    /// the size grows over it. Bytes can lie there: a crash may lose a size change or a
+    /// create (staged metadata) whose data was written, and a number handed out again then
+    /// finds that data. Costs a map lookup, plus rewriting the last block when it is partly
+    /// past the end. The caller holds the inode's stripe for writing.
+    fn zero_past_eof(&self, ino: u64, size: u64, to: u64) -> R<()> {
+        let (from, to) = (data_off(ino) + size, data_off(ino) + to.min(MAX_FILE_SIZE));
+        if from < to && self.vol.next_data_before(from, to).is_some() {
+            self.vol
+                .unmap_bytes(from, to - from)
+                .map_err(|e| engine_err("zeroing past the end of a file", e))?;
+        }
+        Ok(())
     }
 
     /// Writes timestamps held only in the cache.
@@ -1181,7 +1387,7 @@ impl Core {
 
     pub fn fsync(&self) -> R<()> {
         let _g = self.gate.read();
-        self.sync_times()?;
+        self.commit()?;
         self.vol.flush().map_err(|e| engine_err("fsync", e))
     }
 
@@ -1205,10 +1411,14 @@ impl Core {
         let _s = self.stripe(ino).write();
         let i = {
             let mut m = self.meta.lock();
-            self.txn(&mut m).inode(ino)?
+            let i = self.txn(&mut m).inode(ino)?;
+            i
         };
         if !i.is_reg() {
             return Err(Errno::ENODEV);
+        }
+        if !keep && end > i.size {
+            self.zero_past_eof(ino, i.size, end)?;
         }
         if punch || zero {
             // Not under the metadata lock: the stripe, held for writing, keeps the content
@@ -1242,7 +1452,8 @@ impl Core {
         let _g = self.gate.read();
         let i = {
             let mut m = self.meta.lock();
-            self.txn(&mut m).inode(ino)?
+            let i = self.txn(&mut m).inode(ino)?;
+            i
         };
         let fsize = i.size.min(MAX_FILE_SIZE);
         if offset >= fsize {
@@ -1314,7 +1525,7 @@ impl Core {
             let base = data_off(ino);
             let mut at = base + first_bucket * BS;
             let end = base + BUCKETS * BS;
-            while let Some(off) = self.vol.next_data_before(at, end) {
+            while let Some(off) = next_block(&self.vol, t.meta, at, end) {
                 let n = (off - base) / BS;
                 let b = t.bucket(ino, n)?;
                 for e in b.entries {
@@ -1428,7 +1639,18 @@ impl Core {
     /// (inodes in use, inodes left) for statfs.
     pub fn inode_counts(&self) -> (u64, u64) {
         let m = self.meta.lock();
-        let used = m.next_ino.saturating_sub(m.free.len() as u64);
+        let used = m
+            .next_ino
+            .saturating_sub((m.free.len() + m.freed_staged.len()) as u64);
         (used, MAX_INO - used)
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.kick.stop();
+        if let Err(e) = self.commit() {
+            tracing::warn!(volume = %self.vol.name(), error = ?e, "tree: metadata changes not written at close");
+        }
     }
 }

@@ -144,6 +144,7 @@ impl Filesystem for TreeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // Not FUSE_WRITEBACK_CACHE: under it the kernel answers SEEK_DATA / SEEK_HOLE from
         // the daemon while the data may still be dirty in its own page cache (a `cp` would
         // skip written data), and keeps a cached file's size as its own across a restore.
@@ -562,7 +563,7 @@ impl TreeHandle {
     /// Opens the tree of an unmounted volume (a new tree is formatted first).
     pub fn open(volume: Volume, store_dir: &Path) -> Result<TreeHandle, String> {
         Ok(TreeHandle {
-            core: Arc::new(Core::open(volume, store_dir.to_path_buf())?),
+            core: Core::open(volume, store_dir.to_path_buf())?,
             notifier: None,
         })
     }
@@ -644,7 +645,6 @@ impl TreeMount {
             path: checked.clone(),
             source: std::io::Error::other(e),
         })?;
-        let core = Arc::new(core);
         // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
         let extra = vec![fuser::MountOption::Dev, fuser::MountOption::Suid];
         let fs = TreeFs { core: core.clone() };
@@ -729,9 +729,9 @@ impl TreeMount {
     pub fn stop(&mut self) -> Result<(), FuseError> {
         // Timestamps held in memory go to the volume first, and again after the last
         // request was served.
-        let _ = self.core.sync_times();
+        let _ = self.core.commit();
         self.mount.stop()?;
-        let _ = self.core.sync_times();
+        let _ = self.core.commit();
         Ok(())
     }
 
@@ -739,7 +739,7 @@ impl TreeMount {
     pub fn detach(self) {
         // A lazily detached mount cannot write back once the daemon is gone.
         let _ = self.sync();
-        let _ = self.core.sync_times();
+        let _ = self.core.commit();
         self.mount.detach()
     }
 }
