@@ -378,3 +378,59 @@ fn damaged_metadata_is_an_error_not_a_panic() {
     assert_eq!(names(&mnt), vec!["d1", "x", "y"]);
     m.stop().unwrap();
 }
+
+/// What a crash can leave behind now that metadata is written in groups after the data:
+/// bytes mapped past a file's recorded end (a write whose size change, or whose file's
+/// create, was lost). Growing the file over them — truncate, a write past the end, an
+/// extending fallocate — must show zeros there, never those bytes.
+#[test]
+fn bytes_past_the_end_never_show_when_a_file_grows() {
+    let env = Env::new();
+    env.create("eof");
+    let (mut m, mnt) = env.mount("eof");
+    let names = ["truncated", "written", "allocated"];
+    let mut inos = Vec::new();
+    for n in names {
+        fs::write(mnt.join(n), b"0123456789").unwrap();
+        inos.push(fs::metadata(mnt.join(n)).unwrap().ino());
+    }
+    m.stop().unwrap();
+
+    let v = env.store.open_volume("eof").unwrap();
+    for ino in &inos {
+        let content = (1u64 << 61) + ino * (1u64 << 37);
+        v.write_bytes(content + 10, &[0xAB; 30_000]).unwrap();
+    }
+    drop(v);
+
+    let (mut m, mnt) = env.mount("eof");
+    let open = |n: &str| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mnt.join(n))
+            .unwrap()
+    };
+    open("truncated").set_len(20_000).unwrap();
+    open("written").write_all_at(b"x", 15_000).unwrap();
+    let f = open("allocated");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: `fd` is open for the call; mode 0 extends the file.
+    let r = unsafe { libc::fallocate(fd, 0, 0, 25_000) };
+    assert_eq!(r, 0);
+    drop(f);
+    for (n, len, x) in [
+        ("truncated", 20_000, None),
+        ("written", 15_001, Some(15_000)),
+        ("allocated", 25_000, None),
+    ] {
+        let b = fs::read(mnt.join(n)).unwrap();
+        assert_eq!(b.len(), len, "{n}");
+        assert_eq!(&b[..10], b"0123456789", "{n}");
+        for (i, &c) in b.iter().enumerate().skip(10) {
+            let want = if Some(i) == x { b'x' } else { 0 };
+            assert_eq!(c, want, "{n}: byte {i} shows what lay past the old end");
+        }
+    }
+    m.stop().unwrap();
+}

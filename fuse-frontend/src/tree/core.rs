@@ -8,7 +8,7 @@
 
 use super::format::*;
 use fuser::Errno;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -28,8 +28,13 @@ const STRIPES: usize = 64;
 /// Staged metadata changes are written at most this long after the first of them (a crash
 /// of the daemon loses at most this much of the metadata operations not `fsync`ed).
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
-/// ... or as soon as this many blocks are staged.
-const COMMIT_BLOCKS: usize = 1024;
+/// Appends of at most this many bytes are held in memory and written with the next group
+/// (see [`Core::write`]) ...
+const HOLD_WRITE: usize = 128 << 10;
+/// ... up to this many bytes per file ...
+const HOLD_FILE: usize = 1 << 20;
+/// ... and this many in all (past it the appending writer writes the group itself).
+const HOLD_TOTAL: usize = 16 << 20;
 /// How long the committer waits before it tries again after a failed group write.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -66,13 +71,22 @@ pub struct Meta {
     free: Vec<u64>,
     /// Metadata blocks changed by operations already answered and not written yet: their
     /// content is in `cache` (a zero block for content being unmapped), kept there until
-    /// [`write_staged`] writes them all as one group.
+    /// [`Core::write_group`] writes them all as one group.
     staged: BTreeSet<u64>,
+    /// The group being written (outside this lock): its metadata blocks (kept in `cache`)
+    /// and the files whose held appends it writes (read only after it is done).
+    inflight: BTreeSet<u64>,
+    inflight_files: HashSet<u64>,
     /// Inodes freed by staged changes: reused only once those are written (their content's
     /// zero blocks must land before a new file's data does).
     freed_staged: Vec<u64>,
+    /// Appends held in memory, by file: (offset of the first byte, bytes). The file's size
+    /// already counts them; reads, seeks, truncation and non-append writes of the file
+    /// write them first ([`Core::write_held`]), the next group writes them all.
+    held: HashMap<u64, (u64, Vec<u8>)>,
+    held_bytes: usize,
     /// Why the last group write failed; cleared by the next one that succeeds. While set,
-    /// every new metadata change first tries to write the staged ones and fails with them.
+    /// every new metadata change fails with it.
     failed: Option<Errno>,
     /// Inodes whose timestamps changed in the cache only (writes that did not change the
     /// size); written with the next metadata change of their block, or by
@@ -111,6 +125,8 @@ pub struct Core {
     pub store_dir: std::path::PathBuf,
     /// Wakes the committer thread (see [`committer`]).
     kick: Arc<Kick>,
+    /// Held while a group is written: one at a time, in order.
+    group: Mutex<()>,
 }
 
 /// The committer's wake-up: `armed` when changes were staged onto an empty stage, `stop`
@@ -161,39 +177,56 @@ fn committer(core: Weak<Core>, kick: Arc<Kick>) {
 }
 
 /// The first block at or after `at` and before `end` that holds metadata: mapped in the
-/// volume or staged.
+/// volume, staged, or being written.
 fn next_block(vol: &Volume, m: &Meta, at: u64, end: u64) -> Option<u64> {
     let mapped = vol.next_data_before(at, end).map(|o| o - o % BS);
     let staged = m.staged.range(at..end).next().copied();
-    match (mapped, staged) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    let inflight = m.inflight.range(at..end).next().copied();
+    [mapped, staged, inflight].into_iter().flatten().min()
 }
 
-/// Writes every staged block as one group. On failure everything stays staged (the
-/// operations were answered: they are tried again, not dropped) and `failed` says why.
-fn write_staged(vol: &Volume, m: &mut Meta) -> R<()> {
-    if m.staged.is_empty() {
-        return Ok(());
-    }
-    let blocks: Vec<(u64, &[u8])> = m.staged.iter().map(|o| (*o, &m.cache[o][..])).collect();
-    if let Err(e) = vol.write_blocks(&blocks) {
-        let e = engine_err("writing metadata", e);
-        m.failed = Some(e);
-        return Err(e);
-    }
-    m.failed = None;
-    let staged = std::mem::take(&mut m.staged);
-    for o in staged {
-        // Unmapped content is read from the volume again (where it is now zeros).
-        if m.cache.get(&o).is_some_and(|b| b.iter().all(|x| *x == 0)) {
-            m.cache.remove(&o);
+/// A group taken for writing: metadata blocks as staged, held appends, freed numbers.
+struct Group {
+    blocks: Vec<(u64, Arc<Vec<u8>>)>,
+    held: HashMap<u64, (u64, Vec<u8>)>,
+    freed: Vec<u64>,
+}
+
+impl Group {
+    /// Writes the group: a held append that starts inside a block first merges into it
+    /// with a write of its own; the rest, whole blocks of data (a last partial one padded
+    /// with zeros: past the end of its file) and the metadata, as one journal group.
+    fn write(&self, vol: &Volume) -> strata_engine::Result<()> {
+        let head_len = |at: u64, len: usize| ((BS - at % BS) % BS).min(len as u64) as usize;
+        let mut tails = Vec::new();
+        let mut blocks: BTreeMap<u64, &[u8]> = BTreeMap::new();
+        for (&ino, (off, buf)) in &self.held {
+            let at = data_off(ino) + off;
+            let head = head_len(at, buf.len());
+            if head > 0 {
+                vol.write_bytes(at, &buf[..head])?;
+            }
+            let mut o = at + head as u64;
+            for c in buf[head..].chunks(BS as usize) {
+                if c.len() == BS as usize {
+                    blocks.insert(o, c);
+                } else {
+                    let mut b = c.to_vec();
+                    b.resize(BS as usize, 0);
+                    tails.push((o, b));
+                }
+                o += BS;
+            }
         }
+        for (o, b) in &tails {
+            blocks.insert(*o, b);
+        }
+        for (o, b) in &self.blocks {
+            blocks.insert(*o, b);
+        }
+        let blocks: Vec<(u64, &[u8])> = blocks.into_iter().collect();
+        vol.write_blocks(&blocks)
     }
-    let freed = std::mem::take(&mut m.freed_staged);
-    m.free.extend(freed);
-    Ok(())
 }
 
 /// Attributes to change (setattr).
@@ -257,10 +290,10 @@ impl Txn<'_> {
                 .iter()
                 .map(|&i| inode_block(i).0)
                 .collect();
-            let staged = &self.meta.staged;
+            let (staged, inflight) = (&self.meta.staged, &self.meta.inflight);
             self.meta
                 .cache
-                .retain(|o, _| keep.contains(o) || staged.contains(o));
+                .retain(|o, _| keep.contains(o) || staged.contains(o) || inflight.contains(o));
         }
         self.meta.cache.insert(off, Arc::new(b.clone()));
         Ok(b)
@@ -495,8 +528,8 @@ impl Txn<'_> {
             self.committed = true;
             return Ok(());
         }
-        if self.meta.failed.is_some() {
-            write_staged(self.vol, self.meta)?;
+        if let Some(e) = self.meta.failed {
+            return Err(e);
         }
         let was_empty = self.meta.staged.is_empty();
         for (o, b) in std::mem::take(&mut self.dirty) {
@@ -514,10 +547,7 @@ impl Txn<'_> {
             self.meta.cache_xblob(ino, b);
         }
         self.committed = true;
-        if self.meta.staged.len() >= COMMIT_BLOCKS {
-            // Answered already: a failure here is kept (and reported) by the stage.
-            let _ = write_staged(self.vol, self.meta);
-        } else if was_empty {
+        if was_empty {
             self.kick.arm();
         }
         Ok(())
@@ -630,6 +660,10 @@ impl Core {
                 free: Vec::new(),
                 staged: BTreeSet::new(),
                 freed_staged: Vec::new(),
+                held: HashMap::new(),
+                held_bytes: 0,
+                inflight: BTreeSet::new(),
+                inflight_files: HashSet::new(),
                 failed: None,
                 dirty_times: HashSet::new(),
                 known: Known::default(),
@@ -640,6 +674,7 @@ impl Core {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             store_dir,
             kick: Arc::new(Kick::default()),
+            group: Mutex::new(()),
         };
         let n = core
             .free_orphans()
@@ -658,9 +693,81 @@ impl Core {
         Ok(core)
     }
 
-    /// Writes the staged metadata changes (one group).
+    /// Writes the staged metadata changes and held appends (one group), outside the
+    /// metadata lock: operations go on meanwhile (they see the group's blocks in the cache;
+    /// reads of a file whose appends it writes wait for it). On failure everything goes
+    /// back to the stage (the operations were answered: they are tried again, not dropped)
+    /// and `failed` says why.
     pub fn commit_staged(&self) -> R<()> {
-        write_staged(&self.vol, &mut self.meta.lock())
+        let _one = self.group.lock();
+        let g = {
+            let mut m = self.meta.lock();
+            if m.staged.is_empty() && m.held.is_empty() {
+                return Ok(());
+            }
+            let staged = std::mem::take(&mut m.staged);
+            let blocks: Vec<(u64, Arc<Vec<u8>>)> =
+                staged.iter().map(|o| (*o, m.cache[o].clone())).collect();
+            m.inflight = staged;
+            let held = std::mem::take(&mut m.held);
+            m.held_bytes = 0;
+            m.inflight_files = held.keys().copied().collect();
+            Group {
+                blocks,
+                held,
+                freed: std::mem::take(&mut m.freed_staged),
+            }
+        };
+        let r = g.write(&self.vol);
+        let mut m = self.meta.lock();
+        m.inflight.clear();
+        m.inflight_files.clear();
+        match r {
+            Ok(()) => {
+                m.failed = None;
+                for (o, b) in &g.blocks {
+                    // Unmapped content is read from the volume again (now zeros there),
+                    // unless changed since.
+                    let unchanged = m.cache.get(o).is_some_and(|c| Arc::ptr_eq(c, b));
+                    if unchanged && !m.staged.contains(o) && b.iter().all(|x| *x == 0) {
+                        m.cache.remove(o);
+                    }
+                }
+                m.free.extend(g.freed);
+                Ok(())
+            }
+            Err(e) => {
+                let e = engine_err("writing metadata", e);
+                m.failed = Some(e);
+                m.staged.extend(g.blocks.iter().map(|(o, _)| *o));
+                m.freed_staged.extend(g.freed);
+                for (ino, (off, mut buf)) in g.held {
+                    // Appends held since go after these.
+                    if let Some((_, later)) = m.held.remove(&ino) {
+                        buf.extend_from_slice(&later);
+                    }
+                    m.held_bytes += buf.len();
+                    m.held.insert(ino, (off, buf));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the appends held for `ino`, if any (kept held if that fails), after the group
+    /// being written when it holds some of them.
+    fn write_held(&self, m: &mut MutexGuard<'_, Meta>, ino: u64) -> R<()> {
+        while m.inflight_files.contains(&ino) {
+            MutexGuard::unlocked(m, || drop(self.group.lock()));
+        }
+        if let Some((off, buf)) = m.held.remove(&ino) {
+            if let Err(e) = self.vol.write_bytes(data_off(ino) + off, &buf) {
+                m.held.insert(ino, (off, buf));
+                return Err(engine_err("writing file data", e));
+            }
+            m.held_bytes -= buf.len();
+        }
+        Ok(())
     }
 
     /// Writes held timestamps and every staged change: what was answered before is then
@@ -820,6 +927,14 @@ impl Core {
             }
         };
         drop(t);
+        // Its appends: dropped if held, waited for if being written (so the scan below
+        // sees every block they map).
+        while m.inflight_files.contains(&ino) {
+            MutexGuard::unlocked(&mut m, || drop(self.group.lock()));
+        }
+        if let Some((_, b)) = m.held.remove(&ino) {
+            m.held_bytes -= b.len();
+        }
         let span = if i.is_dir() {
             BUCKETS * BS
         } else {
@@ -835,8 +950,8 @@ impl Core {
                 // The unlink is written first: a crash never shows a linked file whose
                 // content is gone. Not under the metadata lock: nothing reaches an unlinked
                 // inode nobody holds, and its stripe is ours.
-                write_staged(&self.vol, &mut m)?;
                 drop(m);
+                self.commit_staged()?;
                 self.vol
                     .unmap_bytes(base, span)
                     .map_err(|e| engine_err("freeing content", e))?;
@@ -1181,6 +1296,9 @@ impl Core {
         let _g = self.gate.read();
         let _s = a.size.map(|_| self.stripe(ino).write());
         let mut m = self.meta.lock();
+        if a.size.is_some() {
+            self.write_held(&mut m, ino)?;
+        }
         let mut t = self.txn(&mut m);
         let mut i = t.inode(ino)?;
         let now = Ts::now();
@@ -1276,6 +1394,7 @@ impl Core {
         let i = {
             let mut m = self.meta.lock();
             let i = self.txn(&mut m).inode(ino)?;
+            self.write_held(&mut m, ino)?;
             i
         };
         if i.is_dir() {
@@ -1305,11 +1424,14 @@ impl Core {
         let stripe = self.stripe(ino);
         let mut shared = Some(stripe.read());
         let mut _exclusive = None;
-        if offset > self.file_size(ino)? {
+        if !data.is_empty() && data.len() <= HOLD_WRITE && self.hold(ino, offset, data)? {
+            return Ok(data.len() as u32);
+        }
+        if offset > self.settle(ino)? {
             // A gap past the end: zeroed first (see `zero_past_eof`), with the content ours.
             shared = None;
             _exclusive = Some(stripe.write());
-            let size = self.file_size(ino)?;
+            let size = self.settle(ino)?;
             if offset > size {
                 self.zero_past_eof(ino, size, offset)?;
             }
@@ -1345,13 +1467,56 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    /// The size of regular file `ino` (EINVAL for any other kind).
-    fn file_size(&self, ino: u64) -> R<u64> {
+    /// Holds `data` in memory if it appends to regular file `ino` (at its end, after what
+    /// is held for it, within [`HOLD_FILE`]); the size change is staged with it. A small
+    /// file written by appends (an unpack, a clone, a build) then costs no write of its own:
+    /// its data goes out with the next group, as whole blocks, with its metadata. Returns
+    /// whether it was held. The caller holds the inode's stripe.
+    fn hold(&self, ino: u64, offset: u64, data: &[u8]) -> R<bool> {
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let mut i = t.inode(ino)?;
+        if !i.is_reg() {
+            return Err(Errno::EINVAL);
+        }
+        let fits = offset == i.size
+            && match t.meta.held.get(&ino) {
+                None => true,
+                Some((o, b)) => o + b.len() as u64 == offset && b.len() + data.len() <= HOLD_FILE,
+            };
+        if !fits {
+            return Ok(false);
+        }
+        let now = Ts::now();
+        i.size = offset + data.len() as u64;
+        i.mtime = now;
+        i.ctime = now;
+        t.put_inode(ino, &i)?;
+        t.commit()?;
+        m.dirty_times.remove(&ino);
+        m.held
+            .entry(ino)
+            .or_insert_with(|| (offset, Vec::new()))
+            .1
+            .extend_from_slice(data);
+        m.held_bytes += data.len();
+        if m.held_bytes > HOLD_TOTAL {
+            drop(m);
+            // Answered already: a failure is kept (and reported) by the stage.
+            let _ = self.commit_staged();
+        }
+        Ok(true)
+    }
+
+    /// Writes the appends held for regular file `ino` and returns its size (EINVAL for any
+    /// other kind).
+    fn settle(&self, ino: u64) -> R<u64> {
         let mut m = self.meta.lock();
         let i = self.txn(&mut m).inode(ino)?;
         if !i.is_reg() {
             return Err(Errno::EINVAL);
         }
+        self.write_held(&mut m, ino)?;
         Ok(i.size)
     }
 
@@ -1412,6 +1577,7 @@ impl Core {
         let i = {
             let mut m = self.meta.lock();
             let i = self.txn(&mut m).inode(ino)?;
+            self.write_held(&mut m, ino)?;
             i
         };
         if !i.is_reg() {
@@ -1453,6 +1619,7 @@ impl Core {
         let i = {
             let mut m = self.meta.lock();
             let i = self.txn(&mut m).inode(ino)?;
+            self.write_held(&mut m, ino)?;
             i
         };
         let fsize = i.size.min(MAX_FILE_SIZE);

@@ -144,7 +144,6 @@ impl Filesystem for TreeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
-        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // Not FUSE_WRITEBACK_CACHE: under it the kernel answers SEEK_DATA / SEEK_HOLE from
         // the daemon while the data may still be dirty in its own page cache (a `cp` would
         // skip written data), and keeps a cached file's size as its own across a restore.
