@@ -239,6 +239,22 @@ pub struct SetAttr {
     /// `Some(None)`: now.
     pub atime: Option<Option<Ts>>,
     pub mtime: Option<Option<Ts>>,
+    /// Clear the set-id bits as the kernel would for this caller (uid, gid): a chown, or a
+    /// truncation by a caller without CAP_FSETID (see [`kill_setid`]).
+    pub kill_setid: Option<(u32, u32)>,
+}
+
+/// `mode` after a write, truncation or chown by `caller` (uid, gid) that clears set-id bits
+/// (FUSE_HANDLE_KILLPRIV_V2 leaves this to the filesystem): set-user-ID always; set-group-ID
+/// when group members may execute the file, or when the caller is not root and not of the
+/// file's group (as the kernel's `setattr_should_drop_sgid`, with the caller's primary
+/// group standing for its groups).
+fn kill_setid(mode: u32, file_gid: u32, caller: (u32, u32)) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 || (caller.0 != 0 && caller.1 != file_gid) {
+        m &= !libc::S_ISGID;
+    }
+    m
 }
 
 pub struct Txn<'a> {
@@ -1337,6 +1353,10 @@ impl Core {
             i.mtime = now;
             changed = true;
         }
+        if let Some(c) = a.kill_setid.filter(|_| !i.is_dir()) {
+            i.mode = kill_setid(i.mode, i.gid, c);
+            changed = true;
+        }
         if let Some(mode) = a.mode {
             i.mode = (i.mode & libc::S_IFMT) | (mode & 0o7777);
             changed = true;
@@ -1415,7 +1435,16 @@ impl Core {
         Ok(n)
     }
 
-    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<u32> {
+    /// Writes `data` at `offset`. `kill` (the caller's uid and gid): the kernel asks for
+    /// the set-id bits to be cleared (a caller without CAP_FSETID). Returns the bytes
+    /// written and whether set-id bits were cleared.
+    pub fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        kill: Option<(u32, u32)>,
+    ) -> R<(u32, bool)> {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
@@ -1424,8 +1453,10 @@ impl Core {
         let stripe = self.stripe(ino);
         let mut shared = Some(stripe.read());
         let mut _exclusive = None;
-        if !data.is_empty() && data.len() <= HOLD_WRITE && self.hold(ino, offset, data)? {
-            return Ok(data.len() as u32);
+        if !data.is_empty() && data.len() <= HOLD_WRITE {
+            if let Some(killed) = self.hold(ino, offset, data, kill)? {
+                return Ok((data.len() as u32, killed));
+            }
         }
         if offset > self.settle(ino)? {
             // A gap past the end: zeroed first (see `zero_past_eof`), with the content ours.
@@ -1445,8 +1476,11 @@ impl Core {
         let now = Ts::now();
         i.mtime = now;
         i.ctime = now;
-        if end > i.size {
-            i.size = end;
+        let mode = kill.map_or(i.mode, |c| kill_setid(i.mode, i.gid, c));
+        let killed = mode != i.mode;
+        if end > i.size || killed {
+            i.size = i.size.max(end);
+            i.mode = mode;
             t.put_inode(ino, &i)?;
             t.commit()?;
             m.dirty_times.remove(&ino);
@@ -1464,15 +1498,21 @@ impl Core {
         // The stripe is held to here: a truncation never lands between the data and the size.
         drop(m);
         drop(shared);
-        Ok(data.len() as u32)
+        Ok((data.len() as u32, killed))
     }
 
     /// Holds `data` in memory if it appends to regular file `ino` (at its end, after what
     /// is held for it, within [`HOLD_FILE`]); the size change is staged with it. A small
     /// file written by appends (an unpack, a clone, a build) then costs no write of its own:
     /// its data goes out with the next group, as whole blocks, with its metadata. Returns
-    /// whether it was held. The caller holds the inode's stripe.
-    fn hold(&self, ino: u64, offset: u64, data: &[u8]) -> R<bool> {
+    /// whether set-id bits were cleared if it was held. The caller holds the inode's stripe.
+    fn hold(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        kill: Option<(u32, u32)>,
+    ) -> R<Option<bool>> {
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let mut i = t.inode(ino)?;
@@ -1485,12 +1525,15 @@ impl Core {
                 Some((o, b)) => o + b.len() as u64 == offset && b.len() + data.len() <= HOLD_FILE,
             };
         if !fits {
-            return Ok(false);
+            return Ok(None);
         }
         let now = Ts::now();
         i.size = offset + data.len() as u64;
         i.mtime = now;
         i.ctime = now;
+        let mode = kill.map_or(i.mode, |c| kill_setid(i.mode, i.gid, c));
+        let killed = mode != i.mode;
+        i.mode = mode;
         t.put_inode(ino, &i)?;
         t.commit()?;
         m.dirty_times.remove(&ino);
@@ -1505,7 +1548,7 @@ impl Core {
             // Answered already: a failure is kept (and reported) by the stage.
             let _ = self.commit_staged();
         }
-        Ok(true)
+        Ok(Some(killed))
     }
 
     /// Writes the appends held for regular file `ino` and returns its size (EINVAL for any

@@ -137,7 +137,7 @@ fn copy_data(
             let n = ((end - off) as usize).min(buf.len());
             f.read_exact_at(&mut buf[..n], off)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            core.write(ino, off, &buf[..n])
+            core.write(ino, off, &buf[..n], None)
                 .map_err(|e| errno(path, "writing", e))?;
             off += n as u64;
             copied += n as u64;
@@ -262,6 +262,7 @@ fn finish(
         size: file.then_some(m.len()),
         atime: Some(Some(ts(m.atime(), m.atime_nsec()))),
         mtime: Some(Some(ts(m.mtime(), m.mtime_nsec()))),
+        kill_setid: None,
     };
     core.setattr(ino, &a)
         .map(|_| ())

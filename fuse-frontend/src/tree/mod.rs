@@ -80,6 +80,9 @@ fn time(t: TimeOrNow) -> Option<Ts> {
 
 struct TreeFs {
     core: Arc<Core>,
+    /// The mount's notifier, once the session runs: a write that clears set-id bits tells
+    /// the kernel to drop the attributes it holds (its write path does not).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl TreeFs {
@@ -144,6 +147,11 @@ impl Filesystem for TreeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // The daemon clears set-id bits on write, truncate and chown (`core::kill_setid`):
+        // the kernel then marks inodes without them as needing no check, instead of asking
+        // for security.capability before every write and for the mode before every chown.
+        // (It still removes a security.capability attribute itself.)
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // Not FUSE_WRITEBACK_CACHE: under it the kernel answers SEEK_DATA / SEEK_HOLE from
         // the daemon while the data may still be dirty in its own page cache (a `cp` would
         // skip written data), and keeps a cached file's size as its own across a restore.
@@ -173,7 +181,7 @@ impl Filesystem for TreeFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -196,6 +204,11 @@ impl Filesystem for TreeFs {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
+            // What the kernel asks for with FATTR_KILL_SUIDGID, which fuser does not pass
+            // on: always on a chown, on a truncation when the caller lacks CAP_FSETID
+            // (taken as: is not root). Applied to non-directories only.
+            kill_setid: (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0))
+                .then(|| (req.uid(), req.gid())),
         };
         match self.core.setattr(ino.0, &a) {
             Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
@@ -350,18 +363,30 @@ impl Filesystem for TreeFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(ino.0, offset, data) {
-            Ok(n) => reply.written(n),
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| (req.uid(), req.gid()));
+        match self.core.write(ino.0, offset, data, kill) {
+            Ok((n, killed)) => {
+                // Before the reply: the writer may look at the mode as soon as it returns.
+                // (Attributes only: no page lock is taken, the writer holds none we need.)
+                if killed {
+                    if let Some(notifier) = self.notifier.get() {
+                        let _ = notifier.inval_inode(ino, -1, 0);
+                    }
+                }
+                reply.written(n);
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -646,8 +671,13 @@ impl TreeMount {
         })?;
         // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
         let extra = vec![fuser::MountOption::Dev, fuser::MountOption::Suid];
-        let fs = TreeFs { core: core.clone() };
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let fs = TreeFs {
+            core: core.clone(),
+            notifier: cell.clone(),
+        };
         let (mount, notifier) = MountSession::start(fs, &name, checked, opts, extra, "tree")?;
+        let _ = cell.set(notifier.clone());
         Ok(TreeMount {
             core,
             mount,
