@@ -38,6 +38,8 @@ const MAX_IO: u32 = 1 << 20;
 /// mount keeps no POSIX locks, and what `flush` did, writing timestamps held in memory,
 /// is done at `release`, which the kernel sends without waiting).
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+/// Directories: listings cached by the kernel (see `opendir`).
+const DIR_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_CACHE_DIR);
 
 fn file_type(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
@@ -436,7 +438,10 @@ impl Filesystem for TreeFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.getattr(ino.0) {
-            Ok(i) if i.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
+            // The kernel keeps a listing in the directory's page cache across opens; it drops
+            // it when the directory's mtime changes (every entry change here sets it) and on
+            // a restore (which invalidates every directory it holds).
+            Ok(i) if i.is_dir() => reply.opened(FileHandle(0), DIR_OPEN_FLAGS),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
@@ -602,16 +607,16 @@ impl TreeHandle {
         let stats = import::import_dir(&self.core, src, done);
         if let Some(n) = &self.notifier {
             // New entries need nothing (the kernel keeps no negative entries), but the
-            // directories they went into changed size, link count and times: the kernel
-            // drops the attributes it holds (and the root's, whose attributes an import
-            // sets).
+            // directories they went into changed size, link count, times and listing: the
+            // kernel drops the attributes and pages it holds (and the root's, whose
+            // attributes an import sets). A directory's pages are its cached listing.
             for ino in self
                 .core
                 .known_inodes()
                 .into_iter()
                 .chain([format::ROOT_INO])
             {
-                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+                let _ = n.inval_inode(INodeNo(ino), 0, 0);
             }
         }
         let stats = stats?;
