@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use strata_engine::{Store, StoreOptions, VolumeOptions, TREE_VOLUME_SIZE};
+use strata_engine::{MapRef, Store, StoreOptions, VolumeOptions, TREE_VOLUME_SIZE};
 use strata_fuse::tree::TreeMount;
 use strata_fuse::FuseOptions;
 
@@ -295,8 +295,15 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     fs::remove_dir_all(mnt.join("many")).unwrap();
     fs::write(mnt.join("new-after"), b"new").unwrap();
     assert!(!mnt.join("src").exists());
-    m.restore(|| env.store.restore("box", "before").unwrap())
-        .unwrap();
+    m.restore(
+        || {
+            env.store
+                .diff(MapRef::Live("box"), MapRef::Checkpoint("box", "before"))
+                .ok()
+        },
+        || env.store.restore("box", "before").unwrap(),
+    )
+    .unwrap();
     assert!(!mnt.join("new-after").exists());
     assert_eq!(fs::read(mnt.join("src/a.txt")).unwrap(), b"hello World!!");
     assert_eq!(names(&mnt.join("many")).len(), 3000);
@@ -305,6 +312,13 @@ fn posix_basics_checkpoint_restore_fork_remount() {
         b"hello World!!"
     );
     drop(keep);
+    // Without the diff (unknown change) the restore drops every cached name instead.
+    fs::write(mnt.join("src/a.txt"), b"changed").unwrap();
+    fs::remove_dir_all(mnt.join("many")).unwrap();
+    m.restore(|| None, || env.store.restore("box", "before").unwrap())
+        .unwrap();
+    assert_eq!(fs::read(mnt.join("src/a.txt")).unwrap(), b"hello World!!");
+    assert_eq!(names(&mnt.join("many")).len(), 3000);
 
     // A fork of the checkpoint, mounted beside the source, writable on its own.
     env.store.fork("box", "before", "box2", false).unwrap();

@@ -577,7 +577,10 @@ async fn restore_checkpoint(
         if let Some(Exported::Tree { mount, .. }) = ex.get(&vol) {
             // The mount stays: processes see the restored tree (see docs/fuse.md).
             mount
-                .restore(|| a.store.restore(&vol, &ck))
+                .restore(
+                    || a.store.diff(MapRef::Live(&vol), MapRef::Checkpoint(&vol, &ck)).ok(),
+                    || a.store.restore(&vol, &ck),
+                )
                 .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("restoring the mounted tree: {e:?}")))??;
             return Ok(());
         }

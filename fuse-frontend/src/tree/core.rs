@@ -12,7 +12,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use strata_engine::Volume;
+use strata_engine::{ByteRange, Volume};
 
 pub type R<T> = Result<T, Errno>;
 
@@ -226,6 +226,81 @@ impl Group {
         }
         let blocks: Vec<(u64, &[u8])> = blocks.into_iter().collect();
         vol.write_blocks(&blocks)
+    }
+}
+
+/// What the kernel must drop after a restore.
+#[derive(Default, Debug)]
+pub struct Stale {
+    /// Inodes whose attributes and pages (a directory's: its listing) may be stale.
+    pub inodes: Vec<u64>,
+    /// Names (directory, name) that now lead elsewhere or nowhere.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// The change was not listed (or too large to): every cached name must go.
+    pub all_names: bool,
+}
+
+/// The inodes and directory buckets a set of changed byte ranges touches.
+struct Touched {
+    inodes: BTreeSet<u64>,
+    /// Inodes whose content changed → the changed block ranges (first, last) among the
+    /// first `BUCKETS` blocks of the span (a directory's buckets; only directories' are
+    /// read).
+    buckets: BTreeMap<u64, Vec<(u64, u64)>>,
+}
+
+/// Past this many touched inodes or buckets, a restore drops every cached name instead.
+const RESTORE_LIST_LIMIT: u64 = 20_000;
+
+impl Touched {
+    /// `None` when the change is larger than [`RESTORE_LIST_LIMIT`].
+    fn of(ranges: &[ByteRange]) -> Option<Touched> {
+        let mut t = Touched {
+            inodes: BTreeSet::new(),
+            buckets: BTreeMap::new(),
+        };
+        let mut n = 0u64;
+        for r in ranges {
+            let (start, end) = (r.offset, r.offset.saturating_add(r.len));
+            if end > DATA_BASE {
+                let mut at = start.max(DATA_BASE);
+                while at < end {
+                    let ino = (at - DATA_BASE) / DATA_SPAN;
+                    let span_end = DATA_BASE + (ino + 1) * DATA_SPAN;
+                    n += 1;
+                    if n > RESTORE_LIST_LIMIT {
+                        return None;
+                    }
+                    t.inodes.insert(ino);
+                    let ranges = t.buckets.entry(ino).or_default();
+                    let bend = end.min(span_end).min(data_off(ino) + BUCKETS * BS);
+                    if at < bend {
+                        let first = (at - data_off(ino)) / BS;
+                        let last = (bend - 1 - data_off(ino)) / BS;
+                        ranges.push((first, last));
+                    }
+                    at = span_end;
+                }
+            } else if end > XATTR_BASE {
+                let first = (start.max(XATTR_BASE) - XATTR_BASE) / XATTR_SPAN;
+                let last = (end - 1 - XATTR_BASE) / XATTR_SPAN;
+                n += last - first + 1;
+                if n > RESTORE_LIST_LIMIT {
+                    return None;
+                }
+                t.inodes.extend(first..=last);
+            } else if end > INODE_BASE && start < ORPHAN_BASE {
+                let first = (start.max(INODE_BASE) - INODE_BASE) / INODE_SIZE;
+                let last = (end.min(ORPHAN_BASE) - 1 - INODE_BASE) / INODE_SIZE;
+                n += last - first + 1;
+                if n > RESTORE_LIST_LIMIT {
+                    return None;
+                }
+                t.inodes.extend(first..=last);
+            }
+        }
+        t.inodes.remove(&0);
+        Some(t)
     }
 }
 
@@ -813,66 +888,154 @@ impl Core {
         }
     }
 
-    /// Runs `f` with every operation held off (for a checkpoint or restore of the volume);
-    /// `changed` says `f` replaced the volume's content: every cache is dropped after, and
-    /// each inode the kernel holds that is now another file (or was deleted and is back)
-    /// gets a new generation, so the kernel drops its old inode instead of reusing it.
-    /// Inodes that are the same file keep theirs: open handles to them see the restored
-    /// content.
-    ///
-    /// Returns, with `f`'s result, the inodes whose cached state the kernel must drop after
-    /// a change: directories it holds (their sizes, link counts, times) and the inodes the
-    /// change replaced or changed. Files the change left as they were keep their pages.
-    pub fn quiesce<T>(&self, changed: bool, f: impl FnOnce() -> T) -> R<(T, Vec<u64>)> {
+    /// Runs `f` (a checkpoint of the volume) with every operation held off and every
+    /// staged change written first.
+    pub fn quiesce<T>(&self, f: impl FnOnce() -> T) -> R<T> {
         let _g = self.gate.write();
         self.commit()?;
-        let before: Vec<(u64, Option<Inode>)> = if changed {
-            let mut m = self.meta.lock();
-            let inos: Vec<u64> = m.known.lookups.keys().copied().collect();
-            let mut t = self.txn(&mut m);
-            inos.into_iter().map(|i| (i, t.inode(i).ok())).collect()
-        } else {
-            Vec::new()
+        Ok(f())
+    }
+
+    /// Runs `f` (a restore, which replaces the volume's content) with every operation held
+    /// off, then drops every cache. `diff` gives the byte ranges where the restored content
+    /// differs from the current one (`None`: unknown); only what they touch is looked at.
+    /// Each inode the kernel holds that is now another file (or was deleted and is back)
+    /// gets a new generation, so the kernel drops its old inode instead of reusing it;
+    /// inodes that are the same file keep theirs: open handles to them see the restored
+    /// content.
+    ///
+    /// Returns, with `f`'s result, what the kernel must drop: see [`Stale`].
+    pub fn restore<T>(
+        &self,
+        diff: impl FnOnce() -> Option<Vec<ByteRange>>,
+        f: impl FnOnce() -> T,
+    ) -> R<(T, Stale)> {
+        let _g = self.gate.write();
+        self.commit()?;
+        // What to look at: the inodes the kernel holds, all of them or those the change
+        // touches; and the directory buckets the change touches, by directory.
+        let touched = diff().and_then(|r| Touched::of(&r));
+        let inos: Vec<u64> = {
+            let m = self.meta.lock();
+            match &touched {
+                Some(t) => t
+                    .inodes
+                    .iter()
+                    .filter(|i| m.known.lookups.contains_key(i))
+                    .copied()
+                    .collect(),
+                None => m.known.lookups.keys().copied().collect(),
+            }
         };
-        let out = f();
-        let mut stale = Vec::new();
-        if changed {
-            let mut m = self.meta.lock();
-            m.cache.clear();
-            m.xcache.clear();
-            m.xcache_bytes = 0;
-            m.free.clear();
-            m.freed_staged.clear();
-            m.dirty_times.clear();
-            // Inode numbers the kernel may still hold are never handed out again.
-            let sb = read_super(&self.vol)?;
-            m.next_ino = m.next_ino.max(sb.next_ino);
-            m.reserved = sb.next_ino;
-            let mut t = self.txn(&mut m);
-            let after: Vec<(u64, Option<Inode>)> =
-                before.iter().map(|(i, _)| (*i, t.inode(*i).ok())).collect();
-            drop(t);
-            for ((ino, old), (_, new)) in before.into_iter().zip(after) {
-                let same = match (&old, &new) {
-                    (Some(o), Some(n)) => {
-                        o.nlink > 0
-                            && o.kind() == n.kind()
-                            && o.btime == n.btime
-                            && o.generation == n.generation
-                    }
-                    _ => false,
+        let mut m = self.meta.lock();
+        let mut t = self.txn(&mut m);
+        let before: Vec<(u64, Option<Inode>)> =
+            inos.iter().map(|i| (*i, t.inode(*i).ok())).collect();
+        // The changed buckets of the directories among them (none past the limit: then
+        // every cached name goes instead).
+        let mut buckets: Vec<(u64, Vec<u64>)> = Vec::new();
+        let mut all_names = touched.is_none();
+        if let Some(tc) = &touched {
+            let mut n = 0u64;
+            for (ino, old) in &before {
+                let Some(ranges) = tc
+                    .buckets
+                    .get(ino)
+                    .filter(|_| old.as_ref().is_some_and(Inode::is_dir))
+                else {
+                    continue;
                 };
-                if !same {
-                    *m.epochs.entry(ino).or_insert(0) += 1;
+                n += ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>();
+                if n > RESTORE_LIST_LIMIT {
+                    all_names = true;
+                    buckets.clear();
+                    break;
                 }
-                // Any change shows in the ctime (or the size and mtime, which set it).
-                let untouched = matches!((&old, &new), (Some(o), Some(n))
-                    if o.size == n.size && o.mtime == n.mtime && o.ctime == n.ctime);
-                if !same || !untouched || old.as_ref().is_some_and(Inode::is_dir) {
-                    stale.push(ino);
-                }
+                buckets.push((*ino, ranges.iter().flat_map(|(a, b)| *a..=*b).collect()));
             }
         }
+        let entries_of = |t: &mut Txn<'_>| -> Vec<(u64, HashMap<Vec<u8>, u64>)> {
+            buckets
+                .iter()
+                .map(|(d, bs)| {
+                    let mut names = HashMap::new();
+                    for n in bs {
+                        // A bucket that does not decode lists nothing (a damaged one is
+                        // an error for whoever reads it next, not for the restore).
+                        if let Ok(b) = t.bucket(*d, *n) {
+                            names.extend(b.entries.into_iter().map(|e| (e.name, e.ino)));
+                        }
+                    }
+                    (*d, names)
+                })
+                .collect()
+        };
+        let names_before = entries_of(&mut t);
+        drop(t);
+        drop(m);
+        let out = f();
+        let mut m = self.meta.lock();
+        m.cache.clear();
+        m.xcache.clear();
+        m.xcache_bytes = 0;
+        m.free.clear();
+        m.freed_staged.clear();
+        m.dirty_times.clear();
+        // Inode numbers the kernel may still hold are never handed out again.
+        let sb = read_super(&self.vol)?;
+        m.next_ino = m.next_ino.max(sb.next_ino);
+        m.reserved = sb.next_ino;
+        let mut t = self.txn(&mut m);
+        let after: Vec<(u64, Option<Inode>)> =
+            before.iter().map(|(i, _)| (*i, t.inode(*i).ok())).collect();
+        let names_after = entries_of(&mut t);
+        drop(t);
+        let mut stale = Stale {
+            all_names,
+            ..Stale::default()
+        };
+        for ((ino, old), (_, new)) in before.into_iter().zip(after) {
+            let same = match (&old, &new) {
+                (Some(o), Some(n)) => {
+                    o.nlink > 0
+                        && o.kind() == n.kind()
+                        && o.btime == n.btime
+                        && o.generation == n.generation
+                }
+                _ => false,
+            };
+            if !same {
+                *m.epochs.entry(ino).or_insert(0) += 1;
+                // Its names go too: a lookup then finds the new generation.
+                if let Some(held) = m.known.names.get(&ino) {
+                    stale.entries.extend(held.iter().cloned());
+                }
+            }
+            // Any change shows in the ctime (or the size and mtime, which set it) — or, when
+            // the change is listed, in its content.
+            let untouched = matches!((&old, &new), (Some(o), Some(n))
+                if o.size == n.size && o.mtime == n.mtime && o.ctime == n.ctime)
+                && touched
+                    .as_ref()
+                    .is_none_or(|t| !t.buckets.contains_key(&ino));
+            if !same || !untouched || (touched.is_none() && old.as_ref().is_some_and(Inode::is_dir))
+            {
+                stale.inodes.push(ino);
+            }
+        }
+        // Names a changed directory no longer has, or has for another inode.
+        for ((dir, old), (_, new)) in names_before.into_iter().zip(names_after) {
+            for (name, ino) in old {
+                if new.get(&name) != Some(&ino) {
+                    stale.entries.push((dir, name));
+                }
+            }
+            stale.inodes.push(dir);
+        }
+        stale.inodes.sort_unstable();
+        stale.inodes.dedup();
+        stale.entries.sort_unstable();
+        stale.entries.dedup();
         Ok((out, stale))
     }
 

@@ -732,7 +732,7 @@ impl TreeMount {
     /// before the call (the kernel's dirty pages are written back first).
     pub fn checkpoint<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
         self.sync()?;
-        Ok(self.core.quiesce(false, f)?.0)
+        self.core.quiesce(f)
     }
 
     /// Runs `f` (a restore of the volume) with every operation held off, then drops every
@@ -740,18 +740,29 @@ impl TreeMount {
     /// attributes and pages. Processes then see the restored tree; a file they hold open
     /// that the restored tree does not have answers ENOENT. Pages the kernel held dirty
     /// are written back first, so none lands in the restored tree.
-    pub fn restore<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
+    pub fn restore<T>(
+        &self,
+        diff: impl FnOnce() -> Option<Vec<strata_engine::ByteRange>>,
+        f: impl FnOnce() -> T,
+    ) -> Result<T, Errno> {
         self.sync()?;
-        let (out, stale) = self.core.quiesce(true, f)?;
-        // Names: those under the root are enough, the kernel drops the cached subtree of
-        // each. Inodes: directories and what the restore replaced or changed; other cached
-        // inodes are the same files with the same content.
-        for name in self.core.known_top_entries() {
+        let (out, stale) = self.core.restore(diff, f)?;
+        if stale.all_names {
+            // Those under the root are enough: the kernel drops the cached subtree of each.
+            for name in self.core.known_top_entries() {
+                let _ = self
+                    .notifier
+                    .inval_entry(INodeNo(format::ROOT_INO), OsStr::from_bytes(&name));
+            }
+        }
+        for (dir, name) in &stale.entries {
             let _ = self
                 .notifier
-                .inval_entry(INodeNo(format::ROOT_INO), OsStr::from_bytes(&name));
+                .inval_entry(INodeNo(*dir), OsStr::from_bytes(name));
         }
-        for ino in stale {
+        // Inodes: what the restore replaced or changed (directories: their listings);
+        // other cached inodes are the same files with the same content.
+        for ino in stale.inodes {
             let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
         }
         let _ = self.notifier.inval_inode(INodeNo(format::ROOT_INO), 0, 0);
