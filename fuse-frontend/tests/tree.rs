@@ -315,8 +315,14 @@ fn posix_basics_checkpoint_restore_fork_remount() {
     // Without the diff (unknown change) the restore drops every cached name instead.
     fs::write(mnt.join("src/a.txt"), b"changed").unwrap();
     fs::remove_dir_all(mnt.join("many")).unwrap();
+    fs::remove_file(mnt.join("src/sub/hard")).unwrap();
+    assert!(!mnt.join("src/sub/hard").exists()); // a negative entry in the kernel
     m.restore(|| None, || env.store.restore("box", "before").unwrap())
         .unwrap();
+    assert_eq!(
+        fs::read(mnt.join("src/sub/hard")).unwrap(),
+        b"hello World!!"
+    );
     assert_eq!(fs::read(mnt.join("src/a.txt")).unwrap(), b"hello World!!");
     assert_eq!(names(&mnt.join("many")).len(), 3000);
 

@@ -1023,8 +1023,14 @@ impl Core {
                 stale.inodes.push(ino);
             }
         }
-        // Names a changed directory no longer has, or has for another inode.
+        // Names a changed directory no longer has, has for another inode, or has newly
+        // (the kernel may hold a negative entry for it).
         for ((dir, old), (_, new)) in names_before.into_iter().zip(names_after) {
+            for (name, ino) in &new {
+                if old.get(name) != Some(ino) {
+                    stale.entries.push((dir, name.clone()));
+                }
+            }
             for (name, ino) in old {
                 if new.get(&name) != Some(&ino) {
                     stale.entries.push((dir, name));

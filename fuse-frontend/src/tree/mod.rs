@@ -167,7 +167,17 @@ impl Filesystem for TreeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(self.core.lookup(parent.0, name.as_bytes()), reply)
+        match self.core.lookup(parent.0, name.as_bytes()) {
+            // A name that does not exist is cached as such (a negative entry: inode 0), so
+            // probing for it again (a compiler's include path, a module resolver, `git
+            // status`) is no round trip. The kernel replaces it when the name is created
+            // through the mount; a restore drops the ones it makes wrong. Not under the
+            // root, whose names an import adds behind the kernel's back.
+            Err(Errno::ENOENT) if parent.0 != format::ROOT_INO => {
+                reply.entry(&TTL, &attr(0, &Inode::default()), Generation(0));
+            }
+            r => self.entry(r, reply),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
