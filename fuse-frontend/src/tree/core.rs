@@ -6,6 +6,7 @@
 //! operation (a rename, a create) is all there or not at all, and the operations that are
 //! there are the first ones, in order.
 
+use super::diff::Touched;
 use super::format::*;
 use fuser::Errno;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
@@ -71,7 +72,7 @@ pub struct Meta {
     free: Vec<u64>,
     /// Metadata blocks changed by operations already answered and not written yet: their
     /// content is in `cache` (a zero block for content being unmapped), kept there until
-    /// [`Core::write_group`] writes them all as one group.
+    /// [`Core::commit_staged`] writes them all as one group.
     staged: BTreeSet<u64>,
     /// The group being written (outside this lock): its metadata blocks (kept in `cache`)
     /// and the files whose held appends it writes (read only after it is done).
@@ -88,6 +89,8 @@ pub struct Meta {
     /// Why the last group write failed; cleared by the next one that succeeds. While set,
     /// every new metadata change fails with it.
     failed: Option<Errno>,
+    /// The one zero block staged for content being unmapped (told apart by pointer).
+    zero: Arc<Vec<u8>>,
     /// Inodes whose timestamps changed in the cache only (writes that did not change the
     /// size); written with the next metadata change of their block, or by
     /// [`Core::sync_times`].
@@ -240,68 +243,16 @@ pub struct Stale {
     pub all_names: bool,
 }
 
-/// The inodes and directory buckets a set of changed byte ranges touches.
-struct Touched {
-    inodes: BTreeSet<u64>,
-    /// Inodes whose content changed → the changed block ranges (first, last) among the
-    /// first `BUCKETS` blocks of the span (a directory's buckets; only directories' are
-    /// read).
-    buckets: BTreeMap<u64, Vec<(u64, u64)>>,
-}
-
-/// Past this many touched inodes or buckets, a restore drops every cached name instead.
+/// Past this many touched inodes or directory buckets, a restore drops every cached name
+/// instead of listing what changed.
 const RESTORE_LIST_LIMIT: u64 = 20_000;
 
-impl Touched {
-    /// `None` when the change is larger than [`RESTORE_LIST_LIMIT`].
-    fn of(ranges: &[ByteRange]) -> Option<Touched> {
-        let mut t = Touched {
-            inodes: BTreeSet::new(),
-            buckets: BTreeMap::new(),
-        };
-        let mut n = 0u64;
-        for r in ranges {
-            let (start, end) = (r.offset, r.offset.saturating_add(r.len));
-            if end > DATA_BASE {
-                let mut at = start.max(DATA_BASE);
-                while at < end {
-                    let ino = (at - DATA_BASE) / DATA_SPAN;
-                    let span_end = DATA_BASE + (ino + 1) * DATA_SPAN;
-                    n += 1;
-                    if n > RESTORE_LIST_LIMIT {
-                        return None;
-                    }
-                    t.inodes.insert(ino);
-                    let ranges = t.buckets.entry(ino).or_default();
-                    let bend = end.min(span_end).min(data_off(ino) + BUCKETS * BS);
-                    if at < bend {
-                        let first = (at - data_off(ino)) / BS;
-                        let last = (bend - 1 - data_off(ino)) / BS;
-                        ranges.push((first, last));
-                    }
-                    at = span_end;
-                }
-            } else if end > XATTR_BASE {
-                let first = (start.max(XATTR_BASE) - XATTR_BASE) / XATTR_SPAN;
-                let last = (end - 1 - XATTR_BASE) / XATTR_SPAN;
-                n += last - first + 1;
-                if n > RESTORE_LIST_LIMIT {
-                    return None;
-                }
-                t.inodes.extend(first..=last);
-            } else if end > INODE_BASE && start < ORPHAN_BASE {
-                let first = (start.max(INODE_BASE) - INODE_BASE) / INODE_SIZE;
-                let last = (end.min(ORPHAN_BASE) - 1 - INODE_BASE) / INODE_SIZE;
-                n += last - first + 1;
-                if n > RESTORE_LIST_LIMIT {
-                    return None;
-                }
-                t.inodes.extend(first..=last);
-            }
-        }
-        t.inodes.remove(&0);
-        Some(t)
-    }
+/// What [`Core::hold_or_settle`] did with a write.
+enum Appended {
+    /// Held in memory; whether set-id bits were cleared.
+    Held { killed: bool },
+    /// Not held (what was held for the file is written); the file's size.
+    Not { size: u64 },
 }
 
 /// Attributes to change (setattr).
@@ -627,12 +578,9 @@ impl Txn<'_> {
             self.meta.cache.insert(o, Arc::new(b));
             self.meta.staged.insert(o);
         }
-        if !self.zeros.is_empty() {
-            let zero = Arc::new(vec![0u8; BS as usize]);
-            for o in std::mem::take(&mut self.zeros) {
-                self.meta.cache.insert(o, zero.clone());
-                self.meta.staged.insert(o);
-            }
+        for o in std::mem::take(&mut self.zeros) {
+            self.meta.cache.insert(o, self.meta.zero.clone());
+            self.meta.staged.insert(o);
         }
         if let Some((ino, b)) = self.xpending.take() {
             self.meta.cache_xblob(ino, b);
@@ -756,6 +704,7 @@ impl Core {
                 inflight: BTreeSet::new(),
                 inflight_files: HashSet::new(),
                 failed: None,
+                zero: Arc::new(vec![0u8; BS as usize]),
                 dirty_times: HashSet::new(),
                 known: Known::default(),
                 epochs: HashMap::new(),
@@ -819,8 +768,8 @@ impl Core {
                 for (o, b) in &g.blocks {
                     // Unmapped content is read from the volume again (now zeros there),
                     // unless changed since.
-                    let unchanged = m.cache.get(o).is_some_and(|c| Arc::ptr_eq(c, b));
-                    if unchanged && !m.staged.contains(o) && b.iter().all(|x| *x == 0) {
+                    if Arc::ptr_eq(b, &m.zero) && m.cache.get(o).is_some_and(|c| Arc::ptr_eq(c, b))
+                    {
                         m.cache.remove(o);
                     }
                 }
@@ -848,9 +797,7 @@ impl Core {
     /// Writes the appends held for `ino`, if any (kept held if that fails), after the group
     /// being written when it holds some of them.
     fn write_held(&self, m: &mut MutexGuard<'_, Meta>, ino: u64) -> R<()> {
-        while m.inflight_files.contains(&ino) {
-            MutexGuard::unlocked(m, || drop(self.group.lock()));
-        }
+        self.wait_inflight(m, ino);
         if let Some((off, buf)) = m.held.remove(&ino) {
             if let Err(e) = self.vol.write_bytes(data_off(ino) + off, &buf) {
                 m.held.insert(ino, (off, buf));
@@ -859,6 +806,14 @@ impl Core {
             m.held_bytes -= buf.len();
         }
         Ok(())
+    }
+
+    /// Waits (with the metadata lock released) while the group being written holds appends
+    /// of `ino`.
+    fn wait_inflight(&self, m: &mut MutexGuard<'_, Meta>, ino: u64) {
+        while m.inflight_files.contains(&ino) {
+            MutexGuard::unlocked(m, || drop(self.group.lock()));
+        }
     }
 
     /// Writes held timestamps and every staged change: what was answered before is then
@@ -914,20 +869,19 @@ impl Core {
         self.commit()?;
         // What to look at: the inodes the kernel holds, all of them or those the change
         // touches; and the directory buckets the change touches, by directory.
-        let touched = diff().and_then(|r| Touched::of(&r));
-        let inos: Vec<u64> = {
-            let m = self.meta.lock();
-            match &touched {
-                Some(t) => t
-                    .inodes
-                    .iter()
-                    .filter(|i| m.known.lookups.contains_key(i))
-                    .copied()
-                    .collect(),
-                None => m.known.lookups.keys().copied().collect(),
-            }
-        };
+        let touched = diff()
+            .map(|r| Touched::of(&r))
+            .filter(|t| t.inodes.len() as u64 <= RESTORE_LIST_LIMIT);
         let mut m = self.meta.lock();
+        let inos: Vec<u64> = match &touched {
+            Some(t) => t
+                .inodes
+                .iter()
+                .filter(|i| m.known.lookups.contains_key(i))
+                .copied()
+                .collect(),
+            None => m.known.lookups.keys().copied().collect(),
+        };
         let mut t = self.txn(&mut m);
         let before: Vec<(u64, Option<Inode>)> =
             inos.iter().map(|i| (*i, t.inode(*i).ok())).collect();
@@ -939,7 +893,7 @@ impl Core {
             let mut n = 0u64;
             for (ino, old) in &before {
                 let Some(ranges) = tc
-                    .buckets
+                    .content
                     .get(ino)
                     .filter(|_| old.as_ref().is_some_and(Inode::is_dir))
                 else {
@@ -1017,7 +971,7 @@ impl Core {
                 if o.size == n.size && o.mtime == n.mtime && o.ctime == n.ctime)
                 && touched
                     .as_ref()
-                    .is_none_or(|t| !t.buckets.contains_key(&ino));
+                    .is_none_or(|t| !t.content.contains_key(&ino));
             if !same || !untouched || (touched.is_none() && old.as_ref().is_some_and(Inode::is_dir))
             {
                 stale.inodes.push(ino);
@@ -1114,9 +1068,7 @@ impl Core {
         drop(t);
         // Its appends: dropped if held, waited for if being written (so the scan below
         // sees every block they map).
-        while m.inflight_files.contains(&ino) {
-            MutexGuard::unlocked(&mut m, || drop(self.group.lock()));
-        }
+        self.wait_inflight(&mut m, ino);
         if let Some((_, b)) = m.held.remove(&ino) {
             m.held_bytes -= b.len();
         }
@@ -1622,12 +1574,11 @@ impl Core {
         let stripe = self.stripe(ino);
         let mut shared = Some(stripe.read());
         let mut _exclusive = None;
-        if !data.is_empty() && data.len() <= HOLD_WRITE {
-            if let Some(killed) = self.hold(ino, offset, data, kill)? {
-                return Ok((data.len() as u32, killed));
-            }
-        }
-        if offset > self.settle(ino)? {
+        let size = match self.hold_or_settle(ino, offset, data, kill)? {
+            Appended::Held { killed } => return Ok((data.len() as u32, killed)),
+            Appended::Not { size } => size,
+        };
+        if offset > size {
             // A gap past the end: zeroed first (see `zero_past_eof`), with the content ours.
             shared = None;
             _exclusive = Some(stripe.write());
@@ -1670,31 +1621,36 @@ impl Core {
         Ok((data.len() as u32, killed))
     }
 
-    /// Holds `data` in memory if it appends to regular file `ino` (at its end, after what
-    /// is held for it, within [`HOLD_FILE`]); the size change is staged with it. A small
-    /// file written by appends (an unpack, a clone, a build) then costs no write of its own:
-    /// its data goes out with the next group, as whole blocks, with its metadata. Returns
-    /// whether set-id bits were cleared if it was held. The caller holds the inode's stripe.
-    fn hold(
+    /// Holds `data` in memory if it appends to regular file `ino` (at most [`HOLD_WRITE`]
+    /// bytes at its end, after what is held for it, within [`HOLD_FILE`]); the size change is
+    /// staged with it. A small file written by appends (an unpack, a clone, a build) then
+    /// costs no write of its own: its data goes out with the next group, as whole blocks,
+    /// with its metadata. Otherwise writes what is held for the file and returns its size.
+    /// The caller holds the inode's stripe.
+    fn hold_or_settle(
         &self,
         ino: u64,
         offset: u64,
         data: &[u8],
         kill: Option<(u32, u32)>,
-    ) -> R<Option<bool>> {
+    ) -> R<Appended> {
         let mut m = self.meta.lock();
         let mut t = self.txn(&mut m);
         let mut i = t.inode(ino)?;
         if !i.is_reg() {
             return Err(Errno::EINVAL);
         }
-        let fits = offset == i.size
+        let fits = !data.is_empty()
+            && data.len() <= HOLD_WRITE
+            && offset == i.size
             && match t.meta.held.get(&ino) {
                 None => true,
                 Some((o, b)) => o + b.len() as u64 == offset && b.len() + data.len() <= HOLD_FILE,
             };
         if !fits {
-            return Ok(None);
+            drop(t);
+            self.write_held(&mut m, ino)?;
+            return Ok(Appended::Not { size: i.size });
         }
         let now = Ts::now();
         i.size = offset + data.len() as u64;
@@ -1717,7 +1673,7 @@ impl Core {
             // Answered already: a failure is kept (and reported) by the stage.
             let _ = self.commit_staged();
         }
-        Ok(Some(killed))
+        Ok(Appended::Held { killed })
     }
 
     /// Writes the appends held for regular file `ino` and returns its size (EINVAL for any

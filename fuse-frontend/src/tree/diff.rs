@@ -7,7 +7,7 @@
 //! parents' directory entries.
 
 use super::format::*;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use strata_engine::ByteRange;
 
 /// One version of a tree: a checkpoint or the live volume.
@@ -107,40 +107,64 @@ impl Paths<'_> {
     }
 }
 
-/// The inodes a set of changed byte ranges touches: (all candidates, content changed,
-/// xattrs changed).
-fn touched(ranges: &[ByteRange]) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>) {
-    let (mut all, mut content, mut xattr) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for r in ranges {
-        let (start, end) = (r.offset, r.offset + r.len);
-        let span = |base: u64, shift: u64, set: &mut BTreeSet<u64>, all: &mut BTreeSet<u64>| {
-            let lo = start.max(base);
-            let first = (lo - base) / shift;
-            let last = ((end - 1).saturating_sub(base) / shift).min(MAX_INO - 1);
-            for ino in first..=last.min(first + 1_000_000) {
-                set.insert(ino);
-                all.insert(ino);
+/// What a set of changed byte ranges touches (for a diff, and for what a restore must
+/// invalidate).
+#[derive(Default)]
+pub(super) struct Touched {
+    /// Every inode whose slot, xattrs or content a range covers (inode 0 excluded).
+    pub inodes: BTreeSet<u64>,
+    /// Inodes whose content a range covers → the covered block ranges (first, last) among
+    /// the first `BUCKETS` blocks of the span (a directory's buckets).
+    pub content: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Inodes whose xattr span a range covers.
+    pub xattrs: BTreeSet<u64>,
+}
+
+impl Touched {
+    pub(super) fn of(ranges: &[ByteRange]) -> Touched {
+        let mut t = Touched::default();
+        for r in ranges.iter().filter(|r| r.len > 0) {
+            let (start, end) = (r.offset, r.offset.saturating_add(r.len));
+            let span = |base: u64, shift: u64| {
+                let first = (start.max(base) - base) / shift;
+                let last = ((end - 1).saturating_sub(base) / shift).min(MAX_INO - 1);
+                first..=last.min(first + 1_000_000)
+            };
+            if end > DATA_BASE {
+                for ino in span(DATA_BASE, DATA_SPAN) {
+                    t.inodes.insert(ino);
+                    let base = data_off(ino);
+                    let (lo, hi) = (start.max(base), end.min(base + BUCKETS * BS));
+                    let blocks = t.content.entry(ino).or_default();
+                    if lo < hi {
+                        blocks.push(((lo - base) / BS, (hi - 1 - base) / BS));
+                    }
+                }
+            } else if end > XATTR_BASE {
+                for ino in span(XATTR_BASE, XATTR_SPAN) {
+                    t.inodes.insert(ino);
+                    t.xattrs.insert(ino);
+                }
+            } else if end > INODE_BASE && start < ORPHAN_BASE {
+                let lo = start.max(INODE_BASE);
+                let hi = end.min(ORPHAN_BASE);
+                let first = (lo - INODE_BASE) / INODE_SIZE;
+                let last = (hi - 1 - INODE_BASE) / INODE_SIZE;
+                t.inodes.extend(first..=last.min(MAX_INO - 1));
             }
-        };
-        if end > DATA_BASE {
-            span(DATA_BASE, DATA_SPAN, &mut content, &mut all);
-        } else if end > XATTR_BASE {
-            span(XATTR_BASE, XATTR_SPAN, &mut xattr, &mut all);
-        } else if end > INODE_BASE && start < ORPHAN_BASE {
-            let lo = start.max(INODE_BASE);
-            let hi = end.min(ORPHAN_BASE);
-            let first = (lo - INODE_BASE) / INODE_SIZE;
-            let last = (hi - 1 - INODE_BASE) / INODE_SIZE;
-            all.extend(first..=last.min(MAX_INO - 1));
         }
+        t.inodes.remove(&0);
+        t
     }
-    all.remove(&0);
-    (all, content, xattr)
 }
 
 /// Paths that differ from `a` to `b`, sorted by path.
 pub fn diff(a: &Side, b: &Side, ranges: &[ByteRange]) -> Result<Vec<PathChange>, String> {
-    let (all, content, xattr) = touched(ranges);
+    let Touched {
+        inodes: all,
+        content,
+        xattrs: xattr,
+    } = Touched::of(ranges);
     let mut pa = Paths {
         side: a,
         dirs: HashMap::new(),
@@ -181,7 +205,7 @@ pub fn diff(a: &Side, b: &Side, ranges: &[ByteRange]) -> Result<Vec<PathChange>,
             }
             (Some(x), Some(y)) => {
                 let dir = y.is_dir();
-                let data = !dir && (content.contains(&ino) || x.size != y.size);
+                let data = !dir && (content.contains_key(&ino) || x.size != y.size);
                 let xattrs = xattr.contains(&ino)
                     && (x.xattr_len != y.xattr_len
                         || a.xattrs(ino, x.xattr_len)? != b.xattrs(ino, y.xattr_len)?);

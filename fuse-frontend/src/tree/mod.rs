@@ -616,7 +616,8 @@ impl TreeHandle {
     ) -> Result<import::ImportStats, String> {
         let stats = import::import_dir(&self.core, src, done);
         if let Some(n) = &self.notifier {
-            // New entries need nothing (the kernel keeps no negative entries), but the
+            // New entries need nothing (they go under the root, where the kernel keeps no
+            // negative entries, or into directories the import created), but the
             // directories they went into changed size, link count, times and listing: the
             // kernel drops the attributes and pages it holds (and the root's, whose
             // attributes an import sets). A directory's pages are its cached listing.
@@ -713,9 +714,11 @@ impl TreeMount {
     }
 
     /// The mounted volume (a handle: for reading the live tree, e.g. a diff), after the
-    /// kernel wrote back what it held dirty ([`TreeMount::sync`]).
+    /// kernel wrote back what it held dirty ([`TreeMount::sync`]) and the tree wrote what it
+    /// had staged.
     pub fn volume(&self) -> Result<&Volume, Errno> {
         self.sync()?;
+        self.core.commit()?;
         Ok(&self.core.vol)
     }
 
