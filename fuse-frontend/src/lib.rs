@@ -29,6 +29,10 @@ pub struct FuseOptions {
     /// Let users other than the daemon's access the mount (`allow_other`); permissions are
     /// still checked by the kernel (`default_permissions`).
     pub allow_other: bool,
+    /// Serve tree mounts over FUSE's io_uring queues when the kernel has them (Linux 6.14+;
+    /// the `fuse.enable_uring` parameter is turned on if it is off). Default: on, unless
+    /// the environment has `STRATA_FUSE_URING=0`.
+    pub uring: bool,
 }
 
 impl Default for FuseOptions {
@@ -37,6 +41,10 @@ impl Default for FuseOptions {
             read_only: false,
             threads: 4,
             allow_other: false,
+            uring: !matches!(
+                std::env::var("STRATA_FUSE_URING").as_deref(),
+                Ok("0" | "off" | "no" | "false")
+            ),
         }
     }
 }
@@ -68,7 +76,8 @@ pub(crate) struct MountSession {
 impl MountSession {
     /// Mounts `fs` for `volume` at `mountpoint` (an existing empty directory; `checked` is
     /// its canonical path from [`prepare_mountpoint`]) with the options every Strata mount
-    /// has plus `extra`, served by `opts.threads` threads on `/dev/fuse` clones.
+    /// has plus `extra`, served by `opts.threads` threads on `/dev/fuse` clones. `on_init`
+    /// runs once the kernel's `INIT` is answered, before those threads start.
     pub(crate) fn start<FS: fuser::Filesystem + Send + Sync + 'static>(
         fs: FS,
         volume: &str,
@@ -76,6 +85,7 @@ impl MountSession {
         opts: &FuseOptions,
         extra: Vec<fuser::MountOption>,
         what: &'static str,
+        on_init: impl FnOnce(&fuser::Session<FS>),
     ) -> Result<(MountSession, fuser::Notifier), FuseError> {
         let mountpoint = checked;
         let mut config = fuser::Config::default();
@@ -98,10 +108,9 @@ impl MountSession {
             path: mountpoint.clone(),
             source,
         };
-        let session = fuser::Session::new(fs, &mountpoint, &config)
-            .map_err(io)?
-            .spawn()
-            .map_err(io)?;
+        let session = fuser::Session::new(fs, &mountpoint, &config).map_err(io)?;
+        on_init(&session);
+        let session = session.spawn().map_err(io)?;
         let notifier = session.notifier();
         tracing::info!(volume = %volume, mountpoint = %mountpoint.display(), "{what} mounted");
         Ok((
@@ -218,6 +227,7 @@ impl FuseExport {
             opts,
             extra,
             "FUSE export",
+            |_| {},
         )?;
         Ok(FuseExport {
             fs: shared,

@@ -21,6 +21,8 @@ use strata_fuse::FuseOptions;
 struct Env {
     dir: tempfile::TempDir,
     store: Arc<Store>,
+    /// Serve mounts over FUSE's io_uring queues (else /dev/fuse).
+    uring: bool,
 }
 
 impl Env {
@@ -36,7 +38,11 @@ impl Env {
             )
             .unwrap(),
         );
-        Env { dir, store }
+        Env {
+            dir,
+            store,
+            uring: true,
+        }
     }
 
     fn create(&self, name: &str) {
@@ -56,13 +62,23 @@ impl Env {
         let mnt = self.dir.path().join(format!("mnt-{name}"));
         let _ = fs::create_dir(&mnt);
         let v = self.store.open_volume(name).unwrap();
-        let m = TreeMount::start(
-            v,
-            &self.dir.path().join("store"),
-            &mnt,
-            &FuseOptions::default(),
-        )
-        .unwrap();
+        let opts = FuseOptions {
+            uring: self.uring,
+            ..FuseOptions::default()
+        };
+        let m = TreeMount::start(v, &self.dir.path().join("store"), &mnt, &opts).unwrap();
+        // This kernel has FUSE over io_uring (6.14+): a mount that asks for it and does
+        // not get it is a failure, not a silent fallback.
+        let want = if self.uring {
+            assert!(
+                Path::new("/sys/module/fuse/parameters/enable_uring").exists(),
+                "the kernel has no FUSE over io_uring (needs Linux 6.14+)"
+            );
+            "io_uring"
+        } else {
+            "/dev/fuse"
+        };
+        assert_eq!(m.transport(), want);
         (m, mnt)
     }
 }
@@ -94,7 +110,18 @@ fn names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn posix_basics_checkpoint_restore_fork_remount() {
-    let env = Env::new();
+    posix_basics(true);
+}
+
+/// The same over /dev/fuse, the transport of kernels without FUSE over io_uring.
+#[test]
+fn posix_basics_over_dev_fuse() {
+    posix_basics(false);
+}
+
+fn posix_basics(uring: bool) {
+    let mut env = Env::new();
+    env.uring = uring;
     env.create("box");
     let (mut m, mnt) = env.mount("box");
     let root = fs::metadata(&mnt).unwrap();

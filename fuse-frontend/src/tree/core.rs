@@ -1530,6 +1530,16 @@ impl Core {
     /// keeps it pays for zeroing and faulting in its memory once, not per read): returns the
     /// bytes read, at the start of `buf`.
     pub fn read_into(&self, ino: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> R<usize> {
+        let size = size as usize;
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        self.read_slice(ino, offset, &mut buf[..size])
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` into `buf`: returns the bytes read (fewer
+    /// at the end of the file).
+    pub fn read_slice(&self, ino: u64, offset: u64, buf: &mut [u8]) -> R<usize> {
         let _g = self.gate.read();
         let _s = self.stripe(ino).read();
         let i = {
@@ -1546,10 +1556,7 @@ impl Core {
         if offset >= fsize {
             return Ok(0);
         }
-        let n = (u64::from(size)).min(fsize - offset) as usize;
-        if buf.len() < n {
-            buf.resize(n, 0);
-        }
+        let n = (buf.len() as u64).min(fsize - offset) as usize;
         self.vol
             .read_bytes(data_off(ino) + offset, &mut buf[..n])
             .map_err(|e| engine_err("reading", e))?;

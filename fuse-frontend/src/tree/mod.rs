@@ -9,6 +9,7 @@ mod core;
 pub mod diff;
 mod format;
 pub mod import;
+mod ring;
 
 use self::core::{Core, NewNode, SetAttr, R};
 use format::{Inode, Ts};
@@ -85,6 +86,8 @@ struct TreeFs {
     /// The mount's notifier, once the session runs: a write that clears set-id bits tells
     /// the kernel to drop the attributes it holds (its write path does not).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Ask for FUSE over io_uring at `INIT`; set to whether the kernel agreed.
+    uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TreeFs {
@@ -93,20 +96,20 @@ impl TreeFs {
             Ok((ino, i)) => reply.entry(
                 &TTL,
                 &attr(ino, &i),
-                Generation(self.core.generation(ino, &i)),
+                Generation(self.entry_generation(ino, &i)),
             ),
             Err(e) => reply.error(e),
         }
     }
 
-    /// Creates a node owned by the caller: `mode` is the type (regular when 0) and the
-    /// permission bits.
+    /// Creates a node owned by the caller (`uid`, `gid`): `mode` is the type (regular when
+    /// 0) and the permission bits.
     #[allow(clippy::too_many_arguments)]
     fn node(
         &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
+        (uid, gid): (u32, u32),
+        parent: u64,
+        name: &[u8],
         mode: u32,
         umask: u32,
         rdev: u64,
@@ -120,11 +123,105 @@ impl TreeFs {
             mode: kind | (mode & 0o7777),
             umask,
             rdev,
-            uid: req.uid(),
-            gid: req.gid(),
+            uid,
+            gid,
             target,
         };
-        self.core.create(parent.0, name.as_bytes(), n)
+        self.core.create(parent, name, n)
+    }
+
+    /// A name's entry; `(0, _)` for a name that does not exist but may be cached as such.
+    fn lookup_entry(&self, parent: u64, name: &[u8]) -> R<(u64, Inode)> {
+        match self.core.lookup(parent, name) {
+            // A name that does not exist is cached as such (a negative entry: inode 0), so
+            // probing for it again (a compiler's include path, a module resolver, `git
+            // status`) is no round trip. The kernel replaces it when the name is created
+            // through the mount; a restore drops the ones it makes wrong. Not under the
+            // root, whose names an import adds behind the kernel's back.
+            Err(Errno::ENOENT) if parent != format::ROOT_INO => Ok((0, Inode::default())),
+            r => r,
+        }
+    }
+
+    /// The generation the kernel is told for an entry (0 for a negative one).
+    fn entry_generation(&self, ino: u64, i: &Inode) -> u64 {
+        if ino == 0 {
+            0
+        } else {
+            self.core.generation(ino, i)
+        }
+    }
+
+    /// `setattr` for a caller (`uid`, `gid`); `a.kill_setid` is filled in here.
+    fn set_attr(&self, caller: (u32, u32), ino: u64, mut a: SetAttr) -> R<Inode> {
+        // What the kernel asks for with FATTR_KILL_SUIDGID, which fuser does not pass
+        // on: always on a chown, on a truncation when the caller lacks CAP_FSETID
+        // (taken as: is not root). Applied to non-directories only.
+        a.kill_setid = (a.uid.is_some() || a.gid.is_some() || (a.size.is_some() && caller.0 != 0))
+            .then_some(caller);
+        self.core.setattr(ino, &a)
+    }
+
+    /// `open`: files only.
+    fn open_file(&self, ino: u64) -> R<()> {
+        match self.core.getattr(ino) {
+            Ok(i) if i.is_dir() => Err(Errno::EISDIR),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `opendir`: directories only. The kernel keeps a listing in the directory's page
+    /// cache across opens (DIR_OPEN_FLAGS); it drops it when the directory's mtime changes
+    /// (every entry change here sets it) and on a restore (which invalidates every
+    /// directory it holds).
+    fn open_dir(&self, ino: u64) -> R<()> {
+        match self.core.getattr(ino) {
+            Ok(i) if i.is_dir() => Ok(()),
+            Ok(_) => Err(Errno::ENOTDIR),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes for a caller (`uid`, `gid`); `kill`: the kernel asked for set-id bits to be
+    /// cleared.
+    fn write_data(&self, ino: u64, offset: u64, data: &[u8], kill: Option<(u32, u32)>) -> R<u32> {
+        let (n, killed) = self.core.write(ino, offset, data, kill)?;
+        // Before the reply: the writer may look at the mode as soon as it returns.
+        // (Attributes only: no page lock is taken, the writer holds none we need.)
+        if killed {
+            if let Some(notifier) = self.notifier.get() {
+                let _ = notifier.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+        Ok(n)
+    }
+
+    /// (blocks, free blocks, available blocks, inodes, free inodes), in 4 KiB blocks.
+    fn stat_fs(&self) -> (u64, u64, u64, u64, u64) {
+        let (used, free_inodes) = self.core.inode_counts();
+        let (blocks, bfree, bavail) = store_space(&self.core.store_dir);
+        (blocks, bfree, bavail, used + free_inodes, free_inodes)
+    }
+
+    fn seek(&self, ino: u64, offset: i64, whence: i32) -> R<u64> {
+        let off = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        self.core.lseek(ino, off, whence)
+    }
+}
+
+/// What an xattr read answers: the size wanted (`size` 0), or the value.
+enum XattrOut {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn xattr_out(r: R<Vec<u8>>, size: u32) -> R<XattrOut> {
+    match r {
+        Ok(v) if size == 0 => Ok(XattrOut::Size(v.len() as u32)),
+        Ok(v) if v.len() > size as usize => Err(Errno::ERANGE),
+        Ok(v) => Ok(XattrOut::Data(v)),
+        Err(e) => Err(e),
     }
 }
 
@@ -136,10 +233,9 @@ fn ok(r: R<()>, reply: ReplyEmpty) {
 }
 
 fn xattr_reply(r: R<Vec<u8>>, size: u32, reply: ReplyXattr) {
-    match r {
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
+    match xattr_out(r, size) {
+        Ok(XattrOut::Size(n)) => reply.size(n),
+        Ok(XattrOut::Data(v)) => reply.data(&v),
         Err(e) => reply.error(e),
     }
 }
@@ -163,21 +259,18 @@ impl Filesystem for TreeFs {
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Requests over per-CPU io_uring queues (see `ring`), when wanted and offered.
+        let uring = self.uring.load(std::sync::atomic::Ordering::Relaxed)
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        self.uring
+            .store(uring, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.core.lookup(parent.0, name.as_bytes()) {
-            // A name that does not exist is cached as such (a negative entry: inode 0), so
-            // probing for it again (a compiler's include path, a module resolver, `git
-            // status`) is no round trip. The kernel replaces it when the name is created
-            // through the mount; a restore drops the ones it makes wrong. Not under the
-            // root, whose names an import adds behind the kernel's back.
-            Err(Errno::ENOENT) if parent.0 != format::ROOT_INO => {
-                reply.entry(&TTL, &attr(0, &Inode::default()), Generation(0));
-            }
-            r => self.entry(r, reply),
-        }
+        self.entry(self.lookup_entry(parent.0, name.as_bytes()), reply)
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -216,13 +309,9 @@ impl Filesystem for TreeFs {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
-            // What the kernel asks for with FATTR_KILL_SUIDGID, which fuser does not pass
-            // on: always on a chown, on a truncation when the caller lacks CAP_FSETID
-            // (taken as: is not root). Applied to non-directories only.
-            kill_setid: (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0))
-                .then(|| (req.uid(), req.gid())),
+            kill_setid: None,
         };
-        match self.core.setattr(ino.0, &a) {
+        match self.set_attr((req.uid(), req.gid()), ino.0, a) {
             Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
             Err(e) => reply.error(e),
         }
@@ -245,7 +334,15 @@ impl Filesystem for TreeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.node(req, parent, name, mode, umask, u64::from(rdev), None);
+        let r = self.node(
+            (req.uid(), req.gid()),
+            parent.0,
+            name.as_bytes(),
+            mode,
+            umask,
+            u64::from(rdev),
+            None,
+        );
         self.entry(r, reply)
     }
 
@@ -258,7 +355,15 @@ impl Filesystem for TreeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.node(req, parent, name, libc::S_IFDIR | mode, umask, 0, None);
+        let r = self.node(
+            (req.uid(), req.gid()),
+            parent.0,
+            name.as_bytes(),
+            libc::S_IFDIR | mode,
+            umask,
+            0,
+            None,
+        );
         self.entry(r, reply)
     }
 
@@ -279,7 +384,15 @@ impl Filesystem for TreeFs {
         reply: ReplyEntry,
     ) {
         let target = Some(target.as_os_str().as_bytes());
-        let r = self.node(req, parent, link_name, libc::S_IFLNK | 0o777, 0, 0, target);
+        let r = self.node(
+            (req.uid(), req.gid()),
+            parent.0,
+            link_name.as_bytes(),
+            libc::S_IFLNK | 0o777,
+            0,
+            0,
+            target,
+        );
         self.entry(r, reply)
     }
 
@@ -321,11 +434,8 @@ impl Filesystem for TreeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.getattr(ino.0) {
-            Ok(i) if i.is_dir() => reply.error(Errno::EISDIR),
-            // This mount is the only writer, and a restore invalidates: cached pages stay
-            // valid across opens.
-            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
+        match self.open_file(ino.0) {
+            Ok(()) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(e),
         }
     }
@@ -340,7 +450,15 @@ impl Filesystem for TreeFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.node(req, parent, name, mode, umask, 0, None) {
+        match self.node(
+            (req.uid(), req.gid()),
+            parent.0,
+            name.as_bytes(),
+            mode,
+            umask,
+            0,
+            None,
+        ) {
             Ok((ino, i)) => reply.created(
                 &TTL,
                 &attr(ino, &i),
@@ -388,17 +506,8 @@ impl Filesystem for TreeFs {
         let kill = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| (req.uid(), req.gid()));
-        match self.core.write(ino.0, offset, data, kill) {
-            Ok((n, killed)) => {
-                // Before the reply: the writer may look at the mode as soon as it returns.
-                // (Attributes only: no page lock is taken, the writer holds none we need.)
-                if killed {
-                    if let Some(notifier) = self.notifier.get() {
-                        let _ = notifier.inval_inode(ino, -1, 0);
-                    }
-                }
-                reply.written(n);
-            }
+        match self.write_data(ino.0, offset, data, kill) {
+            Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
     }
@@ -447,12 +556,8 @@ impl Filesystem for TreeFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.getattr(ino.0) {
-            // The kernel keeps a listing in the directory's page cache across opens; it drops
-            // it when the directory's mtime changes (every entry change here sets it) and on
-            // a restore (which invalidates every directory it holds).
-            Ok(i) if i.is_dir() => reply.opened(FileHandle(0), DIR_OPEN_FLAGS),
-            Ok(_) => reply.error(Errno::ENOTDIR),
+        match self.open_dir(ino.0) {
+            Ok(()) => reply.opened(FileHandle(0), DIR_OPEN_FLAGS),
             Err(e) => reply.error(e),
         }
     }
@@ -507,18 +612,8 @@ impl Filesystem for TreeFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (used, free_inodes) = self.core.inode_counts();
-        let (blocks, bfree, bavail) = store_space(&self.core.store_dir);
-        reply.statfs(
-            blocks,
-            bfree,
-            bavail,
-            used + free_inodes,
-            free_inodes,
-            4096,
-            255,
-            4096,
-        );
+        let (blocks, bfree, bavail, files, ffree) = self.stat_fs();
+        reply.statfs(blocks, bfree, bavail, files, ffree, 4096, 255, 4096);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -577,10 +672,7 @@ impl Filesystem for TreeFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let Ok(off) = u64::try_from(offset) else {
-            return reply.error(Errno::EINVAL);
-        };
-        match self.core.lseek(ino.0, off, whence) {
+        match self.seek(ino.0, offset, whence) {
             Ok(at) => reply.offset(at as i64),
             Err(e) => reply.error(e),
         }
@@ -660,6 +752,8 @@ pub struct TreeMount {
     core: Arc<Core>,
     mount: MountSession,
     notifier: fuser::Notifier,
+    /// Whether requests come over io_uring.
+    uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Core {
@@ -688,21 +782,58 @@ impl TreeMount {
         // A sandbox's root tree holds device nodes and set-id programs; only root mounts.
         let extra = vec![fuser::MountOption::Dev, fuser::MountOption::Suid];
         let cell = Arc::new(std::sync::OnceLock::new());
+        let want_uring = opts.uring && ring::available();
+        let uring = Arc::new(std::sync::atomic::AtomicBool::new(want_uring));
         let fs = TreeFs {
             core: core.clone(),
             notifier: cell.clone(),
+            uring: uring.clone(),
         };
-        let (mount, notifier) = MountSession::start(fs, &name, checked, opts, extra, "tree")?;
+        let mut opts = opts.clone();
+        let per_queue = opts.threads.div_ceil(2).clamp(1, 8);
+        if want_uring {
+            // Over io_uring, /dev/fuse carries only FORGET and INTERRUPT.
+            opts.threads = 1;
+        }
+        let on_init = |session: &fuser::Session<TreeFs>| {
+            if !uring.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let ring_fs = Arc::new(TreeFs {
+                core: core.clone(),
+                notifier: cell.clone(),
+                uring: uring.clone(),
+            });
+            match std::os::fd::AsFd::as_fd(session).try_clone_to_owned() {
+                Ok(dev) => ring::start(ring_fs, dev, per_queue, !opts.allow_other),
+                Err(e) => {
+                    tracing::error!(error = %e, "duplicating /dev/fuse for io_uring");
+                }
+            }
+        };
+        let (mount, notifier) =
+            MountSession::start(fs, &name, checked, &opts, extra, "tree", on_init)?;
         let _ = cell.set(notifier.clone());
         Ok(TreeMount {
             core,
             mount,
             notifier,
+            uring,
         })
     }
 
     pub fn mountpoint(&self) -> &Path {
         self.mount.mountpoint()
+    }
+
+    /// How the kernel's requests reach the tree: `"io_uring"` (per-CPU queues) or
+    /// `"/dev/fuse"`.
+    pub fn transport(&self) -> &'static str {
+        if self.uring.load(std::sync::atomic::Ordering::Relaxed) {
+            "io_uring"
+        } else {
+            "/dev/fuse"
+        }
     }
 
     /// A handle on the mounted tree for work outside FUSE (an import).
