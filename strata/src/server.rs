@@ -84,7 +84,7 @@ impl Exported {
                 read_only,
                 allow_other,
             } => {
-                json!({"volume": vol, "kind": "tree", "mountpoint": mount.mountpoint(), "read_only": read_only, "allow_other": allow_other})
+                json!({"volume": vol, "kind": "tree", "mountpoint": mount.mountpoint(), "read_only": read_only, "allow_other": allow_other, "transport": mount.transport()})
             }
         }
     }

@@ -103,7 +103,12 @@ impl Mounted {
         if allow_other {
             args.push("--allow-other");
         }
-        d.ok(&args);
+        let out = d.ok(&args);
+        // These suites run over FUSE's io_uring queues, which this kernel has.
+        assert!(
+            out.contains("transport=io_uring"),
+            "the tree is not served over io_uring: {out}"
+        );
         Mounted { d, mnt, dir }
     }
 }
