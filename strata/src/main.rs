@@ -3,6 +3,7 @@
 
 mod client;
 mod jobs;
+mod oci;
 mod remote;
 mod server;
 mod state;
@@ -155,6 +156,14 @@ enum FsCmd {
     /// Copy a directory tree into a tree (mounted or not), with a progress bar: types,
     /// modes, owners, times, xattrs, hard links and holes are kept; nothing is overwritten.
     Import { name: String, dir: PathBuf },
+    /// Import a container image (an OCI image layout directory or tar, or a `docker save`
+    /// archive) into a new tree: one checkpoint per layer, layers another image already
+    /// brought reused in O(1). The tree is named by --tag, else by the image's reference.
+    ImportOci {
+        source: PathBuf,
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -351,6 +360,15 @@ fn run(cli: Cli) -> Result<()> {
                 "POST",
                 &format!("/v1/volumes/{name}/fs-import"),
                 Some(json!({"path": dir})),
+            )?;
+            wait_job(&c, &job, "importing")?
+        }
+        Cmd::Fs(FsCmd::ImportOci { source, tag }) => {
+            let source = std::path::absolute(&source).context("image path")?;
+            let job = c.call(
+                "POST",
+                "/v1/oci-import",
+                Some(json!({"source": source, "tag": tag})),
             )?;
             wait_job(&c, &job, "importing")?
         }

@@ -9,6 +9,7 @@ mod core;
 pub mod diff;
 mod format;
 pub mod import;
+pub mod layer;
 mod ring;
 
 use self::core::{Core, NewNode, SetAttr, R};
@@ -726,6 +727,26 @@ impl TreeHandle {
         self.core
             .fsync()
             .map_err(|e| format!("making the import durable: {e:?}"))?;
+        Ok(stats)
+    }
+}
+
+impl TreeHandle {
+    /// Applies a container image layer (an uncompressed tar stream; see [`layer`]) onto the
+    /// tree, then makes it durable. `done` counts file bytes written. The tree must not be
+    /// mounted (the kernel would not learn of the changes).
+    pub fn apply_layer(
+        &self,
+        r: impl std::io::Read,
+        done: &std::sync::atomic::AtomicU64,
+    ) -> Result<layer::LayerStats, String> {
+        if self.notifier.is_some() {
+            return Err("the tree is mounted; unmount it to apply a layer".into());
+        }
+        let stats = layer::apply(&self.core, r, done)?;
+        self.core
+            .fsync()
+            .map_err(|e| format!("making the layer durable: {e:?}"))?;
         Ok(stats)
     }
 }

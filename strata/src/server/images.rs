@@ -180,3 +180,41 @@ pub(super) async fn export_image(State(app): State<Arc<App>>, body: Bytes) -> Ap
     .await?;
     Ok(Json(json!({"job": id})))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OciImportReq {
+    source: PathBuf,
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+/// Imports a container image (OCI layout or docker archive) into a new tree volume, one
+/// checkpoint per layer, reusing layers already imported (see `crate::oci`).
+pub(super) async fn import_oci(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
+    let req: OciImportReq = parse(&body)?;
+    if !req.source.is_absolute() || !req.source.exists() {
+        return Err(bad(format!(
+            "{} does not exist (give an absolute path to an image directory or tar)",
+            req.source.display()
+        )));
+    }
+    let id = blocking(&app, move |a| {
+        let plan = crate::oci::prepare(&a.store, &req.source, req.tag.as_deref())
+            .map_err(|e| bad(format!("{e:#}")))?;
+        // The new volume is not exported (nor imported into) until the job ends.
+        let guard = register_import(a, &plan.volume)?;
+        let total = plan.total_bytes();
+        let store = a.store.clone();
+        a.jobs
+            .spawn(move |job| {
+                job.total.store(total, std::sync::atomic::Ordering::Relaxed);
+                let r = plan.run(&store, &job.done);
+                drop(guard);
+                r.map_err(|e| format!("{e:#}"))
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })
+    .await?;
+    Ok(Json(json!({"job": id})))
+}

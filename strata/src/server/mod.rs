@@ -183,6 +183,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/exports/{volume}", delete(delete_export))
         .route("/v1/volumes/{name}/import", post(import_image))
         .route("/v1/volumes/{name}/fs-import", post(import_tree))
+        .route("/v1/oci-import", post(import_oci))
         .route("/v1/export-image", post(export_image))
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/scrub", post(scrub))
