@@ -366,3 +366,50 @@ fn a_damaged_layer_leaves_nothing_half_imported() {
     );
     d.fails(&["volume", "info", "bad2"], "bad2");
 }
+
+/// A `docker save` archive (before Docker 25): `manifest.json` naming a config and layer
+/// tars by path, no digests but the config's diff IDs.
+#[test]
+fn docker_save_archives_import_too() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (base, upper) = (w.join("s-base"), w.join("s-upper"));
+    stage_base(&base);
+    stage_upper(&upper, "two");
+    let l1 = layer(w, &base, "base", "");
+    let l2 = layer(w, &upper, "upper", "");
+    let arch = w.join("arch");
+    fs::create_dir_all(arch.join("l1")).unwrap();
+    fs::create_dir_all(arch.join("l2")).unwrap();
+    fs::copy(&l1.0, arch.join("l1/layer.tar")).unwrap();
+    fs::copy(&l2.0, arch.join("l2/layer.tar")).unwrap();
+    let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [l1.1, l2.1]}});
+    fs::write(arch.join("cfg.json"), config.to_string()).unwrap();
+    let manifest = serde_json::json!([{"Config": "cfg.json",
+        "RepoTags": ["registry.example/team/app:v2"],
+        "Layers": ["l1/layer.tar", "l2/layer.tar"]}]);
+    fs::write(arch.join("manifest.json"), manifest.to_string()).unwrap();
+    let tarred = w.join("app.tar");
+    sh(&format!("tar -C {} -cf {} .", p(&arch), p(&tarred)));
+
+    let d = Daemon::start(&w.join("store"));
+    let out = d.ok(&["fs", "import-oci", p(&tarred)]);
+    assert_eq!(field(&out, "volume"), "app-v2", "{out}");
+    assert_eq!(field(&out, "applied_layers"), "2", "{out}");
+    let m = mount(&d, w, &field(&out, "top"), "box");
+    assert_eq!(
+        fs::read_to_string(m.dir.join("etc/hello")).unwrap(),
+        "one-v2"
+    );
+    assert!(!m.dir.join("etc/gone").exists());
+    drop(m);
+
+    // A layer whose content does not match the config's diff ID: refused, nothing left.
+    let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [l2.1, l1.1]}});
+    fs::write(arch.join("cfg.json"), config.to_string()).unwrap();
+    d.fails(
+        &["fs", "import-oci", p(&arch), "--tag", "swapped"],
+        "does not match its diff ID",
+    );
+    d.fails(&["volume", "info", "swapped"], "swapped");
+}
