@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
       qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
-      stress-ng git attr acl bindfs fuse-overlayfs zstd gzip tar)
+      stress-ng git attr acl bindfs fuse-overlayfs zstd gzip tar containerd runc)
 # The commands the tests, benches and guest builder call, with the package that ships each.
 # Checked as commands, not package names: this image ships qemu-utils 10.0 (a backport) that
 # apt removes when it installs qemu-system-x86 7.2, which a package-status check never sees.
@@ -14,7 +14,8 @@ tools=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86
        busybox:busybox-static cpio:cpio xz:xz-utils losetup:mount stress-ng:stress-ng git:git
        setfattr:attr getfattr:attr setfacl:acl bindfs:bindfs fuse-overlayfs:fuse-overlayfs
        npm:npm pkg-config:pkg-config cc:build-essential zstd:zstd gzip:gzip tar:tar
-       sha256sum:coreutils)
+       sha256sum:coreutils containerd:containerd ctr:containerd
+       containerd-shim-runc-v2:containerd runc:runc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -130,8 +130,8 @@ pub(crate) fn after_read(
     let d = &inner.defrag;
     if d.rate.load(Ordering::Relaxed) == 0
         || buf.is_empty()
-        || offset % bs != 0
-        || buf.len() as u64 % bs != 0
+        || !offset.is_multiple_of(bs)
+        || !(buf.len() as u64).is_multiple_of(bs)
         || !fragmented(&pieces, vol.ppb())
     {
         return;

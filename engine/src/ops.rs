@@ -97,7 +97,7 @@ pub struct ByteRange {
 }
 
 fn check_size(size: u64) -> Result<()> {
-    if size == 0 || size % SECTOR != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR) {
         return Err(Error::InvalidArgument(format!(
             "size {size} must be a positive multiple of 512"
         )));

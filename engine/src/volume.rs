@@ -217,7 +217,7 @@ pub(crate) enum Align {
 }
 
 pub(crate) fn check_range(g: &Geometry<'_>, offset: u64, len: u64, align: Align) -> Result<()> {
-    if align == Align::Sector && (offset % SECTOR != 0 || len % SECTOR != 0) {
+    if align == Align::Sector && (!offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR)) {
         return Err(Error::Misaligned { offset, len });
     }
     if offset.checked_add(len).is_none_or(|end| end > g.size) {

@@ -47,6 +47,10 @@ enum Cmd {
         /// bytes per second per volume (K/M/G suffixes); unlimited by default.
         #[arg(long)]
         hydrate_rate: Option<String>,
+        /// Also serve containerd's snapshots API on this socket (a proxy snapshotter:
+        /// docs/design/containerd.md).
+        #[arg(long)]
+        containerd_socket: Option<PathBuf>,
     },
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
@@ -303,13 +307,14 @@ fn run(cli: Cli) -> Result<()> {
     if let Cmd::Serve {
         api_socket,
         hydrate_rate,
+        containerd_socket,
     } = &cli.cmd
     {
         let socket = api_socket
             .clone()
             .unwrap_or_else(|| cli.store.join("strata.sock"));
         let rate = hydrate_rate.as_deref().map(units::parse_size).transpose()?;
-        return server::serve(&cli.store, &socket, rate);
+        return server::serve(&cli.store, &socket, rate, containerd_socket.as_deref());
     }
     let c = client::Client::new(cli.store.join("strata.sock"));
     let tree = matches!(

@@ -58,9 +58,10 @@ pub(super) async fn create_checkpoint(
     let req: CheckpointReq = parse(&body)?;
     let v = blocking(&app, move |a| {
         let ex = a.exports.lock();
-        let info = match ex.get(&vol) {
+        let trees = a.trees.lock();
+        let info = match mounted_tree(&ex, &trees, &vol) {
             // Taken with the tree's operations held off: no half-done operation in it.
-            Some(Exported::Tree { mount, .. }) => mount
+            Some(mount) => mount
                 .checkpoint(|| a.store.checkpoint(&vol, &req.name))
                 .map_err(|e| {
                     ApiError(
@@ -101,7 +102,8 @@ pub(super) async fn restore_checkpoint(
             return Err(ApiError(StatusCode::CONFLICT, why));
         }
         let mut ex = a.exports.lock();
-        if let Some(Exported::Tree { mount, .. }) = ex.get(&vol) {
+        let trees = a.trees.lock();
+        if let Some(mount) = mounted_tree(&ex, &trees, &vol) {
             // The mount stays: processes see the restored tree (see docs/fuse.md).
             mount
                 .restore(
@@ -131,6 +133,7 @@ pub(super) async fn restore_checkpoint(
             }
             save_exports(a, &ex);
         }
+        drop(trees);
         drop(ex);
         a.store.restore(&vol, &ck)?;
         remote::pull::ensure_hydrating(&a.remotes, &a.store, &vol);
@@ -213,8 +216,8 @@ pub(super) fn tree_diff(a: &App, req: &DiffReq) -> Result<Vec<Value>, ApiError> 
             Some((v, c)) => Ok(Side::Checkpoint(a.store.open_checkpoint(v, c)?)),
             // The mount's own handle when mounted; otherwise a handle of our own (not for an
             // ephemeral tree: dropping it would delete the tree).
-            None => match a.exports.lock().get(s) {
-                Some(Exported::Tree { mount, .. }) => {
+            None => match mounted_tree(&a.exports.lock(), &a.trees.lock(), s) {
+                Some(mount) => {
                     let vol = mount.volume().map_err(|e| {
                         ApiError(
                             StatusCode::INTERNAL_SERVER_ERROR,

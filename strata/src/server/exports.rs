@@ -156,6 +156,15 @@ pub(super) fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
             ),
         ));
     }
+    if a.trees.lock().contains_key(&req.volume) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "volume {} is a containerd snapshot, mounted by the snapshotter",
+                req.volume
+            ),
+        ));
+    }
     if let Some(e) = ex.get(&req.volume) {
         return Err(ApiError(
             StatusCode::CONFLICT,

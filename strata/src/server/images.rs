@@ -109,10 +109,11 @@ pub(super) async fn import_tree(
         // Registered first: no second import opens the same unmounted tree.
         let guard = register_import(a, &name)?;
         let total = strata_fuse::tree::import::total_bytes(&req.path).map_err(bad)?;
-        let handle = match exports.get(&name) {
-            Some(Exported::Tree { mount, .. }) => mount.handle(),
-            Some(_) => return Err(bad(format!("volume {name} is exported as a disk"))),
-            None => {
+        let trees = a.trees.lock();
+        let handle = match (exports.get(&name), trees.get(&name)) {
+            (Some(Exported::Tree { mount, .. }), _) | (None, Some(mount)) => mount.handle(),
+            (Some(_), _) => return Err(bad(format!("volume {name} is exported as a disk"))),
+            (None, None) => {
                 if a.store.volume_info(&name)?.ephemeral {
                     // Our handle would be its last one: dropping it would delete the tree.
                     return Err(bad(format!(

@@ -30,6 +30,7 @@ use strata_fuse::tree::TreeMount;
 use strata_fuse::{FuseExport, FuseOptions};
 
 mod checkpoints;
+mod containerd;
 mod exports;
 mod images;
 mod remotes;
@@ -49,6 +50,10 @@ struct App {
     /// not see those writes coming, and a FUSE export's cache would go stale).
     importing: Arc<Mutex<std::collections::HashSet<String>>>,
     exports: Mutex<BTreeMap<String, Exported>>,
+    /// Trees the containerd snapshotter mounted (its active snapshots and views), by
+    /// volume: checkpoint, restore and diff go through their mounts as for exported trees.
+    /// Locked after `exports` when both are.
+    trees: Mutex<std::collections::HashMap<String, TreeMount>>,
     jobs: crate::jobs::Jobs,
     remotes: Arc<Remotes>,
 }
@@ -102,6 +107,18 @@ impl From<anyhow::Error> for ApiError {
                 ApiError(code, msg)
             }
         }
+    }
+}
+
+/// The mount of tree `vol`, if an export or the containerd snapshotter has it mounted.
+fn mounted_tree<'a>(
+    ex: &'a BTreeMap<String, Exported>,
+    trees: &'a std::collections::HashMap<String, TreeMount>,
+    vol: &str,
+) -> Option<&'a TreeMount> {
+    match ex.get(vol) {
+        Some(Exported::Tree { mount, .. }) => Some(mount),
+        _ => trees.get(vol),
     }
 }
 
@@ -193,7 +210,12 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-pub fn serve(store_dir: &Path, socket: &Path, hydrate_rate: Option<u64>) -> Result<()> {
+pub fn serve(
+    store_dir: &Path,
+    socket: &Path,
+    hydrate_rate: Option<u64>,
+    containerd_socket: Option<&Path>,
+) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -214,11 +236,16 @@ pub fn serve(store_dir: &Path, socket: &Path, hydrate_rate: Option<u64>) -> Resu
         store: Arc::new(store),
         importing: Default::default(),
         exports: Mutex::new(BTreeMap::new()),
+        trees: Default::default(),
         jobs: Default::default(),
         remotes,
     });
     remote::pull::resume(&app.remotes, &app.store);
     restore_exports(&app);
+    let snapshotter = match containerd_socket {
+        Some(_) => Some(containerd::Snapshotter::open(app.clone())?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -227,11 +254,32 @@ pub fn serve(store_dir: &Path, socket: &Path, hydrate_rate: Option<u64>) -> Resu
     rt.block_on(async {
         let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
         tracing::info!(store = %store_dir.display(), api = %socket.display(), engine = app.store.engine_name(), "strata serving");
-        axum::serve(listener, router(app.clone()))
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let grpc = match (&snapshotter, containerd_socket) {
+            (Some(snap), Some(path)) => {
+                let (snap, path) = (snap.clone(), path.to_path_buf());
+                Some(tokio::spawn(async move {
+                    containerd::serve(snap, &path, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                }))
+            }
+            _ => None,
+        };
+        let served = axum::serve(listener, router(app.clone()))
             .with_graceful_shutdown(shutdown_signal())
             .await
-            .context("serving the API")
+            .context("serving the API");
+        let _ = stop.send(());
+        if let Some(g) = grpc {
+            g.await.context("the snapshotter task")??;
+        }
+        served
     })?;
+    if let Some(s) = &snapshotter {
+        s.shutdown();
+    }
     tracing::info!("shutting down: stopping exports, committing the store");
     app.remotes
         .stopping
