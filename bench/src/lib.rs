@@ -65,12 +65,18 @@ pub fn strata_cli(store: &Path, args: &[&str]) -> R<()> {
 /// Starts `strata serve` on `DIR/strata-store`. Returns the daemon (its `socket` is the API
 /// socket) and the store path. The daemon's log is `DIR/strata-daemon.log`.
 pub fn strata_serve(dir: &Path) -> R<(Server, PathBuf)> {
+    strata_serve_with(dir, &[])
+}
+
+/// [`strata_serve`] with extra `strata serve` arguments.
+pub fn strata_serve_with(dir: &Path, extra: &[&str]) -> R<(Server, PathBuf)> {
     let store = dir.join("strata-store");
     let log = std::fs::File::create(dir.join("strata-daemon.log"))?;
     let child = Command::new(strata_bin()?)
         .arg("--store")
         .arg(&store)
         .arg("serve")
+        .args(extra)
         .stderr(log)
         .spawn()?;
     let api = store.join("strata.sock");

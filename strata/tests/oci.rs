@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::image::{blob, image, layer, p, sh};
 use common::Daemon;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use strata_tests::image::{blob, image, layer, p, sh};
 
 const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const ZST: &str = "application/vnd.oci.image.layer.v1.tar+zstd";

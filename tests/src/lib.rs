@@ -16,4 +16,6 @@ pub fn block_content(block: u64, seed: u64, len: usize) -> Vec<u8> {
 
 pub const WRITER_BLOCK: usize = 4096;
 pub const WRITER_BLOCKS: u64 = 1024;
+pub mod containerd;
 pub mod garage;
+pub mod image;

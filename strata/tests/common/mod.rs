@@ -1,25 +1,13 @@
 #![allow(dead_code, clippy::unwrap_used)]
 //! A `strata serve` process for the integration tests, driven through the real CLI.
 
-pub mod image;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 
-/// (success, stdout+stderr) of a finished command.
-pub fn outcome(out: &std::process::Output) -> (bool, String) {
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use strata_tests::containerd::outcome;
 
 pub struct Daemon {
     child: Child,

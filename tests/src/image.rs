@@ -1,6 +1,7 @@
-#![allow(dead_code, clippy::unwrap_used)]
-//! Container images built by the tests: GNU tar layers (gzip, zstd or plain) and an OCI
-//! image layout written by hand.
+//! Container images built by the tests and benches: GNU tar layers (gzip, zstd or plain)
+//! and an OCI image layout written by hand.
+
+#![allow(clippy::unwrap_used)] // Test scaffolding: a failure is a failed test.
 
 use std::fs;
 use std::path::{Path, PathBuf};
