@@ -90,23 +90,17 @@ fn containerd_runs_containers_on_strata_trees() {
         "the whited-out file is visible: {out}"
     );
 
-    // ctr and strata agree: two committed layers, each a tree volume of Strata (once
-    // containerd's GC has removed c1's snapshot, asynchronously after --rm).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ls = c.ok(&["snapshots", "--snapshotter", "strata", "ls"]);
-        let vols = d.ok(&["volume", "list"]);
-        let (snaps, trees) = (ls.lines().count() - 1, vols.matches("name=ctrd-").count());
-        if snaps == 2 && trees == 2 {
-            assert_eq!(ls.matches("Committed").count(), 2, "{ls}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ctr lists {snaps}, strata {trees}:\n{ls}\n{vols}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // ctr and strata agree: two committed layers, each a tree volume of Strata holding its
+    // commit checkpoint. (The finished container's snapshot leaves the backend at
+    // containerd's next GC, so only committed snapshots are compared.)
+    let ls = c.ok(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(ls.matches("Committed").count(), 2, "{ls}");
+    let vols = d.ok(&["volume", "list"]);
+    let committed = vols
+        .lines()
+        .filter(|l| l.contains("name=ctrd-") && l.contains("checkpoints=1"))
+        .count();
+    assert_eq!(committed, 2, "{vols}");
     // Usage: what each layer adds (the base layer holds busybox, over a MiB).
     let usage = c.ok(&["snapshots", "--snapshotter", "strata", "usage"]);
     assert_eq!(usage.lines().count(), 3, "{usage}");
@@ -193,8 +187,8 @@ fn containerd_runs_containers_on_strata_trees() {
     };
     assert!(out.contains("added-by-layer-2"), "{out}");
 
-    // Removing the image lets containerd's GC remove the layers: the volumes go too.
-    c.ok(&["images", "rm", IMAGE]);
+    // Removing the image (waiting for containerd's GC) removes the layers: the volumes go too.
+    c.ok(&["images", "rm", "--sync", IMAGE]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let vols = d.ok(&["volume", "list"]);

@@ -403,12 +403,19 @@ impl Snapshotter {
 
 /// containerd's filter grammar, as snapshots use it: `sel(,sel)*` where `sel` is a field
 /// path (`kind`, `name`, `parent`, `labels.KEY`, a key possibly quoted) with an optional
-/// `==`, `!=` or `~=` (regular expression: not supported, refused) and value.
+/// `==`, `!=` or `~=` (a regular expression the field must match somewhere) and value.
 #[derive(Debug)]
 struct Filter(Vec<Selector>);
 
-/// A field path, and `(equal?, value)` when compared (else: the field is present).
-type Selector = (Vec<String>, Option<(bool, String)>);
+#[derive(Debug)]
+enum Op {
+    Eq(String),
+    Ne(String),
+    Matches(regex::Regex),
+}
+
+/// A field path, and how it is compared (none: the field is present and not empty).
+type Selector = (Vec<String>, Option<Op>);
 
 impl Filter {
     fn parse(s: &str) -> Result<Filter, String> {
@@ -442,29 +449,39 @@ impl Filter {
             }
             let op = if let Some(r) = rest.strip_prefix("==") {
                 rest = r;
-                Some(true)
+                Some(0)
             } else if let Some(r) = rest.strip_prefix("!=") {
                 rest = r;
-                Some(false)
-            } else if rest.starts_with("~=") {
-                return Err(format!("regular expressions are not supported: {s}"));
+                Some(1)
+            } else if let Some(r) = rest.strip_prefix("~=") {
+                rest = r;
+                Some(2)
             } else {
                 None
             };
             let value = match op {
                 None => None,
-                Some(eq) => {
+                Some(kind) => {
                     let (v, after) = if let Some(q) = rest.strip_prefix('"') {
                         let end = q
                             .find('"')
                             .ok_or_else(|| format!("unclosed quote in {s}"))?;
                         (q[..end].to_string(), &q[end + 1..])
                     } else {
-                        let end = rest.find(',').unwrap_or(rest.len());
-                        (rest[..end].trim().to_string(), &rest[end..])
+                        let end = rest
+                            .find(|c: char| c == ',' || c.is_whitespace())
+                            .unwrap_or(rest.len());
+                        (rest[..end].to_string(), &rest[end..])
                     };
                     rest = after;
-                    Some((eq, v))
+                    Some(match kind {
+                        0 => Op::Eq(v),
+                        1 => Op::Ne(v),
+                        _ => Op::Matches(
+                            regex::Regex::new(&v)
+                                .map_err(|e| format!("bad regular expression in {s}: {e}"))?,
+                        ),
+                    })
                 }
             };
             sels.push((path, value));
@@ -497,9 +514,9 @@ impl Filter {
             };
             match (value, field) {
                 (None, f) => f.is_some_and(|f| !f.is_empty()),
-                (Some((true, v)), Some(f)) => &f == v,
-                (Some((true, _)), None) => false,
-                (Some((false, v)), f) => f.as_deref() != Some(v.as_str()),
+                (Some(Op::Eq(v)), f) => f.as_deref() == Some(v.as_str()),
+                (Some(Op::Ne(v)), f) => f.as_deref() != Some(v.as_str()),
+                (Some(Op::Matches(re)), f) => f.is_some_and(|f| re.is_match(&f)),
             }
         })
     }
@@ -667,5 +684,50 @@ impl Snapshotter {
         for m in all {
             m.detach();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, parent: &str, kind: pb::Kind, labels: &[(&str, &str)]) -> pb::Info {
+        pb::Info {
+            name: name.into(),
+            parent: parent.into(),
+            kind: kind as i32,
+            created_at: None,
+            updated_at: None,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn matches(filter: &str, i: &pb::Info) -> bool {
+        Filter::parse(filter).unwrap().matches(i)
+    }
+
+    #[test]
+    fn filters_follow_containerds_grammar() {
+        let a = info(
+            "a-wl",
+            "p",
+            pb::Kind::Active,
+            &[("l", "1"), ("containerd.io/gc.root", "check-walk")],
+        );
+        let c = info("p", "", pb::Kind::Committed, &[]);
+        assert!(matches("name==a-wl", &a) && !matches("name==a-wl", &c));
+        assert!(matches("kind==active,labels.l", &a));
+        assert!(!matches("kind==active,labels.l==2", &a));
+        assert!(matches(r#"labels."containerd.io/gc.root"==check-walk"#, &a));
+        assert!(matches(r#"parent!="",labels.l"#, &a));
+        assert!(!matches(r#"parent!="""#, &c));
+        assert!(matches("parent==p", &a));
+        assert!(matches("name~=^a-", &a) && !matches("name~=^a-", &c));
+        assert!(!matches("labels.missing", &a));
+        assert!(Filter::parse("name~=(").is_err());
+        assert!(Filter::parse("name==x junk").is_err());
     }
 }
