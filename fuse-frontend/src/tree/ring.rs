@@ -21,8 +21,8 @@
 
 use super::core::SetAttr;
 use super::format::{Inode, Ts};
-use super::{file_type, xattr_out, TreeFs, XattrOut, DIR_OPEN_FLAGS, OPEN_FLAGS, TTL};
-use fuser::{Errno, FileType};
+use super::{xattr_out, TreeFs, XattrOut, DIR_OPEN_FLAGS, OPEN_FLAGS, TTL};
+use fuser::Errno;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -337,7 +337,25 @@ struct Out<'a> {
     at: usize,
 }
 
-impl Out<'_> {
+/// The type bits of a mode as `struct fuse_attr` carries them (regular when unknown, as
+/// `file_type` reads them); `>> 12` gives the `DT_*` of a directory entry.
+fn type_bits(mode: u32) -> u32 {
+    match mode & libc::S_IFMT {
+        t @ (libc::S_IFDIR
+        | libc::S_IFLNK
+        | libc::S_IFCHR
+        | libc::S_IFBLK
+        | libc::S_IFIFO
+        | libc::S_IFSOCK) => t,
+        _ => libc::S_IFREG,
+    }
+}
+
+impl<'a> Out<'a> {
+    fn new(buf: &'a mut [u8]) -> Out<'a> {
+        Out { buf, at: 0 }
+    }
+
     fn bytes(&mut self, b: &[u8]) -> Result<(), Errno> {
         let end = self.at + b.len();
         self.buf
@@ -356,15 +374,6 @@ impl Out<'_> {
     /// `struct fuse_attr` (88 bytes).
     fn attr(&mut self, ino: u64, i: &Inode) -> Result<(), Errno> {
         let a = super::attr(ino, i);
-        let kind = match a.kind {
-            FileType::Directory => libc::S_IFDIR,
-            FileType::Symlink => libc::S_IFLNK,
-            FileType::CharDevice => libc::S_IFCHR,
-            FileType::BlockDevice => libc::S_IFBLK,
-            FileType::NamedPipe => libc::S_IFIFO,
-            FileType::Socket => libc::S_IFSOCK,
-            FileType::RegularFile => libc::S_IFREG,
-        };
         let t = |t: &Ts| (t.sec as u64, t.nsec);
         let (at, mt, ct) = (t(&i.atime), t(&i.mtime), t(&i.ctime));
         self.u64(ino)?;
@@ -376,7 +385,7 @@ impl Out<'_> {
         self.u32(at.1)?;
         self.u32(mt.1)?;
         self.u32(ct.1)?;
-        self.u32(kind | u32::from(a.perm))?;
+        self.u32(type_bits(i.mode) | u32::from(a.perm))?;
         self.u32(a.nlink)?;
         self.u32(a.uid)?;
         self.u32(a.gid)?;
@@ -414,20 +423,12 @@ impl Out<'_> {
         if self.at + len > limit.min(self.buf.len()) {
             return false;
         }
-        let typ = match file_type(kind) {
-            FileType::Directory => libc::DT_DIR,
-            FileType::Symlink => libc::DT_LNK,
-            FileType::CharDevice => libc::DT_CHR,
-            FileType::BlockDevice => libc::DT_BLK,
-            FileType::NamedPipe => libc::DT_FIFO,
-            FileType::Socket => libc::DT_SOCK,
-            FileType::RegularFile => libc::DT_REG,
-        };
+        let typ = type_bits(kind) >> 12;
         let start = self.at;
         let ok = self.u64(ino).is_ok()
             && self.u64(next).is_ok()
             && self.u32(name.len() as u32).is_ok()
-            && self.u32(u32::from(typ)).is_ok()
+            && self.u32(typ).is_ok()
             && self.bytes(name).is_ok();
         self.buf[self.at..start + len].fill(0);
         self.at = start + len;
@@ -489,10 +490,7 @@ fn dispatch(
     // The entry of a created or found node, written over the request.
     let entry = |payload: &mut [u8], r: Result<(u64, Inode), Errno>| {
         let (ino, i) = r?;
-        let mut o = Out {
-            buf: payload,
-            at: 0,
-        };
+        let mut o = Out::new(payload);
         o.entry(ino, fs.entry_generation(ino, &i), &i)?;
         Ok(o.at)
     };
@@ -503,10 +501,7 @@ fn dispatch(
         }
         GETATTR => {
             let i = core.getattr(node)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.attr_out(node, &i)?;
             Ok(o.at)
         }
@@ -531,19 +526,13 @@ fn dispatch(
                 kill_setid: None,
             };
             let i = fs.set_attr(caller, node, a)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.attr_out(node, &i)?;
             Ok(o.at)
         }
         READLINK => {
             let t = core.readlink(node)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.bytes(&t)?;
             Ok(o.at)
         }
@@ -610,20 +599,14 @@ fn dispatch(
                 fs.open_dir(node)?;
                 DIR_OPEN_FLAGS.bits()
             };
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.open(flags)?;
             Ok(o.at)
         }
         CREATE => {
             let (mode, umask) = (u32_at(arg, 4), u32_at(arg, 8));
             let (ino, i) = fs.node(caller, node, cstr(input)?.0, mode, umask, 0, None)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.entry(ino, fs.entry_generation(ino, &i), &i)?;
             o.open(OPEN_FLAGS.bits())?;
             Ok(o.at)
@@ -638,20 +621,14 @@ fn dispatch(
             let kill = (u32_at(arg, 20) & WRITE_KILL_SUIDGID != 0).then_some(caller);
             let data = input.get(..size).ok_or(Errno::EINVAL)?;
             let n = fs.write_data(node, offset, data, kill)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.u32(n)?;
             o.u32(0)?;
             Ok(o.at)
         }
         STATFS => {
             let (blocks, bfree, bavail, files, ffree) = fs.stat_fs();
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             for v in [blocks, bfree, bavail, files, ffree] {
                 o.u64(v)?;
             }
@@ -679,10 +656,7 @@ fn dispatch(
             } else {
                 core.listxattr(node)
             };
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             match xattr_out(v, size)? {
                 XattrOut::Size(n) => {
                     o.u32(n)?;
@@ -695,10 +669,7 @@ fn dispatch(
         READDIR | READDIRPLUS => {
             let (offset, size) = (u64_at(arg, 8), u32_at(arg, 16) as usize);
             let plus = op == READDIRPLUS;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             core.readdir(node, offset, plus, |e, i| {
                 // Returns true when the reply is full.
                 if !plus {
@@ -726,10 +697,7 @@ fn dispatch(
         LSEEK => {
             let (offset, whence) = (u64_at(arg, 8) as i64, u32_at(arg, 16) as i32);
             let at = fs.seek(node, offset, whence)?;
-            let mut o = Out {
-                buf: payload,
-                at: 0,
-            };
+            let mut o = Out::new(payload);
             o.u64(at)?;
             Ok(o.at)
         }

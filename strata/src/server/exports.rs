@@ -40,7 +40,17 @@ impl Exported {
         }
     }
 
+    /// What the API shows: the record, and how a tree is served.
     pub(super) fn view(&self, vol: &str) -> Value {
+        let mut v = self.record(vol);
+        if let (Exported::Tree { mount, .. }, Some(o)) = (self, v.as_object_mut()) {
+            o.insert("transport".into(), json!(mount.transport()));
+        }
+        v
+    }
+
+    /// What `exports.json` keeps: the request that starts it again.
+    fn record(&self, vol: &str) -> Value {
         match self {
             Exported::Vhost {
                 socket,
@@ -62,7 +72,7 @@ impl Exported {
                 read_only,
                 allow_other,
             } => {
-                json!({"volume": vol, "kind": "tree", "mountpoint": mount.mountpoint(), "read_only": read_only, "allow_other": allow_other, "transport": mount.transport()})
+                json!({"volume": vol, "kind": "tree", "mountpoint": mount.mountpoint(), "read_only": read_only, "allow_other": allow_other})
             }
         }
     }
@@ -245,17 +255,7 @@ pub(super) const EXPORTS_FILE: &str = "exports.json";
 /// so that the next `strata serve` starts them again. A failure is logged: the exports keep
 /// serving, they are just not restored after a restart.
 pub(super) fn save_exports(a: &App, ex: &BTreeMap<String, Exported>) {
-    let list: Vec<Value> = ex
-        .iter()
-        .map(|(vol, e)| {
-            let mut v = e.view(vol);
-            // What a restart needs is the request; how a tree is served is found again.
-            if let Some(o) = v.as_object_mut() {
-                o.remove("transport");
-            }
-            v
-        })
-        .collect();
+    let list: Vec<Value> = ex.iter().map(|(vol, e)| e.record(vol)).collect();
     let bytes = Value::Array(list).to_string();
     if let Err(e) = crate::state::write_atomic(a.store.path(), EXPORTS_FILE, bytes.as_bytes()) {
         tracing::error!(error = %e, "recording the exports failed; they will not be restored after a restart");
