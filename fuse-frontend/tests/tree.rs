@@ -481,3 +481,49 @@ fn bytes_past_the_end_never_show_when_a_file_grows() {
     }
     m.stop().unwrap();
 }
+
+/// A stopped mount and a dropped handle have let go of their volume when the call returns:
+/// the caller can delete, restore or mount it again at once, and nothing of the tree is
+/// written after that (their serving and committing threads are done with it).
+#[test]
+fn a_closed_tree_lets_go_of_its_volume_at_once() {
+    let env = Env::new();
+    let src = env.dir.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..20 {
+        fs::write(src.join("d").join(format!("f{i}")), vec![i as u8; 5000]).unwrap();
+    }
+    for round in 0..10 {
+        let name = format!("m{round}");
+        env.create(&name);
+        let (mut m, mnt) = env.mount(&name);
+        fs::write(mnt.join("new"), b"x").unwrap();
+        m.stop().unwrap();
+        drop(m);
+        env.store.delete_volume(&name).unwrap();
+
+        let name = format!("h{round}");
+        env.create(&name);
+        let open = || {
+            strata_fuse::tree::TreeHandle::open(
+                env.store.open_volume(&name).unwrap(),
+                &env.dir.path().join("store"),
+            )
+            .unwrap()
+        };
+        drop(open()); // formats the tree
+        env.store.checkpoint(&name, "empty").unwrap();
+        let h = open();
+        h.import(&src, &std::sync::atomic::AtomicU64::new(0))
+            .unwrap();
+        drop(h);
+        // Restored right after the handle closed: nothing the handle staged may land on
+        // top of the restored tree.
+        env.store.restore(&name, "empty").unwrap();
+        let (mut m, mnt) = env.mount(&name);
+        assert!(names(&mnt).is_empty(), "round {round}: {:?}", names(&mnt));
+        m.stop().unwrap();
+        drop(m);
+        env.store.delete_volume(&name).unwrap();
+    }
+}

@@ -128,6 +128,8 @@ pub struct Core {
     pub store_dir: std::path::PathBuf,
     /// Wakes the committer thread (see [`committer`]).
     kick: Arc<Kick>,
+    /// The committer thread, joined by [`Core::stop_committer`].
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Held while a group is written: one at a time, in order.
     group: Mutex<()>,
 }
@@ -160,20 +162,33 @@ impl Kick {
         s.0 = false;
         !s.1
     }
+
+    /// Sleeps for `d` unless stopped first; returns false when stopped.
+    fn nap(&self, d: Duration) -> bool {
+        let until = std::time::Instant::now() + d;
+        let mut s = self.state.lock();
+        while !s.1 && !self.cv.wait_until(&mut s, until).timed_out() {}
+        !s.1
+    }
 }
 
 /// Writes staged metadata [`COMMIT_INTERVAL`] after the first change of each group. Holds
 /// the core only while writing: it ends when the core is dropped.
 fn committer(core: Weak<Core>, kick: Arc<Kick>) {
     while kick.wait() {
-        std::thread::sleep(COMMIT_INTERVAL);
+        if !kick.nap(COMMIT_INTERVAL) {
+            // Stopped: the core's owner writes what is staged.
+            return;
+        }
         let Some(core) = core.upgrade() else {
             return;
         };
         if core.commit_staged().is_err() {
             // Logged by the failed write; the stage is kept and tried again.
             drop(core);
-            std::thread::sleep(RETRY_INTERVAL);
+            if !kick.nap(RETRY_INTERVAL) {
+                return;
+            }
             kick.arm();
         }
     }
@@ -714,6 +729,7 @@ impl Core {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             store_dir,
             kick: Arc::new(Kick::default()),
+            committer: Mutex::new(None),
             group: Mutex::new(()),
         };
         let n = core
@@ -726,11 +742,27 @@ impl Core {
         }
         let core = Arc::new(core);
         let (weak, kick) = (Arc::downgrade(&core), core.kick.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tree-commit".into())
             .spawn(move || committer(weak, kick))
             .map_err(|e| format!("starting the metadata committer: {e}"))?;
+        *core.committer.lock() = Some(thread);
         Ok(core)
+    }
+
+    /// Stops the committer thread and waits for it: it holds the core while it writes a
+    /// group, so without this the core's last reference (whose drop writes what is
+    /// staged) could be the committer's, and that write land after its owner moved on
+    /// (e.g. restored the volume). Staged changes then wait for [`Core::commit`] or the
+    /// drop. For owners that are done with the core.
+    pub fn stop_committer(&self) {
+        self.kick.stop();
+        let thread = self.committer.lock().take();
+        if let Some(t) = thread {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 
     /// Writes the staged metadata changes and held appends (one group), outside the

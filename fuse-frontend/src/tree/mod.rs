@@ -682,13 +682,26 @@ impl Filesystem for TreeFs {
 
 /// The tree of a volume, for work outside FUSE: the mount's own (so both see one cache and
 /// one inode allocator), or one opened on an unmounted volume — which the caller must keep
-/// from being mounted while the handle lives.
-#[derive(Clone, Debug)]
+/// from being mounted while the handle lives. Dropping a handle opened on an unmounted
+/// volume writes what it staged and closes its volume handle before the drop returns.
+#[derive(Debug)]
 pub struct TreeHandle {
     core: Arc<Core>,
     /// The mount's channel to the kernel, when the tree is mounted: what the handle changes
     /// behind the kernel's back is invalidated there.
     notifier: Option<fuser::Notifier>,
+    /// Opened by [`TreeHandle::open`]: the handle owns the tree, and its drop ends it.
+    owned: bool,
+}
+
+impl Drop for TreeHandle {
+    fn drop(&mut self) {
+        if self.owned {
+            // With the committer gone, `core` is the last reference: the core's drop
+            // (its final commit, its volume handle) runs here, when the field drops.
+            self.core.stop_committer();
+        }
+    }
 }
 
 impl TreeHandle {
@@ -697,6 +710,7 @@ impl TreeHandle {
         Ok(TreeHandle {
             core: Core::open(volume, store_dir.to_path_buf())?,
             notifier: None,
+            owned: true,
         })
     }
 
@@ -766,6 +780,9 @@ fn store_space(dir: &Path) -> (u64, u64, u64) {
     (scale(s.f_blocks), scale(s.f_bfree), scale(s.f_bavail))
 }
 
+/// How long [`TreeMount::stop`] waits for the io_uring threads to see the unmount.
+const RING_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A mounted tree. [`TreeMount::stop`] unmounts it; dropping it without stopping detaches
 /// the mount lazily.
 #[derive(Debug)]
@@ -775,6 +792,8 @@ pub struct TreeMount {
     notifier: fuser::Notifier,
     /// Whether requests come over io_uring.
     uring: Arc<std::sync::atomic::AtomicBool>,
+    /// The io_uring serving threads (they end when the mount goes away).
+    ring_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -816,6 +835,7 @@ impl TreeMount {
             // Over io_uring, /dev/fuse carries only FORGET and INTERRUPT.
             opts.threads = 1;
         }
+        let mut ring_threads = Vec::new();
         let on_init = |session: &fuser::Session<TreeFs>| {
             if !uring.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
@@ -826,7 +846,13 @@ impl TreeMount {
                 uring: uring.clone(),
             });
             match std::os::fd::AsFd::as_fd(session).try_clone_to_owned() {
-                Ok(dev) => ring::start(ring_fs, dev, per_queue, !opts.allow_other),
+                Ok(dev) => ring::start(
+                    ring_fs,
+                    dev,
+                    per_queue,
+                    !opts.allow_other,
+                    &mut ring_threads,
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "duplicating /dev/fuse for io_uring");
                 }
@@ -840,6 +866,7 @@ impl TreeMount {
             mount,
             notifier,
             uring,
+            ring_threads,
         })
     }
 
@@ -862,6 +889,7 @@ impl TreeMount {
         TreeHandle {
             core: self.core.clone(),
             notifier: Some(self.notifier.clone()),
+            owned: false,
         }
     }
 
@@ -941,6 +969,21 @@ impl TreeMount {
         // request was served.
         let _ = self.core.commit();
         self.mount.stop()?;
+        // The kernel ends the ring threads' commands when the connection goes; they hold
+        // the core (and its volume handle) until then. A stopped mount lets go of its
+        // volume before this returns, so the caller can delete, restore or mount it.
+        let deadline = std::time::Instant::now() + RING_EXIT_WAIT;
+        for t in std::mem::take(&mut self.ring_threads) {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("a FUSE io_uring thread did not end after the unmount");
+            }
+        }
+        self.core.stop_committer();
         let _ = self.core.commit();
         Ok(())
     }

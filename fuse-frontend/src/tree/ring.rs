@@ -146,8 +146,15 @@ fn possible_cpus() -> usize {
 /// Starts `per_queue` serving threads for each CPU's queue on the mount's `/dev/fuse`
 /// (`dev`, a duplicate the threads keep). Every thread registers one entry; the kernel
 /// serves the mount over io_uring once each queue has one. On failure (a thread or ring
-/// cannot be made), the mount falls back to `/dev/fuse`.
-pub(super) fn start(fs: Arc<TreeFs>, dev: OwnedFd, per_queue: usize, owner_only: bool) {
+/// cannot be made), the mount falls back to `/dev/fuse`. The threads go into `threads`
+/// (they end when the mount goes away).
+pub(super) fn start(
+    fs: Arc<TreeFs>,
+    dev: OwnedFd,
+    per_queue: usize,
+    owner_only: bool,
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) {
     let dev = Arc::new(dev);
     let queues = possible_cpus();
     for qid in 0..queues {
@@ -156,10 +163,13 @@ pub(super) fn start(fs: Arc<TreeFs>, dev: OwnedFd, per_queue: usize, owner_only:
             let spawned = std::thread::Builder::new()
                 .name(format!("tree-ring-{qid}.{k}"))
                 .spawn(move || serve(&tfs, &tdev, qid as u16, owner_only));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "starting a FUSE io_uring thread");
-                give_up(&fs, &dev);
-                return;
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "starting a FUSE io_uring thread");
+                    give_up(&fs, &dev);
+                    return;
+                }
             }
         }
     }

@@ -131,24 +131,26 @@ impl Snapshotter {
         }]
     }
 
-    /// Unmounts a snapshot's tree and deletes its volume (retried while the serving
-    /// threads let go of it).
-    fn drop_volume(&self, volume: &str) -> Result<(), Status> {
+    /// Unmounts a snapshot's tree, if mounted (a busy one stays mounted).
+    fn unmount(&self, volume: &str) -> Result<(), Status> {
         let taken = self.app.trees.lock().remove(volume);
         if let Some(mut m) = taken {
-            m.stop()
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            if let Err(e) = m.stop() {
+                self.app.trees.lock().insert(volume.to_string(), m);
+                return Err(Status::failed_precondition(e.to_string()));
+            }
         }
         let _ = std::fs::remove_dir(self.mountpoint(volume));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match self.app.store.delete_volume(volume) {
-                Ok(()) | Err(EngineError::NoSuchVolume(_)) => return Ok(()),
-                Err(EngineError::VolumeBusy(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(internal(e)),
-            }
+        Ok(())
+    }
+
+    /// Unmounts a snapshot's tree and deletes its volume. A stopped mount has let go of
+    /// its volume ([`TreeMount::stop`]); a busy one stays mounted.
+    fn drop_volume(&self, volume: &str) -> Result<(), Status> {
+        self.unmount(volume)?;
+        match self.app.store.delete_volume(volume) {
+            Ok(()) | Err(EngineError::NoSuchVolume(_)) => Ok(()),
+            Err(e) => Err(internal(e)),
         }
     }
 
@@ -237,14 +239,7 @@ impl Snapshotter {
                 "snapshot {name} already exists"
             )));
         }
-        let taken = self.app.trees.lock().remove(&snap.volume);
-        if let Some(mut m) = taken {
-            if let Err(e) = m.stop() {
-                self.app.trees.lock().insert(snap.volume.clone(), m);
-                return Err(Status::failed_precondition(e.to_string()));
-            }
-        }
-        let _ = std::fs::remove_dir(self.mountpoint(&snap.volume));
+        self.unmount(&snap.volume)?;
         self.app
             .store
             .checkpoint(&snap.volume, COMMITTED)
