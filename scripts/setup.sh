@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(build-essential pkg-config libclang-dev librocksdb-dev fio e2fsprogs
       qemu-system-x86 qemu-utils busybox-static cpio xz-utils util-linux mount
-      stress-ng git attr acl bindfs fuse-overlayfs zstd gzip tar containerd runc)
+      stress-ng git attr acl bindfs fuse-overlayfs zstd gzip tar containerd runc golang-go)
 # The commands the tests, benches and guest builder call, with the package that ships each.
 # Checked as commands, not package names: this image ships qemu-utils 10.0 (a backport) that
 # apt removes when it installs qemu-system-x86 7.2, which a package-status check never sees.
@@ -15,7 +15,7 @@ tools=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86
        setfattr:attr getfattr:attr setfacl:acl bindfs:bindfs fuse-overlayfs:fuse-overlayfs
        npm:npm pkg-config:pkg-config cc:build-essential zstd:zstd gzip:gzip tar:tar
        sha256sum:coreutils containerd:containerd ctr:containerd
-       containerd-shim-runc-v2:containerd runc:runc)
+       containerd-shim-runc-v2:containerd runc:runc go:golang-go)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -95,4 +95,38 @@ if [ ! -e "$NPM_CACHE/.primed-$lock_sum" ]; then
     echo "setup: warning: could not prime the npm cache (tree-bench's npm phase needs it)" >&2
   fi
   rm -rf "$tmp"
+fi
+
+# containerd's snapshotter conformance suite (snapshots/testsuite; strata/tests/containerd.rs
+# runs it, issue 14) is built in GOPATH mode, offline, from Debian's Go source packages:
+# downloaded and unpacked here, not installed (installing golang-github-containerd-
+# containerd-dev pulls ~120 packages and upgrades systemd). About 12 MB.
+GOPATH_DIR="$GARAGE_ROOT/gopath"
+go_pkgs=(golang-github-containerd-containerd-dev golang-github-containerd-continuity-dev
+         golang-github-containerd-ttrpc-dev golang-github-coreos-bbolt-dev
+         golang-github-gogo-protobuf-dev golang-github-golang-protobuf-1-5-dev
+         golang-github-google-go-cmp-dev golang-github-gotestyourself-gotest.tools-dev
+         golang-github-moby-sys-dev golang-github-opencontainers-go-digest-dev
+         golang-github-pkg-errors-dev golang-github-sirupsen-logrus-dev golang-glog-dev
+         golang-golang-x-net-dev golang-golang-x-oauth2-dev golang-golang-x-oauth2-google-dev
+         golang-golang-x-sync-dev golang-golang-x-sys-dev golang-golang-x-text-dev
+         golang-google-cloud-compute-metadata-dev golang-google-genproto-dev
+         golang-google-grpc-dev golang-google-protobuf-dev)
+go_stamp=$(printf '%s\n' "${go_pkgs[@]}" | sha256sum | cut -c1-16)
+if [ ! -e "$GOPATH_DIR/.unpacked-$go_stamp" ]; then
+  echo "setup: unpacking Debian's Go sources for containerd's snapshotter suite into $GOPATH_DIR (once)"
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"   # apt's sandbox user writes the downloads
+  (cd "$tmp" && apt-get download -qq "${go_pkgs[@]}" 2>/dev/null) || {
+    apt-get update -qq && (cd "$tmp" && apt-get download -qq "${go_pkgs[@]}")
+  }
+  rm -rf "$GOPATH_DIR"
+  mkdir -p "$GOPATH_DIR"
+  for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$GOPATH_DIR"; done
+  rm -rf "$tmp"
+  [ -d "$GOPATH_DIR/usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite" ] || {
+    echo "setup: containerd's snapshots/testsuite is missing from $GOPATH_DIR" >&2
+    exit 1
+  }
+  touch "$GOPATH_DIR/.unpacked-$go_stamp"
 fi

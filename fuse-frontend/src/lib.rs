@@ -64,6 +64,10 @@ pub enum FuseError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// How long an unmount waits for the kernel to end the session before taking the
+/// filesystem to be mounted elsewhere too.
+const SESSION_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A mounted FUSE session: mounting, unmounting and detaching shared by the image-file
 /// export and tree mounts. Dropping it without stopping detaches the mount lazily.
 #[derive(Debug)]
@@ -129,10 +133,17 @@ impl MountSession {
 
     /// Unmounts and waits for the serving threads. Refused with [`FuseError::Busy`] while a
     /// file in the mount is open (or loop-mounted, or a working directory): it keeps serving.
-    pub(crate) fn stop(&mut self) -> Result<(), FuseError> {
+    /// Returns whether the session ended: it does not while the filesystem is still mounted
+    /// elsewhere (a bind mount of the mountpoint, maybe in another mount namespace, such as
+    /// a container's root); its threads then go on serving that mount and end with it.
+    pub(crate) fn stop(&mut self) -> Result<bool, FuseError> {
         if self.session.is_none() {
-            return Ok(());
+            return Ok(true);
         }
+        let dev = mounts()
+            .into_iter()
+            .find(|m| m.mountpoint == self.mountpoint)
+            .map(|m| m.dev);
         unmount(&self.mountpoint, 0).map_err(|source| {
             if source.raw_os_error() == Some(libc::EBUSY) {
                 FuseError::Busy(self.mountpoint.clone())
@@ -143,13 +154,35 @@ impl MountSession {
                 }
             }
         })?;
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.join() {
-                tracing::warn!(error = %e, "FUSE session ended with an error");
-            }
-        }
+        // Bind mounts in this namespace show at once; those in others only by the session
+        // not ending.
+        let bound = dev.is_some_and(|d| mounts().iter().any(|m| m.dev == d));
+        let ended = self.session.take().is_none_or(|s| self.end(s, bound));
         tracing::info!(mountpoint = %self.mountpoint.display(), "{} unmounted", self.what);
-        Ok(())
+        Ok(ended)
+    }
+
+    /// Waits (up to [`SESSION_END_WAIT`]) for a session whose mountpoint was unmounted to
+    /// end; one still mounted elsewhere (`bound`: known to be) is left running.
+    fn end(&self, s: fuser::BackgroundSession, bound: bool) -> bool {
+        let wait = if bound {
+            std::time::Duration::ZERO
+        } else {
+            SESSION_END_WAIT
+        };
+        let deadline = std::time::Instant::now() + wait;
+        while !s.guard.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if !s.guard.is_finished() {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "{} is still mounted elsewhere (a bind mount): it is served until that mount goes", self.what);
+            std::mem::forget(s);
+            return false;
+        }
+        if let Err(e) = s.join() {
+            tracing::warn!(error = %e, "FUSE session ended with an error");
+        }
+        true
     }
 
     /// Unmounts even when busy (a lazy detach: open files keep working until closed, new
@@ -161,7 +194,7 @@ impl MountSession {
         match unmount(&self.mountpoint, 0) {
             Ok(()) => {
                 if let Some(s) = self.session.take() {
-                    let _ = s.join();
+                    self.end(s, false);
                 }
             }
             Err(_) => {
@@ -285,7 +318,7 @@ impl FuseExport {
     /// Unmounts and waits for the serving threads. Refused with [`FuseError::Busy`] while a
     /// file in the mount is open (or loop-mounted): the export then keeps serving.
     pub fn stop(&mut self) -> Result<(), FuseError> {
-        self.mount.stop()
+        self.mount.stop().map(|_| ())
     }
 
     /// Unmounts even when busy (a lazy detach: open files keep working until closed, new
@@ -334,8 +367,10 @@ fn unmount(p: &Path, flags: i32) -> io::Result<()> {
     }
 }
 
-/// One line of `/proc/self/mountinfo`: mount point, filesystem type, source.
+/// One line of `/proc/self/mountinfo`: device, mount point, filesystem type, source.
 struct MountInfo {
+    /// `major:minor` of the filesystem (one per FUSE connection).
+    dev: String,
     mountpoint: PathBuf,
     fstype: String,
     source: String,
@@ -350,8 +385,10 @@ fn mounts() -> Vec<MountInfo> {
             // id parent maj:min root mountpoint opts [optional...] - fstype source opts
             let (left, right) = line.split_once(" - ")?;
             let mut r = right.split(' ');
+            let l: Vec<&str> = left.split(' ').collect();
             Some(MountInfo {
-                mountpoint: PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)),
+                dev: l.get(2)?.to_string(),
+                mountpoint: PathBuf::from(unescape_mountinfo(l.get(4)?)),
                 fstype: r.next()?.to_string(),
                 source: r.next().unwrap_or("").to_string(),
             })

@@ -199,3 +199,124 @@ fn containerd_runs_containers_on_strata_trees() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Outcome of one `go test -v` run: subtest name (without the parent test) per result.
+#[derive(Default, Debug)]
+struct GoOutcome {
+    passed: Vec<String>,
+    failed: Vec<String>,
+    skipped: Vec<String>,
+}
+
+fn go_outcome(out: &str, test: &str) -> GoOutcome {
+    let mut o = GoOutcome::default();
+    let prefix = format!("{test}/");
+    for line in out.lines() {
+        let Some((result, rest)) = line.trim().split_once(": ") else {
+            continue;
+        };
+        let Some(name) = rest.split(' ').next().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        match result {
+            "--- PASS" => o.passed.push(name.to_string()),
+            "--- FAIL" => o.failed.push(name.to_string()),
+            "--- SKIP" => o.skipped.push(name.to_string()),
+            _ => {}
+        }
+    }
+    o
+}
+
+/// containerd's own snapshotter conformance suite (`snapshots/testsuite` of containerd 1.6,
+/// from Debian's golang-github-containerd-containerd-dev, built offline in GOPATH mode from
+/// the Go source packages scripts/setup.sh unpacks) against Strata, one daemon per subtest,
+/// over the snapshots gRPC API; containerd's native snapshotter runs the same suite through
+/// the same proxy client as the harness's own check. Failures may only be those in
+/// tests/containerd-suite/known-failures.txt.
+#[test]
+fn containerds_snapshotter_conformance_suite() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let gopath = std::env::var_os("STRATA_GOPATH").map_or_else(
+        || PathBuf::from("/var/tmp/strata-tools/gopath/usr/share/gocode"),
+        PathBuf::from,
+    );
+    assert!(
+        gopath
+            .join("src/github.com/containerd/containerd/snapshots/testsuite")
+            .is_dir(),
+        "containerd's snapshots/testsuite is not under {} (STRATA_GOPATH): run scripts/setup.sh",
+        gopath.display()
+    );
+    let cache = std::env::var_os("GOCACHE").map_or_else(
+        || PathBuf::from("/var/tmp/strata-tools/gocache"),
+        PathBuf::from,
+    );
+    let started = Instant::now();
+    let out = Command::new("go")
+        .args(["test", "-v", "-count=1", "-timeout", "600s"])
+        .args(["-run", "^(TestStrata|TestNativeBaseline)$", "."])
+        .current_dir(repo.join("tests/containerd-suite"))
+        .env("GO111MODULE", "off")
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "")
+        .env("GOPATH", &gopath)
+        .env("GOCACHE", &cache)
+        .env("STRATA_BIN", common::STRATA)
+        .output()
+        .expect("running go (golang-go; scripts/setup.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let strata = go_outcome(&text, "TestStrata");
+    let native = go_outcome(&text, "TestNativeBaseline");
+    println!(
+        "containerd snapshotter suite ({:.1} s): strata {} passed, {} failed, {} skipped; \
+         native (harness check) {} passed, {} failed, {} skipped",
+        started.elapsed().as_secs_f64(),
+        strata.passed.len(),
+        strata.failed.len(),
+        strata.skipped.len(),
+        native.passed.len(),
+        native.failed.len(),
+        native.skipped.len()
+    );
+    println!(
+        "strata: failed {:?}, skipped {:?}",
+        strata.failed, strata.skipped
+    );
+    // The harness itself: the suite ran, and containerd's own snapshotter passes it.
+    assert!(
+        native.passed.len() >= 15 && native.failed.is_empty(),
+        "the suite did not run cleanly against containerd's native snapshotter: {native:?}\n{text}"
+    );
+    let total = |o: &GoOutcome| o.passed.len() + o.failed.len() + o.skipped.len();
+    assert_eq!(
+        total(&strata),
+        total(&native),
+        "not every subtest ran against Strata: {strata:?}\n{text}"
+    );
+    let known = common::list_file(&repo.join("tests/containerd-suite/known-failures.txt"));
+    let unexpected: Vec<&String> = strata
+        .failed
+        .iter()
+        .filter(|f| !known.contains(f))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "suite subtests failing against Strata that are not known failures: {unexpected:?}\n{text}"
+    );
+    let fixed: Vec<&String> = known
+        .iter()
+        .filter(|k| !strata.failed.contains(k))
+        .collect();
+    assert!(
+        fixed.is_empty(),
+        "known failures that pass now (remove them from the list): {fixed:?}"
+    );
+    // Skipped only where the suite skips for every snapshotter.
+    assert_eq!(strata.skipped, native.skipped, "{text}");
+    assert!(out.status.success() || !strata.failed.is_empty(), "{text}");
+}

@@ -165,14 +165,7 @@ fn pjdfstest_passes_at_least_what_tmpfs_passes() {
         failed.len(),
         tmpfs_failed.len()
     );
-    let known: Vec<String> =
-        fs::read_to_string(repo().join("tests/fs/pjdfstest-known-failures.txt"))
-            .unwrap()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect();
+    let known = common::list_file(&repo().join("tests/fs/pjdfstest-known-failures.txt"));
     let unexpected: Vec<&String> = failed.iter().filter(|f| !known.contains(f)).collect();
     assert!(
         unexpected.is_empty(),

@@ -963,12 +963,19 @@ impl TreeMount {
     }
 
     /// Unmounts and waits for the serving threads; refused with [`FuseError::Busy`] while
-    /// a file in the tree is open or a process has its working directory there.
+    /// a file in the tree is open or a process has its working directory there. A tree
+    /// still mounted elsewhere (a bind mount of the mountpoint, in this or another mount
+    /// namespace) is unmounted from its mountpoint and goes on serving that mount: its
+    /// volume stays open until the kernel lets go of it.
     pub fn stop(&mut self) -> Result<(), FuseError> {
         // Timestamps held in memory go to the volume first, and again after the last
         // request was served.
         let _ = self.core.commit();
-        self.mount.stop()?;
+        if !self.mount.stop()? {
+            // Mounted elsewhere too (a bind mount): the tree goes on serving that mount
+            // and lets go of its volume when it goes.
+            return Ok(());
+        }
         // The kernel ends the ring threads' commands when the connection goes; they hold
         // the core (and its volume handle) until then. A stopped mount lets go of its
         // volume before this returns, so the caller can delete, restore or mount it.

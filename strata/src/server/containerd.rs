@@ -239,11 +239,24 @@ impl Snapshotter {
                 "snapshot {name} already exists"
             )));
         }
-        self.unmount(&snap.volume)?;
-        self.app
-            .store
-            .checkpoint(&snap.volume, COMMITTED)
+        // Taken from the live tree with its operations held off (it may still be mounted
+        // where containerd put it: the checkpoint holds every write made before).
+        {
+            let trees = self.app.trees.lock();
+            let ck = || self.app.store.checkpoint(&snap.volume, COMMITTED);
+            match trees.get(&snap.volume) {
+                Some(m) => m
+                    .checkpoint(ck)
+                    .map_err(|e| Status::internal(format!("syncing the tree: {e:?}")))?,
+                None => ck(),
+            }
             .map_err(internal)?;
+        }
+        // The active tree is done with; a file still open in it keeps it mounted until the
+        // snapshot is removed or cleaned up.
+        if let Err(e) = self.unmount(&snap.volume) {
+            tracing::info!(snapshot = name, error = %e.message(), "committed snapshot's tree stays mounted while in use");
+        }
         let t = now();
         let committed = Snap {
             kind: Kind::Committed,
@@ -369,6 +382,10 @@ impl Snapshotter {
     /// change and the record left).
     fn cleanup(&self) -> Result<(), Status> {
         let st = self.state.lock();
+        // Trees of committed snapshots that were still in use at commit.
+        for s in st.snapshots.values().filter(|s| s.kind == Kind::Committed) {
+            let _ = self.unmount(&s.volume);
+        }
         let known: std::collections::HashSet<&str> =
             st.snapshots.values().map(|s| s.volume.as_str()).collect();
         for v in self.app.store.list_volumes() {

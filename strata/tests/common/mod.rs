@@ -125,3 +125,16 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The entries of a list file (a known-failures list): one per line, `#` comments and blank
+/// lines skipped.
+#[allow(dead_code)] // not every test binary that includes this module reads lists
+pub fn list_file(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
