@@ -184,6 +184,13 @@ impl Store {
         volume::hydrate_step(&self.inner, &vol, from, to, max_bytes)
     }
 
+    /// The first mapped block of the live `volume` at or after `from` (a skip over holes:
+    /// a walk of a sparse volume costs its mapped blocks, not its size).
+    pub fn next_mapped_block(&self, volume: &str, from: u64) -> Result<Option<u64>> {
+        let vol = self.inner.catalog.lock().volume(volume)?.clone();
+        volume::next_mapped_block(&self.inner, &vol, from)
+    }
+
     /// Whether the live volume may hold remote entries: O(1), conservative (true means
     /// "walk it to know"; false means none).
     pub fn may_read_remote(&self, volume: &str) -> Result<bool> {

@@ -1189,6 +1189,17 @@ impl Writer<'_> {
     }
 }
 
+/// The first mapped block of `vol` at or after `from`, if any.
+pub(crate) fn next_mapped_block(
+    inner: &Inner,
+    vol: &VolumeState,
+    from: u64,
+) -> Result<Option<u64>> {
+    crate::load::ensure_loaded(inner, vol)?;
+    let m = vol.map.read();
+    Ok(m.tree(&vol.name)?.next_mapped_before(from, u64::MAX))
+}
+
 /// Hydrates remote blocks of `vol` in `[from, to)`: fetches up to about `max_bytes` of them
 /// (scanning at most 64 Ki blocks) and stores them locally. Returns where to go on from, or
 /// `None` once `to` (or the end of the map) is reached, and the bytes fetched.

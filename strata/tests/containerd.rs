@@ -2,7 +2,8 @@
 //! The containerd snapshotter against a real containerd (Debian's 1.6) and runc, both
 //! started by the test with their own root, state and sockets: an image built here is
 //! imported and run on Strata trees, a running container's root is checkpointed, damaged
-//! and restored, `ctr snapshots` agrees with `strata`, and committed snapshots survive a
+//! and restored, diffed and pushed to a remote (Garage), `ctr snapshots` agrees with
+//! `strata`, and committed snapshots survive a
 //! SIGKILL of the daemon.
 
 mod common;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use strata_tests::containerd::Containerd;
+use strata_tests::garage::Garage;
 use strata_tests::image::{image, layer, p, sh};
 
 const IMAGE: &str = "docker.io/strata/busybox:test";
@@ -141,6 +143,10 @@ fn containerd_runs_containers_on_strata_trees() {
         "true",
     ]);
     assert!(!ok, "/bin is gone: exec must fail");
+    // What changed in the running root since the checkpoint, as paths.
+    let diff = d.ok(&["checkpoint", "diff", &format!("{vol}@before"), &vol]);
+    assert!(diff.contains("/bin/busybox"), "{diff}");
+    assert!(!diff.contains("/etc/added"), "{diff}");
     d.ok(&["checkpoint", "restore", &format!("{vol}@before")]);
     let out = c.ok(&[
         "task",
@@ -153,6 +159,31 @@ fn containerd_runs_containers_on_strata_trees() {
         "/etc/added",
     ]);
     assert!(out.contains("added-by-layer-2"), "{out}");
+    // ... and ships like any tree: pushed to an S3 remote (Garage), it comes back as a
+    // tree in a new volume with the container's files.
+    let garage = Garage::single(&w.join("garage"));
+    let creds = w.join("s3.creds");
+    Garage::credentials_file(&creds);
+    let args = garage.remote_add_args("g", &creds);
+    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    d.ok(&["checkpoint", "push", &format!("{vol}@before")]);
+    d.ok(&[
+        "volume",
+        "create",
+        "pulled",
+        "--from",
+        &format!("g:{vol}@before"),
+    ]);
+    let mnt = w.join("pulled");
+    fs::create_dir_all(&mnt).unwrap();
+    d.ok(&["mount", "pulled", p(&mnt)]);
+    assert_eq!(
+        fs::read_to_string(mnt.join("etc/added")).unwrap(),
+        "added-by-layer-2"
+    );
+    assert!(mnt.join("bin/busybox").is_file());
+    d.ok(&["unmount", p(&mnt)]);
+    d.ok(&["volume", "delete", "pulled"]);
     c.ok(&["task", "kill", "-s", "KILL", "c2"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.run(&["task", "rm", "c2"]).0 {
@@ -186,6 +217,25 @@ fn containerd_runs_containers_on_strata_trees() {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(out.contains("added-by-layer-2"), "{out}");
+
+    // A snapshot made and removed with ctr alone: its volume comes and goes.
+    let has_volume = |d: &Daemon, v: &str| {
+        d.ok(&["volume", "list"])
+            .lines()
+            .any(|l| l.split_whitespace().any(|f| f == format!("name={v}")))
+    };
+    c.ok(&["snapshots", "--snapshotter", "strata", "prepare", "extra"]);
+    let extra = volume_of(&store, "/extra");
+    assert!(has_volume(&d, &extra), "{extra}");
+    let ls = c.ok(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert!(ls.contains("extra"), "{ls}");
+    c.ok(&["snapshots", "--snapshotter", "strata", "rm", "extra"]);
+    // The backend's Remove comes from containerd's garbage collection, soon after.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while has_volume(&d, &extra) {
+        assert!(Instant::now() < deadline, "ctr snapshots rm left {extra}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Removing the image (waiting for containerd's GC) removes the layers: the volumes go too.
     c.ok(&["images", "rm", "--sync", IMAGE]);

@@ -63,16 +63,7 @@ impl Env {
 
     fn with(dir: tempfile::TempDir, garage: Garage) -> Env {
         let creds = dir.path().join("s3.creds");
-        std::fs::write(
-            &creds,
-            format!(
-                "access_key_id = {}\nsecret_access_key = {}\n",
-                garage::KEY_ID,
-                garage::SECRET
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Garage::credentials_file(&creds);
         Env { dir, garage, creds }
     }
 
@@ -85,19 +76,8 @@ impl Env {
         let d = Daemon::start_with(&self.path(name), serve_args);
         let listed = d.ok(&["--json", "remote", "list"]);
         if !listed.contains("\"g\"") {
-            d.ok(&[
-                "remote",
-                "add",
-                "g",
-                "--endpoint",
-                &self.garage.endpoint(),
-                "--bucket",
-                garage::BUCKET,
-                "--region",
-                garage::REGION,
-                "--credentials-file",
-                self.creds.to_str().unwrap(),
-            ]);
+            let args = self.garage.remote_add_args("g", &self.creds);
+            d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         }
         d
     }

@@ -210,6 +210,39 @@ impl Garage {
         self.nodes[0].endpoint()
     }
 
+    /// Writes the test key to `path` as a credentials file for `strata remote add
+    /// --credentials-file` (readable by its owner only, as the daemon requires).
+    pub fn credentials_file(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            path,
+            format!("access_key_id = {KEY_ID}\nsecret_access_key = {SECRET}\n"),
+        )
+        .expect("writing the credentials file");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .expect("making the credentials file private");
+    }
+
+    /// The arguments of `strata remote add NAME ...` for this server's test bucket, with
+    /// credentials in `creds` (written by [`Garage::credentials_file`]).
+    pub fn remote_add_args(&self, name: &str, creds: &Path) -> Vec<String> {
+        [
+            "remote",
+            "add",
+            name,
+            "--endpoint",
+            &self.endpoint(),
+            "--bucket",
+            BUCKET,
+            "--region",
+            REGION,
+            "--credentials-file",
+            creds.to_str().expect("a UTF-8 path"),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Waits until the S3 API answers an authenticated request for the bucket.
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -12,7 +12,7 @@ use super::push::get_manifest;
 use super::{key, manifest_rel, Hydration, Remotes, Restoring};
 use crate::jobs::Job;
 use anyhow::{anyhow, bail, Context, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use strata_engine::{Error as EngineError, RemoteExtent, Store, VolumeInfo, VolumeOptions};
@@ -213,16 +213,41 @@ fn hydrate_inner(
             };
             info.size.div_ceil(u64::from(info.block_size))
         };
-        let next = AtomicU64::new(0);
+        // The next stripe to take: stripes start at mapped blocks, so a sparse volume (a
+        // tree's is 2^62 bytes) costs its mapped stripes, not its size.
+        let next = parking_lot::Mutex::new(0u64);
         let failed = parking_lot::Mutex::new(None::<String>);
+        let claim = || -> Result<Option<u64>, String> {
+            let mut at = next.lock();
+            if *at >= blocks {
+                return Ok(None);
+            }
+            match store
+                .next_mapped_block(name, *at)
+                .map_err(|e| e.to_string())?
+            {
+                Some(b) if b < blocks => {
+                    *at = b.saturating_add(STRIPE);
+                    Ok(Some(b))
+                }
+                _ => {
+                    *at = blocks;
+                    Ok(None)
+                }
+            }
+        };
         std::thread::scope(|s| {
             for _ in 0..WORKERS {
                 s.spawn(|| {
                     while !stop() {
-                        let first = next.fetch_add(STRIPE, Ordering::Relaxed);
-                        if first >= blocks {
-                            return;
-                        }
+                        let first = match claim() {
+                            Ok(Some(f)) => f,
+                            Ok(None) => return,
+                            Err(e) => {
+                                *failed.lock() = Some(e);
+                                return;
+                            }
+                        };
                         let mut from = Some(first);
                         while let Some(f) = from {
                             if stop() {

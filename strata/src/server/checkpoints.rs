@@ -57,27 +57,32 @@ pub(super) async fn create_checkpoint(
 ) -> ApiResult {
     let req: CheckpointReq = parse(&body)?;
     let v = blocking(&app, move |a| {
-        let ex = a.exports.lock();
-        let trees = a.trees.lock();
-        let info = match mounted_tree(&ex, &trees, &vol) {
-            // Taken with the tree's operations held off: no half-done operation in it.
-            Some(mount) => mount
-                .checkpoint(|| a.store.checkpoint(&vol, &req.name))
-                .map_err(|e| {
-                    ApiError(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("syncing the tree: {e:?}"),
-                    )
-                })??,
-            _ => a.store.checkpoint(&vol, &req.name)?,
-        };
-        if let Some(f) = ex.get(&vol).and_then(Exported::fuse) {
-            f.checkpoints_changed(None);
-        }
-        Ok(CheckpointView::from(info))
+        take_checkpoint(a, &vol, &req.name).map(CheckpointView::from)
     })
     .await?;
     to_json(v)
+}
+
+/// Checkpoints a volume; a mounted tree with its operations held off (no half-done
+/// operation in the checkpoint, every write made before it in).
+pub(super) fn take_checkpoint(a: &App, vol: &str, name: &str) -> Result<CheckpointInfo, ApiError> {
+    let ex = a.exports.lock();
+    let trees = a.trees.lock();
+    let info = match mounted_tree(&ex, &trees, vol) {
+        Some(mount) => mount
+            .checkpoint(|| a.store.checkpoint(vol, name))
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("syncing the tree: {e:?}"),
+                )
+            })??,
+        _ => a.store.checkpoint(vol, name)?,
+    };
+    if let Some(f) = ex.get(vol).and_then(Exported::fuse) {
+        f.checkpoints_changed(None);
+    }
+    Ok(info)
 }
 
 #[derive(Deserialize, Default)]
