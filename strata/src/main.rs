@@ -143,6 +143,27 @@ enum VolumeCmd {
     Delete {
         name: String,
     },
+    /// Checkpoint and push the volume (or tree) to a remote on a schedule, keeping the
+    /// remote's protection checkpoints to a retention rule (docs/design/protection.md).
+    Protect {
+        name: String,
+        /// Needed when more than one remote is configured.
+        #[arg(long)]
+        remote: Option<String>,
+        /// Interval between protection points: 30s, 5m, 1h.
+        #[arg(long)]
+        every: String,
+        /// Keep the N newest protection checkpoints in the remote.
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Keep protection checkpoints younger than this in the remote: 12h, 7d.
+        #[arg(long)]
+        keep_for: Option<String>,
+    },
+    /// Stop protecting a volume (what the remote holds stays).
+    Unprotect {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,11 +301,12 @@ fn parse_duration(s: &str) -> Result<u64> {
         Some((i, 's')) => (&s[..i], 1),
         Some((i, 'm')) => (&s[..i], 60),
         Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
         _ => (s, 1),
     };
     let n: u64 = n
         .parse()
-        .with_context(|| format!("invalid duration {s:?} (use 30s, 10m, 1h)"))?;
+        .with_context(|| format!("invalid duration {s:?} (use 30s, 10m, 1h, 7d)"))?;
     n.checked_mul(mult).context("duration too large")
 }
 
@@ -543,6 +565,27 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
             )
         }
         VolumeCmd::Delete { name } => c.call("DELETE", &format!("/v1/volumes/{name}"), None),
+        VolumeCmd::Protect {
+            name,
+            remote,
+            every,
+            keep,
+            keep_for,
+        } => {
+            let every_secs = parse_duration(&every)?;
+            let keep_for_secs = keep_for.as_deref().map(parse_duration).transpose()?;
+            c.call(
+                "PUT",
+                &format!("/v1/volumes/{name}/protection"),
+                Some(
+                    json!({"remote": remote, "every_secs": every_secs, "keep": keep,
+                            "keep_for_secs": keep_for_secs}),
+                ),
+            )
+        }
+        VolumeCmd::Unprotect { name } => {
+            c.call("DELETE", &format!("/v1/volumes/{name}/protection"), None)
+        }
     }
 }
 

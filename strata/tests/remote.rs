@@ -711,3 +711,127 @@ fn lz4_volumes_round_trip_and_a_remote_in_use_cannot_be_removed() {
     assert_eq!(json(&b, &["remote", "list"]), serde_json::json!([]));
     b.fails(&["checkpoint", "push", "z@c"], "no remote is configured");
 }
+
+/// `volume protect`: rounds on schedule (checkpoint + incremental push), retention to the
+/// newest 3 in the remote with gc reclaiming the rest, a remote outage visible in `volume
+/// info` and metrics while the volume stays writable, catch-up when the remote returns,
+/// the policy surviving a daemon restart, and the newest protected checkpoint restoring
+/// the data on another store.
+#[test]
+fn protection_pushes_on_schedule_keeps_three_and_catches_up_after_an_outage() {
+    let mut env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 16, 1);
+    let info = |d: &Daemon| json(d, &["volume", "info", "vm"])["protection"].clone();
+    let pushes = |d: &Daemon| info(d)["pushes"].as_u64().unwrap_or(0);
+
+    // Bad input first.
+    a.fails(&["volume", "protect", "vm", "--every", "0s"], "at least 1s");
+    a.fails(
+        &["volume", "protect", "vm", "--every", "1s", "--keep", "0"],
+        "at least 1",
+    );
+    a.fails(
+        &["volume", "protect", "vm", "--every", "soon"],
+        "invalid duration",
+    );
+    a.fails(&["volume", "protect", "nope", "--every", "1s"], "nope");
+    a.fails(&["volume", "unprotect", "vm"], "not protected");
+
+    a.ok(&["volume", "protect", "vm", "--every", "1s", "--keep", "3"]);
+    wait_until(60, "10 protection rounds", || pushes(&a) >= 10);
+    let p = info(&a);
+    assert_eq!(p["remote"], "g");
+    assert_eq!(p["failures"], 0, "{p}");
+    assert!(p["rpo_secs"].as_f64().unwrap() < 10.0, "{p}");
+    assert_eq!(p["bytes_behind"], 0, "nothing written since: {p}");
+    // Retention: the remote keeps the newest 3 (a round may be between push and
+    // retention, so at most one more for a moment).
+    wait_until(10, "retention to 3", || {
+        remote_checkpoints(&a)
+            .iter()
+            .filter(|c| c.starts_with("vm@protect-"))
+            .count()
+            == 3
+    });
+    // Locally only the newest is kept (the next push's base).
+    let local = a.ok(&["checkpoint", "list", "vm"]);
+    assert!(local.matches("protect-").count() <= 2, "{local}");
+    // What the deleted checkpoints alone held is reclaimed: the image is rewritten so
+    // that early checkpoints hold blocks no later one has.
+    let img2 = image(&env.path("vm2.raw"), 16, 2);
+    a.ok(&["import", "vm", env.path("vm2.raw").to_str().unwrap()]);
+    let after = pushes(&a);
+    wait_until(60, "4 rounds after the rewrite", || pushes(&a) >= after + 4);
+    let gc = json(&a, &["remote", "gc", "g", "--grace", "0s"]);
+    assert!(
+        gc["bytes_deleted"].as_u64().unwrap_or(0) > 0,
+        "gc reclaimed nothing: {gc}"
+    );
+
+    // The remote goes down: rounds fail, visibly, and the volume stays writable.
+    env.garage.nodes[0].kill();
+    wait_until(30, "two failed rounds", || {
+        info(&a)["failures"].as_u64() >= Some(2)
+    });
+    let p = info(&a);
+    assert!(p["last_error"].is_string(), "{p}");
+    assert_eq!(metric(&a, "strata_protect_failing{volume=\"vm\"}"), 1);
+    a.ok(&["import", "vm", env.path("vm.raw").to_str().unwrap()]);
+    assert!(
+        info(&a)["bytes_behind"].as_u64().unwrap() > 0,
+        "the rewrite is not protected yet"
+    );
+    // Back: protection catches up (the back-off is at most 2^failures intervals).
+    env.garage.restart_single();
+    wait_until(90, "protection to catch up", || {
+        let p = info(&a);
+        p["failures"] == 0 && p["bytes_behind"] == 0
+    });
+    assert_eq!(metric(&a, "strata_protect_failing{volume=\"vm\"}"), 0);
+
+    // The policy survives a restart.
+    drop(a);
+    let a = env.daemon("a", &[]);
+    let p = info(&a);
+    assert_eq!(p["every_secs"], 1, "{p}");
+    assert_eq!(p["keep"], 3, "{p}");
+    let before = pushes(&a);
+    wait_until(30, "rounds after the restart", || pushes(&a) > before);
+
+    // Unprotect: no more rounds (one already running may end).
+    a.ok(&["volume", "unprotect", "vm"]);
+    assert!(info(&a).is_null());
+    std::thread::sleep(Duration::from_secs(2));
+    // Another store restores the newest protected point: the data written before it.
+    let newest = remote_checkpoints(&a)
+        .into_iter()
+        .filter_map(|c| c.strip_prefix("vm@").map(str::to_string))
+        .filter(|c| c.starts_with("protect-"))
+        .max()
+        .unwrap();
+    let b = env.daemon("b", &[]);
+    b.ok(&[
+        "volume",
+        "create",
+        "vm",
+        "--from",
+        &format!("g:vm@{newest}"),
+    ]);
+    same(
+        &read_back(&b, "vm", &env.path("b.raw")),
+        &img,
+        "protected point",
+    );
+    drop(img2);
+
+    // Deleting a volume drops its policy.
+    a.ok(&["volume", "protect", "vm", "--every", "1h"]);
+    wait_until(30, "the first round", || pushes(&a) == 1);
+    a.ok(&["volume", "delete", "vm"]);
+    a.ok(&["volume", "create", "vm", "--size", "1M"]);
+    assert!(
+        info(&a).is_null(),
+        "a new volume of the same name is not protected"
+    );
+}

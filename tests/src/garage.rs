@@ -210,6 +210,13 @@ impl Garage {
         self.nodes[0].endpoint()
     }
 
+    /// Starts a single node again after [`Node::kill`] (a remote that comes back), with
+    /// its data.
+    pub fn restart_single(&mut self) {
+        self.nodes[0].start(true);
+        self.wait_ready();
+    }
+
     /// Writes the test key to `path` as a credentials file for `strata remote add
     /// --credentials-file` (readable by its owner only, as the daemon requires).
     pub fn credentials_file(path: &Path) {

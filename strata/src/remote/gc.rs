@@ -173,3 +173,21 @@ pub fn delete_checkpoint(remotes: &Remotes, remote: &str, vol: &str, ckpt: &str)
     })??;
     remotes.forget_manifest(remote, &rel)
 }
+
+/// The names of `vol`'s checkpoints in a remote (its manifests' keys; nothing downloaded).
+pub fn checkpoint_names(remotes: &Remotes, remote: &str, vol: &str) -> Result<Vec<String>> {
+    let (cfg, c) = remotes.client(remote)?;
+    let dir = key(&cfg, &format!("manifests/{vol}"));
+    remotes.run(async move {
+        Ok(list(&c, dir)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                m.location
+                    .filename()
+                    .and_then(|f| f.strip_suffix(".manifest"))
+                    .map(str::to_string)
+            })
+            .collect())
+    })?
+}

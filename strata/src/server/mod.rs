@@ -6,7 +6,8 @@
 //! Layout: this module holds the daemon's state (`App`), the error type and helpers every
 //! handler uses, the router (every route in one place) and `serve`; the handlers live in
 //! one module per resource: [`volumes`], [`checkpoints`], [`exports`], [`images`] (disk
-//! images and directory imports), [`remotes`], [`status`] (scrub, stats, metrics).
+//! images and directory imports), [`remotes`], [`protect`] (protection policies),
+//! [`status`] (scrub, stats, metrics).
 
 use crate::remote::{self, Remotes};
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ mod checkpoints;
 mod containerd;
 mod exports;
 mod images;
+mod protect;
 mod remotes;
 mod status;
 mod volumes;
@@ -40,6 +42,7 @@ mod volumes;
 use checkpoints::*;
 use exports::*;
 use images::*;
+use protect::{protect_volume, unprotect_volume};
 use remotes::*;
 use status::*;
 use volumes::*;
@@ -56,6 +59,8 @@ struct App {
     trees: Mutex<std::collections::HashMap<String, TreeMount>>,
     jobs: crate::jobs::Jobs,
     remotes: Arc<Remotes>,
+    /// Protection policies and their rounds.
+    protection: protect::Protection,
 }
 
 /// An API failure: status code and message.
@@ -172,6 +177,10 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route(
+            "/v1/volumes/{name}/protection",
+            axum::routing::put(protect_volume).delete(unprotect_volume),
+        )
+        .route(
             "/v1/volumes/{name}/checkpoints",
             get(list_checkpoints).post(create_checkpoint),
         )
@@ -231,6 +240,7 @@ pub fn serve(
     strata_fuse::clean_dead_mounts();
     let _ = std::fs::remove_file(socket);
     let remotes = Remotes::open(store_dir, hydrate_rate)?;
+    let protection = protect::Protection::open(store_dir)?;
     store.set_remote_fetcher(Arc::new(remote::PackFetcher(remotes.clone())));
     let app = Arc::new(App {
         store: Arc::new(store),
@@ -239,9 +249,11 @@ pub fn serve(
         trees: Default::default(),
         jobs: Default::default(),
         remotes,
+        protection,
     });
     remote::pull::resume(&app.remotes, &app.store);
     restore_exports(&app);
+    protect::start(&app)?;
     let snapshotter = match containerd_socket {
         Some(_) => Some(containerd::Snapshotter::open(app.clone())?),
         None => None,
@@ -281,6 +293,7 @@ pub fn serve(
         s.shutdown();
     }
     tracing::info!("shutting down: stopping exports, committing the store");
+    app.protection.shutdown();
     app.remotes
         .stopping
         .store(true, std::sync::atomic::Ordering::Relaxed);

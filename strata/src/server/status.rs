@@ -92,6 +92,7 @@ pub(super) fn render_metrics(app: &App) -> String {
             c[2]
         );
     }
+    app.protection.metrics(&mut out);
     // Only volumes being restored: counting remote blocks walks the map.
     let _ = writeln!(out, "# TYPE strata_volume_remote_bytes gauge");
     for v in app.remotes.restoring().keys() {

@@ -202,6 +202,9 @@ pub(super) async fn volume_info(
             0
         };
         v["remote_bytes"] = json!(remote_blocks * bs);
+        if let Some(p) = a.protection.view(a, &name) {
+            v["protection"] = p;
+        }
         if let Some(r) = a.remotes.restoring().get(&name) {
             let h = a.remotes.hydrating.lock().get(&name).cloned();
             v["hydration"] = json!({
@@ -284,6 +287,8 @@ pub(super) async fn delete_volume(
         if a.remotes.restoring().contains_key(&name) {
             a.remotes.set_restoring(&name, None)?;
         }
+        // Its policy goes with it (the remote's checkpoints stay).
+        a.protection.unset(&name)?;
         Ok(())
     })
     .await?;
