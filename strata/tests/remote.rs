@@ -156,6 +156,11 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The `protection` object of `volume info` (null when the volume is not protected).
+fn protection(d: &Daemon, vol: &str) -> Value {
+    json(d, &["volume", "info", vol])["protection"].clone()
+}
+
 fn remote_checkpoints(d: &Daemon) -> Vec<String> {
     json(d, &["checkpoint", "list", "--remote", "g"])
         .as_array()
@@ -722,7 +727,7 @@ fn protection_pushes_on_schedule_keeps_three_and_catches_up_after_an_outage() {
     let mut env = Env::single();
     let a = env.daemon("a", &[]);
     let img = volume_from_image(&env, &a, "vm", "vm.raw", 16, 1);
-    let info = |d: &Daemon| json(d, &["volume", "info", "vm"])["protection"].clone();
+    let info = |d: &Daemon| protection(d, "vm");
     let pushes = |d: &Daemon| info(d)["pushes"].as_u64().unwrap_or(0);
 
     // Bad input first.
@@ -834,4 +839,61 @@ fn protection_pushes_on_schedule_keeps_three_and_catches_up_after_an_outage() {
         info(&a).is_null(),
         "a new volume of the same name is not protected"
     );
+}
+
+/// Failover: store a protects `vm` every second and exports it; the host is lost (SIGKILL,
+/// its store left on disk as a host that comes back would find it); store b fails over
+/// lazily from `g:vm@latest` and reads the newest protected data at once; a, restarted,
+/// is fenced by the owner record b wrote: its first round stops, the export it restored is
+/// stopped and a new one refused, it pushes nothing more, and `volume info` says who took
+/// over. `unprotect` lets the user keep a's copy as a local volume.
+#[test]
+fn failover_from_latest_fences_the_old_store() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = volume_from_image(&env, &a, "vm", "vm.raw", 8, 3);
+    a.ok(&["volume", "protect", "vm", "--every", "1s"]);
+    let pushes = |d: &Daemon| protection(d, "vm")["pushes"].as_u64().unwrap_or(0);
+    wait_until(30, "two rounds", || pushes(&a) >= 2);
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mp = mnt.to_str().unwrap();
+    a.ok(&["export", "fuse", "vm", "--mountpoint", mp]);
+    drop(a); // the host is lost
+
+    let b = env.daemon("b", &[]);
+    let t = Instant::now();
+    b.ok(&["volume", "create", "vm", "--from", "g:vm@latest", "--lazy"]);
+    let created = t.elapsed();
+    let got = read_back(&b, "vm", &env.path("b.raw"));
+    println!("failover: volume create --from g:vm@latest --lazy took {created:?}");
+    assert!(created < Duration::from_secs(5), "{created:?}");
+    same(&got, &img, "the failed-over volume");
+    let protected = || {
+        remote_checkpoints(&b)
+            .into_iter()
+            .filter(|c| c.starts_with("vm@protect-"))
+            .count()
+    };
+    let before = protected();
+
+    // The old host comes back: fenced.
+    let a = env.daemon("a", &[]);
+    wait_until(30, "the fence", || {
+        protection(&a, "vm")["fenced"].is_object()
+    });
+    let p = protection(&a, "vm");
+    assert_eq!(p["fenced"]["generation"], 2, "{p}");
+    assert!(p["last_error"].as_str().unwrap().contains("fenced"), "{p}");
+    wait_until(10, "the export to stop", || {
+        !a.ok(&["export", "list"]).contains(mp)
+    });
+    a.fails(&["export", "fuse", "vm", "--mountpoint", mp], "fenced");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(protected(), before, "a fenced store pushed");
+    assert_eq!(metric(&a, "strata_protect_failing{volume=\"vm\"}"), 1);
+    // The user keeps the old copy as a local volume.
+    a.ok(&["volume", "unprotect", "vm"]);
+    a.ok(&["export", "fuse", "vm", "--mountpoint", mp]);
+    a.ok(&["unexport", "vm"]);
 }

@@ -89,6 +89,20 @@ struct State {
     pending: BTreeMap<String, BTreeMap<u64, String>>,
     #[serde(default)]
     restoring: BTreeMap<String, Restoring>,
+    /// This store's identity in `owners/` objects (docs/design/protection.md); made on
+    /// first use.
+    #[serde(default)]
+    store_id: String,
+}
+
+/// `owners/<volume>` in a remote: which store protects the volume. A failover takes it
+/// over with the next generation; the store it names is the only one whose protection
+/// rounds push the volume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Owner {
+    pub store: String,
+    pub generation: u64,
+    pub since_unix: u64,
 }
 
 /// A remote pack, as the engine's opaque descriptor names it.
@@ -238,6 +252,47 @@ impl Remotes {
             stopping: Default::default(),
             hydrate_rate,
         }))
+    }
+
+    /// This store's id (made and recorded the first time it is asked for).
+    pub fn store_id(&self) -> Result<String> {
+        let mut st = self.state.lock();
+        if st.store_id.is_empty() {
+            st.store_id = new_id();
+            self.save(&st)?;
+        }
+        Ok(st.store_id.clone())
+    }
+
+    /// The owner record of `vol` in `remote`, if any.
+    pub fn owner(&self, remote: &str, vol: &str) -> Result<Option<Owner>> {
+        let (cfg, c) = self.client(remote)?;
+        let path = key(&cfg, &format!("owners/{vol}"));
+        let shown = path.to_string();
+        let bytes = self.run(async move { get_small(&c, &path).await })??;
+        bytes
+            .map(|b| serde_json::from_slice(&b).with_context(|| format!("{shown} is damaged")))
+            .transpose()
+    }
+
+    /// Makes this store the owner of `vol` in `remote`: the next generation after the
+    /// current owner's (a takeover), or 1. Returns the new record.
+    pub fn take_ownership(&self, remote: &str, vol: &str) -> Result<Owner> {
+        let generation = self.owner(remote, vol)?.map_or(0, |o| o.generation) + 1;
+        let owner = Owner {
+            store: self.store_id()?,
+            generation,
+            since_unix: push::now_unix(),
+        };
+        let (cfg, c) = self.client(remote)?;
+        let path = key(&cfg, &format!("owners/{vol}"));
+        let body = serde_json::to_vec(&owner)?;
+        self.run(async move {
+            c.put(&path, body.into())
+                .await
+                .map_err(|e| anyhow!("writing {path}: {}", clean(&e)))
+        })??;
+        Ok(owner)
     }
 
     fn save(&self, st: &State) -> Result<()> {

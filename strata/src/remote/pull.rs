@@ -58,6 +58,26 @@ pub fn create(
     if store.volume_info(name).is_ok() {
         return Err(EngineError::VolumeExists(name.to_string()).into());
     }
+    // `VOL@latest` is a failover: this store takes the volume over in the remote first
+    // (fencing the store that protected it: its next round stops), then starts from the
+    // newest protection checkpoint.
+    let latest;
+    let (ckpt, source) = if ckpt == "latest" {
+        remotes.take_ownership(remote, vol)?;
+        let newest = super::gc::checkpoint_names(remotes, remote, vol)?
+            .into_iter()
+            .filter_map(|n| {
+                let ms: u64 = n.strip_prefix("protect-")?.parse().ok()?;
+                Some((ms, n))
+            })
+            .max()
+            .ok_or_else(|| anyhow!("remote {remote:?} has no protection checkpoint of {vol}"))?
+            .1;
+        latest = (newest.clone(), format!("{remote}:{vol}@{newest}"));
+        (latest.0.as_str(), latest.1.as_str())
+    } else {
+        (ckpt, source)
+    };
     let m = fetch_manifest(remotes, remote, vol, ckpt)?;
     let descs: Vec<Vec<u8>> = m
         .header

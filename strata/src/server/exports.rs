@@ -122,8 +122,28 @@ pub(super) async fn create_export(State(app): State<Arc<App>>, body: Bytes) -> A
     Ok(Json(v))
 }
 
+/// Stops every export of `vol` at once (FUSE mounts detached even when busy), and forgets
+/// them: for a volume fenced by a failover elsewhere.
+pub(super) fn stop_exports_of(a: &App, vol: &str) {
+    let mut ex = a.exports.lock();
+    if let Some(e) = ex.remove(vol) {
+        e.shutdown();
+        save_exports(a, &ex);
+    }
+}
+
 /// Validates and starts an export, and records it so a restarted daemon serves it again.
 pub(super) fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
+    if let Some(o) = a.protection.fenced(&req.volume) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "volume {} is fenced: store {} took it over in the remote (generation {}); \
+                 `strata volume unprotect` it to use this copy anyway",
+                req.volume, o.store, o.generation
+            ),
+        ));
+    }
     let kind = req.kind.clone();
     let (socket, mountpoint) = match kind.as_str() {
         "vhost-user" => {

@@ -43,7 +43,29 @@ pub(super) struct Protected {
 struct Record {
     policy: Policy,
     last: Option<Protected>,
+    /// Set when a round found that another store took the volume over (a failover): no
+    /// more rounds, exports stopped and refused, until `unprotect` or delete.
+    #[serde(default)]
+    fenced: Option<remote::Owner>,
 }
+
+/// A round's finding that another store owns the volume in the remote.
+#[derive(Debug)]
+struct Fenced(remote::Owner);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fenced: store {} took this volume over in the remote (generation {}, at unix time {}); \
+             this copy is no longer protected and is not exported again. \
+             `strata volume unprotect` keeps it as a local volume; `strata volume delete` drops it",
+            self.0.store, self.0.generation, self.0.since_unix
+        )
+    }
+}
+
+impl std::error::Error for Fenced {}
 
 #[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,7 +150,14 @@ impl Protection {
         let mut g = self.state.lock();
         let (st, runs) = &mut *g;
         let last = st.volumes.get(vol).and_then(|r| r.last.clone());
-        let old = st.volumes.insert(vol.to_string(), Record { policy, last });
+        let old = st.volumes.insert(
+            vol.to_string(),
+            Record {
+                policy,
+                last,
+                fenced: None,
+            },
+        );
         if let Err(e) = self.save(st) {
             match old {
                 Some(r) => st.volumes.insert(vol.to_string(), r),
@@ -153,6 +182,11 @@ impl Protection {
         }
         runs.remove(vol);
         Ok(true)
+    }
+
+    /// The store that took `vol` over, when a round found it fenced.
+    pub(super) fn fenced(&self, vol: &str) -> Option<remote::Owner> {
+        self.state.lock().0.volumes.get(vol)?.fenced.clone()
     }
 
     /// `vol`'s policy and state for `volume info`; `None` if it is not protected.
@@ -185,6 +219,7 @@ impl Protection {
             "last_protected_unix_ms": rec.last.as_ref().map(|l| l.at_unix_ms),
             "rpo_secs": rec.last.as_ref().map(|l| now.saturating_sub(l.at_unix_ms) as f64 / 1000.0),
             "bytes_behind": behind,
+            "fenced": rec.fenced,
         });
         if let (Some(Value::Object(r)), Value::Object(m)) = (run, &mut v) {
             m.extend(r);
@@ -260,7 +295,10 @@ fn due(p: &Protection) -> Vec<String> {
     let mut busy = runs.values().filter(|r| r.running).count();
     let now = Instant::now();
     let mut out = Vec::new();
-    for v in st.volumes.keys() {
+    for (v, rec) in &st.volumes {
+        if rec.fenced.is_some() {
+            continue;
+        }
         let r = runs.entry(v.clone()).or_insert_with(Run::new);
         if busy < PARALLEL && !r.running && r.next_at <= now {
             r.running = true;
@@ -301,6 +339,21 @@ fn round(a: &App, vol: &str) {
                 }
             }
         }
+        Err(e) if e.downcast_ref::<Fenced>().is_some() => {
+            let msg = format!("{e:#}");
+            tracing::error!(volume = vol, error = %msg, "protection fenced; stopping the volume's exports");
+            run.failures += 1;
+            run.failures_total += 1;
+            run.last_error = Some(msg);
+            if let (Some(rec), Some(f)) = (st.volumes.get_mut(vol), e.downcast_ref::<Fenced>()) {
+                rec.fenced = Some(f.0.clone());
+                if let Err(e) = a.protection.save(st) {
+                    tracing::warn!(volume = vol, error = %format!("{e:#}"), "recording the fence");
+                }
+            }
+            drop(g);
+            stop_exports_of(a, vol);
+        }
         Err(e) => {
             run.failures += 1;
             run.failures_total += 1;
@@ -319,6 +372,15 @@ fn round(a: &App, vol: &str) {
 fn protect_once(a: &App, vol: &str, policy: &Policy) -> Result<(Protected, Option<String>)> {
     if let Some(why) = a.remotes.write_blocked(vol) {
         bail!("{why}");
+    }
+    // Only the owner pushes: a failover elsewhere took the volume over (see Fenced).
+    let me = a.remotes.store_id()?;
+    match a.remotes.owner(&policy.remote, vol)? {
+        Some(o) if o.store != me => return Err(Fenced(o).into()),
+        Some(_) => {}
+        None => {
+            a.remotes.take_ownership(&policy.remote, vol)?;
+        }
     }
     let at = now_ms();
     let name = format!("{PREFIX}{at}");
