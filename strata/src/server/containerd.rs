@@ -16,6 +16,8 @@ use api::containerd::types::Mount;
 use pb::snapshots_server::{Snapshots, SnapshotsServer};
 
 const STATE_FILE: &str = "snapshots.json";
+/// How long Remove waits for a tree mounted elsewhere to let go of its volume.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The checkpoint that holds a committed snapshot, in the snapshot's own volume.
 const COMMITTED: &str = "committed";
 
@@ -144,13 +146,26 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Unmounts a snapshot's tree and deletes its volume. A stopped mount has let go of
-    /// its volume ([`TreeMount::stop`]); a busy one stays mounted.
+    /// Unmounts a snapshot's tree and deletes its volume. A tree that was still mounted
+    /// elsewhere when it was unmounted here (containerd committed it while bind-mounted)
+    /// lets go of its volume when that mount goes: Remove waits up to [`RELEASE_WAIT`] for
+    /// it, then answers FailedPrecondition (containerd's GC tries again later).
     fn drop_volume(&self, volume: &str) -> Result<(), Status> {
         self.unmount(volume)?;
-        match self.app.store.delete_volume(volume) {
-            Ok(()) | Err(EngineError::NoSuchVolume(_)) => Ok(()),
-            Err(e) => Err(internal(e)),
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            match self.app.store.delete_volume(volume) {
+                Ok(()) | Err(EngineError::NoSuchVolume(_)) => return Ok(()),
+                Err(EngineError::VolumeBusy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e @ EngineError::VolumeBusy(_)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "{e} (its tree is still mounted somewhere)"
+                    )))
+                }
+                Err(e) => return Err(internal(e)),
+            }
         }
     }
 

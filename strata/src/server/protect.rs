@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// Name prefix of protection checkpoints: `protect-<unix ms>`.
 pub(super) const PREFIX: &str = "protect-";
 const FILE: &str = "protection.json";
-/// How often the scheduler looks for due volumes.
+/// The longest the scheduler sleeps (it wakes when the next round is due).
 const TICK: Duration = Duration::from_millis(100);
 /// Rounds running at once, over all volumes (each is a checkpoint and an upload).
 const PARALLEL: usize = 2;
@@ -281,11 +281,29 @@ pub(super) fn start(app: &Arc<App>) -> Result<()> {
                         tracing::error!(error = %e, "starting a protection round");
                     }
                 }
-                std::thread::sleep(TICK);
+                // Until the next round is due (a round starts on time: the interval
+                // bounds how far protection lags), at most a tick.
+                let now = Instant::now();
+                let wait = next_due(&app.protection)
+                    .map_or(TICK, |t| t.saturating_duration_since(now))
+                    .clamp(Duration::from_millis(1), TICK);
+                std::thread::sleep(wait);
             }
         })
         .context("starting the protection scheduler")?;
     Ok(())
+}
+
+/// When the earliest idle volume's next round is due.
+fn next_due(p: &Protection) -> Option<Instant> {
+    let g = p.state.lock();
+    g.0.volumes
+        .iter()
+        .filter(|(_, rec)| rec.fenced.is_none())
+        .filter_map(|(v, _)| g.1.get(v))
+        .filter(|r| !r.running)
+        .map(|r| r.next_at)
+        .min()
 }
 
 /// Volumes whose round is due, marked running.
