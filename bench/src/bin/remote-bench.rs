@@ -11,7 +11,13 @@
 //! - eager restore (`volume create --from`) against downloading the raw image with
 //!   `aws s3 cp` to a file.
 //!
-//! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N]
+//! - protection (issue 15): 4 KiB random writes with an fdatasync every 32 (a writer
+//!   through the FUSE image export, standing in for a guest) without and with a 5 s
+//!   protection policy, alternating, medians and their ratio; and the RPO a user would see
+//!   (`rpo_secs` of `volume info` sampled at random instants): p50 and p99.
+//!
+//! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N] [--secs N]
+//!        [--only protection]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -27,6 +33,10 @@ struct Args {
     dir: PathBuf,
     size_mib: usize,
     runs: usize,
+    /// Seconds of each protection phase.
+    secs: f64,
+    /// Run only this section (`protection`).
+    only: Option<String>,
 }
 
 fn args() -> R<Args> {
@@ -34,12 +44,16 @@ fn args() -> R<Args> {
         dir: PathBuf::from("/var/tmp/strata-remote-bench"),
         size_mib: 2048,
         runs: 3,
+        secs: 15.0,
+        only: None,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
             "--dir" => a.dir = PathBuf::from(v),
             "--size-mib" => a.size_mib = v.parse()?,
             "--runs" => a.runs = v.parse()?,
+            "--secs" => a.secs = v.parse()?,
+            "--only" if v == "protection" => a.only = Some(v),
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -149,6 +163,9 @@ fn main() -> R<()> {
     std::fs::create_dir_all(&a.dir)?;
     let garage = Garage::single(&a.dir.join("garage"));
     let ep = garage.endpoint();
+    if a.only.is_some() {
+        return protection(&a, &ep);
+    }
     let size = a.size_mib << 20;
     let bytes = size as f64;
     let mib = |b: f64| b / (1 << 20) as f64;
@@ -368,5 +385,117 @@ fn main() -> R<()> {
         mib(bytes) / md,
         md / me
     );
+    protection(&a, &ep)
+}
+
+/// 4 KiB random writes to `img` (of `blocks` blocks) for `secs`, an fdatasync after every
+/// 32; returns writes per second, flushes included.
+fn randwrite(img: &Path, blocks: u64, secs: f64, seed: u64) -> R<f64> {
+    let f = std::fs::OpenOptions::new().write(true).open(img)?;
+    let mut buf = vec![0u8; 4096];
+    let mut x = seed | 1;
+    let (start, mut n) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf[..8].copy_from_slice(&n.to_le_bytes());
+            buf[8..16].copy_from_slice(&x.to_le_bytes());
+            f.write_all_at(&buf, (x % blocks) * 4096)?;
+            n += 1;
+        }
+        f.sync_data()?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The protection section: IOPS without and with a 5 s policy, and the RPO observed.
+fn protection(a: &Args, ep: &str) -> R<()> {
+    let (_d, st) = daemon(&a.dir, "store-p")?;
+    add_remote(&st, "g", ep)?;
+    cli(
+        &st,
+        &[
+            "volume",
+            "create",
+            "pv",
+            "--size",
+            &format!("{}M", a.size_mib),
+        ],
+    )?;
+    let mnt = a.dir.join("mnt-p");
+    fuse_mount(&st, "pv", &mnt)?;
+    let img = mnt.join("pv.img");
+    let blocks = (a.size_mib as u64) << 8;
+    // Fully written first, so that both phases overwrite mapped blocks.
+    randwrite(&img, blocks, 3.0, 99)?;
+    println!(
+        "# protection: {} MiB volume, 4 KiB random writes + fdatasync every 32 through the FUSE \
+         image export (page cache on), {} s phases, policy --every 5s, {} runs",
+        a.size_mib, a.secs, a.runs
+    );
+    let (mut plain, mut protected, mut rpo) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let base = randwrite(&img, blocks, a.secs, 2 * run as u64 + 1)?;
+        cli(&st, &["volume", "protect", "pv", "--every", "5s"])?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (st, stop) = (st.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ run as u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    std::thread::sleep(Duration::from_millis(100 + x % 300));
+                    if let Ok(v) = cli(&st, &["volume", "info", "pv"]) {
+                        if let Some(r) = v["protection"]["rpo_secs"].as_f64() {
+                            out.push(r);
+                        }
+                    }
+                }
+                out
+            })
+        };
+        let with = randwrite(&img, blocks, a.secs, 2 * run as u64 + 2)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        rpo.extend(sampler.join().map_err(|_| "sampler panicked")?);
+        let p = cli(&st, &["volume", "info", "pv"])?["protection"].clone();
+        cli(&st, &["volume", "unprotect", "pv"])?;
+        println!(
+            "run {run}: no policy {base:.0} IOPS, 5 s policy {with:.0} IOPS ({:.2}x); rounds {}, \
+             failures {}, last round {:.2} s",
+            with / base,
+            p["pushes"],
+            p["failures"],
+            p["last_round_secs"].as_f64().unwrap_or(0.0)
+        );
+        plain.push(base);
+        protected.push(with);
+        // A round still running ends before the next unprotected phase.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let (mb, mp) = (median(plain), median(protected));
+    println!(
+        "protection: medians {mb:.0} IOPS without a policy, {mp:.0} with a 5 s policy: ratio {:.2}",
+        mp / mb
+    );
+    if rpo.is_empty() {
+        return Err("no RPO samples (no round finished)".into());
+    }
+    println!(
+        "protection: RPO at {} random instants: p50 {:.2} s, p99 {:.2} s",
+        rpo.len(),
+        percentile(rpo.clone(), 0.5),
+        percentile(rpo, 0.99)
+    );
+    cli(&st, &["unexport", "pv"])?;
     Ok(())
 }
