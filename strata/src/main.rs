@@ -47,6 +47,11 @@ enum Cmd {
         /// bytes per second per volume (K/M/G suffixes); unlimited by default.
         #[arg(long)]
         hydrate_rate: Option<String>,
+        /// Limit each push (protection rounds included) to this many bytes per second
+        /// (K/M/G suffixes), so uploads leave a guest its CPU and bandwidth; unlimited by
+        /// default.
+        #[arg(long)]
+        push_rate: Option<String>,
         /// Also serve containerd's snapshots API on this socket (a proxy snapshotter:
         /// docs/design/containerd.md).
         #[arg(long)]
@@ -329,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
     if let Cmd::Serve {
         api_socket,
         hydrate_rate,
+        push_rate,
         containerd_socket,
     } = &cli.cmd
     {
@@ -336,7 +342,16 @@ fn run(cli: Cli) -> Result<()> {
             .clone()
             .unwrap_or_else(|| cli.store.join("strata.sock"));
         let rate = hydrate_rate.as_deref().map(units::parse_size).transpose()?;
-        return server::serve(&cli.store, &socket, rate, containerd_socket.as_deref());
+        let push = push_rate.as_deref().map(units::parse_size).transpose()?;
+        return server::serve(
+            &cli.store,
+            &socket,
+            remote::Rates {
+                hydrate: rate,
+                push,
+            },
+            containerd_socket.as_deref(),
+        );
     }
     let c = client::Client::new(cli.store.join("strata.sock"));
     let tree = matches!(

@@ -1034,3 +1034,18 @@ fn host_loss_drill_keeps_every_write_older_than_an_interval_and_a_round() {
     drop(f);
     b.ok(&["unexport", "vm"]);
 }
+
+/// `strata serve --push-rate` holds a push to its budget: 40 MiB at 8 MiB/s hands its third
+/// 16 MiB pack to the uploads no sooner than 4 s in.
+#[test]
+fn push_rate_bounds_a_push() {
+    let env = Env::single();
+    let a = env.daemon("a", &["--push-rate", "8M"]);
+    volume_from_image(&env, &a, "vm", "vm.raw", 40, 5);
+    a.ok(&["checkpoint", "create", "vm@c1"]);
+    let t = Instant::now();
+    a.ok(&["checkpoint", "push", "vm@c1"]);
+    let took = t.elapsed();
+    println!("push of 40 MiB at --push-rate 8M took {took:?}");
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+}

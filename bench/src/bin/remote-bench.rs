@@ -17,7 +17,7 @@
 //!   (`rpo_secs` of `volume info` sampled at random instants): p50 and p99.
 //!
 //! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N] [--secs N]
-//!        [--only protection]
+//!        [--only protection] [--push-rate RATE (the protection daemon's, e.g. 20M)]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -37,6 +37,8 @@ struct Args {
     secs: f64,
     /// Run only this section (`protection`).
     only: Option<String>,
+    /// `strata serve --push-rate` for the protection section.
+    push_rate: Option<String>,
 }
 
 fn args() -> R<Args> {
@@ -46,6 +48,7 @@ fn args() -> R<Args> {
         runs: 3,
         secs: 15.0,
         only: None,
+        push_rate: None,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -53,6 +56,7 @@ fn args() -> R<Args> {
             "--size-mib" => a.size_mib = v.parse()?,
             "--runs" => a.runs = v.parse()?,
             "--secs" => a.secs = v.parse()?,
+            "--push-rate" => a.push_rate = Some(v),
             "--only" if v == "protection" => a.only = Some(v),
             _ => return Err(format!("unknown argument {x}").into()),
         }
@@ -77,12 +81,17 @@ fn cli(store: &Path, args: &[&str]) -> R<Value> {
 }
 
 fn daemon(dir: &Path, name: &str) -> R<(Server, PathBuf)> {
+    daemon_with(dir, name, &[])
+}
+
+fn daemon_with(dir: &Path, name: &str, serve_args: &[&str]) -> R<(Server, PathBuf)> {
     let store = dir.join(name);
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(strata_bin()?)
         .arg("--store")
         .arg(&store)
         .arg("serve")
+        .args(serve_args)
         .env("AWS_ACCESS_KEY_ID", garage::KEY_ID)
         .env("AWS_SECRET_ACCESS_KEY", garage::SECRET)
         .stderr(log)
@@ -417,7 +426,11 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// The protection section: IOPS without and with a 5 s policy, and the RPO observed.
 fn protection(a: &Args, ep: &str) -> R<()> {
-    let (_d, st) = daemon(&a.dir, "store-p")?;
+    let rate: Vec<&str> = match &a.push_rate {
+        Some(r) => vec!["--push-rate", r],
+        None => vec![],
+    };
+    let (_d, st) = daemon_with(&a.dir, "store-p", &rate)?;
     add_remote(&st, "g", ep)?;
     cli(
         &st,
@@ -437,8 +450,11 @@ fn protection(a: &Args, ep: &str) -> R<()> {
     randwrite(&img, blocks, 3.0, 99)?;
     println!(
         "# protection: {} MiB volume, 4 KiB random writes + fdatasync every 32 through the FUSE \
-         image export (page cache on), {} s phases, policy --every 5s, {} runs",
-        a.size_mib, a.secs, a.runs
+         image export (page cache on), {} s phases, policy --every 5s, {} runs, push rate {}",
+        a.size_mib,
+        a.secs,
+        a.runs,
+        a.push_rate.as_deref().unwrap_or("unlimited")
     );
     let (mut plain, mut protected, mut rpo) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..a.runs {

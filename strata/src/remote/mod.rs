@@ -95,6 +95,13 @@ struct State {
     store_id: String,
 }
 
+/// Bandwidth limits of the daemon's transfers, bytes per second (`None`: unlimited).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rates {
+    pub hydrate: Option<u64>,
+    pub push: Option<u64>,
+}
+
 /// `owners/<volume>` in a remote: which store protects the volume. A failover takes it
 /// over with the next generation; the store it names is the only one whose protection
 /// rounds push the volume.
@@ -135,6 +142,8 @@ pub struct Remotes {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Bytes per second one volume's hydration may fetch (`strata serve --hydrate-rate`).
     pub hydrate_rate: Option<u64>,
+    /// Bytes per second a push may upload (`strata serve --push-rate`).
+    pub push_rate: Option<u64>,
 }
 
 /// A remote object's key under the remote's prefix.
@@ -227,7 +236,7 @@ fn build_client(cfg: &RemoteConfig, retries: usize) -> Result<Arc<dyn ObjectStor
 }
 
 impl Remotes {
-    pub fn open(dir: &Path, hydrate_rate: Option<u64>) -> Result<Arc<Remotes>> {
+    pub fn open(dir: &Path, rates: Rates) -> Result<Arc<Remotes>> {
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -250,7 +259,8 @@ impl Remotes {
             creating: Default::default(),
             counters: Default::default(),
             stopping: Default::default(),
-            hydrate_rate,
+            hydrate_rate: rates.hydrate,
+            push_rate: rates.push,
         }))
     }
 

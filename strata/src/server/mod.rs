@@ -222,7 +222,7 @@ fn router(app: Arc<App>) -> Router {
 pub fn serve(
     store_dir: &Path,
     socket: &Path,
-    hydrate_rate: Option<u64>,
+    rates: remote::Rates,
     containerd_socket: Option<&Path>,
 ) -> Result<()> {
     tracing_subscriber::fmt()
@@ -239,7 +239,7 @@ pub fn serve(
     // A daemon that crashed left its FUSE mounts dead (ENOTCONN): clear them.
     strata_fuse::clean_dead_mounts();
     let _ = std::fs::remove_file(socket);
-    let remotes = Remotes::open(store_dir, hydrate_rate)?;
+    let remotes = Remotes::open(store_dir, rates)?;
     let protection = protect::Protection::open(store_dir)?;
     store.set_remote_fetcher(Arc::new(remote::PackFetcher(remotes.clone())));
     let app = Arc::new(App {
