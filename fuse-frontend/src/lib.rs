@@ -68,6 +68,14 @@ pub enum FuseError {
 /// filesystem to be mounted elsewhere too.
 const SESSION_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Waits until thread `t` has finished or `deadline` has passed; whether it finished.
+pub(crate) fn finished_by<T>(t: &std::thread::JoinHandle<T>, deadline: std::time::Instant) -> bool {
+    while !t.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    t.is_finished()
+}
+
 /// A mounted FUSE session: mounting, unmounting and detaching shared by the image-file
 /// export and tree mounts. Dropping it without stopping detaches the mount lazily.
 #[derive(Debug)]
@@ -170,11 +178,7 @@ impl MountSession {
         } else {
             SESSION_END_WAIT
         };
-        let deadline = std::time::Instant::now() + wait;
-        while !s.guard.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        if !s.guard.is_finished() {
+        if !finished_by(&s.guard, std::time::Instant::now() + wait) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "{} is still mounted elsewhere (a bind mount): it is served until that mount goes", self.what);
             std::mem::forget(s);
             return false;

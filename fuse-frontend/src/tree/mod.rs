@@ -981,10 +981,7 @@ impl TreeMount {
         // volume before this returns, so the caller can delete, restore or mount it.
         let deadline = std::time::Instant::now() + RING_EXIT_WAIT;
         for t in std::mem::take(&mut self.ring_threads) {
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            if t.is_finished() {
+            if crate::finished_by(&t, deadline) {
                 let _ = t.join();
             } else {
                 tracing::warn!("a FUSE io_uring thread did not end after the unmount");

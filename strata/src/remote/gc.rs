@@ -191,3 +191,25 @@ pub fn checkpoint_names(remotes: &Remotes, remote: &str, vol: &str) -> Result<Ve
             .collect())
     })?
 }
+
+/// Name prefix of protection checkpoints: `protect-<unix ms>` (docs/design/protection.md).
+pub const PROTECT_PREFIX: &str = "protect-";
+
+/// The time in a protection checkpoint's name.
+pub fn protect_ms(name: &str) -> Option<u64> {
+    name.strip_prefix(PROTECT_PREFIX)?.parse().ok()
+}
+
+/// `vol`'s protection checkpoints in a remote, newest first, with their times.
+pub fn protection_checkpoints(
+    remotes: &Remotes,
+    remote: &str,
+    vol: &str,
+) -> Result<Vec<(u64, String)>> {
+    let mut held: Vec<(u64, String)> = checkpoint_names(remotes, remote, vol)?
+        .into_iter()
+        .filter_map(|n| protect_ms(&n).map(|ms| (ms, n)))
+        .collect();
+    held.sort_unstable_by(|x, y| y.cmp(x));
+    Ok(held)
+}

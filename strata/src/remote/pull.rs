@@ -64,13 +64,9 @@ pub fn create(
     let latest;
     let (ckpt, source) = if ckpt == "latest" {
         remotes.take_ownership(remote, vol)?;
-        let newest = super::gc::checkpoint_names(remotes, remote, vol)?
+        let newest = super::gc::protection_checkpoints(remotes, remote, vol)?
             .into_iter()
-            .filter_map(|n| {
-                let ms: u64 = n.strip_prefix("protect-")?.parse().ok()?;
-                Some((ms, n))
-            })
-            .max()
+            .next()
             .ok_or_else(|| anyhow!("remote {remote:?} has no protection checkpoint of {vol}"))?
             .1;
         latest = (newest.clone(), format!("{remote}:{vol}@{newest}"));

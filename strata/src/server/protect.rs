@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Name prefix of protection checkpoints: `protect-<unix ms>`.
-pub(super) const PREFIX: &str = "protect-";
+use remote::gc::{protect_ms, PROTECT_PREFIX};
 const FILE: &str = "protection.json";
 /// The longest the scheduler sleeps (it wakes when the next round is due).
 const TICK: Duration = Duration::from_millis(100);
@@ -113,11 +112,6 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The time in a protection checkpoint's name.
-fn checkpoint_ms(name: &str) -> Option<u64> {
-    name.strip_prefix(PREFIX)?.parse().ok()
 }
 
 impl Protection {
@@ -401,7 +395,7 @@ fn protect_once(a: &App, vol: &str, policy: &Policy) -> Result<(Protected, Optio
         }
     }
     let at = now_ms();
-    let name = format!("{PREFIX}{at}");
+    let name = format!("{PROTECT_PREFIX}{at}");
     take_checkpoint(a, vol, &name).map_err(|e| anyhow::anyhow!("checkpoint: {}", e.1))?;
     let pushed = a
         .store
@@ -423,7 +417,7 @@ fn protect_once(a: &App, vol: &str, policy: &Policy) -> Result<(Protected, Optio
     }
     // Locally only the newest is kept: it is the next push's base.
     for e in a.store.checkpoint_entries(vol)? {
-        if checkpoint_ms(&e.name).is_some_and(|ms| ms < at) {
+        if protect_ms(&e.name).is_some_and(|ms| ms < at) {
             let _ = a.store.delete_checkpoint(vol, &e.name);
         }
     }
@@ -443,12 +437,7 @@ fn retain(a: &App, vol: &str, policy: &Policy, newest_ms: u64) -> Result<()> {
     if policy.keep.is_none() && policy.keep_for_secs.is_none() {
         return Ok(());
     }
-    let mut held: Vec<(u64, String)> =
-        remote::gc::checkpoint_names(&a.remotes, &policy.remote, vol)?
-            .into_iter()
-            .filter_map(|n| checkpoint_ms(&n).map(|ms| (ms, n)))
-            .collect();
-    held.sort_unstable_by(|x, y| y.cmp(x));
+    let held = remote::gc::protection_checkpoints(&a.remotes, &policy.remote, vol)?;
     for (i, (ms, name)) in held.iter().enumerate() {
         if *ms >= newest_ms {
             continue;
@@ -531,8 +520,8 @@ mod tests {
 
     #[test]
     fn checkpoint_names_carry_their_time() {
-        assert_eq!(checkpoint_ms("protect-1765000000123"), Some(1765000000123));
-        assert_eq!(checkpoint_ms("protect-x"), None);
-        assert_eq!(checkpoint_ms("golden"), None);
+        assert_eq!(protect_ms("protect-1765000000123"), Some(1765000000123));
+        assert_eq!(protect_ms("protect-x"), None);
+        assert_eq!(protect_ms("golden"), None);
     }
 }
