@@ -13,7 +13,9 @@
 //!
 //! Both only rewrite chunks of the volume's own history — its own records or its own
 //! checkpoints': a range it shares with another volume's checkpoint (a fork reading its
-//! golden image) is left alone, so forks keep sharing. A rewrite of data one of its own
+//! golden image) is left alone, so forks keep sharing; so is a range made of local copies of
+//! remote records that other volumes share (lazy forks of one remote golden,
+//! `remote::Kept`). A rewrite of data one of its own
 //! checkpoints shares is correct — the checkpoint keeps its records; only the live map
 //! moves — it just stops sharing those pages (at most one more copy of the range). A rewrite is an ordinary write (new pages,
 //! checksums, one journal group), never inside a checkpoint's critical section (it holds the
@@ -116,6 +118,15 @@ fn own_history(inner: &Inner, vol: &VolumeState, first: u64, blocks: u64) -> boo
     })
 }
 
+/// Whether the range's records are local copies of remote records that other volumes share
+/// (lazy forks of one golden, see `remote::Kept`), every one of them referenced more than
+/// once: a rewrite would only add a copy.
+fn shared_copies(inner: &Inner, pieces: &[Piece], ppb: u32) -> bool {
+    let mapped = || pieces.iter().filter_map(|p| p.loc.map(|l| (l, p.blocks)));
+    inner.remote.kept.all_copies(mapped().map(|(l, _)| l))
+        && mapped().all(|(l, n)| inner.segments.shared(l.segment, l.page, l.pages(n, ppb)))
+}
+
 /// Called after a live read of `buf` at `offset` that found `pieces`: queues a rewrite of a
 /// fragmented whole-block range.
 pub(crate) fn after_read(
@@ -137,7 +148,7 @@ pub(crate) fn after_read(
         return;
     }
     let (first, blocks) = (offset / bs, buf.len() as u64 / bs);
-    if !own_history(inner, vol, first, blocks) {
+    if !own_history(inner, vol, first, blocks) || shared_copies(inner, &pieces, vol.ppb()) {
         return;
     }
     let mut q = d.queue.lock();
@@ -313,7 +324,7 @@ pub(crate) fn defragment(
         if !fragmented(&pieces, ppb) {
             continue;
         }
-        if !own_history(inner, vol, first, blocks) {
+        if !own_history(inner, vol, first, blocks) || shared_copies(inner, &pieces, ppb) {
             report.skipped += 1;
             continue;
         }

@@ -36,7 +36,7 @@ pub use ops::{
     ByteRange, CheckpointEntry, CheckpointInfo, MapRef, VolumeInfo, VolumeOptions,
     DEFAULT_BLOCK_SIZE, DEFAULT_LZ4_BLOCK_SIZE, MAX_VOLUME_SIZE, TREE_VOLUME_SIZE,
 };
-pub use remote::{BlockRecord, RemoteExtent, RemoteFetcher, REMOTE_SEGMENT_BASE};
+pub use remote::{BlockRecord, RemoteExtent, RemoteFetcher, RemoteSharing, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};
 pub use segment::DEFAULT_REUSE_BYTES;
 pub use store::{Store, StoreOptions};

@@ -80,6 +80,22 @@ impl RefMap {
         }
     }
 
+    /// Whether every page of `[start, start + len)` is counted at least once.
+    pub fn all_referenced(&self, start: u32, len: u32) -> bool {
+        self.all_counted(start, len, 1)
+    }
+
+    /// Whether every page of `[start, start + len)` is counted at least `min` times.
+    pub fn all_counted(&self, start: u32, len: u32, min: i32) -> bool {
+        match self {
+            RefMap::Runs(r) => r.pages_counted(start, len, min) == len,
+            RefMap::Dense(d) => {
+                let (a, b) = d.clip(start, len);
+                b - a == len as usize && d.counts[a..b].iter().all(|c| *c >= min)
+            }
+        }
+    }
+
     pub fn live_runs(&self) -> Vec<(u32, u32)> {
         match self {
             RefMap::Runs(r) => r.live_runs(),
@@ -313,8 +329,19 @@ impl Runs {
         }
     }
 
+    /// Pages of `[start, start + len)` counted at least `min` (> 0) times.
+    fn pages_counted(&self, start: u32, len: u32, min: i32) -> u32 {
+        self.pages_where(start, len, |c| c >= min)
+    }
+
     /// Pages of `[start, start + len)` whose count is exactly `want`.
     pub fn pages_with_count(&self, start: u32, len: u32, want: i32) -> u32 {
+        self.pages_where(start, len, |c| c == want)
+    }
+
+    /// Pages of `[start, start + len)` in runs whose count satisfies `f` (pages in no run
+    /// are not counted).
+    fn pages_where(&self, start: u32, len: u32, f: impl Fn(i32) -> bool) -> u32 {
         let end = start.saturating_add(len);
         let from = self
             .runs
@@ -323,7 +350,7 @@ impl Runs {
             .map_or(start, |(k, _)| *k);
         self.runs
             .range(from..end)
-            .filter(|(_, r)| r.count == want)
+            .filter(|(_, r)| f(r.count))
             .map(|(s, r)| (s + r.len).min(end).saturating_sub((*s).max(start)))
             .sum()
     }
@@ -418,6 +445,11 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(m.pages_with_count(50, 100, 1), (50..150).filter(|p| model[*p as usize] == 1).count() as u32);
+                for (a, n) in [(start, len), (0, 400), (start.saturating_sub(3), 7)] {
+                    let n = n.min(400 - a);
+                    prop_assert_eq!(m.all_referenced(a, n), (a..a + n).all(|p| model[p as usize] > 0), "{}+{}", a, n);
+                    prop_assert_eq!(m.all_counted(a, n, 2), (a..a + n).all(|p| model[p as usize] >= 2), "{}+{}", a, n);
+                }
             }
         }
     }

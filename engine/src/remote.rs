@@ -114,12 +114,178 @@ impl BlockRecord {
     }
 }
 
-/// Registered packs and the fetcher.
+/// Registered packs, the fetcher, and the local copies of fetched records.
 #[derive(Debug, Default)]
 pub(crate) struct Remotes {
     packs: RwLock<HashMap<u32, Arc<[u8]>>>,
     fetcher: RwLock<Option<Arc<dyn RemoteFetcher>>>,
     register: Mutex<()>,
+    pub kept: Kept,
+}
+
+/// Remembered local copies beyond which the table starts over (about 40 bytes each: 4 Mi
+/// cover 16 GiB of 4 KiB records).
+const KEPT_MAX: usize = 4 << 20;
+
+/// A remote record, as a key of [`Kept`]: pack id and byte offset.
+type RecordKey = (u32, u32);
+
+/// Where a remote record was kept locally, so that every volume on this store that maps the
+/// same record (lazy forks of one golden checkpoint, lazy restores of one remote
+/// checkpoint) shares one local copy instead of fetching and storing its own.
+///
+/// Not persisted: after a restart, the first volume to need a record fetches it again. An
+/// entry vouches for nothing by itself: a user pins the location with
+/// [`crate::segment::Segments::pin_live`] and compares the segment's reuse generation with
+/// the one taken before the copy was first installed (see [`Copy::gen`]); when it moved
+/// (pages of that segment were reused), the pinned record is read and checked against its
+/// journal check. A record since freed, or whose pages now hold another, is fetched anew.
+///
+/// Fetches of one record are single-flight: a hydration that finds a record in flight waits
+/// for it (after finishing its own fetches, so two never wait on each other).
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    state: Mutex<KeptState>,
+    done: parking_lot::Condvar,
+    /// Stored bytes of remote records installed from a copy instead of fetched.
+    pub shared_bytes: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct KeptState {
+    copies: HashMap<RecordKey, Copy>,
+    /// Every copy's local (segment, page).
+    locals: std::collections::HashSet<(u32, u32)>,
+    in_flight: std::collections::HashSet<RecordKey>,
+}
+
+/// One remote record's local copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Copy {
+    /// The remote record's crc32 and stored length | lz4 (a key is only reused with both).
+    pub remote_crc: u32,
+    pub remote_len_flags: u32,
+    /// The local record, one block of `block_size` bytes.
+    pub local: Loc,
+    pub block_size: u32,
+    /// Its journal check (crc over its pages' checksums).
+    pub check: u32,
+    /// The local segment's reuse generation read before the copy was first installed.
+    pub gen: u64,
+}
+
+/// How [`Kept::sort`] found remote records: a copy to share, fetched by this caller (now
+/// in flight: [`Kept::finish`] ends that), or in flight elsewhere.
+#[derive(Debug, Default)]
+pub(crate) struct Sorted {
+    pub shared: Vec<(u64, Loc, Copy)>,
+    pub mine: Vec<(u64, Loc)>,
+    pub waiting: Vec<(u64, Loc)>,
+}
+
+fn record_key(l: &Loc) -> RecordKey {
+    (l.segment - REMOTE_SEGMENT_BASE, l.page)
+}
+
+impl Kept {
+    /// Sorts remote `items` (block, remote location); the ones returned in `mine` are in
+    /// flight for the caller until it calls [`Kept::finish`] with them.
+    pub fn sort(&self, items: &[(u64, Loc)], block_size: u32) -> Sorted {
+        let mut out = Sorted::default();
+        let mut st = self.state.lock();
+        for &(b, l) in items {
+            let k = record_key(&l);
+            match st.copies.get(&k) {
+                Some(c)
+                    if c.remote_crc == l.crc
+                        && c.remote_len_flags == l.len_flags
+                        && c.block_size == block_size =>
+                {
+                    out.shared.push((b, l, *c));
+                    continue;
+                }
+                _ => {}
+            }
+            if st.in_flight.contains(&k) {
+                out.waiting.push((b, l));
+            } else {
+                st.in_flight.insert(k);
+                out.mine.push((b, l));
+            }
+        }
+        out
+    }
+
+    /// Ends the caller's fetches of `mine`, remembering the copies it kept.
+    pub fn finish(&self, mine: &[(u64, Loc)], copies: &[(Loc, Copy)]) {
+        let mut st = self.state.lock();
+        for (_, l) in mine {
+            st.in_flight.remove(&record_key(l));
+        }
+        if st.copies.len() + copies.len() > KEPT_MAX {
+            st.copies.clear();
+            st.locals.clear();
+        }
+        for (l, c) in copies {
+            if let Some(old) = st.copies.insert(record_key(l), *c) {
+                st.locals.remove(&(old.local.segment, old.local.page));
+            }
+            st.locals.insert((c.local.segment, c.local.page));
+        }
+        drop(st);
+        self.done.notify_all();
+    }
+
+    /// Forgets a copy found freed or reused.
+    pub fn forget(&self, l: &Loc, c: &Copy) {
+        let mut st = self.state.lock();
+        if st.copies.get(&record_key(l)) == Some(c) {
+            st.copies.remove(&record_key(l));
+            st.locals.remove(&(c.local.segment, c.local.page));
+        }
+    }
+
+    /// A copy verified again at reuse generation `gen`.
+    pub fn refresh(&self, l: &Loc, c: &Copy, gen: u64) {
+        let mut st = self.state.lock();
+        if let Some(e) = st.copies.get_mut(&record_key(l)) {
+            if e == c {
+                e.gen = gen;
+            }
+        }
+    }
+
+    /// Waits until none of `items` is in flight (at most `limit`).
+    pub fn wait(&self, items: &[(u64, Loc)], limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = self.state.lock();
+        while items
+            .iter()
+            .any(|(_, l)| st.in_flight.contains(&record_key(l)))
+        {
+            if self.done.wait_until(&mut st, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
+    /// Whether every location is where a remembered copy starts.
+    pub fn all_copies(&self, locs: impl Iterator<Item = Loc>) -> bool {
+        let st = self.state.lock();
+        let mut any = false;
+        for l in locs {
+            if !st.locals.contains(&(l.segment, l.page)) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Copies remembered.
+    pub fn len(&self) -> usize {
+        self.state.lock().copies.len()
+    }
 }
 
 fn pack_key(id: u32) -> Vec<u8> {
@@ -239,7 +405,26 @@ pub(crate) fn fetch_records(
     Ok(out)
 }
 
+/// How lazily restored volumes of a store share local copies of remote records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteSharing {
+    /// Remote records whose local copy is remembered for sharing.
+    pub copies: u64,
+    /// Stored bytes of remote records installed from another volume's copy instead of being
+    /// fetched, since the store was opened.
+    pub shared_bytes: u64,
+}
+
 impl Store {
+    /// See [`RemoteSharing`].
+    pub fn remote_sharing(&self) -> RemoteSharing {
+        let k = &self.inner.remote.kept;
+        RemoteSharing {
+            copies: k.len() as u64,
+            shared_bytes: k.shared_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Installs the fetcher that remote entries are read through.
     pub fn set_remote_fetcher(&self, fetcher: Arc<dyn RemoteFetcher>) {
         *self.inner.remote.fetcher.write() = Some(fetcher);

@@ -104,6 +104,10 @@ pub struct Segment {
     /// Page ranges allocated since the last commit snapshot (start → pages): records there
     /// are in no durable map, so when they die their pages can be reused at once.
     fresh: Mutex<std::collections::BTreeMap<u32, u32>>,
+    /// Bumped before pages of this segment are handed out again from free runs: a location
+    /// remembered together with the value it had then (see [`Segments::pin_live`]) still
+    /// holds the same record while the value has not moved.
+    reuse_gen: AtomicU64,
 }
 
 impl Segment {
@@ -134,6 +138,7 @@ impl Segment {
             unkicked: AtomicBool::new(false),
             verifying: AtomicU32::new(0),
             fresh: Mutex::new(Default::default()),
+            reuse_gen: AtomicU64::new(0),
         }
     }
 
@@ -486,6 +491,7 @@ impl Segments {
         };
         seg.free_pages
             .fetch_sub(u64::from(pages), Ordering::Relaxed);
+        seg.reuse_gen.fetch_add(1, Ordering::SeqCst);
         if run.pages == pages {
             free.runs.remove(i);
         } else {
@@ -626,6 +632,45 @@ impl Segments {
                 dead.push(run);
             }
         }
+    }
+
+    /// One more reference to `[page, page + pages)` of `segment`, taken only if every page
+    /// of it is referenced now (a dead run is never revived: its pages may be on their way
+    /// to another record). Returns the segment's reuse generation read after the reference
+    /// is taken: if it equals the one read before the record was first installed, the
+    /// pages were never handed out again since, so they still hold that record. `None`: not
+    /// pinned (a page unreferenced, the segment gone, counts not known yet). The caller
+    /// drops the reference with [`crate::inner::Inner::reference`].
+    pub fn pin_live(&self, segment: u32, page: u32, pages: u32) -> Option<u64> {
+        if pages == 0 || !self.counting_on.load(Ordering::Acquire) {
+            return None;
+        }
+        let seg = self.get(segment)?;
+        if !seg.holds(page, pages) {
+            return None;
+        }
+        let mut r = seg.refs.lock();
+        if r.counting || !r.map.all_referenced(page, pages) {
+            return None;
+        }
+        r.map.add(page, pages, 1, true, &mut Vec::new());
+        seg.live_pages.store(r.map.live_pages(), Ordering::Relaxed);
+        Some(seg.reuse_gen.load(Ordering::SeqCst))
+    }
+
+    /// Whether every page of `[page, page + pages)` of `segment` is referenced more than
+    /// once (shared between maps).
+    pub fn shared(&self, segment: u32, page: u32, pages: u32) -> bool {
+        self.get(segment).is_some_and(|s| {
+            let r = s.refs.lock();
+            !r.counting && r.map.all_counted(page, pages, 2)
+        })
+    }
+
+    /// The reuse generation of `segment` (see [`Segments::pin_live`]).
+    pub fn reuse_gen(&self, segment: u32) -> Option<u64> {
+        self.get(segment)
+            .map(|s| s.reuse_gen.load(Ordering::SeqCst))
     }
 
     /// Whether a dead run lies in pages allocated since the last commit snapshot.

@@ -44,6 +44,20 @@ const UNMAP_CHUNK: u64 = 1 << 16;
 /// Largest record (pages) one write stores: 16 MiB.
 const MAX_RECORD_PAGES: u32 = 4096;
 
+/// Remote records a hydration fetches: in flight for it until dropped, which remembers the
+/// copies it kept and wakes hydrations waiting for them (see [`crate::remote::Kept`]).
+struct InFlight<'a> {
+    kept: &'a crate::remote::Kept,
+    mine: &'a [(u64, Loc)],
+    copies: Vec<(Loc, crate::remote::Copy)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.kept.finish(self.mine, &self.copies);
+    }
+}
+
 /// One change to a range's mapping.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Change {
@@ -898,7 +912,7 @@ impl Writer<'_> {
     /// Writes the records' data and checksums, installs their mappings, writes the journal.
     /// Returns the blocks whose compare-and-set lost.
     fn store_and_map(&self, records: Vec<Rec<'_>>) -> Result<HashSet<u64>> {
-        self.store_guarded(records, None)
+        self.store_guarded(records, None, None)
     }
 
     /// Stores `data` (the current content of blocks from `first`, as read) as new records
@@ -944,15 +958,19 @@ impl Writer<'_> {
         if records.is_empty() {
             return Ok(false);
         }
-        let done = self.store_guarded(records, Some(guard));
+        let done = self.store_guarded(records, Some(guard), None);
         self.inner.reuse_fresh(false);
         Ok(done?.is_empty())
     }
 
+    /// [`Writer::store_and_map`] under `guard`; `installed` receives the changes installed,
+    /// each with its segment's reuse generation read before the install (see
+    /// [`crate::segment::Segments::pin_live`]).
     fn store_guarded(
         &self,
         records: Vec<Rec<'_>>,
         guard: Option<&RangeGuard>,
+        installed: Option<&mut Vec<(Change, u64)>>,
     ) -> Result<HashSet<u64>> {
         let inner = self.inner;
         let bs = self.vol.block_size as usize;
@@ -983,8 +1001,29 @@ impl Writer<'_> {
         inner.note_dirty(stored * PAGE_SIZE as u64);
         changes.extend(changes_of(placed, self.vol.ppb()));
         changes.sort_by_key(|c| c.block);
+        let gens: Vec<u64> = match installed {
+            Some(_) => changes
+                .iter()
+                .map(|c| {
+                    c.new
+                        .and_then(|l| inner.segments.reuse_gen(l.segment))
+                        .unwrap_or(u64::MAX)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let applied = self.install_guarded(&changes, guard)?;
         drop(reservations);
+        if let Some(out) = installed {
+            out.extend(
+                changes
+                    .iter()
+                    .zip(&applied)
+                    .zip(gens)
+                    .filter(|((_, ok), gen)| **ok && *gen != u64::MAX)
+                    .map(|((c, _), gen)| (*c, gen)),
+            );
+        }
         Ok(self.abandon_lost(&changes, &applied))
     }
 
@@ -1042,14 +1081,115 @@ impl Writer<'_> {
         done
     }
 
-    /// Replaces remote locations by local copies of their records: fetches and verifies
-    /// them, stores them and installs each with compare-and-set against the remote location
-    /// (a block written meanwhile keeps the new write). Returns the bytes fetched.
+    /// Replaces remote locations by local copies of their records, installing each with
+    /// compare-and-set against the remote location (a block written meanwhile keeps the new
+    /// write). A record another volume of this store already keeps locally is shared (one
+    /// more reference to that copy, see [`crate::remote::Kept`]); the others are fetched,
+    /// verified and stored, and remembered for the next volume that needs them. Returns the
+    /// bytes fetched.
     pub(crate) fn hydrate(&self, items: &[(u64, Loc)]) -> Result<u64> {
+        /// Rounds of waiting for records in flight elsewhere before fetching them anyway.
+        const ROUNDS: usize = 8;
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
         if items.is_empty() {
             return Ok(0);
         }
         self.inner.check_poisoned()?;
+        let kept = &self.inner.remote.kept;
+        let mut todo = items.to_vec();
+        let mut fetched = 0;
+        for _ in 0..ROUNDS {
+            let sorted = kept.sort(&todo, self.vol.block_size);
+            let mut again = self.share(&sorted.shared)?;
+            {
+                let mut flight = InFlight {
+                    kept,
+                    mine: &sorted.mine,
+                    copies: Vec::new(),
+                };
+                fetched += self.fetch_and_keep(&sorted.mine, Some(&mut flight.copies))?;
+            }
+            if sorted.waiting.is_empty() && again.is_empty() {
+                return Ok(fetched);
+            }
+            kept.wait(&sorted.waiting, WAIT);
+            again.extend(sorted.waiting);
+            again.sort_by_key(|(b, _)| *b);
+            todo = again;
+        }
+        Ok(fetched + self.fetch_and_keep(&todo, None)?)
+    }
+
+    /// Installs copies other volumes keep (see [`Writer::hydrate`]). Returns the items whose
+    /// copy was found freed or reused since (forgotten now).
+    fn share(&self, shared: &[(u64, Loc, crate::remote::Copy)]) -> Result<Vec<(u64, Loc)>> {
+        let inner = self.inner;
+        let ppb = self.vol.ppb();
+        let mut changes = Vec::with_capacity(shared.len());
+        let mut pinned = Vec::with_capacity(shared.len());
+        let mut stale = Vec::new();
+        for &(block, remote, c) in shared {
+            let pages = c.local.pages(1, ppb);
+            if let Some(gen) = inner
+                .segments
+                .pin_live(c.local.segment, c.local.page, pages)
+            {
+                pinned.push(c.local);
+                // Pages of that segment were handed out again since: this record's may have
+                // been among them. Pinned now, its pages cannot change while read: the
+                // record is still the copy if they verify against its journal check.
+                let same =
+                    gen == c.gen || record::verifies(&inner.segments, &c.local, 1, ppb, c.check);
+                if same {
+                    if gen != c.gen {
+                        inner.remote.kept.refresh(&remote, &c, gen);
+                    }
+                    changes.push(Change {
+                        block,
+                        count: 1,
+                        new: Some(c.local),
+                        expect: Some(Some(remote)),
+                        check: c.check,
+                    });
+                    continue;
+                }
+            }
+            inner.remote.kept.forget(&remote, &c);
+            stale.push((block, remote));
+        }
+        let installed = self.install(&changes);
+        if let Ok(applied) = &installed {
+            let bytes: u64 = changes
+                .iter()
+                .zip(applied)
+                .filter(|(_, ok)| **ok)
+                .filter_map(|(c, _)| c.expect.flatten().map(|l| u64::from(l.stored_len())))
+                .sum();
+            inner
+                .remote
+                .kept
+                .shared_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        // The pins go only once the map holds its own references.
+        for l in &pinned {
+            inner.reference(l, 1, ppb, -1);
+        }
+        self.inner.reuse_fresh(false);
+        installed?;
+        Ok(stale)
+    }
+
+    /// Fetches, verifies and stores remote records (see [`Writer::hydrate`]); `copies`
+    /// receives the ones installed, for other volumes to share.
+    fn fetch_and_keep(
+        &self,
+        items: &[(u64, Loc)],
+        copies: Option<&mut Vec<(Loc, crate::remote::Copy)>>,
+    ) -> Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
         let data = crate::remote::fetch_records(
             &self.inner.remote,
             &self.vol.name,
@@ -1085,9 +1225,28 @@ impl Writer<'_> {
                 expect: Some(Some(l)),
             })
             .collect();
-        let done = self.store_and_map(records);
+        let mut installed = Vec::new();
+        let done = self.store_guarded(records, None, copies.is_some().then_some(&mut installed));
         self.inner.reuse_fresh(false);
         done?;
+        if let Some(copies) = copies {
+            copies.extend(installed.into_iter().filter_map(|(c, gen)| {
+                let (Some(local), Some(Some(remote))) = (c.new, c.expect) else {
+                    return None;
+                };
+                (c.count == 1 && remote.is_remote()).then_some((
+                    remote,
+                    crate::remote::Copy {
+                        remote_crc: remote.crc,
+                        remote_len_flags: remote.len_flags,
+                        local,
+                        block_size: self.vol.block_size,
+                        check: c.check,
+                        gen,
+                    },
+                ))
+            }));
+        }
         Ok(bytes)
     }
 

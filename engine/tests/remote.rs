@@ -224,3 +224,142 @@ fn changed_since_and_ancestors() {
     assert!(c.changed_since(&b).is_empty());
     assert_eq!(store.open_checkpoint_id(b.id()).unwrap().name(), "v@b");
 }
+
+/// A lazy volume pointed at `extents` of the source's pack.
+fn lazy_from(store: &Store, name: &str, bs: u32, lz4: bool, extents: &[(u64, RemoteExtent)]) {
+    let opts = VolumeOptions {
+        lz4,
+        block_size: Some(bs),
+        ..Default::default()
+    };
+    store.create_volume(name, 8 * MIB, opts).unwrap();
+    store
+        .open_volume(name)
+        .unwrap()
+        .install_remote(extents)
+        .unwrap();
+}
+
+fn hydrate_all(store: &Store, name: &str) {
+    let mut from = Some(0);
+    while let Some(f) = from {
+        from = store.hydrate_step(name, f, u64::MAX, 256 * 1024).unwrap().0;
+    }
+    assert_eq!(store.remote_blocks(name).unwrap(), 0);
+}
+
+fn image_of(store: &Store, name: &str) -> Vec<u8> {
+    let mut all = vec![0u8; 8 * MIB as usize];
+    store.open_volume(name).unwrap().read(0, &mut all).unwrap();
+    all
+}
+
+#[test]
+fn volumes_mapping_one_remote_record_share_one_local_copy() {
+    for lz4 in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(FakeRemote::default());
+        let store = open(dir.path(), engines()[0].1.clone());
+        store.set_remote_fetcher(remote.clone());
+        let (image, extents) = pack_source(&store, &remote, lz4);
+        let bs = store.volume_info("src").unwrap().block_size;
+        let pack_bytes: u64 = extents.iter().map(|(_, x)| u64::from(x.stored_len)).sum();
+        for n in ["a", "b", "c"] {
+            lazy_from(&store, n, bs, lz4, &extents);
+        }
+        let live = || store.stats().live_bytes;
+        let base = live();
+        hydrate_all(&store, "a");
+        assert_eq!(remote.fetched.load(Ordering::Relaxed), pack_bytes);
+        let one_copy = live() - base;
+        assert!(one_copy > 0);
+        // The second volume shares every record: nothing fetched, nothing stored.
+        assert_eq!(store.remote_sharing().shared_bytes, 0);
+        hydrate_all(&store, "b");
+        assert_eq!(
+            remote.fetched.load(Ordering::Relaxed),
+            pack_bytes,
+            "lz4={lz4}"
+        );
+        assert_eq!(store.remote_sharing().shared_bytes, pack_bytes);
+        assert_eq!(live() - base, one_copy, "lz4={lz4}: b stored its own copy");
+        assert!(image_of(&store, "b") == image, "lz4={lz4}: b differs");
+        // Reading b's scattered runs does not make the defragmenter rewrite the copies.
+        store.wait_defrag_idle(std::time::Duration::from_secs(10));
+        assert_eq!(
+            live() - base,
+            one_copy,
+            "lz4={lz4}: b's read rewrote shared copies"
+        );
+        // A's guest overwrites everything and A goes: b's copy stays; c shares it still.
+        let a = store.open_volume("a").unwrap();
+        a.write(0, &vec![0x5A; 8 * MIB as usize]).unwrap();
+        a.flush().unwrap();
+        drop(a);
+        store.delete_volume("a").unwrap();
+        hydrate_all(&store, "c");
+        assert_eq!(
+            remote.fetched.load(Ordering::Relaxed),
+            pack_bytes,
+            "lz4={lz4}"
+        );
+        assert!(image_of(&store, "c") == image, "lz4={lz4}: c differs");
+        // Every copy freed, then its pages reused by other data: a new volume fetches again
+        // and reads the remote bytes, never what reused the pages.
+        store.delete_volume("b").unwrap();
+        store.delete_volume("c").unwrap();
+        store.flush().unwrap();
+        store
+            .create_volume("noise", 8 * MIB, VolumeOptions::default())
+            .unwrap();
+        let noise = store.open_volume("noise").unwrap();
+        for round in 0..4u64 {
+            noise
+                .write(0, &pattern(100 + round, 8 * MIB as usize))
+                .unwrap();
+            noise.flush().unwrap();
+            store.flush().unwrap();
+        }
+        assert!(store.stats().reused_bytes > 0, "the test must reuse pages");
+        lazy_from(&store, "d", bs, lz4, &extents);
+        hydrate_all(&store, "d");
+        assert!(
+            image_of(&store, "d") == image,
+            "lz4={lz4}: d read reused pages"
+        );
+        assert!(remote.fetched.load(Ordering::Relaxed) > pack_bytes);
+        assert!(store.scrub().unwrap().problems.is_empty());
+        // Reopened, the shared records are ordinary references.
+        drop(noise);
+        drop(store);
+        let store = open(dir.path(), engines()[0].1.clone());
+        store.set_remote_fetcher(remote.clone());
+        assert!(image_of(&store, "d") == image);
+        assert!(store.scrub().unwrap().problems.is_empty());
+    }
+}
+
+#[test]
+fn concurrent_hydrations_fetch_each_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = Arc::new(FakeRemote::default());
+    let store = Arc::new(open(dir.path(), engines()[0].1.clone()));
+    store.set_remote_fetcher(remote.clone());
+    let (image, extents) = pack_source(&store, &remote, false);
+    let bs = store.volume_info("src").unwrap().block_size;
+    let pack_bytes: u64 = extents.iter().map(|(_, x)| u64::from(x.stored_len)).sum();
+    let names: Vec<String> = (0..8).map(|i| format!("fork{i}")).collect();
+    for n in &names {
+        lazy_from(&store, n, bs, false, &extents);
+    }
+    std::thread::scope(|s| {
+        for n in &names {
+            let store = store.clone();
+            s.spawn(move || hydrate_all(&store, n));
+        }
+    });
+    assert_eq!(remote.fetched.load(Ordering::Relaxed), pack_bytes);
+    for n in &names {
+        assert!(image_of(&store, n) == image, "{n} differs");
+    }
+}

@@ -1049,3 +1049,90 @@ fn push_rate_bounds_a_push() {
     println!("push of 40 MiB at --push-rate 8M took {took:?}");
     assert!(took >= Duration::from_secs(4), "{took:?}");
 }
+
+/// Lazy forks of one remote golden on one store share what they fetch: a golden pushed
+/// once, restored lazily on another store, checkpointed and forked 8 times; every fork
+/// hydrates in the background. The remote serves the golden's bytes about once (not 9
+/// times), the store holds about one copy, a fork's guest write stays its own, and every
+/// fork reads the golden's bytes, also after a restart.
+#[test]
+fn lazy_forks_of_one_remote_golden_fetch_it_once() {
+    const FORKS: usize = 8;
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let img = volume_from_image(&env, &a, "golden", "golden.raw", 32, 21);
+    a.ok(&["checkpoint", "create", "golden@v1"]);
+    let pushed = json(&a, &["checkpoint", "push", "golden@v1", "--remote", "g"]);
+    let golden = pushed["uploaded_bytes"].as_u64().unwrap();
+    assert!(golden > 28 * MIB as u64, "{pushed}");
+    drop(a);
+
+    let mut b = env.daemon("b", &[]);
+    b.ok(&[
+        "volume",
+        "create",
+        "golden",
+        "--from",
+        "g:golden@v1",
+        "--lazy",
+    ]);
+    b.ok(&["checkpoint", "create", "golden@base"]);
+    let forks: Vec<String> = (0..FORKS).map(|i| format!("sb{i}")).collect();
+    for f in &forks {
+        b.ok(&["volume", "create", f, "--from", "golden@base"]);
+    }
+    let hydrated = |d: &Daemon, v: &str| {
+        let i = json(d, &["volume", "info", v]);
+        assert!(i["hydration"]["last_error"].is_null(), "{i}");
+        i["remote_bytes"] == 0 && i["hydration"].is_null()
+    };
+    wait_until(120, "every fork to hydrate", || {
+        forks
+            .iter()
+            .chain([&"golden".to_string()])
+            .all(|v| hydrated(&b, v))
+    });
+    let fetched = metric(&b, "strata_remote_fetched_bytes_total{remote=\"g\"}");
+    let shared = metric(&b, "strata_remote_shared_bytes_total");
+    println!(
+        "{FORKS} forks + golden: fetched {fetched} bytes for a golden of {golden} bytes; \
+         {shared} bytes installed from shared copies"
+    );
+    // The golden's records, plus its manifest: about once.
+    assert!(fetched >= golden, "{fetched} < {golden}");
+    assert!(
+        fetched < golden + golden / 10,
+        "fetched {fetched}, golden {golden}"
+    );
+    assert!(shared >= FORKS as u64 * golden, "shared {shared}");
+    // One copy on disk, not nine.
+    let segs: u64 = std::fs::read_dir(env.path("b").join("data"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seg"))
+        .map(|e| std::os::unix::fs::MetadataExt::blocks(&e.metadata().unwrap()) * 512)
+        .sum();
+    assert!(
+        segs < 2 * golden,
+        "segments hold {segs} bytes for a {golden}-byte golden"
+    );
+    // A fork's own write stays its own; the others keep the golden's bytes.
+    let patch = env.path("patch.raw");
+    std::fs::write(&patch, vec![0xEE; 4 * MIB]).unwrap();
+    b.ok(&["import", "sb0", patch.to_str().unwrap()]);
+    let mut want0 = img.clone();
+    want0[..4 * MIB].fill(0xEE);
+    let back = |d: &Daemon, v: &str, what: &str| {
+        let p = env.path(&format!("{v}-{what}.raw"));
+        read_back(d, v, &p)
+    };
+    same(&back(&b, "sb0", "1"), &want0, "sb0");
+    for f in &forks[1..] {
+        same(&back(&b, f, "1"), &img, f);
+    }
+    b.terminate();
+    let b = env.daemon("b", &[]);
+    same(&back(&b, "sb0", "2"), &want0, "sb0 after a restart");
+    same(&back(&b, "sb7", "2"), &img, "sb7 after a restart");
+    same(&back(&b, "golden", "2"), &img, "golden after a restart");
+}

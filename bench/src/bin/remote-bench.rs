@@ -16,8 +16,14 @@
 //!   protection policy, alternating, medians and their ratio; and the RPO a user would see
 //!   (`rpo_secs` of `volume info` sampled at random instants): p50 and p99.
 //!
+//! - forks (issue 15): a golden of `--size-mib` pushed once; on a second store, a lazy
+//!   restore of it, a checkpoint, and `--forks` O(1) forks of that checkpoint, each
+//!   hydrating in the background: bytes fetched from the remote until every fork holds all
+//!   its blocks locally (against the golden's size), the store's disk use, and the time.
+//!
 //! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N] [--secs N]
-//!        [--only protection] [--push-rate RATE (the protection daemon's, e.g. 20M)]
+//!        [--only protection|forks] [--push-rate RATE (the protection daemon's, e.g. 20M)]
+//!        [--forks N (default 100)]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -39,6 +45,8 @@ struct Args {
     only: Option<String>,
     /// `strata serve --push-rate` for the protection section.
     push_rate: Option<String>,
+    /// Forks of the golden in the forks section.
+    forks: usize,
 }
 
 fn args() -> R<Args> {
@@ -49,6 +57,7 @@ fn args() -> R<Args> {
         secs: 15.0,
         only: None,
         push_rate: None,
+        forks: 100,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -57,7 +66,8 @@ fn args() -> R<Args> {
             "--runs" => a.runs = v.parse()?,
             "--secs" => a.secs = v.parse()?,
             "--push-rate" => a.push_rate = Some(v),
-            "--only" if v == "protection" => a.only = Some(v),
+            "--only" if v == "protection" || v == "forks" => a.only = Some(v),
+            "--forks" => a.forks = v.parse()?,
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -78,6 +88,50 @@ fn cli(store: &Path, args: &[&str]) -> R<Value> {
         return Err(format!("strata {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A fully written image of `mib` MiB (no holes, not compressible).
+fn write_image(raw: &Path, mib: usize) -> R<()> {
+    let f = std::fs::File::create(raw)?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    for chunk in 0..mib as u64 {
+        buf.clear();
+        for b in 0..256 {
+            buf.extend_from_slice(&strata_tests::block_content(chunk * 256 + b, 77, 4096));
+        }
+        f.write_all_at(&buf, chunk << 20)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// One series of the daemon's /metrics (0 when absent).
+fn metric(store: &Path, series: &str) -> R<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(store.join("strata.sock"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+/// Bytes the files under `dir` occupy on disk.
+fn disk_bytes(dir: &Path) -> R<u64> {
+    let out = Command::new("du").arg("-sB1").arg(dir).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split_whitespace().next().ok_or("du")?.parse()?)
 }
 
 fn daemon(dir: &Path, name: &str) -> R<(Server, PathBuf)> {
@@ -172,8 +226,10 @@ fn main() -> R<()> {
     std::fs::create_dir_all(&a.dir)?;
     let garage = Garage::single(&a.dir.join("garage"));
     let ep = garage.endpoint();
-    if a.only.is_some() {
-        return protection(&a, &ep);
+    match a.only.as_deref() {
+        Some("protection") => return protection(&a, &ep),
+        Some("forks") => return forks(&a, &ep),
+        _ => {}
     }
     let size = a.size_mib << 20;
     let bytes = size as f64;
@@ -181,18 +237,7 @@ fn main() -> R<()> {
 
     // A fully written image (no holes, not compressible): what both sides upload.
     let raw = a.dir.join("image.raw");
-    {
-        let f = std::fs::File::create(&raw)?;
-        let mut buf = Vec::with_capacity(1 << 20);
-        for chunk in 0..a.size_mib as u64 {
-            buf.clear();
-            for b in 0..256 {
-                buf.extend_from_slice(&strata_tests::block_content(chunk * 256 + b, 77, 4096));
-            }
-            f.write_all_at(&buf, chunk << 20)?;
-        }
-        f.sync_all()?;
-    }
+    write_image(&raw, a.size_mib)?;
     let (_a, sa) = daemon(&a.dir, "store-a")?;
     cli(
         &sa,
@@ -513,5 +558,107 @@ fn protection(a: &Args, ep: &str) -> R<()> {
         percentile(rpo, 0.99)
     );
     cli(&st, &["unexport", "pv"])?;
+    Ok(())
+}
+
+fn forks(a: &Args, ep: &str) -> R<()> {
+    let raw = a.dir.join("golden.raw");
+    write_image(&raw, a.size_mib)?;
+    let (_a, sa) = daemon(&a.dir, "store-a")?;
+    add_remote(&sa, "g", ep)?;
+    let size = format!("{}M", a.size_mib);
+    cli(&sa, &["volume", "create", "golden", "--size", &size])?;
+    cli(&sa, &["import", "golden", raw.to_str().ok_or("path")?])?;
+    cli(&sa, &["checkpoint", "create", "golden@v1"])?;
+    let pushed = cli(&sa, &["checkpoint", "push", "golden@v1", "--remote", "g"])?;
+    let golden = pushed["uploaded_bytes"].as_u64().ok_or("uploaded_bytes")?;
+    drop(_a);
+    let (_b, sb) = daemon(&a.dir, "store-b")?;
+    add_remote(&sb, "g", ep)?;
+    let disk0 = disk_bytes(&sb)?;
+    println!(
+        "# forks: golden {} MiB ({} MiB pushed), {} lazy forks on a fresh store",
+        a.size_mib,
+        golden >> 20,
+        a.forks
+    );
+    let t0 = Instant::now();
+    cli(
+        &sb,
+        &[
+            "volume",
+            "create",
+            "golden",
+            "--from",
+            "g:golden@v1",
+            "--lazy",
+        ],
+    )?;
+    cli(&sb, &["checkpoint", "create", "golden@base"])?;
+    let names: Vec<String> = (0..a.forks).map(|i| format!("sb{i}")).collect();
+    for n in &names {
+        cli(&sb, &["volume", "create", n, "--from", "golden@base"])?;
+    }
+    let created = t0.elapsed().as_secs_f64();
+    println!(
+        "forks: lazy restore + checkpoint + {} forks in {:.2} s",
+        a.forks, created
+    );
+    let mut left: Vec<String> = names.clone();
+    left.push("golden".into());
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while !left.is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("{} volumes still hydrating after an hour", left.len()).into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let mut still = Vec::new();
+        for n in left {
+            let v = cli(&sb, &["volume", "info", &n])?;
+            if let Some(e) = v["hydration"]["last_error"].as_str() {
+                return Err(format!("{n}: hydration failed: {e}").into());
+            }
+            if v["remote_bytes"] != 0 || !v["hydration"].is_null() {
+                still.push(n);
+            }
+        }
+        left = still;
+    }
+    let all = t0.elapsed().as_secs_f64();
+    let fetched = metric(&sb, "strata_remote_fetched_bytes_total{remote=\"g\"}")?;
+    let shared = metric(&sb, "strata_remote_shared_bytes_total")?;
+    let disk = disk_bytes(&sb)?.saturating_sub(disk0);
+    let g = golden as f64;
+    println!(
+        "forks: every fork hydrated {all:.1} s after the restore began; fetched {:.0} MiB \
+         from the remote = {:.2}x the golden (without sharing: {}x); {:.0} MiB installed from \
+         shared copies; store grew by {:.0} MiB = {:.2}x the golden",
+        fetched / (1 << 20) as f64,
+        fetched / g,
+        a.forks + 1,
+        shared / (1 << 20) as f64,
+        disk as f64 / (1 << 20) as f64,
+        disk as f64 / g
+    );
+    // Every fork reads the golden's bytes (a sample of blocks per fork).
+    let mnt = a.dir.join("mnt-f");
+    let img_file = std::fs::File::open(&raw)?;
+    let blocks = (a.size_mib as u64) << 8;
+    for (i, n) in names.iter().enumerate().step_by((a.forks / 10).max(1)) {
+        fuse_mount(&sb, n, &mnt)?;
+        let f = std::fs::File::open(mnt.join(format!("{n}.img")))?;
+        let (mut want, mut got) = (vec![0u8; 4096], vec![0u8; 4096]);
+        for k in 0..64u64 {
+            let b = (k * 7919 + i as u64 * 104_729) % blocks;
+            img_file.read_exact_at(&mut want, b * 4096)?;
+            f.read_exact_at(&mut got, b * 4096)?;
+            if want != got {
+                return Err(format!("{n}: block {b} differs from the golden").into());
+            }
+        }
+        drop(f);
+        cli(&sb, &["unexport", n])?;
+    }
+    println!("forks: sampled blocks of every tenth fork read back the golden's bytes");
     Ok(())
 }

@@ -122,6 +122,8 @@ struct PackDesc {
 /// Hydration progress of one volume, for `volume info`.
 #[derive(Debug, Default)]
 pub struct Hydration {
+    /// Waiting for one of the store's hydration slots (see `pull::SLOTS`).
+    pub queued: std::sync::atomic::AtomicBool,
     pub fetched_bytes: std::sync::atomic::AtomicU64,
     pub error: Mutex<Option<String>>,
     pub cancel: std::sync::atomic::AtomicBool,
@@ -134,6 +136,8 @@ pub struct Remotes {
     state: Mutex<State>,
     clients: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     pub hydrating: Mutex<HashMap<String, Arc<Hydration>>>,
+    /// Volumes copying in now (at most `pull::SLOTS`), and its wake-up.
+    pub hydration_slots: (Mutex<usize>, parking_lot::Condvar),
     /// Per remote: bytes fetched, failed fetches, bytes uploaded (for /metrics).
     pub counters: Mutex<BTreeMap<String, [u64; 3]>>,
     /// Volume names a restore from a remote is creating right now.
@@ -256,6 +260,7 @@ impl Remotes {
             state: Mutex::new(state),
             clients: Mutex::new(HashMap::new()),
             hydrating: Mutex::new(HashMap::new()),
+            hydration_slots: Default::default(),
             creating: Default::default(),
             counters: Default::default(),
             stopping: Default::default(),

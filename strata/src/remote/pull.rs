@@ -23,6 +23,35 @@ const WORKERS: usize = 4;
 const STRIPE: u64 = 1 << 16;
 /// Bytes fetched per engine step.
 const STEP_BYTES: u64 = 8 << 20;
+/// Volumes that copy in at once; others wait for a slot (reads of their remote blocks go on
+/// meanwhile). A hundred lazy forks of one golden share what they fetch (the engine's
+/// `remote::Kept`), so running all of them at once would only add threads.
+pub const SLOTS: usize = 4;
+
+/// One of [`SLOTS`], released when dropped.
+struct Slot<'a>(&'a Remotes);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let (n, cv) = &self.0.hydration_slots;
+        *n.lock() -= 1;
+        cv.notify_one();
+    }
+}
+
+/// Waits for a hydration slot; `None` once `stop` says so.
+fn take_slot<'a>(remotes: &'a Remotes, stop: &dyn Fn() -> bool) -> Option<Slot<'a>> {
+    let (n, cv) = &remotes.hydration_slots;
+    let mut taken = n.lock();
+    while *taken >= SLOTS {
+        if stop() {
+            return None;
+        }
+        cv.wait_for(&mut taken, Duration::from_millis(200));
+    }
+    *taken += 1;
+    Some(Slot(remotes))
+}
 
 /// `REMOTE:VOL@CKPT` → (remote, vol, ckpt).
 pub fn parse_source(s: &str) -> Option<(&str, &str, &str)> {
@@ -199,6 +228,12 @@ fn hydrate_inner(
     h: &Arc<Hydration>,
 ) -> Result<bool> {
     let stop = || remotes.stopping.load(Ordering::Relaxed) || h.cancel.load(Ordering::Relaxed);
+    h.queued.store(true, Ordering::Relaxed);
+    let slot = take_slot(remotes, &stop);
+    h.queued.store(false, Ordering::Relaxed);
+    let Some(_slot) = slot else {
+        return Ok(false);
+    };
     let started = std::time::Instant::now();
     // Under a rate limit, steps of at most a second's worth, so the rate holds from the start.
     let step_bytes = remotes

@@ -92,6 +92,12 @@ pub(super) fn render_metrics(app: &App) -> String {
             c[2]
         );
     }
+    let sharing = app.store.remote_sharing();
+    let _ = writeln!(
+        out,
+        "# TYPE strata_remote_shared_bytes_total counter\nstrata_remote_shared_bytes_total {}\n# TYPE strata_remote_kept_copies gauge\nstrata_remote_kept_copies {}",
+        sharing.shared_bytes, sharing.copies
+    );
     app.protection.metrics(&mut out);
     // Only volumes being restored: counting remote blocks walks the map.
     let _ = writeln!(out, "# TYPE strata_volume_remote_bytes gauge");

@@ -209,6 +209,7 @@ pub(super) async fn volume_info(
             let h = a.remotes.hydrating.lock().get(&name).cloned();
             v["hydration"] = json!({
                 "source": r.source, "state": r.state, "running": h.is_some(),
+                "queued": h.as_ref().is_some_and(|h| h.queued.load(std::sync::atomic::Ordering::Relaxed)),
                 "remote_blocks": remote_blocks,
                 "fetched_bytes": h.as_ref().map(|h| h.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed)),
                 "last_error": h.as_ref().and_then(|h| h.error.lock().clone()),
