@@ -1,5 +1,7 @@
 //! Shared helpers for the benchmark binaries: the `strata` daemon and peer processes.
 
+pub mod blk;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@ use crate::config;
 use crate::disk::Disk;
 use crate::helpers::Helpers;
 use crate::request::{handle_chain, Limits, Outcome};
-use crate::stats::IoStats;
+use crate::stats::{op_of, VolumeIo};
 use parking_lot::RwLock;
 use std::collections::VecDeque;
 use std::io;
@@ -40,7 +40,7 @@ struct Shared {
     writeback: AtomicBool,
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    stats: Arc<IoStats>,
+    io: Arc<VolumeIo>,
 }
 
 /// The device. Cheap to clone (the vhost-user framework clones it per worker thread).
@@ -63,7 +63,7 @@ impl BlockBackend {
         disk: Arc<dyn Disk>,
         block_size: u32,
         opts: BlockOptions,
-        stats: Arc<IoStats>,
+        io: Arc<VolumeIo>,
     ) -> Self {
         let opts = BlockOptions {
             queues: opts.queues.clamp(1, MAX_QUEUES),
@@ -77,7 +77,7 @@ impl BlockBackend {
                 writeback: AtomicBool::new(true),
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
-                stats,
+                io,
             }),
         }
     }
@@ -94,12 +94,12 @@ impl BlockBackend {
     /// as it asks (with `EVENT_IDX`, when its used-event index says so), so that it reaps and
     /// submits more while the rest is served. Returns only once every request it handed to a
     /// helper is back: nothing outlives this call's guest memory or queue state.
-    fn process(
-        &self,
-        vring: &VringRwLock,
-        mem: &Arc<GuestMemoryMmap>,
-        event_idx: bool,
-    ) -> io::Result<()> {
+    ///
+    /// Guest memory is looked up again on every pass: the frontend may add regions while the
+    /// queue is being served (libblkio maps its buffers after starting the device), and a
+    /// request must be translated with a map that holds its buffers. Each request is served
+    /// with the map it was taken from the ring with.
+    fn process(&self, vring: &VringRwLock, event_idx: bool) -> io::Result<()> {
         // The queue belongs to this worker thread alone; the lock only fences the control
         // path (vring setup), so holding it across the requests is uncontended.
         let mut state = vring.get_mut();
@@ -111,17 +111,22 @@ impl BlockBackend {
         let mut pending = VecDeque::new();
         let mut out = 0usize;
         let result = loop {
+            let mem = match self.memory() {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
             while let Some(c) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-                pending.push_back(c);
+                pending.push_back((c, mem.clone()));
             }
             while pending.len() > 1 && out < max_out {
-                let Some(chain) = pending.pop_back() else {
+                let Some((chain, cmem)) = pending.pop_back() else {
                     break;
                 };
+                self.admit(&chain, &cmem);
                 let (disk, limits, mem, tx) = (
                     self.shared.disk.clone(),
                     self.limits(),
-                    mem.clone(),
+                    cmem,
                     done_tx.clone(),
                 );
                 helpers.run(move || {
@@ -135,11 +140,12 @@ impl BlockBackend {
                 out += 1;
             }
             let mut finished = Vec::new();
-            if let Some(chain) = pending.pop_front() {
+            if let Some((chain, cmem)) = pending.pop_front() {
+                self.admit(&chain, &cmem);
                 let start = std::time::Instant::now();
                 let head = chain.head_index();
                 let (len, mut o) =
-                    handle_chain(self.shared.disk.as_ref(), self.limits(), chain, mem);
+                    handle_chain(self.shared.disk.as_ref(), self.limits(), chain, &cmem);
                 o.latency = start.elapsed();
                 finished.push((head, len, o));
             } else if out > 0 {
@@ -158,7 +164,7 @@ impl BlockBackend {
                 finished.push(d);
                 out -= 1;
             }
-            if let Err(e) = self.complete(&mut state, mem, event_idx, &finished) {
+            if let Err(e) = self.complete(&mut state, &mem, event_idx, &finished) {
                 break Err(e);
             }
         };
@@ -167,6 +173,22 @@ impl BlockBackend {
             out -= 1;
         }
         result
+    }
+
+    /// Holds a request to the volume's limits: waits here, on this queue's own thread (never
+    /// on a helper other volumes share), until the limits admit it.
+    fn admit<T>(&self, chain: &virtio_queue::DescriptorChain<T>, mem: &GuestMemoryMmap)
+    where
+        T: std::ops::Deref + Clone,
+        T::Target: vm_memory::GuestMemory + Sized,
+    {
+        let io = &self.shared.io;
+        if !io.qos.is_limited() {
+            return;
+        }
+        if let Some((kind, bytes)) = crate::request::peek(chain, mem) {
+            io.throttle(op_of(kind), bytes);
+        }
     }
 
     /// Puts finished requests on the used ring and notifies the driver if it asks.
@@ -184,8 +206,9 @@ impl BlockBackend {
                 .add_used(mem, *head, *len)
                 .map_err(used_err)?;
             self.shared
+                .io
                 .stats
-                .record(o.kind, o.bytes, o.status == Some(0), o.latency);
+                .record_op(op_of(o.kind), o.bytes, o.status == Some(0), o.latency);
             if !event_idx || state.needs_notification().map_err(used_err)? {
                 state.signal_used_queue()?;
             }
@@ -193,11 +216,16 @@ impl BlockBackend {
         Ok(())
     }
 
-    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// The guest memory map as it is now.
+    fn memory(&self) -> io::Result<Arc<GuestMemoryMmap>> {
         let Some(atomic) = self.shared.mem.read().clone() else {
             return Err(io::Error::other("no guest memory mapped"));
         };
-        let mem = atomic.memory().into_inner();
+        Ok(atomic.memory().into_inner())
+    }
+
+    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        self.memory()?;
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
@@ -205,7 +233,7 @@ impl BlockBackend {
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
-            self.process(vring, &mem, event_idx)?;
+            self.process(vring, event_idx)?;
             if !event_idx
                 || !vring
                     .enable_notification()

@@ -19,7 +19,7 @@ pub mod stats;
 
 pub use backend::{BlockBackend, BlockOptions};
 pub use disk::{Disk, DiskError};
-pub use stats::IoStats;
+pub use stats::{IoStats, VolumeIo};
 
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,8 @@ pub struct Export {
     stop: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
-    pub stats: Arc<IoStats>,
+    /// The volume's IO statistics and limits (shared with its other exports).
+    pub io: Arc<VolumeIo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +67,10 @@ impl std::fmt::Debug for Export {
 }
 
 impl Export {
-    /// Starts serving `disk` on `socket`.
+    /// Starts serving `disk` on `socket`, counting and limiting its requests with `io`.
     pub fn start(
         disk: Arc<dyn Disk>,
+        io: Arc<VolumeIo>,
         block_size: u32,
         opts: BlockOptions,
         socket: &Path,
@@ -94,14 +96,13 @@ impl Export {
             path: socket.to_path_buf(),
             source,
         })?;
-        let stats = Arc::new(IoStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(Mutex::new(None));
         let ctx = (
             disk,
             block_size,
             opts,
-            stats.clone(),
+            io.clone(),
             stop.clone(),
             shutdown.clone(),
             socket.to_path_buf(),
@@ -115,7 +116,7 @@ impl Export {
             stop,
             shutdown,
             thread: Some(thread),
-            stats,
+            io,
         })
     }
 
@@ -154,16 +155,16 @@ type Ctx = (
     Arc<dyn Disk>,
     u32,
     BlockOptions,
-    Arc<IoStats>,
+    Arc<VolumeIo>,
     Arc<AtomicBool>,
     Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     PathBuf,
 );
 
 fn serve_loop(ctx: Ctx, mut listener: Listener) {
-    let (disk, block_size, opts, stats, stop, shutdown, socket) = ctx;
+    let (disk, block_size, opts, io, stop, shutdown, socket) = ctx;
     while !stop.load(Ordering::SeqCst) {
-        let backend = BlockBackend::new(disk.clone(), block_size, opts, stats.clone());
+        let backend = BlockBackend::new(disk.clone(), block_size, opts, io.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             match VhostUserDaemon::new(format!("vhost-blk-{}", disk.id()), backend, mem) {

@@ -109,6 +109,26 @@ pub struct Limits {
     pub read_only: bool,
 }
 
+/// The request type of a chain and the data bytes it moves (for the volume's limits), read
+/// without serving it; `None` for a malformed chain (serving it answers IOERR).
+pub fn peek<T>(chain: &DescriptorChain<T>, mem: &GuestMemoryMmap) -> Option<(u32, u64)>
+where
+    T: std::ops::Deref + Clone,
+    T::Target: GuestMemory + Sized,
+{
+    let mut reader = Reader::<()>::new(mem, chain.clone()).ok()?;
+    let (kind, _) = header(&mut reader)?;
+    let bytes = match kind {
+        VIRTIO_BLK_T_IN => Writer::<()>::new(mem, chain.clone())
+            .ok()?
+            .available_bytes()
+            .saturating_sub(1),
+        VIRTIO_BLK_T_OUT => reader.available_bytes(),
+        _ => 0,
+    };
+    Some((kind, bytes as u64))
+}
+
 /// Serves one chain. Returns the number of bytes written into guest memory (the used-ring
 /// length) and what happened.
 pub fn handle_chain<T>(

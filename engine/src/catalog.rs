@@ -87,6 +87,8 @@ pub(crate) struct VolumeState {
     /// `count_remote` finding none: reads then look for remote blocks to hydrate. Only a
     /// hint, so that setting it costs no map walk; reads are correct either way.
     pub maybe_remote: AtomicBool,
+    /// IO statistics and limits, shared by every handle and export of the volume.
+    pub io: std::sync::Arc<crate::qos::VolumeIo>,
 }
 
 impl VolumeState {
@@ -104,6 +106,7 @@ impl VolumeState {
             handles: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             maybe_remote: AtomicBool::new(maybe_remote),
+            io: Default::default(),
         }
     }
 

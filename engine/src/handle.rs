@@ -44,6 +44,11 @@ impl Volume {
         &self.state.name
     }
 
+    /// The volume's IO statistics and limits (see [`crate::qos`]).
+    pub fn io(&self) -> &std::sync::Arc<crate::qos::VolumeIo> {
+        &self.state.io
+    }
+
     /// Logical size in bytes.
     pub fn size(&self) -> u64 {
         self.state.size()

@@ -17,6 +17,7 @@ mod load;
 pub mod map;
 mod names;
 mod ops;
+pub mod qos;
 mod record;
 mod refmap;
 mod remote;
@@ -155,6 +156,12 @@ impl Store {
     /// often. [`Store::list_checkpoints`] adds the history tree and space accounting.
     pub fn checkpoint_entries(&self, volume: &str) -> Result<Vec<CheckpointEntry>> {
         ops::checkpoint_entries(&self.inner, volume)
+    }
+
+    /// The IO statistics and limits of `volume` (see [`qos`]), shared by every handle and
+    /// export of it; a volume deleted and created again gets new ones.
+    pub fn volume_io(&self, volume: &str) -> Result<std::sync::Arc<qos::VolumeIo>> {
+        Ok(self.inner.catalog.lock().volume(volume)?.io.clone())
     }
 
     /// Blocks of the live volume still held only in remote packs (a lazy restore not yet

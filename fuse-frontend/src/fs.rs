@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use strata_block::stats::{IoStats, Op};
+use strata_engine::qos::{Op, VolumeIo};
 use strata_engine::{CheckpointEntry, Snapshot, Store, Volume};
 
 /// The mount's directory.
@@ -60,7 +60,8 @@ pub(crate) struct Shared {
     handles: Mutex<HashMap<u64, Arc<OpenCheckpoint>>>,
     next_fh: AtomicU64,
     pub(crate) readahead: crate::prefetch::Prefetcher,
-    pub(crate) stats: Arc<IoStats>,
+    /// The volume's IO statistics and limits (shared with its other exports).
+    pub(crate) io: Arc<VolumeIo>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -84,6 +85,7 @@ impl Shared {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         Shared {
             store,
+            io: vol.io().clone(),
             vol,
             read_only,
             uid,
@@ -93,7 +95,6 @@ impl Shared {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             readahead: crate::prefetch::Prefetcher::new(),
-            stats: Arc::new(IoStats::default()),
         }
     }
 
@@ -564,16 +565,23 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.shared.io.throttle(Op::Read, u64::from(size));
         let t = std::time::Instant::now();
         self.shared.read(ino.0, fh.0, offset, size, |r| match r {
             Ok(data) => {
                 let n = data.len() as u64;
                 reply.data(data);
-                self.shared.stats.record_op(Op::Read, n, true, t.elapsed());
+                self.shared
+                    .io
+                    .stats
+                    .record_op(Op::Read, n, true, t.elapsed());
             }
             Err(e) => {
                 reply.error(e);
-                self.shared.stats.record_op(Op::Read, 0, false, t.elapsed());
+                self.shared
+                    .io
+                    .stats
+                    .record_op(Op::Read, 0, false, t.elapsed());
             }
         })
     }
@@ -590,10 +598,14 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.shared.io.throttle(Op::Write, data.len() as u64);
         let t = std::time::Instant::now();
         let r = self.shared.write(ino.0, offset, data);
         let (n, ok) = r.map_or((0, false), |n| (u64::from(n), true));
-        self.shared.stats.record_op(Op::Write, n, ok, t.elapsed());
+        self.shared
+            .io
+            .stats
+            .record_op(Op::Write, n, ok, t.elapsed());
         match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -626,6 +638,7 @@ impl Filesystem for ImageFs {
         let t = std::time::Instant::now();
         let r = self.shared.vol.flush();
         self.shared
+            .io
             .stats
             .record_op(Op::Flush, 0, r.is_ok(), t.elapsed());
         match r {
@@ -692,8 +705,6 @@ impl Filesystem for ImageFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let t = std::time::Instant::now();
-        let r = self.shared.fallocate(ino.0, offset, length, mode);
         let op = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             Op::Discard
         } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
@@ -701,8 +712,12 @@ impl Filesystem for ImageFs {
         } else {
             Op::Other
         };
+        self.shared.io.throttle(op, 0);
+        let t = std::time::Instant::now();
+        let r = self.shared.fallocate(ino.0, offset, length, mode);
         let bytes = if r.is_ok() { length } else { 0 };
         self.shared
+            .io
             .stats
             .record_op(op, bytes, r.is_ok(), t.elapsed());
         match r {

@@ -277,9 +277,9 @@ impl FuseExport {
         self.mount.mountpoint()
     }
 
-    /// IO counters of `VOL.img` and the checkpoint files, for the metrics endpoint.
-    pub fn stats(&self) -> &strata_block::IoStats {
-        &self.fs.stats
+    /// The volume's IO statistics and limits (`VOL.img` and the checkpoint files count).
+    pub fn io(&self) -> &std::sync::Arc<strata_engine::qos::VolumeIo> {
+        &self.fs.io
     }
 
     /// Call after the live volume's content or size changed behind the mount (a restore):

@@ -134,6 +134,14 @@ enum VolumeCmd {
         /// Discard the volume when it is closed or the daemon restarts.
         #[arg(long)]
         ephemeral: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a volume's IO limits, live (docs/design/qos.md); 0 removes a limit.
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     List,
     Info {
@@ -169,6 +177,65 @@ enum VolumeCmd {
     Unprotect {
         name: String,
     },
+}
+
+/// IO limits of a volume: token buckets, reads and writes separately.
+#[derive(clap::Args, Debug, Default)]
+struct LimitArgs {
+    /// Read and write operations per second, each (sets both).
+    #[arg(long)]
+    iops_limit: Option<u64>,
+    /// Read and write bytes per second, each (sets both): 100M, 1G.
+    #[arg(long)]
+    bw_limit: Option<String>,
+    #[arg(long)]
+    read_iops_limit: Option<u64>,
+    #[arg(long)]
+    write_iops_limit: Option<u64>,
+    #[arg(long)]
+    read_bw_limit: Option<String>,
+    #[arg(long)]
+    write_bw_limit: Option<String>,
+    /// How much a volume idle for a while may do at once, as time at its limits (default
+    /// 100ms): 1s lets one second's worth through unthrottled.
+    #[arg(long)]
+    burst: Option<String>,
+}
+
+impl LimitArgs {
+    /// The request body, or `None` when no flag was given.
+    fn body(&self) -> Result<Option<Value>> {
+        let rate = |s: &Option<String>| s.as_deref().map(units::parse_size).transpose();
+        let (bw, rbw, wbw) = (
+            rate(&self.bw_limit)?,
+            rate(&self.read_bw_limit)?,
+            rate(&self.write_bw_limit)?,
+        );
+        let burst_ms = match self.burst.as_deref() {
+            Some(b) => Some(parse_duration_ms(b)?),
+            None => None,
+        };
+        let v = json!({
+            "read_iops": self.read_iops_limit.or(self.iops_limit),
+            "write_iops": self.write_iops_limit.or(self.iops_limit),
+            "read_bps": rbw.or(bw),
+            "write_bps": wbw.or(bw),
+            "burst_ms": burst_ms,
+        });
+        let any = v
+            .as_object()
+            .is_some_and(|o| o.values().any(|x| !x.is_null()));
+        Ok(any.then(|| {
+            Value::Object(
+                v.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, x)| !x.is_null())
+                    .map(|(k, x)| (k.clone(), x.clone()))
+                    .collect(),
+            )
+        }))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -313,6 +380,18 @@ fn parse_duration(s: &str) -> Result<u64> {
         .parse()
         .with_context(|| format!("invalid duration {s:?} (use 30s, 10m, 1h, 7d)"))?;
     n.checked_mul(mult).context("duration too large")
+}
+
+/// A duration in milliseconds: 250ms, 2s (a bare number is seconds).
+fn parse_duration_ms(s: &str) -> Result<u64> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse()
+            .with_context(|| format!("invalid duration {s:?} (use 250ms, 2s)"));
+    }
+    parse_duration(s)?
+        .checked_mul(1000)
+        .context("duration too large")
 }
 
 fn split_ref(s: &str) -> Result<(&str, &str)> {
@@ -540,7 +619,9 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
             from,
             ephemeral,
             lazy,
+            limits,
         } => {
+            let qos = limits.body()?;
             if let Some(src) = from.as_deref().filter(|f| f.contains(':')) {
                 if remote::pull::parse_source(src).is_none() {
                     bail!("expected REMOTE:VOL@CKPT, got {src:?}");
@@ -548,7 +629,7 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
                 let r = c.call(
                     "POST",
                     "/v1/volumes",
-                    Some(json!({"name": name, "from": src, "lazy": lazy})),
+                    Some(json!({"name": name, "from": src, "lazy": lazy, "qos": qos})),
                 )?;
                 return if lazy {
                     Ok(r)
@@ -567,7 +648,13 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
             if let Some(f) = &from {
                 split_ref(f)?;
             }
-            c.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size, "compress": compress, "block_size": block_size, "from": from, "ephemeral": ephemeral})))
+            c.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size, "compress": compress, "block_size": block_size, "from": from, "ephemeral": ephemeral, "qos": qos})))
+        }
+        VolumeCmd::Set { name, limits } => {
+            let Some(body) = limits.body()? else {
+                bail!("nothing to set: give --iops-limit, --bw-limit, --read-iops-limit, --write-iops-limit, --read-bw-limit, --write-bw-limit or --burst");
+            };
+            c.call("PUT", &format!("/v1/volumes/{name}/qos"), Some(body))
         }
         VolumeCmd::List => c.call("GET", "/v1/volumes", None),
         VolumeCmd::Info { name } => c.call("GET", &format!("/v1/volumes/{name}"), None),

@@ -239,7 +239,8 @@ pub(super) fn start_export(a: &App, req: ExportReq) -> Result<Value, ApiError> {
             queues: req.queues,
             read_only: req.read_only,
         };
-        let export = Export::start(Arc::new(vol), block_size, opts, &socket)
+        let io = vol.io().clone();
+        let export = Export::start(Arc::new(vol), io, block_size, opts, &socket)
             .map_err(|e| bad(format!("{e}")))?;
         tracing::info!(volume = %req.volume, socket = %socket.display(), queues = req.queues, "exported");
         Exported::Vhost {

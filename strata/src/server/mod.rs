@@ -35,6 +35,7 @@ mod containerd;
 mod exports;
 mod images;
 mod protect;
+mod qos;
 mod remotes;
 mod status;
 mod volumes;
@@ -43,6 +44,7 @@ use checkpoints::*;
 use exports::*;
 use images::*;
 use protect::{protect_volume, unprotect_volume};
+use qos::set_qos;
 use remotes::*;
 use status::*;
 use volumes::*;
@@ -61,6 +63,8 @@ struct App {
     remotes: Arc<Remotes>,
     /// Protection policies and their rounds.
     protection: protect::Protection,
+    /// Per-volume IO limits.
+    qos: qos::QosTable,
 }
 
 /// An API failure: status code and message.
@@ -176,6 +180,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/qos", axum::routing::put(set_qos))
         .route(
             "/v1/volumes/{name}/protection",
             axum::routing::put(protect_volume).delete(unprotect_volume),
@@ -241,6 +246,8 @@ pub fn serve(
     let _ = std::fs::remove_file(socket);
     let remotes = Remotes::open(store_dir, rates)?;
     let protection = protect::Protection::open(store_dir)?;
+    let qos = qos::QosTable::open(store_dir)?;
+    qos.apply_all(&store);
     store.set_remote_fetcher(Arc::new(remote::PackFetcher(remotes.clone())));
     let app = Arc::new(App {
         store: Arc::new(store),
@@ -250,6 +257,7 @@ pub fn serve(
         jobs: Default::default(),
         remotes,
         protection,
+        qos,
     });
     remote::pull::resume(&app.remotes, &app.store);
     restore_exports(&app);

@@ -43,7 +43,7 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 pub(super) fn render_metrics(app: &App) -> String {
     use std::fmt::Write;
-    use strata_block::stats::{LATENCY_BUCKETS_US, OPS};
+    use strata_engine::qos::{LATENCY_BUCKETS_US, OPS};
     let mut out = String::new();
     let s = app.store.stats();
     let _ = writeln!(
@@ -108,12 +108,31 @@ pub(super) fn render_metrics(app: &App) -> String {
         }
     }
     let _ = writeln!(out, "# TYPE strata_io_ops_total counter\n# TYPE strata_io_bytes_total counter\n# TYPE strata_io_errors_total counter\n# TYPE strata_io_latency_seconds histogram");
-    for (vol, e) in app.exports.lock().iter() {
-        let st: &strata_block::IoStats = match e {
-            Exported::Vhost { export, .. } => &export.stats,
-            Exported::Fuse { export, .. } => export.stats(),
-            Exported::Tree { .. } => continue,
-        };
+    let exported: Vec<(String, std::sync::Arc<strata_engine::qos::VolumeIo>)> = app
+        .exports
+        .lock()
+        .iter()
+        .filter_map(|(vol, e)| match e {
+            Exported::Vhost { export, .. } => Some((vol.clone(), export.io.clone())),
+            Exported::Fuse { export, .. } => Some((vol.clone(), export.io().clone())),
+            Exported::Tree { .. } => None,
+        })
+        .collect();
+    let _ = writeln!(out, "# TYPE strata_volume_throttled_seconds_total counter\n# TYPE strata_volume_throttled_requests_total counter");
+    for (vol, io) in &exported {
+        for (d, name) in [
+            (strata_engine::qos::Dir::Read, "read"),
+            (strata_engine::qos::Dir::Write, "write"),
+        ] {
+            let (secs, n) = io.qos.throttled(d);
+            let _ = writeln!(
+                out,
+                "strata_volume_throttled_seconds_total{{volume=\"{vol}\",dir=\"{name}\"}} {secs}\nstrata_volume_throttled_requests_total{{volume=\"{vol}\",dir=\"{name}\"}} {n}"
+            );
+        }
+    }
+    for (vol, io) in &exported {
+        let st = &io.stats;
         for (i, op) in OPS.iter().enumerate() {
             let l = format!("volume=\"{vol}\",op=\"{op}\"");
             let load =

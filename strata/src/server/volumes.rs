@@ -63,10 +63,15 @@ pub(super) struct CreateReq {
     /// A sandbox tree volume (`strata fs create`).
     #[serde(default)]
     tree: bool,
+    /// IO limits to start with (see `PUT /v1/volumes/{name}/qos`).
+    qos: Option<super::qos::Limits>,
 }
 
 pub(super) async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let req: CreateReq = parse(&body)?;
+    if let Some(q) = &req.qos {
+        super::qos::validate(q)?;
+    }
     let lz4 = match req.compress.as_deref() {
         None | Some("none") => false,
         Some("lz4") => true,
@@ -80,11 +85,17 @@ pub(super) async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> A
         if lz4 || block_size.is_some() || req.size.is_some() || req.ephemeral {
             return Err(bad("a volume restored from a remote keeps the checkpoint's size, block size and compression, and cannot be ephemeral"));
         }
+        if req.qos.is_some() && !req.lazy {
+            return Err(bad("limits of an eager restore are set with `strata volume set` once it ends (or restore with --lazy)"));
+        }
         let src = src.to_string();
         return blocking(&app, move |a| {
             if req.lazy {
                 let (info, _, reserved) =
                     remote::pull::create(&a.remotes, &a.store, &req.name, &src, false)?;
+                if let Some(q) = &req.qos {
+                    a.qos.set(&a.store, &req.name, q)?;
+                }
                 drop(reserved);
                 remote::pull::spawn_hydration(&a.remotes, &a.store, &req.name);
                 return to_json(volume_view(info, &a.exports.lock()));
@@ -180,6 +191,13 @@ pub(super) async fn create_volume(State(app): State<Arc<App>>, body: Bytes) -> A
                 )?
             }
         };
+        if let Some(q) = &req.qos {
+            if let Err(e) = a.qos.set(&a.store, &req.name, q) {
+                // All or nothing: a volume created without the limits asked for is not kept.
+                let _ = a.store.delete_volume(&req.name);
+                return Err(e);
+            }
+        }
         Ok(volume_view(info, &a.exports.lock()))
     })
     .await?;
@@ -204,6 +222,9 @@ pub(super) async fn volume_info(
         v["remote_bytes"] = json!(remote_blocks * bs);
         if let Some(p) = a.protection.view(a, &name) {
             v["protection"] = p;
+        }
+        if let Some(q) = super::qos::view(&a.store, &name) {
+            v["qos"] = q;
         }
         if let Some(r) = a.remotes.restoring().get(&name) {
             let h = a.remotes.hydrating.lock().get(&name).cloned();
@@ -288,8 +309,9 @@ pub(super) async fn delete_volume(
         if a.remotes.restoring().contains_key(&name) {
             a.remotes.set_restoring(&name, None)?;
         }
-        // Its policy goes with it (the remote's checkpoints stay).
+        // Its policy goes with it (the remote's checkpoints stay), and its limits.
         a.protection.unset(&name)?;
+        a.qos.unset(&name)?;
         Ok(())
     })
     .await?;
