@@ -131,6 +131,45 @@ impl Client {
         Ok((rate, lat))
     }
 
+    /// The first request buffer (what [`Client::io_at`] writes from and reads into).
+    pub fn buffer(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= SLOT);
+        // SAFETY: slot 0 is SLOT bytes inside the mapped region, which lives as long as
+        // `self`; no request is in flight while the caller holds this borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.base, len) }
+    }
+
+    /// One request of `len` bytes at `offset` from (write) or into (read) the first buffer,
+    /// waited for; returns its result (0, or a negative errno such as -EIO for a device
+    /// IOERR) instead of failing on it.
+    pub fn io_at(&mut self, write: bool, offset: u64, len: usize) -> R<i32> {
+        assert!(len <= SLOT);
+        if write {
+            self.q.write(offset, self.base, len, 0, ReqFlags::empty());
+        } else {
+            self.q.read(offset, self.base, len, 0, ReqFlags::empty());
+        }
+        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
+        let n = self.q.do_io(&mut comps, 1, None, None)?;
+        if n != 1 {
+            return Err("no completion".into());
+        }
+        // SAFETY: do_io initialised the first n completions.
+        Ok(unsafe { comps[0].assume_init_read() }.ret)
+    }
+
+    /// One FLUSH, waited for; its result as [`Client::io_at`]'s.
+    pub fn try_flush(&mut self) -> R<i32> {
+        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
+        self.q.flush(usize::MAX, ReqFlags::empty());
+        let n = self.q.do_io(&mut comps, 1, None, None)?;
+        if n != 1 {
+            return Err("no completion".into());
+        }
+        // SAFETY: do_io initialised the first n completions.
+        Ok(unsafe { comps[0].assume_init_read() }.ret)
+    }
+
     /// One FLUSH, waited for.
     pub fn flush(&mut self) -> R<()> {
         let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];

@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Commit once this much data written since the last commit is still referenced (pages
 /// reused before a commit no longer count): bounds what a replay after a crash reads and
@@ -85,6 +86,8 @@ pub(crate) struct Inner {
     pub wake: (Mutex<bool>, Condvar),
     /// Remote packs and the fetcher for lazily restored volumes.
     pub remote: crate::remote::Remotes,
+    /// The reserve and the low-space state (see [`crate::space`]).
+    pub reserve: Arc<crate::space::Reserve>,
     pub space: SpaceReady,
     pub defrag: crate::defrag::Defrag,
 }
@@ -113,7 +116,10 @@ impl Inner {
 
     /// Marks the store failed: no more writes until it is reopened.
     pub fn poison(&self, e: Error) -> Error {
-        if !matches!(e, Error::NoSpace) {
+        if matches!(e, Error::NoSpace) {
+            self.reserve.on_full();
+            self.wake.1.notify_all();
+        } else {
             tracing::error!(error = %e, "IO failure; store refuses writes until reopened");
             self.poisoned.store(true, Ordering::Relaxed);
         }

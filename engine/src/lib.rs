@@ -23,6 +23,7 @@ mod refmap;
 mod remote;
 mod scrub;
 mod segment;
+mod space;
 mod store;
 mod upgrade;
 mod volume;
@@ -40,6 +41,7 @@ pub use ops::{
 pub use remote::{BlockRecord, RemoteExtent, RemoteFetcher, RemoteSharing, REMOTE_SEGMENT_BASE};
 pub use scrub::{ScrubProblem, ScrubReport};
 pub use segment::DEFAULT_REUSE_BYTES;
+pub use space::RESERVE_BYTES;
 pub use store::{Store, StoreOptions};
 pub use volume::SECTOR;
 

@@ -255,6 +255,8 @@ pub struct Segments {
     /// Pages handed out from free runs, and appended, since open.
     reused: AtomicU64,
     appended: AtomicU64,
+    /// Whether segments may grow (see [`crate::space`]).
+    reserve: std::sync::OnceLock<Arc<crate::space::Reserve>>,
 }
 
 #[derive(Debug, Default)]
@@ -338,6 +340,7 @@ impl Segments {
             counting_on: AtomicBool::new(false),
             reused: AtomicU64::new(0),
             appended: AtomicU64::new(0),
+            reserve: std::sync::OnceLock::new(),
         })
     }
 
@@ -431,6 +434,11 @@ impl Segments {
         self.all.read().get(&id).cloned()
     }
 
+    /// The store's reserve, which says whether segments may grow (see [`crate::space`]).
+    pub fn set_reserve(&self, r: Arc<crate::space::Reserve>) {
+        let _ = self.reserve.set(r);
+    }
+
     /// Largest record one allocation can hold, in pages.
     pub fn max_record_pages(&self) -> u32 {
         self.capacity_pages - SegmentHeader::new(0, self.capacity_pages).data_start()
@@ -447,6 +455,10 @@ impl Segments {
         if let Some(a) = self.allocate_free(pages) {
             self.reused.fetch_add(u64::from(pages), Ordering::Relaxed);
             return Ok(a);
+        }
+        // Low on space: segments do not grow into the room RocksDB and the journal need.
+        if self.reserve.get().is_some_and(|r| !r.may_grow()) {
+            return Err(Error::NoSpace);
         }
         self.appended.fetch_add(u64::from(pages), Ordering::Relaxed);
         loop {

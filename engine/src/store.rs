@@ -171,6 +171,8 @@ impl Store {
                 mkdir(d)?;
             }
         }
+        // Before RocksDB opens: on a full filesystem, the reserve makes room for it.
+        let reserve = Arc::new(crate::space::Reserve::open(&path));
         let mut db = open_db(&db_path, fresh)?;
         let state = if fresh {
             let state = StateRecord {
@@ -206,6 +208,7 @@ impl Store {
             opts.reuse_bytes,
             state.next_segment,
         )?;
+        segments.set_reserve(reserve.clone());
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
         let remote = crate::remote::Remotes::default();
         remote.load(&db)?;
@@ -231,6 +234,7 @@ impl Store {
             background: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             remote,
+            reserve,
             space: SpaceReady::default(),
             defrag: Default::default(),
         });
@@ -461,11 +465,17 @@ fn spawn_committer(strong: &Arc<Inner>, period: Duration) -> Option<JoinHandle<(
                 if !idle {
                     quiet_since = std::time::Instant::now();
                 }
-                strong.drain_reclaim(punch_policy(
-                    idle,
-                    quiet_since.elapsed() >= period * FREE_RUNS_IDLE_PERIODS,
-                    strong.segments.deferred_pages(),
-                ));
+                // Low on space: every freed page goes back to the filesystem at once.
+                let policy = if strong.reserve.recover() {
+                    crate::segment::Punch::All { budget: None }
+                } else {
+                    punch_policy(
+                        idle,
+                        quiet_since.elapsed() >= period * FREE_RUNS_IDLE_PERIODS,
+                        strong.segments.deferred_pages(),
+                    )
+                };
+                strong.drain_reclaim(policy);
                 last_seq = seq;
                 // Commit when asked to by the amount or age of what is uncommitted, or once
                 // writes pause: never on a timer under load, where a commit's fdatasync would

@@ -81,19 +81,22 @@ fn socket(dir: &Path, vol: &str) -> PathBuf {
 fn export(store: &Path, dir: &Path, vol: &str) -> R<()> {
     strata_cli(
         store,
-        &["export", "vhost-user", vol, "--socket", socket(dir, vol).to_str().ok_or("path")?],
+        &[
+            "export",
+            "vhost-user",
+            vol,
+            "--socket",
+            socket(dir, vol).to_str().ok_or("path")?,
+        ],
     )
 }
 
+/// Per socket (IOPS, p99 ms), and the daemon's (RSS MiB, threads).
+type Driven = (Vec<(f64, f64)>, (f64, u64));
+
 /// One client per socket, all driven at once: (IOPS, p99 latency in ms) per socket, and the
 /// daemon's RSS and threads sampled mid-run.
-fn drive(
-    sockets: &[PathBuf],
-    write: bool,
-    depth: usize,
-    secs: f64,
-    daemon: u32,
-) -> R<(Vec<(f64, f64)>, (f64, u64))> {
+fn drive(sockets: &[PathBuf], write: bool, depth: usize, secs: f64, daemon: u32) -> R<Driven> {
     let start = std::sync::Barrier::new(sockets.len() + 1);
     std::thread::scope(|s| {
         let hs: Vec<_> = sockets
@@ -213,7 +216,8 @@ fn main() -> R<()> {
                 s.spawn(move || -> Result<(), String> {
                     wait_for(sock).map_err(|e| e.to_string())?;
                     let mut c = Client::connect(sock).map_err(|e| e.to_string())?;
-                    c.run(false, true, 4096, 1, 0.0).map_err(|e| e.to_string())?;
+                    c.run(false, true, 4096, 1, 0.0)
+                        .map_err(|e| e.to_string())?;
                     Ok(())
                 })
             })
