@@ -126,6 +126,29 @@ fn limits_hold_live_and_across_restarts() {
     drop(f);
     d.ok(&["unexport", "slow"]);
 
+    // A tree mount is held to its volume's limits too: 12 MiB written and fsynced at 4 MiB/s.
+    d.ok(&["fs", "create", "t"]);
+    d.ok(&["volume", "set", "t", "--write-bw-limit", "4M"]);
+    let tmnt = dir.path().join("tree");
+    std::fs::create_dir_all(&tmnt).unwrap();
+    d.ok(&["mount", "t", tmnt.to_str().unwrap()]);
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(tmnt.join("big")).unwrap();
+        std::io::Write::write_all(&mut f, &vec![7u8; 12 << 20]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let took = t.elapsed();
+    println!("tree: 12 MiB written and fsynced in {took:?} at a limit of 4 MiB/s");
+    assert!(took > Duration::from_millis(2700), "{took:?}");
+    assert!(
+        info(&d, "t")["qos"]["throttled_write_secs"]
+            .as_f64()
+            .unwrap()
+            > 1.0
+    );
+    d.ok(&["unmount", tmnt.to_str().unwrap()]);
+
     // Bad limits are refused and change nothing.
     d.fails(
         &["volume", "set", "slow", "--write-iops-limit", "5"],

@@ -187,6 +187,11 @@ impl TreeFs {
     /// Writes for a caller (`uid`, `gid`); `kill`: the kernel asked for set-id bits to be
     /// cleared.
     fn write_data(&self, ino: u64, offset: u64, data: &[u8], kill: Option<(u32, u32)>) -> R<u32> {
+        // Held to the tree volume's limits (docs/design/qos.md) on this serving thread.
+        self.core
+            .vol
+            .io()
+            .throttle(strata_engine::qos::Op::Write, data.len() as u64);
         let (n, killed) = self.core.write(ino, offset, data, kill)?;
         // Before the reply: the writer may look at the mode as soon as it returns.
         // (Attributes only: no page lock is taken, the writer holds none we need.)
@@ -486,6 +491,10 @@ impl Filesystem for TreeFs {
             // One read buffer per serving thread, kept between reads.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        self.core
+            .vol
+            .io()
+            .throttle(strata_engine::qos::Op::Read, u64::from(size));
         BUF.with_borrow_mut(|buf| match self.core.read_into(ino.0, offset, size, buf) {
             Ok(n) => reply.data(&buf[..n]),
             Err(e) => reply.error(e),

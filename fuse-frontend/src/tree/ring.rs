@@ -624,6 +624,10 @@ fn dispatch(
         READ => {
             let (offset, size) = (u64_at(arg, 8), u32_at(arg, 16) as usize);
             let end = size.min(payload.len());
+            // Held to the tree volume's limits (docs/design/qos.md) on this ring's thread.
+            core.vol
+                .io()
+                .throttle(strata_engine::qos::Op::Read, end as u64);
             core.read_slice(node, offset, &mut payload[..end])
         }
         WRITE => {
