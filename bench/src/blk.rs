@@ -149,37 +149,32 @@ impl Client {
         } else {
             self.q.read(offset, self.base, len, 0, ReqFlags::empty());
         }
-        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
-        let n = self.q.do_io(&mut comps, 1, None, None)?;
-        if n != 1 {
-            return Err("no completion".into());
-        }
-        // SAFETY: do_io initialised the first n completions.
-        Ok(unsafe { comps[0].assume_init_read() }.ret)
+        self.complete_one()
     }
 
     /// One FLUSH, waited for; its result as [`Client::io_at`]'s.
     pub fn try_flush(&mut self) -> R<i32> {
-        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
         self.q.flush(usize::MAX, ReqFlags::empty());
+        self.complete_one()
+    }
+
+    /// One FLUSH, waited for.
+    pub fn flush(&mut self) -> R<()> {
+        match self.try_flush()? {
+            0 => Ok(()),
+            _ => Err("flush failed".into()),
+        }
+    }
+
+    /// Waits for the one request in flight; its result (0 or a negative errno).
+    fn complete_one(&mut self) -> R<i32> {
+        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
         let n = self.q.do_io(&mut comps, 1, None, None)?;
         if n != 1 {
             return Err("no completion".into());
         }
         // SAFETY: do_io initialised the first n completions.
         Ok(unsafe { comps[0].assume_init_read() }.ret)
-    }
-
-    /// One FLUSH, waited for.
-    pub fn flush(&mut self) -> R<()> {
-        let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
-        self.q.flush(usize::MAX, ReqFlags::empty());
-        let n = self.q.do_io(&mut comps, 1, None, None)?;
-        // SAFETY: do_io initialised the first n completions.
-        if n != 1 || unsafe { comps[0].assume_init_read() }.ret != 0 {
-            return Err("flush failed".into());
-        }
-        Ok(())
     }
 
     /// Writes the whole disk once with 1 MiB requests at QD8, then one FLUSH; MiB/s to the

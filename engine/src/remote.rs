@@ -123,8 +123,8 @@ pub(crate) struct Remotes {
     pub kept: Kept,
 }
 
-/// Remembered local copies beyond which the table starts over (about 40 bytes each: 4 Mi
-/// cover 16 GiB of 4 KiB records).
+/// Remembered local copies beyond which the table starts over (about 70 bytes each with
+/// their keys and the index by location: 4 Mi cover 16 GiB of 4 KiB records).
 const KEPT_MAX: usize = 4 << 20;
 
 /// A remote record, as a key of [`Kept`]: pack id and byte offset.
@@ -137,7 +137,7 @@ type RecordKey = (u32, u32);
 /// Not persisted: after a restart, the first volume to need a record fetches it again. An
 /// entry vouches for nothing by itself: a user pins the location with
 /// [`crate::segment::Segments::pin_live`] and compares the segment's reuse generation with
-/// the one taken before the copy was first installed (see [`Copy::gen`]); when it moved
+/// the one taken before the copy was first installed (see [`LocalCopy::gen`]); when it moved
 /// (pages of that segment were reused), the pinned record is read and checked against its
 /// journal check. A record since freed, or whose pages now hold another, is fetched anew.
 ///
@@ -153,7 +153,7 @@ pub(crate) struct Kept {
 
 #[derive(Debug, Default)]
 struct KeptState {
-    copies: HashMap<RecordKey, Copy>,
+    copies: HashMap<RecordKey, LocalCopy>,
     /// Every copy's local (segment, page).
     locals: std::collections::HashSet<(u32, u32)>,
     in_flight: std::collections::HashSet<RecordKey>,
@@ -161,7 +161,7 @@ struct KeptState {
 
 /// One remote record's local copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Copy {
+pub(crate) struct LocalCopy {
     /// The remote record's crc32 and stored length | lz4 (a key is only reused with both).
     pub remote_crc: u32,
     pub remote_len_flags: u32,
@@ -178,7 +178,7 @@ pub(crate) struct Copy {
 /// in flight: [`Kept::finish`] ends that), or in flight elsewhere.
 #[derive(Debug, Default)]
 pub(crate) struct Sorted {
-    pub shared: Vec<(u64, Loc, Copy)>,
+    pub shared: Vec<(u64, Loc, LocalCopy)>,
     pub mine: Vec<(u64, Loc)>,
     pub waiting: Vec<(u64, Loc)>,
 }
@@ -217,7 +217,7 @@ impl Kept {
     }
 
     /// Ends the caller's fetches of `mine`, remembering the copies it kept.
-    pub fn finish(&self, mine: &[(u64, Loc)], copies: &[(Loc, Copy)]) {
+    pub fn finish(&self, mine: &[(u64, Loc)], copies: &[(Loc, LocalCopy)]) {
         let mut st = self.state.lock();
         for (_, l) in mine {
             st.in_flight.remove(&record_key(l));
@@ -237,7 +237,7 @@ impl Kept {
     }
 
     /// Forgets a copy found freed or reused.
-    pub fn forget(&self, l: &Loc, c: &Copy) {
+    pub fn forget(&self, l: &Loc, c: &LocalCopy) {
         let mut st = self.state.lock();
         if st.copies.get(&record_key(l)) == Some(c) {
             st.copies.remove(&record_key(l));
@@ -246,7 +246,7 @@ impl Kept {
     }
 
     /// A copy verified again at reuse generation `gen`.
-    pub fn refresh(&self, l: &Loc, c: &Copy, gen: u64) {
+    pub fn refresh(&self, l: &Loc, c: &LocalCopy, gen: u64) {
         let mut st = self.state.lock();
         if let Some(e) = st.copies.get_mut(&record_key(l)) {
             if e == c {

@@ -49,7 +49,7 @@ const MAX_RECORD_PAGES: u32 = 4096;
 struct InFlight<'a> {
     kept: &'a crate::remote::Kept,
     mine: &'a [(u64, Loc)],
-    copies: Vec<(Loc, crate::remote::Copy)>,
+    copies: Vec<(Loc, crate::remote::LocalCopy)>,
 }
 
 impl Drop for InFlight<'_> {
@@ -1122,7 +1122,7 @@ impl Writer<'_> {
 
     /// Installs copies other volumes keep (see [`Writer::hydrate`]). Returns the items whose
     /// copy was found freed or reused since (forgotten now).
-    fn share(&self, shared: &[(u64, Loc, crate::remote::Copy)]) -> Result<Vec<(u64, Loc)>> {
+    fn share(&self, shared: &[(u64, Loc, crate::remote::LocalCopy)]) -> Result<Vec<(u64, Loc)>> {
         let inner = self.inner;
         let ppb = self.vol.ppb();
         let mut changes = Vec::with_capacity(shared.len());
@@ -1185,7 +1185,7 @@ impl Writer<'_> {
     fn fetch_and_keep(
         &self,
         items: &[(u64, Loc)],
-        copies: Option<&mut Vec<(Loc, crate::remote::Copy)>>,
+        copies: Option<&mut Vec<(Loc, crate::remote::LocalCopy)>>,
     ) -> Result<u64> {
         if items.is_empty() {
             return Ok(0);
@@ -1236,7 +1236,7 @@ impl Writer<'_> {
                 };
                 (c.count == 1 && remote.is_remote()).then_some((
                     remote,
-                    crate::remote::Copy {
+                    crate::remote::LocalCopy {
                         remote_crc: remote.crc,
                         remote_len_flags: remote.len_flags,
                         local,

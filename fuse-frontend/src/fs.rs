@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use strata_engine::qos::{Op, VolumeIo};
+use strata_engine::qos::Op;
 use strata_engine::{CheckpointEntry, Snapshot, Store, Volume};
 
 /// The mount's directory.
@@ -50,7 +50,7 @@ struct OpenCheckpoint {
 /// State shared by the serving threads and the [`crate::FuseExport`] handle.
 pub(crate) struct Shared {
     store: Weak<Store>,
-    vol: Volume,
+    pub(crate) vol: Volume,
     read_only: bool,
     uid: u32,
     gid: u32,
@@ -60,8 +60,6 @@ pub(crate) struct Shared {
     handles: Mutex<HashMap<u64, Arc<OpenCheckpoint>>>,
     next_fh: AtomicU64,
     pub(crate) readahead: crate::prefetch::Prefetcher,
-    /// The volume's IO statistics and limits (shared with its other exports).
-    pub(crate) io: Arc<VolumeIo>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -85,7 +83,6 @@ impl Shared {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         Shared {
             store,
-            io: vol.io().clone(),
             vol,
             read_only,
             uid,
@@ -565,21 +562,23 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.shared.io.throttle(Op::Read, u64::from(size));
+        self.shared.vol.io().throttle(Op::Read, u64::from(size));
         let t = std::time::Instant::now();
         self.shared.read(ino.0, fh.0, offset, size, |r| match r {
             Ok(data) => {
                 let n = data.len() as u64;
                 reply.data(data);
                 self.shared
-                    .io
+                    .vol
+                    .io()
                     .stats
                     .record_op(Op::Read, n, true, t.elapsed());
             }
             Err(e) => {
                 reply.error(e);
                 self.shared
-                    .io
+                    .vol
+                    .io()
                     .stats
                     .record_op(Op::Read, 0, false, t.elapsed());
             }
@@ -598,12 +597,13 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.shared.io.throttle(Op::Write, data.len() as u64);
+        self.shared.vol.io().throttle(Op::Write, data.len() as u64);
         let t = std::time::Instant::now();
         let r = self.shared.write(ino.0, offset, data);
         let (n, ok) = r.map_or((0, false), |n| (u64::from(n), true));
         self.shared
-            .io
+            .vol
+            .io()
             .stats
             .record_op(Op::Write, n, ok, t.elapsed());
         match r {
@@ -638,7 +638,8 @@ impl Filesystem for ImageFs {
         let t = std::time::Instant::now();
         let r = self.shared.vol.flush();
         self.shared
-            .io
+            .vol
+            .io()
             .stats
             .record_op(Op::Flush, 0, r.is_ok(), t.elapsed());
         match r {
@@ -712,12 +713,13 @@ impl Filesystem for ImageFs {
         } else {
             Op::Other
         };
-        self.shared.io.throttle(op, 0);
+        self.shared.vol.io().throttle(op, 0);
         let t = std::time::Instant::now();
         let r = self.shared.fallocate(ino.0, offset, length, mode);
         let bytes = if r.is_ok() { length } else { 0 };
         self.shared
-            .io
+            .vol
+            .io()
             .stats
             .record_op(op, bytes, r.is_ok(), t.elapsed());
         match r {

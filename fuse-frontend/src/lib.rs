@@ -279,7 +279,7 @@ impl FuseExport {
 
     /// The volume's IO statistics and limits (`VOL.img` and the checkpoint files count).
     pub fn io(&self) -> &std::sync::Arc<strata_engine::qos::VolumeIo> {
-        &self.fs.io
+        self.fs.vol.io()
     }
 
     /// Call after the live volume's content or size changed behind the mount (a restore):

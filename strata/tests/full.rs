@@ -58,6 +58,26 @@ fn piece(i: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Exports `filler` on `sock` and connects to it.
+fn export_filler(d: &Daemon, sock: &Path) -> Client {
+    d.ok(&[
+        "export",
+        "vhost-user",
+        "filler",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    Client::connect(sock).unwrap()
+}
+
+/// Reads each piece back through `c` and checks its content.
+fn assert_pieces(c: &mut Client, pieces: impl Iterator<Item = u64>, when: &str) {
+    for i in pieces {
+        assert_eq!(c.io_at(false, i * MIB as u64, MIB).unwrap(), 0);
+        assert!(c.buffer(MIB) == piece(i).as_slice(), "piece {i} {when}");
+    }
+}
+
 fn info(d: &Daemon, vol: &str) -> Value {
     serde_json::from_str(&d.ok(&["--json", "volume", "info", vol])).unwrap()
 }
@@ -84,14 +104,7 @@ fn a_full_store_fails_writes_keeps_what_was_flushed_and_resumes_once_space_is_fr
     // The device writes 1 MiB pieces, flushing every 8, until the store is full.
     d.ok(&["volume", "create", "filler", "--size", "512M"]);
     let sock = dir.path().join("filler.sock");
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "filler",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
-    let mut c = Client::connect(&sock).unwrap();
+    let mut c = export_filler(&d, &sock);
     let (mut flushed, mut failed_at) = (0u64, None);
     for i in 0..512u64 {
         let data = piece(i);
@@ -126,10 +139,7 @@ fn a_full_store_fails_writes_keeps_what_was_flushed_and_resumes_once_space_is_fr
         assert_ne!(c.io_at(true, i * MIB as u64, MIB).unwrap(), 0);
         assert!(t.elapsed() < Duration::from_secs(10));
     }
-    for i in 0..flushed {
-        assert_eq!(c.io_at(false, i * MIB as u64, MIB).unwrap(), 0);
-        assert!(c.buffer(MIB) == piece(i).as_slice(), "piece {i} while full");
-    }
+    assert_pieces(&mut c, 0..flushed, "while full");
     let v = info(&d, "filler");
     assert!(
         v["mapped_bytes"].as_u64().unwrap() >= flushed * MIB as u64,
@@ -176,21 +186,8 @@ fn a_full_store_fails_writes_keeps_what_was_flushed_and_resumes_once_space_is_fr
         scrub["problems"].as_array().is_none_or(|p| p.is_empty()),
         "{scrub}"
     );
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "filler",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
-    let mut c = Client::connect(&sock).unwrap();
-    for i in (0..flushed).chain([failed_at]) {
-        assert_eq!(c.io_at(false, i * MIB as u64, MIB).unwrap(), 0);
-        assert!(
-            c.buffer(MIB) == piece(i).as_slice(),
-            "piece {i} after the restart"
-        );
-    }
+    let mut c = export_filler(&d, &sock);
+    assert_pieces(&mut c, (0..flushed).chain([failed_at]), "after the restart");
     drop(c);
     d.ok(&["unexport", "filler"]);
 }
