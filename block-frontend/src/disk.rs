@@ -47,7 +47,12 @@ use strata_engine::Volume;
 #[cfg(feature = "engine")]
 fn logged<T>(what: &str, vol: &Volume, r: strata_engine::Result<T>) -> Result<T, DiskError> {
     r.map_err(|e| {
-        tracing::warn!(volume = vol.name(), error = %e, "{what} failed");
+        if matches!(e, strata_engine::Error::QuotaExceeded { .. }) {
+            // Expected of a guest filling its disk; counted in the volume's metrics.
+            tracing::debug!(volume = vol.name(), error = %e, "{what} refused");
+        } else {
+            tracing::warn!(volume = vol.name(), error = %e, "{what} failed");
+        }
         DiskError
     })
 }

@@ -63,6 +63,8 @@ pub enum Error {
     Io { op: &'static str, source: io::Error },
     #[error("no space left on the store's filesystem")]
     NoSpace,
+    #[error("volume {volume:?} is at its quota of {quota} allocated bytes")]
+    QuotaExceeded { volume: String, quota: u64 },
     #[error("store stopped accepting writes after an IO failure; reopen it to recover")]
     Poisoned,
     #[error("too many concurrent writers to one block of volume {0:?}; retry")]

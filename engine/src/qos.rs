@@ -251,6 +251,50 @@ impl Qos {
 pub struct VolumeIo {
     pub stats: IoStats,
     pub qos: Qos,
+    pub quota: Quota,
+}
+
+/// A volume's quota on allocated bytes: the bytes its live map may map (written and not
+/// discarded), shared with checkpoints and other volumes or not, as ZFS's `refquota` counts.
+/// A write that would map blocks beyond it fails with [`crate::Error::QuotaExceeded`] (a
+/// full disk to the guest); overwriting mapped blocks and discarding always work.
+/// docs/design/qos.md, "Quotas".
+#[derive(Debug, Default)]
+pub struct Quota {
+    /// Bytes; 0 = none.
+    bytes: AtomicU64,
+    /// Writes refused.
+    refused: AtomicU64,
+}
+
+impl Quota {
+    pub fn set(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The quota in bytes, 0 for none.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Writes refused for crossing the quota since the volume was opened by this process.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether mapping `growth` more blocks of `block_size` beside the `mapped` ones stays
+    /// within the quota; counts a refusal when it does not.
+    pub fn admits(&self, mapped: u64, growth: u64, block_size: u32) -> bool {
+        let q = self.bytes();
+        if q == 0 || growth == 0 {
+            return true;
+        }
+        let ok = (mapped + growth).saturating_mul(u64::from(block_size)) <= q;
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
 }
 
 impl VolumeIo {

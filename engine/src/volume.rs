@@ -151,6 +151,17 @@ pub(crate) fn apply_changes(
     (applied, journal)
 }
 
+/// Blocks of `[first, first + count)` that `tree` does not map.
+fn unmapped(tree: &Tree, first: u64, count: u64) -> u64 {
+    let mapped: u64 = tree
+        .lookup(first, count)
+        .iter()
+        .filter(|p| p.loc.is_some())
+        .map(|p| p.blocks)
+        .sum();
+    count.saturating_sub(mapped)
+}
+
 /// Blocks of the live map still held remotely (walks the map); clears the `maybe_remote`
 /// hint when there are none.
 pub(crate) fn count_remote(vol: &VolumeState) -> u64 {
@@ -843,6 +854,7 @@ impl Writer<'_> {
                 // compares against it: that location's pages are not reused meanwhile, so
                 // it cannot come back mapped with other bytes and pass the compare (ABA).
                 let _reuse = partial.then(|| self.inner.segments.read_guard());
+                self.check_quota(&reqs)?;
                 let records = self.prepare(&reqs)?;
                 self.store_and_map(records)?
             };
@@ -852,6 +864,44 @@ impl Writer<'_> {
             reqs.retain(|(b, _)| conflicted.contains(b));
         }
         Err(Error::Contention(self.vol.name.clone()))
+    }
+
+    /// Refuses requests that would map blocks beyond the volume's quota before their data is
+    /// written (the install checks again, exactly: [`Writer::install_guarded`]).
+    fn check_quota(&self, reqs: &[(u64, BlockWrite<'_>)]) -> Result<()> {
+        let quota = &self.vol.io.quota;
+        if quota.bytes() == 0 {
+            return Ok(());
+        }
+        let bs = self.vol.block_size as usize;
+        let m = self.vol.map.read();
+        let tree = m.tree(&self.vol.name)?;
+        let growth = reqs
+            .iter()
+            .map(|(blk, w)| match w {
+                // All-zero blocks are unmapped, not stored.
+                BlockWrite::Full(d) => d
+                    .chunks(bs)
+                    .zip(*blk..)
+                    .filter(|(b, i)| !is_zero(b) && unmapped(tree, *i, 1) == 1)
+                    .count() as u64,
+                BlockWrite::Partial { data, .. } => {
+                    u64::from(!is_zero(data) && unmapped(tree, *blk, 1) == 1)
+                }
+            })
+            .sum();
+        if quota.admits(m.mapped_blocks, growth, self.vol.block_size) {
+            Ok(())
+        } else {
+            Err(self.quota_exceeded())
+        }
+    }
+
+    fn quota_exceeded(&self) -> Error {
+        Error::QuotaExceeded {
+            volume: self.vol.name.clone(),
+            quota: self.vol.io.quota.bytes(),
+        }
     }
 
     /// Builds the new content of each request (reading old content for partial blocks).
@@ -1012,7 +1062,15 @@ impl Writer<'_> {
                 .collect(),
             None => Vec::new(),
         };
-        let applied = self.install_guarded(&changes, guard)?;
+        let applied = match self.install_guarded(&changes, guard) {
+            Err(e @ Error::QuotaExceeded { .. }) => {
+                // Nothing installed: the new records' pages go back like a lost install's.
+                drop(reservations);
+                self.abandon_lost(&changes, &vec![false; changes.len()]);
+                return Err(e);
+            }
+            r => r?,
+        };
         drop(reservations);
         if let Some(out) = installed {
             out.extend(
@@ -1273,6 +1331,17 @@ impl Writer<'_> {
                     || tree.lookup(g.first, g.blocks) != g.pieces
             }) {
                 return Ok(vec![false; changes.len()]);
+            }
+            let quota = &self.vol.io.quota;
+            if quota.bytes() != 0 {
+                let growth = changes
+                    .iter()
+                    .filter(|c| c.new.is_some())
+                    .map(|c| unmapped(tree, c.block, c.count))
+                    .sum();
+                if !quota.admits(map.mapped_blocks, growth, self.vol.block_size) {
+                    return Err(self.quota_exceeded());
+                }
             }
             let (applied, entries) = apply_changes(inner, self.vol, &mut map, changes);
             let reservation = (!entries.is_empty()).then(|| inner.journal.reserve(entries.len()));

@@ -231,3 +231,76 @@ fn idle_store_returns_space_held_in_the_active_segment() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_quota_holds_allocated_bytes_like_a_full_disk() {
+    // A 64 MiB thin volume held to 1 MiB of allocated bytes: writes that would map more fail
+    // with QuotaExceeded and leave nothing behind; overwrites and discards keep working; a
+    // fork starts with its own (no) quota, and one set on it counts what it maps, shared or not.
+    for (lz4, name) in [(false, "raw"), (true, "lz4")] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), engines().remove(0).1);
+        let opts = VolumeOptions {
+            lz4,
+            ..Default::default()
+        };
+        store.create_volume("v", 64 * MIB, opts).unwrap();
+        let vol = store.open_volume("v").unwrap();
+        let bs = u64::from(vol.block_size());
+        vol.io().quota.set(MIB);
+        let data = pattern(1, MIB as usize);
+        vol.write(0, &data).unwrap();
+        assert_eq!(vol.mapped_bytes(), MIB, "{name}");
+        let quota_err = |r: strata_engine::Result<()>| {
+            assert!(
+                matches!(r, Err(strata_engine::Error::QuotaExceeded { quota, .. }) if quota % (MIB / 2) == 0),
+                "{name}: {r:?}"
+            )
+        };
+        // One block more, whole or partial, alone or in a write that is mostly overwrite.
+        quota_err(vol.write(MIB, &pattern(2, bs as usize)));
+        quota_err(vol.write(8 * MIB + 512, &[7u8; 512]));
+        quota_err(vol.write(MIB / 2, &pattern(3, MIB as usize)));
+        quota_err(vol.write_blocks(&[(0, &data[..bs as usize]), (MIB, &data[..bs as usize])]));
+        assert_eq!(vol.io().quota.refused(), 4, "{name}");
+        // Nothing of the refused writes landed.
+        let mut back = vec![0u8; 2 * MIB as usize];
+        vol.read(0, &mut back).unwrap();
+        assert!(
+            back[..MIB as usize] == data[..],
+            "{name}: refused writes changed data"
+        );
+        assert!(back[MIB as usize..].iter().all(|b| *b == 0), "{name}");
+        assert_eq!(vol.mapped_bytes(), MIB, "{name}");
+        // Overwriting mapped blocks always works; discarding gives room back.
+        let over = pattern(4, MIB as usize);
+        vol.write(0, &over).unwrap();
+        vol.discard(0, 256 * 1024).unwrap();
+        vol.write(32 * MIB, &pattern(5, 256 * 1024)).unwrap();
+        quota_err(vol.write(40 * MIB, &pattern(6, bs as usize)));
+        // Zeros map nothing, so they are not refused.
+        vol.write(48 * MIB, &vec![0u8; MIB as usize]).unwrap();
+        vol.write(48 * MIB, &[0u8; 512]).unwrap();
+        // Lifting the quota lifts the limit.
+        vol.io().quota.set(0);
+        vol.write(40 * MIB, &pattern(6, bs as usize)).unwrap();
+        vol.io().quota.set(MIB);
+        vol.flush().unwrap();
+        // A fork maps what its checkpoint maps; a quota on it below that refuses growth only.
+        store.checkpoint("v", "c").unwrap();
+        store.fork("v", "c", "w", false).unwrap();
+        let w = store.open_volume("w").unwrap();
+        assert_eq!(w.io().quota.bytes(), 0, "{name}: a fork inherited a quota");
+        w.write(50 * MIB, &pattern(7, bs as usize)).unwrap();
+        w.io().quota.set(MIB / 2);
+        w.write(32 * MIB, &pattern(8, 256 * 1024)).unwrap();
+        quota_err(w.write(60 * MIB, &pattern(9, bs as usize)));
+        let mut b = vec![0u8; 256 * 1024];
+        w.read(32 * MIB, &mut b).unwrap();
+        assert!(b == pattern(8, 256 * 1024), "{name}");
+        w.flush().unwrap();
+        drop((vol, w));
+        let report = store.scrub().unwrap();
+        assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
+    }
+}

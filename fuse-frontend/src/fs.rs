@@ -417,7 +417,7 @@ fn with_buf(n: usize, f: impl FnOnce(&mut [u8])) {
 fn engine_errno(what: &str, e: &strata_engine::Error) -> Errno {
     use strata_engine::Error as E;
     let errno = match e {
-        E::NoSpace => Errno::ENOSPC,
+        E::NoSpace | E::QuotaExceeded { .. } => Errno::ENOSPC,
         E::NoSuchCheckpoint { .. } | E::NoSuchVolume(_) => Errno::ENOENT,
         E::InvalidArgument(_) | E::Misaligned { .. } | E::OutOfRange { .. } => Errno::EINVAL,
         E::Contention(_) => Errno::EAGAIN,

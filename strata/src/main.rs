@@ -200,6 +200,10 @@ struct LimitArgs {
     /// 100ms): 1s lets one second's worth through unthrottled.
     #[arg(long)]
     burst: Option<String>,
+    /// Most bytes the volume may have allocated (written and not discarded, shared or not):
+    /// 20G. Writes past it fail as on a full disk; 0 removes it.
+    #[arg(long)]
+    quota: Option<String>,
 }
 
 impl LimitArgs {
@@ -215,12 +219,14 @@ impl LimitArgs {
             Some(b) => Some(parse_duration_ms(b)?),
             None => None,
         };
+        let quota = rate(&self.quota)?;
         let v = json!({
             "read_iops": self.read_iops_limit.or(self.iops_limit),
             "write_iops": self.write_iops_limit.or(self.iops_limit),
             "read_bps": rbw.or(bw),
             "write_bps": wbw.or(bw),
             "burst_ms": burst_ms,
+            "quota": quota,
         });
         let any = v
             .as_object()
@@ -652,7 +658,7 @@ fn volume(c: &client::Client, v: VolumeCmd) -> Result<Value> {
         }
         VolumeCmd::Set { name, limits } => {
             let Some(body) = limits.body()? else {
-                bail!("nothing to set: give --iops-limit, --bw-limit, --read-iops-limit, --write-iops-limit, --read-bw-limit, --write-bw-limit or --burst");
+                bail!("nothing to set: give --iops-limit, --bw-limit, --read-iops-limit, --write-iops-limit, --read-bw-limit, --write-bw-limit, --burst or --quota");
             };
             c.call("PUT", &format!("/v1/volumes/{name}/qos"), Some(body))
         }

@@ -12,84 +12,11 @@
 //! the test loudly.
 
 mod common;
+use common::guest::{assert_ok, boot, guest_dir, info, qemu};
 use common::Daemon;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn guest_dir() -> PathBuf {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = PathBuf::from(
-        std::env::var("STRATA_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/strata-guest".into()),
-    );
-    let st = Command::new(repo().join("scripts/guest.sh"))
-        .arg(&dir)
-        .status()
-        .expect("running scripts/guest.sh");
-    assert!(
-        st.success(),
-        "building the test guest failed; see scripts/guest.sh output above"
-    );
-    dir
-}
-
-/// The QEMU command for a guest on `socket` running tests/guest/TEST.sh.
-fn qemu(guest: &Path, socket: &Path, test: &str, queues: u16) -> Command {
-    let mut c = Command::new("timeout");
-    c.arg("600")
-        .arg("qemu-system-x86_64")
-        .args(["-machine", "q35,accel=tcg,memory-backend=mem"])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-m",
-            "512M",
-            "-smp",
-            "2",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.cpio"))
-        .args([
-            "-append",
-            &format!("console=ttyS0 quiet panic=-1 strata.test={test}"),
-        ])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args([
-            "-chardev",
-            &format!("socket,id=c0,path={},reconnect=1", socket.display()),
-        ])
-        .args([
-            "-device",
-            &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
-        ])
-        .stdin(Stdio::null());
-    c
-}
-
-/// Boots a guest on `socket` running tests/guest/TEST.sh; returns its console output.
-fn boot(guest: &Path, socket: &Path, test: &str, queues: u16) -> String {
-    let out = qemu(guest, socket, test, queues)
-        .output()
-        .expect("qemu-system-x86_64 must be installed (scripts/setup.sh)");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
 
 fn ops(d: &Daemon, op: &str) -> u64 {
     let text = d.http("GET", "/metrics", "");
@@ -97,21 +24,6 @@ fn ops(d: &Daemon, op: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
         .unwrap_or(0)
-}
-
-fn assert_ok(out: &str, test: &str) {
-    assert!(
-        out.contains(&format!("STRATA-RESULT {test} OK")),
-        "guest test {test} failed:\n{out}"
-    );
-}
-
-fn info(out: &str, key: &str) -> String {
-    out.lines()
-        .filter(|l| l.contains("STRATA-INFO"))
-        .flat_map(|l| l.split_whitespace())
-        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
-        .unwrap_or_else(|| panic!("guest printed no {key}:\n{out}"))
 }
 
 /// The guest image, a running daemon, and volume `vm` of `size` exported on `DIR/vm.sock`.
@@ -192,13 +104,7 @@ fn checkpoint_restore_and_fork_with_real_guests() {
     assert!(!ok && msg.contains("exported"), "{msg}");
     d.ok(&["unexport", "vm"]);
     d.ok(&["checkpoint", "restore", "vm@c1"]);
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "vm",
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    d.export_vhost("vm", &sock);
     assert_eq!(
         info(&boot(&guest, &sock, "pattern-read", 1), "md5"),
         a,
@@ -208,13 +114,7 @@ fn checkpoint_restore_and_fork_with_real_guests() {
     // A fork of the checkpoint boots a second guest with the same content.
     d.ok(&["volume", "create", "vm-fork", "--from", "vm@c1"]);
     let fsock = dir.path().join("fork.sock");
-    d.ok(&[
-        "export",
-        "vhost-user",
-        "vm-fork",
-        "--socket",
-        fsock.to_str().unwrap(),
-    ]);
+    d.export_vhost("vm-fork", &fsock);
     assert_eq!(info(&boot(&guest, &fsock, "pattern-read", 1), "md5"), a);
     // The newer checkpoints are still there: history is a tree, not a line.
     let list = d.ok(&["checkpoint", "list", "vm"]);

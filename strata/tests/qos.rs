@@ -20,13 +20,7 @@ fn info(d: &Daemon, vol: &str) -> Value {
 
 fn export(d: &Daemon, dir: &std::path::Path, vol: &str) -> std::path::PathBuf {
     let sock = dir.join(format!("{vol}.sock"));
-    d.ok(&[
-        "export",
-        "vhost-user",
-        vol,
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    d.export_vhost(vol, &sock);
     sock
 }
 
@@ -147,6 +141,43 @@ fn limits_hold_live_and_across_restarts() {
             .unwrap()
             > 1.0
     );
+
+    // A tree at its quota: ENOSPC, and removing files makes room again.
+    d.ok(&[
+        "volume",
+        "set",
+        "t",
+        "--write-bw-limit",
+        "0",
+        "--quota",
+        "16M",
+    ]);
+    let fill = |name: &str| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(tmnt.join(name))?;
+        std::io::Write::write_all(&mut f, &strata_tests::block_content(9, 3, 1 << 20))?;
+        f.sync_all()
+    };
+    let mut n = 0;
+    let err = loop {
+        match fill(&format!("f{n}")) {
+            Ok(()) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 64, "a tree with a 16 MiB quota took 64 MiB");
+    };
+    println!("tree: {n} files of 1 MiB fitted a 16 MiB quota beside the 12 MiB file, then: {err}");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    std::fs::remove_file(tmnt.join("big")).unwrap();
+    for i in 0..n {
+        std::fs::remove_file(tmnt.join(format!("f{i}"))).unwrap();
+    }
+    fill("again").unwrap();
+    assert!(
+        info(&d, "t")["qos"]["quota_refused_writes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     d.ok(&["unmount", tmnt.to_str().unwrap()]);
 
     // Bad limits are refused and change nothing.
@@ -159,6 +190,8 @@ fn limits_hold_live_and_across_restarts() {
         "at least 1M",
     );
     d.fails(&["volume", "set", "slow", "--burst", "2m"], "at most 60s");
+    d.fails(&["volume", "set", "slow", "--quota", "64K"], "at least 1M");
+    d.fails(&["volume", "set", "slow", "--quota", "lots"], "lots");
     d.fails(
         &["volume", "set", "nosuch", "--iops-limit", "100"],
         "nosuch",
@@ -179,6 +212,8 @@ fn limits_hold_live_and_across_restarts() {
         "300",
         "--burst",
         "250ms",
+        "--quota",
+        "100M",
     ]);
     d.terminate();
     let d = Daemon::start(&store);
@@ -187,9 +222,10 @@ fn limits_hold_live_and_across_restarts() {
         (
             q["write_iops"].as_u64(),
             q["read_bps"].as_u64(),
-            q["burst_ms"].as_u64()
+            q["burst_ms"].as_u64(),
+            q["quota_bytes"].as_u64()
         ),
-        (Some(300), Some(8 << 20), Some(250)),
+        (Some(300), Some(8 << 20), Some(250), Some(100 << 20)),
         "{q}"
     );
     d.ok(&["volume", "delete", "slow"]);

@@ -46,7 +46,7 @@ fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
 
 fn engine_err(what: &str, e: strata_engine::Error) -> Errno {
     match e {
-        strata_engine::Error::NoSpace => Errno::ENOSPC,
+        strata_engine::Error::NoSpace | strata_engine::Error::QuotaExceeded { .. } => Errno::ENOSPC,
         e => eio(what, e),
     }
 }

@@ -88,6 +88,7 @@ impl From<EngineError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             Poisoned | NoSpace => StatusCode::SERVICE_UNAVAILABLE,
+            QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

@@ -1,6 +1,7 @@
-//! Per-volume IO limits (`strata volume set VOL --iops-limit …`, or at `volume create`):
-//! kept in `STORE/qos.json`, applied to the engine's per-volume token buckets
-//! (`strata_engine::qos`) that both frontends hold requests to. docs/design/qos.md.
+//! Per-volume IO limits and quotas (`strata volume set VOL --iops-limit … --quota …`, or at
+//! `volume create`): kept in `STORE/qos.json`, applied to the engine's per-volume token
+//! buckets and quota (`strata_engine::qos`) that both frontends hold requests to.
+//! docs/design/qos.md.
 
 use super::*;
 use strata_engine::qos::{Dir, QosLimits};
@@ -11,6 +12,8 @@ const FILE: &str = "qos.json";
 const MIN_IOPS: u64 = 10;
 const MIN_BPS: u64 = 1 << 20;
 const MAX_BURST_MS: u64 = 60_000;
+/// Smallest quota accepted (a filesystem's metadata alone takes more).
+const MIN_QUOTA: u64 = 1 << 20;
 
 /// What `PUT /v1/volumes/{name}/qos` takes and `volume info` shows: 0 removes a limit, an
 /// absent field keeps the current one.
@@ -27,10 +30,13 @@ pub(super) struct Limits {
     pub write_bps: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<u64>,
+    /// Allocated bytes the volume may map ([`strata_engine::qos::Quota`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
 }
 
 impl Limits {
-    fn of(l: &QosLimits) -> Limits {
+    fn of(l: &QosLimits, quota: u64) -> Limits {
         let some = |v: u64| (v != 0).then_some(v);
         Limits {
             read_iops: some(l.read_iops),
@@ -38,6 +44,7 @@ impl Limits {
             read_bps: some(l.read_bps),
             write_bps: some(l.write_bps),
             burst_ms: some(l.burst_ms),
+            quota: some(quota),
         }
     }
 
@@ -51,6 +58,15 @@ impl Limits {
             burst_ms: self.burst_ms.unwrap_or(base.burst_ms),
         }
     }
+}
+
+fn check_quota(quota: u64) -> Result<(), ApiError> {
+    if quota != 0 && quota < MIN_QUOTA {
+        return Err(bad(
+            "a quota must be at least 1M (bytes), or 0 to remove it",
+        ));
+    }
+    Ok(())
 }
 
 fn check(l: &QosLimits) -> Result<(), ApiError> {
@@ -76,7 +92,8 @@ fn check(l: &QosLimits) -> Result<(), ApiError> {
 
 /// Checks limits asked for at create time, before anything is created.
 pub(super) fn validate(req: &Limits) -> Result<(), ApiError> {
-    check(&req.over(&QosLimits::default()))
+    check(&req.over(&QosLimits::default()))?;
+    check_quota(req.quota.unwrap_or(0))
 }
 
 /// The limits of every volume that has any, persisted.
@@ -111,6 +128,7 @@ impl QosTable {
         t.retain(|vol, l| match store.volume_io(vol) {
             Ok(io) => {
                 io.qos.set(l.over(&QosLimits::default()));
+                io.quota.set(l.quota.unwrap_or(0));
                 true
             }
             Err(_) => false,
@@ -123,22 +141,19 @@ impl QosTable {
             .map_err(|e| internal(format!("writing {}: {e:#}", self.dir.join(FILE).display())))
     }
 
-    /// Changes `vol`'s limits by `req` (absent fields kept, 0 removes); returns the new ones.
-    pub(super) fn set(
-        &self,
-        store: &Store,
-        vol: &str,
-        req: &Limits,
-    ) -> Result<QosLimits, ApiError> {
+    /// Changes `vol`'s limits by `req` (absent fields kept, 0 removes).
+    pub(super) fn set(&self, store: &Store, vol: &str, req: &Limits) -> Result<(), ApiError> {
         let io = store.volume_io(vol)?;
         let new = req.over(&io.qos.limits());
+        let quota = req.quota.unwrap_or(io.quota.bytes());
         check(&new)?;
+        check_quota(quota)?;
         let mut t = self.limits.lock();
         let old = t.get(vol).copied();
-        if new.is_unlimited() && new.burst_ms == 0 {
+        if new.is_unlimited() && new.burst_ms == 0 && quota == 0 {
             t.remove(vol);
         } else {
-            t.insert(vol.to_string(), Limits::of(&new));
+            t.insert(vol.to_string(), Limits::of(&new, quota));
         }
         if let Err(e) = self.save(&t) {
             match old {
@@ -148,7 +163,8 @@ impl QosTable {
             return Err(e);
         }
         io.qos.set(new);
-        Ok(new)
+        io.quota.set(quota);
+        Ok(())
     }
 
     /// Forgets a deleted volume's limits.
@@ -165,16 +181,19 @@ fn internal(msg: String) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)
 }
 
-/// `volume info`'s `qos`: the limits and how long requests were held back.
+/// `volume info`'s `qos`: the limits, how long requests were held back, the quota and the
+/// writes it refused.
 pub(super) fn view(store: &Store, vol: &str) -> Option<Value> {
     let io = store.volume_io(vol).ok()?;
     let l = io.qos.limits();
     let (rs, rn) = io.qos.throttled(Dir::Read);
     let (ws, wn) = io.qos.throttled(Dir::Write);
-    if l.is_unlimited() && rn == 0 && wn == 0 {
+    let (quota, refused) = (io.quota.bytes(), io.quota.refused());
+    if l.is_unlimited() && rn == 0 && wn == 0 && quota == 0 && refused == 0 {
         return None;
     }
     Some(json!({
+        "quota_bytes": quota, "quota_refused_writes": refused,
         "read_iops": l.read_iops, "write_iops": l.write_iops,
         "read_bps": l.read_bps, "write_bps": l.write_bps,
         "burst_ms": if l.burst_ms == 0 { QosLimits::DEFAULT_BURST_MS } else { l.burst_ms },
@@ -215,7 +234,9 @@ mod tests {
         };
         let l = req.over(&base);
         assert_eq!((l.read_iops, l.write_iops, l.write_bps), (0, 50, 8 << 20));
-        assert_eq!(Limits::of(&l).over(&QosLimits::default()), l);
+        assert_eq!(Limits::of(&l, 0).over(&QosLimits::default()), l);
+        assert!(check_quota(4096).is_err());
+        assert!(check_quota(0).is_ok() && check_quota(1 << 30).is_ok());
         assert!(check(&QosLimits {
             write_iops: 5,
             ..Default::default()

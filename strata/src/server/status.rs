@@ -131,6 +131,15 @@ pub(super) fn render_metrics(app: &App) -> String {
             );
         }
     }
+    let _ = writeln!(out, "# TYPE strata_volume_quota_bytes gauge\n# TYPE strata_volume_quota_refused_writes_total counter");
+    for (vol, io) in &exported {
+        let _ = writeln!(
+            out,
+            "strata_volume_quota_bytes{{volume=\"{vol}\"}} {}\nstrata_volume_quota_refused_writes_total{{volume=\"{vol}\"}} {}",
+            io.quota.bytes(),
+            io.quota.refused()
+        );
+    }
     for (vol, io) in &exported {
         let st = &io.stats;
         for (i, op) in OPS.iter().enumerate() {

@@ -1,6 +1,8 @@
 #![allow(dead_code, clippy::unwrap_used)]
 //! A `strata serve` process for the integration tests, driven through the real CLI.
 
+pub mod guest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -62,6 +64,35 @@ impl Daemon {
         let (ok, text) = self.run(args);
         assert!(ok, "strata {args:?}: {text}");
         text
+    }
+
+    /// Exports `vol` over vhost-user on `sock`.
+    pub fn export_vhost(&self, vol: &str, sock: &Path) {
+        self.ok(&[
+            "export",
+            "vhost-user",
+            vol,
+            "--socket",
+            sock.to_str().unwrap(),
+        ]);
+    }
+
+    /// Stops the daemon (after unexporting `vol`), starts it again on the same store, and
+    /// checks that the store scrubs clean.
+    pub fn restart_scrubbed(mut self, vol: &str) -> Daemon {
+        self.ok(&["unexport", vol]);
+        self.terminate();
+        let store = self.store.clone();
+        // The process has exited; dropping `self` would also detach every mount beside the
+        // store (a loop-mounted filesystem holding it among them).
+        std::mem::forget(self);
+        let d = Daemon::start(&store);
+        let scrub: serde_json::Value = serde_json::from_str(&d.ok(&["--json", "scrub"])).unwrap();
+        assert!(
+            scrub["problems"].as_array().is_none_or(|p| p.is_empty()),
+            "{scrub}"
+        );
+        d
     }
 
     /// Runs a command that must fail with one clear line containing `needle`.
