@@ -259,7 +259,7 @@ impl Volume {
 
     /// Makes every write acknowledged before this call durable against power loss.
     pub fn flush(&self) -> Result<()> {
-        self.inner.commit(Vec::new())
+        self.inner.flush()
     }
 
     /// Bytes currently mapped (stored) in the live volume.

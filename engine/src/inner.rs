@@ -1,9 +1,12 @@
 //! The store's shared state and the commit protocol.
 //!
-//! Lock order, outermost first: `commit` → `catalog` → `gate` → a volume's `map`.
-//! Writers hold `gate` shared while they change a map; a commit holds it exclusively for the
-//! moment it takes its snapshot, so every journal entry with a sequence number up to the
-//! snapshot's is in that commit and none after it is.
+//! Lock order, outermost first: `commit` → `catalog` → `gate` → a volume's `map`, and
+//! `gate` → `sync`.
+//! Writers hold `gate` shared while they change a map and write its journal entries; a
+//! commit holds it exclusively for the moment it takes its snapshot, so every journal entry
+//! with a sequence number up to the snapshot's is in that commit and none after it is, and a
+//! flush holds it exclusively for the moment it decides what it syncs, so every write
+//! acknowledged before the flush has its journal entry in a file the flush syncs.
 
 use crate::catalog::{Catalog, VolumeState};
 use crate::codec::{self, ExtentKey, LayerRecord, StateRecord};
@@ -65,6 +68,14 @@ pub(crate) struct Inner {
     pub seq: AtomicU64,
     /// Page runs whose last reference went away since the last commit snapshot.
     pub dead: Mutex<Vec<PageRun>>,
+    /// Held from taking the segments' unsynced marks to the end of their sync, by commits
+    /// and flushes alike: a commit never finds a segment's data "synced" while another
+    /// thread's sync of it is still running.
+    pub sync: Mutex<()>,
+    /// Freed bytes awaiting a commit that make one due (`StoreOptions::dead_commit_bytes`).
+    pub dead_commit_bytes: u64,
+    /// Flushes may sync the journal instead of committing (then no page is fresh).
+    pub journal_flush: bool,
     /// Dead runs that no durable map references (allocated since the last commit
     /// snapshot): reusable without a commit, once no reader can still hold them.
     pub fresh_dead: Mutex<(Vec<PageRun>, u64)>,
@@ -155,6 +166,7 @@ impl Inner {
     pub fn commit_due(&self, max_age: std::time::Duration) -> bool {
         if self.dirty_bytes.load(Ordering::Relaxed) >= DIRTY_COMMIT_BYTES
             || self.journal_entries.load(Ordering::Relaxed) >= JOURNAL_COMMIT_ENTRIES
+            || self.dead_pending_bytes() >= self.dead_commit_bytes
         {
             return true;
         }
@@ -262,6 +274,51 @@ impl Inner {
         self.commit_locked(&guard, extra)
     }
 
+    /// Bytes of freed pages that become reusable at the next commit.
+    pub fn dead_pending_bytes(&self) -> u64 {
+        let pages: u64 = self.dead.lock().iter().map(|r| u64::from(r.pages)).sum();
+        pages * crate::map::PAGE_SIZE as u64
+    }
+
+    /// Makes every write acknowledged so far durable (a guest FLUSH, an `fsync`): syncs the
+    /// data segments written since the last sync and the journal files holding their
+    /// entries, without a commit — RocksDB work (chunk records, a synced batch) stays with
+    /// the committer, off the flushing writer's path. Without a committer thread, or with
+    /// `dead_commit_bytes` of freed pages waiting for one, it commits instead.
+    /// docs/design/durability.md, "Flush".
+    pub fn flush(&self) -> Result<()> {
+        self.check_poisoned()?;
+        if !self.journal_flush
+            || (!self.background.load(Ordering::Relaxed)
+                && self.dead_pending_bytes() >= self.dead_commit_bytes)
+        {
+            return self.commit(Vec::new());
+        }
+        let (mut ops, files, sync) = {
+            let _gate = self.gate.write();
+            // A record live now may be named by a journal entry this flush makes durable:
+            // once dead, its pages wait for a commit like any committed record's (a replay
+            // would need them if the entry that freed it was not durable).
+            self.segments.forget_fresh();
+            let sync = self.sync.lock();
+            (
+                self.segments.take_unsynced(),
+                self.journal.live_files(),
+                sync,
+            )
+        };
+        self.journal.sync_dir(&files).map_err(|e| self.poison(e))?;
+        ops.extend(files.iter().map(|f| crate::io::Op::Sync {
+            file: f.file.clone(),
+        }));
+        for done in self.segments.engine().submit(ops) {
+            done.result
+                .map_err(|e| self.poison(Error::io("syncing data and journal", e)))?;
+        }
+        drop(sync);
+        Ok(())
+    }
+
     /// The commit protocol: snapshot the dirty chunks under the gate, make the data they
     /// point at durable, write them and `extra` in one synced RocksDB batch, then reclaim
     /// what the batch stopped referencing.
@@ -292,17 +349,20 @@ impl Inner {
             // record's pages wait for the next commit again. Fresh runs already dead stay
             // reusable (the snapshot does not reference them).
             self.segments.forget_fresh();
+            let sync = self.sync.lock();
             (
                 state,
                 std::mem::take(&mut *self.dead.lock()),
-                self.segments.take_unsynced(),
+                (self.segments.take_unsynced(), sync),
                 generation,
             )
         };
+        let (syncs, sync) = syncs;
         for done in self.segments.engine().submit(syncs) {
             done.result
                 .map_err(|e| self.poison(Error::io("syncing data", e)))?;
         }
+        drop(sync);
         let batch = self.build_batch(ops, &state)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);

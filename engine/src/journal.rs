@@ -7,13 +7,17 @@
 //! only entries whose own checksum and whose data's checksum verify, so a block comes back
 //! old or new, never garbage. Every commit starts a new journal file; files older than the
 //! last durable commit are deleted.
+//!
+//! A flush makes the journal durable instead of committing (docs/design/durability.md,
+//! "Flush"): it syncs the data segments and every journal file not yet covered by a
+//! durable commit, and the journal directory once per new file.
 
 use crate::codec::{JournalEntry, JOURNAL_ENTRY_SIZE};
 use crate::io::{IoEngine, IoFile, Op};
 use crate::{Error, Result};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -21,6 +25,8 @@ pub struct JournalFile {
     pub generation: u64,
     pub file: Arc<IoFile>,
     next_offset: AtomicU64,
+    /// Its directory entry is durable (the directory was synced after it was created).
+    dir_synced: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -28,6 +34,9 @@ pub struct Journal {
     dir: PathBuf,
     engine: Arc<dyn IoEngine>,
     current: RwLock<Arc<JournalFile>>,
+    /// Files whose entries no durable commit covers yet (the current one, and older ones
+    /// until the commit that rotated away from them is durable).
+    live: Mutex<Vec<Arc<JournalFile>>>,
 }
 
 fn journal_path(dir: &Path, generation: u64) -> PathBuf {
@@ -72,6 +81,7 @@ impl Journal {
         let j = Journal {
             dir: dir.to_path_buf(),
             engine,
+            live: Mutex::new(vec![current.clone()]),
             current: RwLock::new(current),
         };
         Ok((j, rec))
@@ -85,6 +95,7 @@ impl Journal {
             generation,
             file,
             next_offset: AtomicU64::new(0),
+            dir_synced: AtomicBool::new(false),
         }))
     }
 
@@ -115,12 +126,34 @@ impl Journal {
     pub fn rotate(&self) -> Result<u64> {
         let next = self.current.read().generation + 1;
         let file = Self::create(&self.dir, &self.engine, next)?;
+        self.live.lock().push(file.clone());
         *self.current.write() = file;
         Ok(next)
     }
 
+    /// The files a flush must sync: every one no durable commit covers yet.
+    pub fn live_files(&self) -> Vec<Arc<JournalFile>> {
+        self.live.lock().clone()
+    }
+
+    /// Makes the directory entries of `files` durable (one directory sync for any number
+    /// of new files; nothing when every one was synced already).
+    pub fn sync_dir(&self, files: &[Arc<JournalFile>]) -> Result<()> {
+        if files.iter().all(|f| f.dir_synced.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        self.engine
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("syncing the journal directory", e))?;
+        for f in files {
+            f.dir_synced.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Deletes journal files older than `generation` (their entries are committed).
     pub fn remove_before(&self, generation: u64) -> Result<()> {
+        self.live.lock().retain(|f| f.generation >= generation);
         let listing = std::fs::read_dir(&self.dir).map_err(|e| Error::io("listing journal", e))?;
         for ent in listing.flatten() {
             if let Some(g) = ent.file_name().to_str().and_then(parse_journal_name) {

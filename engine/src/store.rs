@@ -40,9 +40,10 @@ pub struct StoreOptions {
     /// Size of each data segment file.
     pub segment_bytes: u64,
     /// How long the store may be quiet with changes not yet committed before a background
-    /// commit makes them durable (under load, commits come from flushes, metadata
-    /// operations, 1 GiB of data or 30 s; see docs/design/durability.md). `None`: no
-    /// background thread, commits only on flush and metadata operations.
+    /// commit makes them durable (under load, commits come from metadata operations, 2 GiB
+    /// of data, `dead_commit_bytes` of freed pages or 30 s; flushes sync the journal; see
+    /// docs/design/durability.md). `None`: no background thread; commits on metadata
+    /// operations and on flushes that find `dead_commit_bytes` of freed pages waiting.
     pub commit_interval: Option<Duration>,
     /// Freed space (bytes) kept for reuse by new writes instead of punched at once; it is
     /// punched when the store goes idle (with a background committer) or closes. `0` punches
@@ -54,6 +55,10 @@ pub struct StoreOptions {
     /// Bytes per second the background defragmenter may rewrite (ranges a read found
     /// fragmented; see `defrag.rs`); 0 turns it off.
     pub defrag_bytes_per_sec: u64,
+    /// Freed bytes waiting for a commit (they become reusable only after one) that make the
+    /// committer commit; without a committer, a flush commits once this much waits (0: a
+    /// flush commits whenever anything does). Flushes otherwise sync the journal only.
+    pub dead_commit_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -66,6 +71,7 @@ impl Default for StoreOptions {
             reuse_bytes: crate::segment::DEFAULT_REUSE_BYTES,
             count_in_background: true,
             defrag_bytes_per_sec: 512 << 20,
+            dead_commit_bytes: 64 << 20,
         }
     }
 }
@@ -209,6 +215,9 @@ impl Store {
             state.next_segment,
         )?;
         segments.set_reserve(reserve.clone());
+        // Flushes sync the journal rather than commit unless told to commit every time.
+        let journal_flush = opts.commit_interval.is_some() || opts.dead_commit_bytes > 0;
+        segments.set_fresh_reuse(!journal_flush);
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
         let remote = crate::remote::Remotes::default();
         remote.load(&db)?;
@@ -222,6 +231,9 @@ impl Store {
             catalog: Mutex::new(Default::default()),
             seq: AtomicU64::new(state.committed_seq),
             dead: Mutex::new(Vec::new()),
+            sync: Mutex::new(()),
+            dead_commit_bytes: opts.dead_commit_bytes,
+            journal_flush,
             fresh_dead: Mutex::new((Vec::new(), 0)),
             journal_entries: AtomicU64::new(0),
             dirty_since_ms: AtomicU64::new(0),
@@ -297,7 +309,7 @@ impl Store {
 
     /// Makes every acknowledged write and every checkpoint durable.
     pub fn flush(&self) -> Result<()> {
-        self.inner.commit(Vec::new())
+        self.inner.flush()
     }
 
     /// Waits until the references the store's committed maps hold have been counted (a

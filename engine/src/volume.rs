@@ -1319,8 +1319,10 @@ impl Writer<'_> {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        // Held until the journal entries are written, not only while the map changes: a
+        // flush (which takes the gate exclusively) then syncs a journal that holds them.
+        let gate = inner.gate.read();
         let (applied, entries, reservation) = {
-            let _gate = inner.gate.read();
             let mut map = self.vol.map.write();
             if self.vol.deleted.load(Ordering::Relaxed) {
                 return Err(Error::NoSuchVolume(self.vol.name.clone()));
@@ -1354,6 +1356,7 @@ impl Writer<'_> {
             }
             inner.note_journal(entries.len() as u64);
         }
+        drop(gate);
         Ok(applied)
     }
 

@@ -23,7 +23,9 @@
 //!
 //! Usage: remote-bench [--dir DIR] [--size-mib N] [--runs N] [--secs N]
 //!        [--only protection|forks] [--push-rate RATE (the protection daemon's, e.g. 20M)]
-//!        [--forks N (default 100)]
+//!        [--forks N (default 100)] [--garage-dir DIR (Garage's data and metadata; default
+//!        under --dir, on the store's disk; a tmpfs stands in for a remote on another host's
+//!        disks)]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -47,6 +49,8 @@ struct Args {
     push_rate: Option<String>,
     /// Forks of the golden in the forks section.
     forks: usize,
+    /// Where Garage keeps its data and metadata (default: under `dir`, on the store's disk).
+    garage_dir: Option<PathBuf>,
 }
 
 fn args() -> R<Args> {
@@ -58,6 +62,7 @@ fn args() -> R<Args> {
         only: None,
         push_rate: None,
         forks: 100,
+        garage_dir: None,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -68,6 +73,7 @@ fn args() -> R<Args> {
             "--push-rate" => a.push_rate = Some(v),
             "--only" if v == "protection" || v == "forks" => a.only = Some(v),
             "--forks" => a.forks = v.parse()?,
+            "--garage-dir" => a.garage_dir = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -105,17 +111,26 @@ fn write_image(raw: &Path, mib: usize) -> R<()> {
     Ok(())
 }
 
-/// One series of the daemon's /metrics (0 when absent).
-fn metric(store: &Path, series: &str) -> R<f64> {
+/// The body of `GET path` on the daemon's API socket (no process started, unlike [`cli`]:
+/// cheap enough to sample beside a measured writer).
+fn api_get(store: &Path, path: &str) -> R<String> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(store.join("strata.sock"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out
+        .split_once("\r\n\r\n")
+        .map_or(out.clone(), |(_, b)| b.to_string()))
+}
+
+/// One series of the daemon's /metrics (0 when absent).
+fn metric(store: &Path, series: &str) -> R<f64> {
+    Ok(api_get(store, "/metrics")?
         .lines()
         .find_map(|l| {
             l.strip_prefix(series)?
@@ -224,7 +239,10 @@ fn main() -> R<()> {
     let a = args()?;
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir)?;
-    let garage = Garage::single(&a.dir.join("garage"));
+    let gdir = a.garage_dir.clone().unwrap_or_else(|| a.dir.join("garage"));
+    let _ = std::fs::remove_dir_all(&gdir);
+    let garage = Garage::single(&gdir);
+    println!("# garage keeps its data in {}", gdir.display());
     let ep = garage.endpoint();
     match a.only.as_deref() {
         Some("protection") => return protection(&a, &ep),
@@ -516,7 +534,10 @@ fn protection(a: &Args, ep: &str) -> R<()> {
                     x ^= x >> 7;
                     x ^= x << 17;
                     std::thread::sleep(Duration::from_millis(100 + x % 300));
-                    if let Ok(v) = cli(&st, &["volume", "info", "pv"]) {
+                    let v = api_get(&st, "/v1/volumes/pv")
+                        .ok()
+                        .and_then(|b| serde_json::from_str::<Value>(&b).ok());
+                    if let Some(v) = v {
                         if let Some(r) = v["protection"]["rpo_secs"].as_f64() {
                             out.push(r);
                         }
