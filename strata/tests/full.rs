@@ -53,7 +53,12 @@ impl LoopFs {
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        // Already detached when the daemon's drop took the mounts beside its store with it.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -99,6 +99,11 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     }
 
     /// Stops the node (SIGKILL: a node that dies).
+    /// The node's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -25,7 +25,8 @@
 //!        [--only protection|forks] [--push-rate RATE (the protection daemon's, e.g. 20M)]
 //!        [--forks N (default 100)] [--garage-dir DIR (Garage's data and metadata; default
 //!        under --dir, on the store's disk; a tmpfs stands in for a remote on another host's
-//!        disks)]
+//!        disks)] [--garage-nice N (every Garage thread at nice N: a stand-in for a remote on
+//!        another host's CPUs)]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -51,6 +52,8 @@ struct Args {
     forks: usize,
     /// Where Garage keeps its data and metadata (default: under `dir`, on the store's disk).
     garage_dir: Option<PathBuf>,
+    /// Nice value for every Garage thread (a stand-in for a remote on another host's CPUs).
+    garage_nice: Option<i32>,
 }
 
 fn args() -> R<Args> {
@@ -63,6 +66,7 @@ fn args() -> R<Args> {
         push_rate: None,
         forks: 100,
         garage_dir: None,
+        garage_nice: None,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -74,6 +78,7 @@ fn args() -> R<Args> {
             "--only" if v == "protection" || v == "forks" => a.only = Some(v),
             "--forks" => a.forks = v.parse()?,
             "--garage-dir" => a.garage_dir = Some(PathBuf::from(v)),
+            "--garage-nice" => a.garage_nice = Some(v.parse()?),
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -243,6 +248,21 @@ fn main() -> R<()> {
     let _ = std::fs::remove_dir_all(&gdir);
     let garage = Garage::single(&gdir);
     println!("# garage keeps its data in {}", gdir.display());
+    if let Some(n) = a.garage_nice {
+        let pid = garage.nodes[0].pid().ok_or("garage is not running")?;
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+            .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+            .collect();
+        let st = Command::new("renice")
+            .args(["-n", &n.to_string(), "-p"])
+            .args(&tids)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            return Err("renice of garage failed".into());
+        }
+        println!("# garage runs at nice {n} ({} threads)", tids.len());
+    }
     let ep = garage.endpoint();
     match a.only.as_deref() {
         Some("protection") => return protection(&a, &ep),
