@@ -74,8 +74,12 @@ pub(crate) struct Inner {
     pub sync: Mutex<()>,
     /// Freed bytes awaiting a commit that make one due (`StoreOptions::dead_commit_bytes`).
     pub dead_commit_bytes: u64,
-    /// Flushes may sync the journal instead of committing (then no page is fresh).
+    /// Flushes may sync the journal instead of committing.
     pub journal_flush: bool,
+    /// Fresh dead pages were handed back for reuse since the last commit: a journal entry
+    /// the next flush would make durable may name pages that now hold other data, so that
+    /// flush commits instead (set and cleared under the `fresh_dead` lock).
+    pub fresh_reused: AtomicBool,
     /// Dead runs that no durable map references (allocated since the last commit
     /// snapshot): reusable without a commit, once no reader can still hold them.
     pub fresh_dead: Mutex<(Vec<PageRun>, u64)>,
@@ -184,6 +188,7 @@ impl Inner {
                 return;
             }
             let pages = std::mem::take(&mut f.1);
+            self.fresh_reused.store(true, Ordering::Relaxed);
             // Those records will not be replayed: they no longer count towards a commit.
             let bytes = pages * crate::map::PAGE_SIZE as u64;
             let _ = self
@@ -295,11 +300,27 @@ impl Inner {
             return self.commit(Vec::new());
         }
         let (mut ops, files, sync) = {
-            let _gate = self.gate.write();
-            // A record live now may be named by a journal entry this flush makes durable:
-            // once dead, its pages wait for a commit like any committed record's (a replay
-            // would need them if the entry that freed it was not durable).
-            self.segments.forget_fresh();
+            let gate = self.gate.write();
+            {
+                let mut f = self.fresh_dead.lock();
+                if self.fresh_reused.load(Ordering::Relaxed) {
+                    // A record written since the last commit was reused after it died: its
+                    // entries (and its group's) may no longer replay. Commit instead.
+                    drop(f);
+                    drop(gate);
+                    return self.commit(Vec::new());
+                }
+                // Every record written so far may be named by an entry this flush makes
+                // durable and be needed by a replay (its group's other records, blocks it
+                // still maps): once dead, its pages wait for a commit like a committed
+                // record's, and those already dead but not yet reused do too.
+                self.segments.forget_fresh();
+                let runs = std::mem::take(&mut f.0);
+                f.1 = 0;
+                if !runs.is_empty() {
+                    self.dead.lock().extend(runs);
+                }
+            }
             let sync = self.sync.lock();
             (
                 self.segments.take_unsynced(),
@@ -349,6 +370,10 @@ impl Inner {
             // record's pages wait for the next commit again. Fresh runs already dead stay
             // reusable (the snapshot does not reference them).
             self.segments.forget_fresh();
+            {
+                let _f = self.fresh_dead.lock();
+                self.fresh_reused.store(false, Ordering::Relaxed);
+            }
             let sync = self.sync.lock();
             (
                 state,

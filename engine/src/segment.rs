@@ -238,11 +238,6 @@ pub struct Segments {
     next_id: AtomicU32,
     /// Pages in every segment's `deferred` list.
     deferred_pages: AtomicU64,
-    /// Whether pages allocated since the last commit count as fresh (reusable at once once
-    /// dead). Off when flushes make the journal durable instead of committing: a dead
-    /// record's journal entry may then be durable and needed by a replay (its group's other
-    /// records, the blocks it still maps), so its pages wait for a commit like any other.
-    fresh_reuse: AtomicBool,
     /// Dead runs kept for reuse, oldest first; at most `free_cap` pages.
     free: Mutex<FreeRuns>,
     free_cap: u64,
@@ -338,7 +333,6 @@ impl Segments {
             roll: Mutex::new(()),
             next_id: AtomicU32::new(first + 1),
             deferred_pages: AtomicU64::new(0),
-            fresh_reuse: AtomicBool::new(true),
             free: Mutex::new(FreeRuns::default()),
             free_cap: reuse_bytes / PAGE_SIZE as u64,
             reuse_gate: RwLock::new(()),
@@ -479,9 +473,7 @@ impl Segments {
             };
             if let Some(page) = seg.try_alloc(pages) {
                 a.page = page;
-                if self.fresh_reuse.load(Ordering::Relaxed) {
-                    seg.note_fresh(page, pages);
-                }
+                seg.note_fresh(page, pages);
                 return Ok(a);
             }
             drop(a);
@@ -523,9 +515,7 @@ impl Segments {
         }
         free.pages -= u64::from(pages);
         seg.reserved.fetch_add(u64::from(pages), Ordering::AcqRel);
-        if self.fresh_reuse.load(Ordering::Relaxed) {
-            seg.note_fresh(run.page, pages);
-        }
+        seg.note_fresh(run.page, pages);
         Some(Allocation {
             seg,
             page: run.page,
@@ -699,11 +689,6 @@ impl Segments {
     pub fn is_fresh(&self, run: &PageRun) -> bool {
         self.get(run.segment)
             .is_some_and(|s| s.is_fresh(run.page, run.pages))
-    }
-
-    /// Turns the reuse of fresh dead pages off (see `fresh_reuse`); set before any write.
-    pub fn set_fresh_reuse(&self, on: bool) {
-        self.fresh_reuse.store(on, Ordering::Relaxed);
     }
 
     /// A commit snapshot: everything allocated so far may be in the durable map from now on.

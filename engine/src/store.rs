@@ -217,7 +217,6 @@ impl Store {
         segments.set_reserve(reserve.clone());
         // Flushes sync the journal rather than commit unless told to commit every time.
         let journal_flush = opts.commit_interval.is_some() || opts.dead_commit_bytes > 0;
-        segments.set_fresh_reuse(!journal_flush);
         let (journal, recovered) = Journal::open(&path.join(JOURNAL_DIR), engine)?;
         let remote = crate::remote::Remotes::default();
         remote.load(&db)?;
@@ -234,6 +233,7 @@ impl Store {
             sync: Mutex::new(()),
             dead_commit_bytes: opts.dead_commit_bytes,
             journal_flush,
+            fresh_reused: AtomicBool::new(false),
             fresh_dead: Mutex::new((Vec::new(), 0)),
             journal_entries: AtomicU64::new(0),
             dirty_since_ms: AtomicU64::new(0),
