@@ -190,12 +190,30 @@ impl Garage {
                 }
             })
             .collect();
+        // `node id` answers from the key file, possibly before the node listens for RPC:
+        // connecting is retried until it does.
         for (i, n) in nodes.iter().enumerate().skip(1) {
-            nodes[0].cli(&[
-                "node",
-                "connect",
-                &format!("{}@127.0.0.1:{}", ids[i], n.rpc_port),
-            ]);
+            let target = format!("{}@127.0.0.1:{}", ids[i], n.rpc_port);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = Command::new(binary())
+                    .arg("-c")
+                    .arg(&nodes[0].config)
+                    .args(["node", "connect", &target])
+                    .output()
+                    .expect("running garage");
+                if out.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "garage node connect {target}: {}{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    n.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         for id in &ids {
             nodes[0].cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id[..16]]);
