@@ -374,15 +374,14 @@ impl Inner {
                 let _f = self.fresh_dead.lock();
                 self.fresh_reused.store(false, Ordering::Relaxed);
             }
-            let sync = self.sync.lock();
             (
                 state,
                 std::mem::take(&mut *self.dead.lock()),
-                (self.segments.take_unsynced(), sync),
+                (self.sync.lock(), self.segments.take_unsynced()),
                 generation,
             )
         };
-        let (syncs, sync) = syncs;
+        let (sync, syncs) = syncs;
         for done in self.segments.engine().submit(syncs) {
             done.result
                 .map_err(|e| self.poison(Error::io("syncing data", e)))?;

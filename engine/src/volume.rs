@@ -876,20 +876,26 @@ impl Writer<'_> {
         let bs = self.vol.block_size as usize;
         let m = self.vol.map.read();
         let tree = m.tree(&self.vol.name)?;
-        let growth = reqs
-            .iter()
-            .map(|(blk, w)| match w {
-                // All-zero blocks are unmapped, not stored.
-                BlockWrite::Full(d) => d
-                    .chunks(bs)
-                    .zip(*blk..)
-                    .filter(|(b, i)| !is_zero(b) && unmapped(tree, *i, 1) == 1)
-                    .count() as u64,
-                BlockWrite::Partial { data, .. } => {
-                    u64::from(!is_zero(data) && unmapped(tree, *blk, 1) == 1)
-                }
-            })
-            .sum();
+        // Non-zero blocks the map does not map now (all-zero blocks are unmapped, not
+        // stored): one lookup per request.
+        let mut growth = 0u64;
+        for (blk, w) in reqs {
+            let data: &[u8] = match w {
+                BlockWrite::Full(d) => d,
+                BlockWrite::Partial { data, .. } => data,
+            };
+            let n = (data.len().div_ceil(bs)) as u64;
+            for p in tree.lookup(*blk, n).iter().filter(|p| p.loc.is_none()) {
+                let from = ((p.block - blk) as usize) * bs;
+                let to = (from + p.blocks as usize * bs).min(data.len());
+                growth += match w {
+                    BlockWrite::Full(_) => {
+                        data[from..to].chunks(bs).filter(|b| !is_zero(b)).count() as u64
+                    }
+                    BlockWrite::Partial { .. } => u64::from(!is_zero(data)),
+                };
+            }
+        }
         if quota.admits(m.mapped_blocks, growth, self.vol.block_size) {
             Ok(())
         } else {
