@@ -166,6 +166,19 @@ impl Store {
         Ok(self.inner.catalog.lock().volume(volume)?.io.clone())
     }
 
+    /// Guest IO requests served on every volume so far and their summed latency, as the
+    /// frontends record them (see [`qos::IoStats`]): what background work (a push) watches to
+    /// see whether it slows the guests down. Counts reads, writes, flushes, discards and
+    /// write-zeroes.
+    pub fn io_load(&self) -> qos::IoLoad {
+        let cat = self.inner.catalog.lock();
+        let mut load = qos::IoLoad::default();
+        for vol in cat.volumes.values() {
+            load.add(&vol.io.stats);
+        }
+        load
+    }
+
     /// Blocks of the live volume still held only in remote packs (a lazy restore not yet
     /// hydrated). Does not open the volume (its map is loaded if it is not yet).
     pub fn remote_blocks(&self, volume: &str) -> Result<u64> {

@@ -64,6 +64,24 @@ impl IoStats {
     }
 }
 
+/// Requests and their summed latency per kind (indexed like [`OPS`]; `other` not counted),
+/// over volumes (see `Store::io_load`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoLoad {
+    pub ops: [u64; 5],
+    pub latency_us: [u64; 5],
+}
+
+impl IoLoad {
+    /// Adds `stats`' guest requests.
+    pub fn add(&mut self, stats: &IoStats) {
+        for i in 0..5 {
+            self.ops[i] += stats.ops[i].load(Ordering::Relaxed);
+            self.latency_us[i] += stats.latency_sum_us[i].load(Ordering::Relaxed);
+        }
+    }
+}
+
 /// Which way a request moves data, for limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {

@@ -48,10 +48,15 @@ enum Cmd {
         #[arg(long)]
         hydrate_rate: Option<String>,
         /// Limit each push (protection rounds included) to this many bytes per second
-        /// (K/M/G suffixes), so uploads leave a guest its CPU and bandwidth; unlimited by
-        /// default.
+        /// (K/M/G suffixes); no ceiling by default. Below it, pushes back off while the
+        /// guests' IO slows down (see --no-push-yield).
         #[arg(long)]
         push_rate: Option<String>,
+        /// Push at --push-rate (or unpaced) even while the guests' IO slows down: by
+        /// default a push halves its rate whenever the mean latency of the guests' requests
+        /// rises well above its recent low, and climbs back once it settles.
+        #[arg(long)]
+        no_push_yield: bool,
         /// Also serve containerd's snapshots API on this socket (a proxy snapshotter:
         /// docs/design/containerd.md).
         #[arg(long)]
@@ -420,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
         api_socket,
         hydrate_rate,
         push_rate,
+        no_push_yield,
         containerd_socket,
     } = &cli.cmd
     {
@@ -434,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
             remote::Rates {
                 hydrate: rate,
                 push,
+                push_yield: !no_push_yield,
             },
             containerd_socket.as_deref(),
         );

@@ -225,6 +225,9 @@ fn push_restore_incremental_and_gc() {
         uploaded > packs && uploaded < packs + (1 << 20),
         "{uploaded} vs {packs}"
     );
+    // No guest sent a request while they ran: the push governor had nobody to yield to.
+    assert_eq!(metric(&a, "strata_push_backoffs_total"), 0);
+    metric(&a, "strata_push_rate_bytes");
     // Pushing again is a no-op; pushing a name the remote holds from elsewhere is refused.
     assert_eq!(
         json(&a, &["checkpoint", "push", "vm@c2"])["already_pushed"],

@@ -48,6 +48,8 @@ struct Args {
     only: Option<String>,
     /// `strata serve --push-rate` for the protection section.
     push_rate: Option<String>,
+    /// `--push-yield off`: `strata serve --no-push-yield` for the protection section.
+    push_yield: bool,
     /// Forks of the golden in the forks section.
     forks: usize,
     /// Where Garage keeps its data and metadata (default: under `dir`, on the store's disk).
@@ -64,6 +66,7 @@ fn args() -> R<Args> {
         secs: 15.0,
         only: None,
         push_rate: None,
+        push_yield: true,
         forks: 100,
         garage_dir: None,
         garage_nice: None,
@@ -75,6 +78,13 @@ fn args() -> R<Args> {
             "--runs" => a.runs = v.parse()?,
             "--secs" => a.secs = v.parse()?,
             "--push-rate" => a.push_rate = Some(v),
+            "--push-yield" => {
+                a.push_yield = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--push-yield is on or off, not {v:?}").into()),
+                }
+            }
             "--only" if v == "protection" || v == "forks" => a.only = Some(v),
             "--forks" => a.forks = v.parse()?,
             "--garage-dir" => a.garage_dir = Some(PathBuf::from(v)),
@@ -509,10 +519,13 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// The protection section: IOPS without and with a 5 s policy, and the RPO observed.
 fn protection(a: &Args, ep: &str) -> R<()> {
-    let rate: Vec<&str> = match &a.push_rate {
+    let mut rate: Vec<&str> = match &a.push_rate {
         Some(r) => vec!["--push-rate", r],
         None => vec![],
     };
+    if !a.push_yield {
+        rate.push("--no-push-yield");
+    }
     let (_d, st) = daemon_with(&a.dir, "store-p", &rate)?;
     add_remote(&st, "g", ep)?;
     cli(
@@ -531,18 +544,55 @@ fn protection(a: &Args, ep: &str) -> R<()> {
     let blocks = (a.size_mib as u64) << 8;
     // Fully written first, so that both phases overwrite mapped blocks.
     randwrite(&img, blocks, 3.0, 99)?;
+    // A policy set with no writer running, and its first round (everything not yet in the
+    // remote) waited for: the protected phases then measure a protected volume's steady
+    // state (rounds carrying what the writer changes while protected), not the catch-up
+    // upload of what the plain phase before changed.
+    let protect_settled = || -> R<f64> {
+        let t = Instant::now();
+        cli(&st, &["volume", "protect", "pv", "--every", "5s"])?;
+        while cli(&st, &["volume", "info", "pv"])?["protection"]["pushes"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0
+        {
+            if t.elapsed() > Duration::from_secs(600) {
+                return Err("a first protection round did not finish in 10 minutes".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    // After a protected phase: the round still running (if one is) ends before the policy
+    // goes, so that it does not run into the next plain phase.
+    let unprotect_settled = || -> R<()> {
+        let t = Instant::now();
+        while cli(&st, &["volume", "info", "pv"])?["protection"]["running"] == Value::Bool(true) {
+            if t.elapsed() > Duration::from_secs(600) {
+                return Err("a protection round did not finish in 10 minutes".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cli(&st, &["volume", "unprotect", "pv"])?;
+        Ok(())
+    };
+    let first = protect_settled()?;
+    unprotect_settled()?;
+    println!("# first round (the whole volume, no writer): {first:.1} s");
     println!(
         "# protection: {} MiB volume, 4 KiB random writes + fdatasync every 32 through the FUSE \
-         image export (page cache on), {} s phases, policy --every 5s, {} runs, push rate {}",
+         image export (page cache on), {} s phases, policy --every 5s, {} runs, push rate \
+         ceiling {}, pushes yield to the guest: {}",
         a.size_mib,
         a.secs,
         a.runs,
-        a.push_rate.as_deref().unwrap_or("unlimited")
+        a.push_rate.as_deref().unwrap_or("none"),
+        if a.push_yield { "on" } else { "off" }
     );
     let (mut plain, mut protected, mut rpo) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..a.runs {
         let base = randwrite(&img, blocks, a.secs, 2 * run as u64 + 1)?;
-        cli(&st, &["volume", "protect", "pv", "--every", "5s"])?;
+        let catch_up = protect_settled()?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
             let (st, stop) = (st.clone(), stop.clone());
@@ -570,10 +620,10 @@ fn protection(a: &Args, ep: &str) -> R<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         rpo.extend(sampler.join().map_err(|_| "sampler panicked")?);
         let p = cli(&st, &["volume", "info", "pv"])?["protection"].clone();
-        cli(&st, &["volume", "unprotect", "pv"])?;
+        unprotect_settled()?;
         println!(
-            "run {run}: no policy {base:.0} IOPS, 5 s policy {with:.0} IOPS ({:.2}x); rounds {}, \
-             failures {}, last round {:.2} s",
+            "run {run}: no policy {base:.0} IOPS, 5 s policy {with:.0} IOPS ({:.2}x); rounds {} \
+             (the first, {catch_up:.1} s, before the writer), failures {}, last round {:.2} s",
             with / base,
             p["pushes"],
             p["failures"],
@@ -581,8 +631,6 @@ fn protection(a: &Args, ep: &str) -> R<()> {
         );
         plain.push(base);
         protected.push(with);
-        // A round still running ends before the next unprotected phase.
-        std::thread::sleep(Duration::from_secs(3));
     }
     let (mb, mp) = (median(plain), median(protected));
     println!(

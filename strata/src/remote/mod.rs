@@ -11,6 +11,7 @@
 //! workers, FUSE threads, jobs) block on it through [`Remotes::run`].
 
 pub mod gc;
+pub mod governor;
 pub mod manifest;
 pub mod pull;
 pub mod push;
@@ -100,6 +101,8 @@ struct State {
 pub struct Rates {
     pub hydrate: Option<u64>,
     pub push: Option<u64>,
+    /// Pushes back off while the guests' IO slows down (`--no-push-yield` turns it off).
+    pub push_yield: bool,
 }
 
 /// `owners/<volume>` in a remote: which store protects the volume. A failover takes it
@@ -146,8 +149,9 @@ pub struct Remotes {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Bytes per second one volume's hydration may fetch (`strata serve --hydrate-rate`).
     pub hydrate_rate: Option<u64>,
-    /// Bytes per second a push may upload (`strata serve --push-rate`).
-    pub push_rate: Option<u64>,
+    /// How fast a push may upload: `strata serve --push-rate`, and the back-off while the
+    /// guests' IO slows down (see `governor`).
+    pub push: governor::Governor,
 }
 
 /// A remote object's key under the remote's prefix.
@@ -265,7 +269,7 @@ impl Remotes {
             counters: Default::default(),
             stopping: Default::default(),
             hydrate_rate: rates.hydrate,
-            push_rate: rates.push,
+            push: governor::Governor::new(rates.push, rates.push_yield),
         }))
     }
 

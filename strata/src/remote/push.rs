@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use strata_engine::{Snapshot, Store};
 
 /// Target size of one pack object.
@@ -264,20 +263,11 @@ pub fn push(
     let mut inflight: std::collections::VecDeque<Upload> = Default::default();
     let mut buf: Vec<u8> = Vec::with_capacity(PACK_BYTES + (1 << 20));
     let (mut uploaded, mut skipped, mut pack_no) = (0u64, 0u64, 0u32);
-    // `--push-rate`: a pack is handed to the uploads no sooner than the bytes before it
-    // allow, so a push leaves a guest its CPU and bandwidth.
-    let paced_from = std::time::Instant::now();
-    let mut sent = 0u64;
-    let mut pace = |len: usize| {
-        if let Some(rate) = remotes.push_rate.filter(|r| *r > 0) {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            let elapsed = paced_from.elapsed();
-            if due > elapsed && !remotes.stopping.load(Ordering::Relaxed) {
-                std::thread::sleep(due - elapsed);
-            }
-        }
-        sent += len as u64;
-    };
+    // Each batch of records is read no sooner than the push's rate allows (`--push-rate`,
+    // and backing off while the guests' IO slows down: `governor`), so a push leaves the
+    // guests their CPU and bandwidth.
+    let mut pacer = super::governor::Pacer::new(&remotes.push);
+    let load = || store.io_load();
     let mut finish = |buf: Vec<u8>,
                       packs: &mut Vec<PackRef>,
                       inflight: &mut std::collections::VecDeque<_>,
@@ -346,6 +336,7 @@ pub fn push(
             continue;
         }
         {
+            pacer.pace(batch_bytes, &load, &remotes.stopping);
             let entries: Vec<_> = batch.iter().map(|(_, e)| *e).collect();
             let start = buf.len();
             store
@@ -366,14 +357,13 @@ pub fn push(
             done_bytes += batch_bytes as u64;
             batch_bytes = 0;
             {
-                if buf.len() >= PACK_BYTES {
+                if buf.len() >= remotes.push.pack_bytes(PACK_BYTES) {
                     while inflight.len() >= IN_FLIGHT {
                         wait_one(&mut inflight, &mut uploaded, &mut skipped)?;
                         job.done.store(uploaded.min(done_bytes), Ordering::Relaxed);
                     }
                     let full =
                         std::mem::replace(&mut buf, Vec::with_capacity(PACK_BYTES + (1 << 20)));
-                    pace(full.len());
                     let idx = finish(full, &mut packs, &mut inflight, &mut pack_no)?;
                     extents.extend(open.drain(..).map(|x| Extent { pack: idx, ..x }));
                 }
@@ -381,7 +371,6 @@ pub fn push(
         }
     }
     if !buf.is_empty() {
-        pace(buf.len());
         let idx = finish(buf, &mut packs, &mut inflight, &mut pack_no)?;
         extents.extend(open.drain(..).map(|x| Extent { pack: idx, ..x }));
     }

@@ -92,6 +92,11 @@ pub(super) fn render_metrics(app: &App) -> String {
             c[2]
         );
     }
+    let (rate, backoffs) = app.remotes.push.status();
+    let _ = writeln!(
+        out,
+        "# TYPE strata_push_rate_bytes gauge\nstrata_push_rate_bytes {rate}\n# TYPE strata_push_backoffs_total counter\nstrata_push_backoffs_total {backoffs}"
+    );
     let sharing = app.store.remote_sharing();
     let _ = writeln!(
         out,

@@ -1,0 +1,351 @@
+//! How fast a push may upload: the `--push-rate` ceiling, and below it a rate that backs
+//! off while the store's guests see their IO slow down (docs/design/protection.md, "Push
+//! budget").
+//!
+//! A push on the guests' own host competes with them for CPU (reading and packing records,
+//! the S3 client, and a remote on the same machine) and for the network. The governor
+//! watches the mean latency of each kind of guest request the frontends serve (reads,
+//! writes, flushes...: every volume's [`strata_engine::qos::IoStats`]), in windows of
+//! [`WINDOW`]: a window in which some kind's mean is well above what that kind's means
+//! were in the last [`BASELINE`] (their lower quartile: the guests' latency when nothing
+//! disturbs them, not their luckiest window) halves the rate, any other window raises it by [`STEP`] — additive increase, multiplicative
+//! decrease, as TCP backs off from a congested link. Kinds with too few requests in a
+//! window to measure are left out, and a window with none doubles the rate: idle guests
+//! leave a push its full speed within a second. A push that starts after a quiet spell starts at
+//! [`START`], so that the governor sees the guests' undisturbed latency before it pushes
+//! hard; the rate never drops below [`FLOOR`], so protection always moves. While paced, a
+//! push cuts smaller packs ([`Governor::pack_bytes`]), so that what it hands the remote
+//! follows the rate closely instead of in 16 MiB bursts.
+
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use strata_engine::qos::IoLoad;
+
+/// Length of one measurement window.
+pub const WINDOW: Duration = Duration::from_millis(100);
+/// How far back the undisturbed latency is looked for.
+pub const BASELINE: Duration = Duration::from_secs(30);
+/// Fewer requests of a kind than this in a window: that kind is not measured in it.
+pub const MIN_OPS: u64 = 16;
+/// Bytes per second a push starts at after a quiet spell.
+pub const START: u64 = 16 << 20;
+/// Added to the rate after each undisturbed window.
+pub const STEP: u64 = 4 << 20;
+/// The rate never goes below this.
+pub const FLOOR: u64 = 2 << 20;
+/// At or above this (with no ceiling) a push is not paced at all.
+pub const UNPACED: u64 = 1 << 30;
+
+/// Whether a window's mean latency (µs) of one kind of request shows the guests disturbed,
+/// against that kind's recent undisturbed mean: 1.5 times it, and 10 µs more (a few µs of
+/// scheduling noise on a 10 µs write is no disturbance).
+pub fn disturbed(mean_us: f64, baseline_us: f64) -> bool {
+    mean_us > baseline_us * 1.5 + 10.0
+}
+
+type Means = [Option<f64>; 5];
+
+#[derive(Debug)]
+struct State {
+    /// Bytes per second now.
+    rate: u64,
+    /// When the last window began, and the guests' counters then.
+    since: Option<(Instant, IoLoad)>,
+    /// Mean latency per kind of each window in the last [`BASELINE`], oldest first.
+    means: VecDeque<(Instant, Means)>,
+    /// Windows that halved the rate, since the daemon started (for `volume info`).
+    backoffs: u64,
+    /// The last window measured some guest requests.
+    busy: bool,
+}
+
+#[derive(Debug)]
+pub struct Governor {
+    /// `--push-rate`: never faster than this (bytes per second).
+    ceiling: Option<u64>,
+    /// Off (`--no-push-yield`): pushes go at the ceiling, whatever the guests see.
+    adaptive: bool,
+    state: Mutex<State>,
+}
+
+impl Governor {
+    pub fn new(ceiling: Option<u64>, adaptive: bool) -> Governor {
+        Governor {
+            ceiling: ceiling.filter(|r| *r > 0),
+            adaptive,
+            state: Mutex::new(State {
+                rate: START,
+                since: None,
+                means: VecDeque::new(),
+                backoffs: 0,
+                busy: false,
+            }),
+        }
+    }
+
+    fn cap(&self) -> u64 {
+        self.ceiling.unwrap_or(UNPACED)
+    }
+
+    /// The rate a push may go at now, after folding in the window that ended (if one did);
+    /// `None`: unpaced. `load` reads the guests' counters.
+    pub fn rate(&self, load: impl FnOnce() -> IoLoad) -> Option<u64> {
+        if !self.adaptive {
+            return self.ceiling;
+        }
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        match st.since {
+            None => {
+                st.since = Some((now, load()));
+            }
+            Some((t, prev)) if now.duration_since(t) >= WINDOW => {
+                let cur = load();
+                st.since = Some((now, cur));
+                if now.duration_since(t) > BASELINE {
+                    // A quiet spell (no push asked): start over, carefully.
+                    st.means.clear();
+                    st.rate = START.min(self.cap());
+                } else {
+                    let mut means: Means = [None; 5];
+                    for (k, m) in means.iter_mut().enumerate() {
+                        let ops = cur.ops[k].saturating_sub(prev.ops[k]);
+                        if ops >= MIN_OPS {
+                            let us = cur.latency_us[k].saturating_sub(prev.latency_us[k]);
+                            *m = Some(us as f64 / ops as f64);
+                        }
+                    }
+                    while st
+                        .means
+                        .front()
+                        .is_some_and(|(at, _)| now.duration_since(*at) > BASELINE)
+                    {
+                        st.means.pop_front();
+                    }
+                    st.means.push_back((now, means));
+                    let worse = means.iter().enumerate().any(|(k, m)| {
+                        m.is_some_and(|mean| {
+                            let mut seen: Vec<f64> =
+                                st.means.iter().filter_map(|w| w.1[k]).collect();
+                            seen.sort_by(f64::total_cmp);
+                            disturbed(mean, seen[(seen.len() - 1) / 4])
+                        })
+                    });
+                    st.busy = means.iter().any(Option::is_some);
+                    st.rate = if worse {
+                        st.backoffs += 1;
+                        (st.rate / 2).max(FLOOR)
+                    } else if st.busy {
+                        st.rate.saturating_add(STEP).min(self.cap())
+                    } else {
+                        // Nobody to disturb: double.
+                        st.rate.saturating_mul(2).min(self.cap())
+                    };
+                }
+            }
+            Some(_) => {}
+        }
+        let rate = st.rate.min(self.cap());
+        (self.ceiling.is_some() || rate < UNPACED).then_some(rate)
+    }
+
+    /// How large a push should let a pack grow before it hands it to the uploads: `full`
+    /// when unpaced or while no guest sends requests, else about a fifth of a second at the
+    /// current rate (1 MiB at least).
+    pub fn pack_bytes(&self, full: usize) -> usize {
+        let busy = self.state.lock().busy || !self.adaptive;
+        match self.status().0 {
+            0 => full,
+            _ if !busy => full,
+            rate => usize::try_from(rate / 5)
+                .unwrap_or(full)
+                .clamp(1 << 20, full),
+        }
+    }
+
+    /// Bytes per second now (0: unpaced) and the back-offs so far, for /metrics.
+    pub fn status(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        let rate = if !self.adaptive {
+            self.ceiling.unwrap_or(0)
+        } else if self.ceiling.is_none() && st.rate >= UNPACED {
+            0
+        } else {
+            st.rate.min(self.cap())
+        };
+        (rate, st.backoffs)
+    }
+}
+
+/// One push's pacing: [`Pacer::pace`] before each `len` bytes it sends.
+pub struct Pacer<'a> {
+    gov: &'a Governor,
+    /// Bytes sent that the rate has not yet paid for.
+    debt: f64,
+    last: Instant,
+}
+
+impl<'a> Pacer<'a> {
+    pub fn new(gov: &'a Governor) -> Pacer<'a> {
+        Pacer {
+            gov,
+            debt: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until the rate allows `len` more bytes (in steps of at most 50 ms, the rate
+    /// read again at each), unless `stop` is set.
+    pub fn pace(&mut self, len: usize, load: &dyn Fn() -> IoLoad, stop: &AtomicBool) {
+        self.debt += len as f64;
+        loop {
+            let now = Instant::now();
+            let rate = self.gov.rate(load);
+            let Some(rate) = rate else {
+                self.debt = 0.0;
+                self.last = now;
+                return;
+            };
+            self.debt =
+                (self.debt - now.duration_since(self.last).as_secs_f64() * rate as f64).max(0.0);
+            self.last = now;
+            if self.debt <= 0.0 || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let wait = (self.debt / rate as f64).min(0.05);
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(ops: u64, latency_us: u64) -> IoLoad {
+        IoLoad {
+            ops: [0, ops, 0, 0, 0],
+            latency_us: [0, latency_us, 0, 0, 0],
+        }
+    }
+
+    /// Feeds one window of `ops` writes of `us` µs each, `WINDOW` after the last.
+    fn window(g: &Governor, total: &mut IoLoad, ops: u64, us: u64) -> Option<u64> {
+        window_of(g, total, 1, ops, us)
+    }
+
+    fn window_of(g: &Governor, total: &mut IoLoad, kind: usize, ops: u64, us: u64) -> Option<u64> {
+        {
+            let mut st = g.state.lock();
+            if let Some((t, _)) = st.since.as_mut() {
+                *t -= WINDOW;
+            }
+        }
+        total.ops[kind] += ops;
+        total.latency_us[kind] += ops * us;
+        let t = *total;
+        g.rate(|| t)
+    }
+
+    #[test]
+    fn backs_off_while_guests_slow_down_and_recovers_after() {
+        let g = Governor::new(None, true);
+        let mut total = load(0, 0);
+        assert_eq!(g.rate(|| total), Some(START), "a push starts carefully");
+        // Undisturbed guests (20 µs): the rate climbs by STEP per window.
+        for i in 1..=4u64 {
+            assert_eq!(window(&g, &mut total, 1000, 20), Some(START + i * STEP));
+        }
+        // The guests' requests take 200 µs now: the rate halves per window, to the floor.
+        let before = START + 4 * STEP;
+        assert_eq!(window(&g, &mut total, 1000, 200), Some(before / 2));
+        assert_eq!(window(&g, &mut total, 1000, 200), Some(before / 4));
+        for _ in 0..10 {
+            window(&g, &mut total, 1000, 200);
+        }
+        assert_eq!(g.rate(|| total), Some(FLOOR));
+        assert_eq!(g.status().1, 12);
+        // Back to 35 µs (within 1.5x + 10 µs of 20): it climbs again.
+        assert_eq!(window(&g, &mut total, 1000, 35), Some(FLOOR + STEP));
+        // An idle guest (too few requests to measure) is no reason to slow down: the rate
+        // doubles, and packs are full size.
+        assert_eq!(window(&g, &mut total, 3, 5000), Some(2 * (FLOOR + STEP)));
+        assert_eq!(g.pack_bytes(16 << 20), 16 << 20);
+        // Kinds are judged apart: flushes at their usual 500 µs beside 20 µs writes are
+        // undisturbed; flushes at 2 ms are not, whatever the writes do.
+        let r = 2 * (FLOOR + STEP);
+        assert_eq!(window_of(&g, &mut total, 2, 100, 500), Some(r + STEP));
+        assert_eq!(window_of(&g, &mut total, 2, 100, 600), Some(r + 2 * STEP));
+        assert_eq!(
+            window_of(&g, &mut total, 2, 100, 2000),
+            Some((r + 2 * STEP) / 2)
+        );
+        assert_eq!(
+            g.pack_bytes(16 << 20) as u64,
+            (r + 2 * STEP) / 2 / 5,
+            "paced: packs of a fifth of a second"
+        );
+        // A slowdown that lasts whatever the push does becomes the guests' usual latency
+        // once it fills most of the recent windows: the push climbs again.
+        let low = (r + 2 * STEP) / 2;
+        let mut rates = Vec::new();
+        for _ in 0..8 {
+            rates.push(window_of(&g, &mut total, 2, 100, 2000).unwrap_or(0));
+        }
+        assert!(rates[0] < low, "{rates:?}");
+        assert!(rates[7] > rates[6], "{rates:?}");
+        let g = Governor::new(Some(2 << 20), false);
+        assert_eq!(g.pack_bytes(16 << 20), 1 << 20, "1 MiB packs at least");
+    }
+
+    #[test]
+    fn an_idle_store_reaches_unpaced_and_a_ceiling_holds() {
+        let g = Governor::new(None, true);
+        let mut total = load(0, 0);
+        g.rate(|| total);
+        let mut last = Some(START);
+        for _ in 0..6 {
+            last = window(&g, &mut total, 0, 0);
+        }
+        assert_eq!(last, None, "idle guests: unpaced within a second");
+        assert_eq!(g.status().0, 0);
+        assert_eq!(g.pack_bytes(16 << 20), 16 << 20);
+
+        let g = Governor::new(Some(50 << 20), true);
+        let mut total = load(0, 0);
+        g.rate(|| total);
+        for _ in 0..200 {
+            last = window(&g, &mut total, 0, 0);
+        }
+        assert_eq!(last, Some(50 << 20), "the ceiling caps the climb");
+        assert_eq!(g.pack_bytes(16 << 20), 16 << 20, "idle guests: full packs");
+        assert_eq!(window(&g, &mut total, 1000, 20), Some(50 << 20));
+        assert_eq!(g.pack_bytes(16 << 20), 10 << 20);
+        assert_eq!(window(&g, &mut total, 1000, 500), Some(25 << 20));
+
+        let g = Governor::new(Some(40 << 20), false);
+        assert_eq!(
+            g.rate(|| panic!("not adaptive: no need to look")),
+            Some(40 << 20)
+        );
+        let g = Governor::new(None, false);
+        assert_eq!(g.rate(|| panic!("not adaptive: no need to look")), None);
+    }
+
+    #[test]
+    fn pacing_holds_the_rate() {
+        let g = Governor::new(Some(8 << 20), false);
+        let mut p = Pacer::new(&g);
+        let stop = AtomicBool::new(false);
+        let t = Instant::now();
+        for _ in 0..4 {
+            p.pace(1 << 20, &|| load(0, 0), &stop);
+        }
+        let took = t.elapsed();
+        // 4 MiB at 8 MiB/s: half a second (sleeps only ever overshoot).
+        assert!(took >= Duration::from_millis(490), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+}
