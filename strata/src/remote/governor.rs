@@ -11,7 +11,8 @@
 //! disturbs them, not their luckiest window) halves the rate, any other window raises it by [`STEP`] — additive increase, multiplicative
 //! decrease, as TCP backs off from a congested link. Kinds with too few requests in a
 //! window to measure are left out, and a window with none doubles the rate: idle guests
-//! leave a push its full speed within a second. A push that starts after a quiet spell starts at
+//! leave a push its full speed within a second (and when they send requests again, the
+//! rate drops back to [`START`] at once instead of halving its way down). A push that starts after a quiet spell starts at
 //! [`START`], so that the governor sees the guests' undisturbed latency before it pushes
 //! hard; the rate never drops below [`FLOOR`], so protection always moves. While paced, a
 //! push cuts smaller packs ([`Governor::pack_bytes`]), so that what it hands the remote
@@ -133,7 +134,13 @@ impl Governor {
                             disturbed(mean, seen[(seen.len() - 1) / 4])
                         })
                     });
-                    st.busy = means.iter().any(Option::is_some);
+                    let was_busy =
+                        std::mem::replace(&mut st.busy, means.iter().any(Option::is_some));
+                    if st.busy && !was_busy {
+                        // The guests woke up after an idle spell in which the rate climbed
+                        // freely: start again from where a push after a quiet spell does.
+                        st.rate = st.rate.min(START);
+                    }
                     st.rate = if worse {
                         st.backoffs += 1;
                         (st.rate / 2).max(FLOOR)
@@ -276,6 +283,7 @@ mod tests {
         // Kinds are judged apart: flushes at their usual 500 µs beside 20 µs writes are
         // undisturbed; flushes at 2 ms are not, whatever the writes do.
         let r = 2 * (FLOOR + STEP);
+        assert!(r < START);
         assert_eq!(window_of(&g, &mut total, 2, 100, 500), Some(r + STEP));
         assert_eq!(window_of(&g, &mut total, 2, 100, 600), Some(r + 2 * STEP));
         assert_eq!(
@@ -321,9 +329,10 @@ mod tests {
         }
         assert_eq!(last, Some(50 << 20), "the ceiling caps the climb");
         assert_eq!(g.pack_bytes(16 << 20), 16 << 20, "idle guests: full packs");
-        assert_eq!(window(&g, &mut total, 1000, 20), Some(50 << 20));
-        assert_eq!(g.pack_bytes(16 << 20), 10 << 20);
-        assert_eq!(window(&g, &mut total, 1000, 500), Some(25 << 20));
+        // Guests wake up: back to START, then the usual climb and halving.
+        assert_eq!(window(&g, &mut total, 1000, 20), Some(START + STEP));
+        assert_eq!(g.pack_bytes(16 << 20) as u64, (START + STEP) / 5);
+        assert_eq!(window(&g, &mut total, 1000, 500), Some((START + STEP) / 2));
 
         let g = Governor::new(Some(40 << 20), false);
         assert_eq!(
