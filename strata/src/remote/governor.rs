@@ -8,15 +8,17 @@
 //! writes, flushes...: every volume's [`strata_engine::qos::IoStats`]), in windows of
 //! [`WINDOW`]: a window in which some kind's mean is well above what that kind's means
 //! were in the last [`BASELINE`] (their lower quartile: the guests' latency when nothing
-//! disturbs them, not their luckiest window) halves the rate, any other window raises it by [`STEP`] — additive increase, multiplicative
-//! decrease, as TCP backs off from a congested link. Kinds with too few requests in a
-//! window to measure are left out, and a window with none doubles the rate: idle guests
-//! leave a push its full speed within a second (and when they send requests again, the
-//! rate drops back to [`START`] at once instead of halving its way down). A push that starts after a quiet spell starts at
-//! [`START`], so that the governor sees the guests' undisturbed latency before it pushes
-//! hard; the rate never drops below [`FLOOR`], so protection always moves. While paced, a
-//! push cuts smaller packs ([`Governor::pack_bytes`]), so that what it hands the remote
-//! follows the rate closely instead of in 16 MiB bursts.
+//! disturbs them, not their luckiest window) halves the rate, any other window raises it
+//! by [`STEP`] — additive increase, multiplicative decrease, as TCP backs off from a
+//! congested link. Kinds with too few requests in a window to measure are left out, and a
+//! window with none doubles the rate: idle guests leave a push its full speed. A push that
+//! starts after a quiet spell (or the first one) looks for [`PROBE`] whether the guests
+//! send requests: if they do, it starts at [`START`], so that the governor sees their
+//! undisturbed latency before it pushes hard; if not, at full speed. When guests wake up
+//! during a push, the rate drops to [`START`] at once instead of halving its way down. The
+//! rate never drops below [`FLOOR`], so protection always moves. While paced with busy
+//! guests, a push cuts smaller packs ([`Governor::pack_bytes`]), so that what it hands the
+//! remote follows the rate instead of coming in 16 MiB bursts.
 
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -26,11 +28,14 @@ use strata_engine::qos::IoLoad;
 
 /// Length of one measurement window.
 pub const WINDOW: Duration = Duration::from_millis(100);
+/// How long a push that starts after a quiet spell looks for guest requests first.
+pub const PROBE: Duration = Duration::from_millis(10);
 /// How far back the undisturbed latency is looked for.
 pub const BASELINE: Duration = Duration::from_secs(30);
 /// Fewer requests of a kind than this in a window: that kind is not measured in it.
 pub const MIN_OPS: u64 = 16;
-/// Bytes per second a push starts at after a quiet spell.
+/// Bytes per second a push starts at after a quiet spell if the guests are busy, and what
+/// the rate drops to when they wake up.
 pub const START: u64 = 16 << 20;
 /// Added to the rate after each undisturbed window.
 pub const STEP: u64 = 4 << 20;
@@ -92,24 +97,32 @@ impl Governor {
 
     /// The rate a push may go at now, after folding in the window that ended (if one did);
     /// `None`: unpaced. `load` reads the guests' counters.
-    pub fn rate(&self, load: impl FnOnce() -> IoLoad) -> Option<u64> {
+    pub fn rate(&self, load: impl Fn() -> IoLoad) -> Option<u64> {
         if !self.adaptive {
             return self.ceiling;
         }
         let now = Instant::now();
         let mut st = self.state.lock();
         match st.since {
-            None => {
-                st.since = Some((now, load()));
+            Some((t, _)) if now.duration_since(t) <= BASELINE => {}
+            _ => {
+                // The first push, or the first after a quiet spell: whether the guests send
+                // requests right now decides how it starts (at START with busy guests, at
+                // the ceiling with idle ones).
+                let before = load();
+                std::thread::sleep(PROBE);
+                let after = load();
+                st.means.clear();
+                st.busy = after.ops.iter().sum::<u64>() > before.ops.iter().sum::<u64>();
+                st.rate = if st.busy { START } else { UNPACED }.min(self.cap());
+                st.since = Some((Instant::now(), after));
             }
+        }
+        match st.since {
             Some((t, prev)) if now.duration_since(t) >= WINDOW => {
                 let cur = load();
                 st.since = Some((now, cur));
-                if now.duration_since(t) > BASELINE {
-                    // A quiet spell (no push asked): start over, carefully.
-                    st.means.clear();
-                    st.rate = START.min(self.cap());
-                } else {
+                {
                     let mut means: Means = [None; 5];
                     for (k, m) in means.iter_mut().enumerate() {
                         let ops = cur.ops[k].saturating_sub(prev.ops[k]);
@@ -152,7 +165,7 @@ impl Governor {
                     };
                 }
             }
-            Some(_) => {}
+            _ => {}
         }
         let rate = st.rate.min(self.cap());
         (self.ceiling.is_some() || rate < UNPACED).then_some(rate)
@@ -259,8 +272,18 @@ mod tests {
     #[test]
     fn backs_off_while_guests_slow_down_and_recovers_after() {
         let g = Governor::new(None, true);
-        let mut total = load(0, 0);
-        assert_eq!(g.rate(|| total), Some(START), "a push starts carefully");
+        // A guest sends a request while the first push looks: it starts carefully.
+        let calls = std::cell::Cell::new(0u64);
+        let probe = || {
+            calls.set(calls.get() + 1);
+            load(calls.get() - 1, 0)
+        };
+        assert_eq!(
+            g.rate(probe),
+            Some(START),
+            "busy guests: a push starts carefully"
+        );
+        let mut total = load(1, 0);
         // Undisturbed guests (20 µs): the rate climbs by STEP per window.
         for i in 1..=4u64 {
             assert_eq!(window(&g, &mut total, 1000, 20), Some(START + i * STEP));
@@ -312,7 +335,7 @@ mod tests {
     fn an_idle_store_reaches_unpaced_and_a_ceiling_holds() {
         let g = Governor::new(None, true);
         let mut total = load(0, 0);
-        g.rate(|| total);
+        assert_eq!(g.rate(|| total), None, "idle guests: a push starts unpaced");
         let mut last = Some(START);
         for _ in 0..6 {
             last = window(&g, &mut total, 0, 0);
