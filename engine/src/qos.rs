@@ -64,18 +64,21 @@ impl IoStats {
     }
 }
 
-/// Requests and their summed latency per kind (indexed like [`OPS`]; `other` not counted),
-/// over volumes (see `Store::io_load`).
+/// The kinds of [`OPS`] a guest sends (all but `other`, the last).
+pub const GUEST_OPS: usize = OPS.len() - 1;
+
+/// Requests and their summed latency per guest kind (indexed like [`OPS`]), over volumes
+/// (see `Store::io_load`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoLoad {
-    pub ops: [u64; 5],
-    pub latency_us: [u64; 5],
+    pub ops: [u64; GUEST_OPS],
+    pub latency_us: [u64; GUEST_OPS],
 }
 
 impl IoLoad {
     /// Adds `stats`' guest requests.
     pub fn add(&mut self, stats: &IoStats) {
-        for i in 0..5 {
+        for i in 0..GUEST_OPS {
             self.ops[i] += stats.ops[i].load(Ordering::Relaxed);
             self.latency_us[i] += stats.latency_sum_us[i].load(Ordering::Relaxed);
         }

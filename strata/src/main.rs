@@ -53,8 +53,8 @@ enum Cmd {
         #[arg(long)]
         push_rate: Option<String>,
         /// Push at --push-rate (or unpaced) even while the guests' IO slows down: by
-        /// default a push halves its rate whenever the mean latency of the guests' requests
-        /// rises well above its recent low, and climbs back once it settles.
+        /// default a push halves its rate whenever the mean latency of a kind of guest request
+        /// rises well above its usual level, and climbs back once it settles.
         #[arg(long)]
         no_push_yield: bool,
         /// Also serve containerd's snapshots API on this socket (a proxy snapshotter:

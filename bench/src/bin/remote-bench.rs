@@ -548,31 +548,27 @@ fn protection(a: &Args, ep: &str) -> R<()> {
     // remote) waited for: the protected phases then measure a protected volume's steady
     // state (rounds carrying what the writer changes while protected), not the catch-up
     // upload of what the plain phase before changed.
-    let protect_settled = || -> R<f64> {
+    // Polls `volume info` until `done` holds for its protection object (10 minutes at most).
+    let wait_round = |done: &dyn Fn(&Value) -> bool| -> R<f64> {
         let t = Instant::now();
-        cli(&st, &["volume", "protect", "pv", "--every", "5s"])?;
-        while cli(&st, &["volume", "info", "pv"])?["protection"]["pushes"]
-            .as_u64()
-            .unwrap_or(0)
-            == 0
-        {
-            if t.elapsed() > Duration::from_secs(600) {
-                return Err("a first protection round did not finish in 10 minutes".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(t.elapsed().as_secs_f64())
-    };
-    // After a protected phase: the round still running (if one is) ends before the policy
-    // goes, so that it does not run into the next plain phase.
-    let unprotect_settled = || -> R<()> {
-        let t = Instant::now();
-        while cli(&st, &["volume", "info", "pv"])?["protection"]["running"] == Value::Bool(true) {
+        while !done(&cli(&st, &["volume", "info", "pv"])?["protection"]) {
             if t.elapsed() > Duration::from_secs(600) {
                 return Err("a protection round did not finish in 10 minutes".into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let protect_settled = || -> R<f64> {
+        let t = Instant::now();
+        cli(&st, &["volume", "protect", "pv", "--every", "5s"])?;
+        wait_round(&|p| p["pushes"].as_u64().unwrap_or(0) > 0)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    // After a protected phase: the round still running (if one is) ends before the policy
+    // goes, so that it does not run into the next plain phase.
+    let unprotect_settled = || -> R<()> {
+        wait_round(&|p| p["running"] != Value::Bool(true))?;
         cli(&st, &["volume", "unprotect", "pv"])?;
         Ok(())
     };

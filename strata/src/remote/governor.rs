@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use strata_engine::qos::IoLoad;
+use strata_engine::qos::{IoLoad, GUEST_OPS};
 
 /// Length of one measurement window.
 pub const WINDOW: Duration = Duration::from_millis(100);
@@ -51,7 +51,7 @@ pub fn disturbed(mean_us: f64, baseline_us: f64) -> bool {
     mean_us > baseline_us * 1.5 + 10.0
 }
 
-type Means = [Option<f64>; 5];
+type Means = [Option<f64>; GUEST_OPS];
 
 #[derive(Debug)]
 struct State {
@@ -61,7 +61,7 @@ struct State {
     since: Option<(Instant, IoLoad)>,
     /// Mean latency per kind of each window in the last [`BASELINE`], oldest first.
     means: VecDeque<(Instant, Means)>,
-    /// Windows that halved the rate, since the daemon started (for `volume info`).
+    /// Windows that halved the rate, since the daemon started (for /metrics).
     backoffs: u64,
     /// The last window measured some guest requests.
     busy: bool,
@@ -95,6 +95,15 @@ impl Governor {
         self.ceiling.unwrap_or(UNPACED)
     }
 
+    /// The rate `st` allows (`None`: unpaced).
+    fn allowed(&self, st: &State) -> Option<u64> {
+        if !self.adaptive {
+            return self.ceiling;
+        }
+        let rate = st.rate.min(self.cap());
+        (self.ceiling.is_some() || rate < UNPACED).then_some(rate)
+    }
+
     /// The rate a push may go at now, after folding in the window that ended (if one did);
     /// `None`: unpaced. `load` reads the guests' counters.
     pub fn rate(&self, load: impl Fn() -> IoLoad) -> Option<u64> {
@@ -122,80 +131,67 @@ impl Governor {
             Some((t, prev)) if now.duration_since(t) >= WINDOW => {
                 let cur = load();
                 st.since = Some((now, cur));
-                {
-                    let mut means: Means = [None; 5];
-                    for (k, m) in means.iter_mut().enumerate() {
-                        let ops = cur.ops[k].saturating_sub(prev.ops[k]);
-                        if ops >= MIN_OPS {
-                            let us = cur.latency_us[k].saturating_sub(prev.latency_us[k]);
-                            *m = Some(us as f64 / ops as f64);
-                        }
+                let mut means: Means = [None; GUEST_OPS];
+                for (k, m) in means.iter_mut().enumerate() {
+                    let ops = cur.ops[k].saturating_sub(prev.ops[k]);
+                    if ops >= MIN_OPS {
+                        let us = cur.latency_us[k].saturating_sub(prev.latency_us[k]);
+                        *m = Some(us as f64 / ops as f64);
                     }
-                    while st
-                        .means
-                        .front()
-                        .is_some_and(|(at, _)| now.duration_since(*at) > BASELINE)
-                    {
-                        st.means.pop_front();
-                    }
-                    st.means.push_back((now, means));
-                    let worse = means.iter().enumerate().any(|(k, m)| {
-                        m.is_some_and(|mean| {
-                            let mut seen: Vec<f64> =
-                                st.means.iter().filter_map(|w| w.1[k]).collect();
-                            seen.sort_by(f64::total_cmp);
-                            disturbed(mean, seen[(seen.len() - 1) / 4])
-                        })
-                    });
-                    let was_busy =
-                        std::mem::replace(&mut st.busy, means.iter().any(Option::is_some));
-                    if st.busy && !was_busy {
-                        // The guests woke up after an idle spell in which the rate climbed
-                        // freely: start again from where a push after a quiet spell does.
-                        st.rate = st.rate.min(START);
-                    }
-                    st.rate = if worse {
-                        st.backoffs += 1;
-                        (st.rate / 2).max(FLOOR)
-                    } else if st.busy {
-                        st.rate.saturating_add(STEP).min(self.cap())
-                    } else {
-                        // Nobody to disturb: double.
-                        st.rate.saturating_mul(2).min(self.cap())
-                    };
                 }
+                while st
+                    .means
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > BASELINE)
+                {
+                    st.means.pop_front();
+                }
+                st.means.push_back((now, means));
+                let worse = means.iter().enumerate().any(|(k, m)| {
+                    m.is_some_and(|mean| {
+                        let mut seen: Vec<f64> = st.means.iter().filter_map(|w| w.1[k]).collect();
+                        seen.sort_by(f64::total_cmp);
+                        disturbed(mean, seen[(seen.len() - 1) / 4])
+                    })
+                });
+                let was_busy = std::mem::replace(&mut st.busy, means.iter().any(Option::is_some));
+                if st.busy && !was_busy {
+                    // The guests woke up after an idle spell in which the rate climbed
+                    // freely: start again from where a push after a quiet spell does.
+                    st.rate = st.rate.min(START);
+                }
+                st.rate = if worse {
+                    st.backoffs += 1;
+                    (st.rate / 2).max(FLOOR)
+                } else if st.busy {
+                    st.rate.saturating_add(STEP).min(self.cap())
+                } else {
+                    // Nobody to disturb: double.
+                    st.rate.saturating_mul(2).min(self.cap())
+                };
             }
             _ => {}
         }
-        let rate = st.rate.min(self.cap());
-        (self.ceiling.is_some() || rate < UNPACED).then_some(rate)
+        self.allowed(&st)
     }
 
     /// How large a push should let a pack grow before it hands it to the uploads: `full`
     /// when unpaced or while no guest sends requests, else about a fifth of a second at the
     /// current rate (1 MiB at least).
     pub fn pack_bytes(&self, full: usize) -> usize {
-        let busy = self.state.lock().busy || !self.adaptive;
-        match self.status().0 {
-            0 => full,
-            _ if !busy => full,
-            rate => usize::try_from(rate / 5)
+        let st = self.state.lock();
+        match self.allowed(&st) {
+            Some(rate) if st.busy || !self.adaptive => usize::try_from(rate / 5)
                 .unwrap_or(full)
                 .clamp(1 << 20, full),
+            _ => full,
         }
     }
 
     /// Bytes per second now (0: unpaced) and the back-offs so far, for /metrics.
     pub fn status(&self) -> (u64, u64) {
         let st = self.state.lock();
-        let rate = if !self.adaptive {
-            self.ceiling.unwrap_or(0)
-        } else if self.ceiling.is_none() && st.rate >= UNPACED {
-            0
-        } else {
-            st.rate.min(self.cap())
-        };
-        (rate, st.backoffs)
+        (self.allowed(&st).unwrap_or(0), st.backoffs)
     }
 }
 
