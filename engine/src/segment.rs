@@ -463,14 +463,18 @@ impl Segments {
         self.appended.fetch_add(u64::from(pages), Ordering::Relaxed);
         loop {
             let seg = self.active.read().clone();
-            // Reserved before the pages are taken, so a segment sealed meanwhile is not
-            // deleted between the two.
+            // Reserved before the pages are taken, and only while the segment is still the
+            // active one: a segment sealed before the reservation may be deleted by then
+            // (empty sealed segments go, see `delete_dead_segments`), so take the next.
             seg.reserved.fetch_add(u64::from(pages), Ordering::AcqRel);
             let mut a = Allocation {
                 seg: seg.clone(),
                 page: 0,
                 pages,
             };
+            if !Arc::ptr_eq(&seg, &self.active.read()) {
+                continue;
+            }
             if let Some(page) = seg.try_alloc(pages) {
                 a.page = page;
                 seg.note_fresh(page, pages);
@@ -924,7 +928,15 @@ impl Segments {
         self.appended.load(Ordering::Relaxed)
     }
 
+    /// Deletes sealed segments with nothing in them: no live page, none reserved, dead or
+    /// kept for reuse. Under the roll lock, so the active segment is the one read here and
+    /// every other segment is sealed; an allocation reserves pages of a segment only while
+    /// it is active (see [`Segments::allocate`]), so a sealed segment's reservations are all
+    /// visible here. A roll in progress: nothing is deleted now, a later call does it.
     fn delete_dead_segments(&self) -> Result<()> {
+        let Some(_roll) = self.roll.try_lock() else {
+            return Ok(());
+        };
         let active = self.active.read().id;
         let candidates: Vec<u32> = self
             .all
@@ -1045,6 +1057,66 @@ mod tests {
         );
         segs.reclaim(&dead, Punch::All { budget: None }).unwrap();
         assert!(segs.get(first).is_none(), "empty and reclaimed: deleted");
+    }
+
+    #[test]
+    fn empty_segments_are_deleted_but_never_one_being_allocated_from() {
+        // Allocations roll to new segments while another thread deletes empty ones: a
+        // segment that was just made active, or that an allocation is taking pages from,
+        // is never deleted (records written there would be installed into a missing file).
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
+        let segs = Segments::open(dir.path(), engine, 16 * PAGE_SIZE as u64, 0, 1).unwrap();
+        let room = segs.max_record_pages();
+        let stop = AtomicBool::new(false);
+        let deleted = AtomicU64::new(0);
+        /// Stops the deleting thread however the test ends (a failed assertion too).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|s| {
+            let _stop = Stop(&stop);
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let before = segs.all.read().len();
+                    segs.reclaim_unmapped(&[]).unwrap();
+                    let after = segs.all.read().len();
+                    deleted.fetch_add(before.saturating_sub(after) as u64, Ordering::Relaxed);
+                }
+            });
+            let small = s.spawn(|| {
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let a = segs.allocate(1).unwrap();
+                    assert!(
+                        segs.get(a.seg.id).is_some(),
+                        "segment {} deleted under a one-page allocation",
+                        a.seg.id
+                    );
+                }
+            });
+            // Every whole-segment allocation rolls to a new segment.
+            for _ in 0..1000 {
+                let a = segs.allocate(room).unwrap();
+                assert!(
+                    segs.get(a.seg.id).is_some(),
+                    "segment {} deleted under a whole-segment allocation",
+                    a.seg.id
+                );
+            }
+            drop(_stop);
+            small.join().unwrap();
+        });
+        assert!(
+            deleted.load(Ordering::Relaxed) > 100,
+            "empty sealed segments were not deleted ({} were)",
+            deleted.load(Ordering::Relaxed)
+        );
     }
 
     #[test]
