@@ -54,7 +54,8 @@ enum Cmd {
         push_rate: Option<String>,
         /// Push at --push-rate (or unpaced) even while the guests' IO slows down: by
         /// default a push halves its rate whenever the mean latency of a kind of guest request
-        /// rises well above its usual level, and climbs back once it settles.
+        /// rises well above its usual level, or the host's CPUs are contended more than usual
+        /// while guests send requests (/proc/pressure/cpu), and climbs back once it settles.
         #[arg(long)]
         no_push_yield: bool,
         /// Also serve containerd's snapshots API on this socket (a proxy snapshotter:

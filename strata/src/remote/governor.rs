@@ -10,7 +10,11 @@
 //! were in the last [`BASELINE`] (their lower quartile: the guests' latency when nothing
 //! disturbs them, not their luckiest window) halves the rate, any other window raises it
 //! by [`STEP`] — additive increase, multiplicative decrease, as TCP backs off from a
-//! congested link. Kinds with too few requests in a window to measure are left out, and a
+//! congested link. A window also counts as disturbed when the host's CPUs were contended
+//! (some runnable task waiting, `/proc/pressure/cpu`) for [`STALL_MARGIN`] more of it than
+//! usual while guests sent requests: a guest waiting for a CPU before it sends its next
+//! request slows down without any request taking longer in the daemon. Kinds with too few
+//! requests in a window to measure are left out, and a
 //! window with none doubles the rate: idle guests leave a push its full speed. A push that
 //! starts after a quiet spell (or the first one) looks for [`PROBE`] whether the guests
 //! send requests: if they do, it starts at [`START`], so that the governor sees their
@@ -44,6 +48,44 @@ pub const FLOOR: u64 = 2 << 20;
 /// At or above this (with no ceiling) a push is not paced at all.
 pub const UNPACED: u64 = 1 << 30;
 
+/// How much more of a window than usual (its share of the window, 0..1) the host's CPUs
+/// may have had a runnable task waiting (`/proc/pressure/cpu`, "some") before the window
+/// counts as disturbed: the queueing for CPU that the guests' request latency, measured
+/// inside the daemon, does not see.
+pub const STALL_MARGIN: f64 = 0.2;
+
+/// What a push samples at the end of each window: the guests' request counters and the
+/// host's CPU pressure.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load {
+    pub io: IoLoad,
+    /// Microseconds in which some runnable task waited for a CPU, since boot (the "some"
+    /// total of `/proc/pressure/cpu`); `None` on a kernel without pressure stall
+    /// information.
+    pub cpu_stall_us: Option<u64>,
+}
+
+impl Load {
+    /// `io` with the host's CPU pressure now.
+    pub fn now(io: IoLoad) -> Load {
+        Load {
+            io,
+            cpu_stall_us: cpu_stall_us(),
+        }
+    }
+}
+
+/// The "some" total of `/proc/pressure/cpu` (µs), if the kernel has it.
+pub fn cpu_stall_us() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
 /// Whether a window's mean latency (µs) of one kind of request shows the guests disturbed,
 /// against that kind's recent undisturbed mean: 1.5 times it, and 10 µs more (a few µs of
 /// scheduling noise on a 10 µs write is no disturbance).
@@ -57,10 +99,11 @@ type Means = [Option<f64>; GUEST_OPS];
 struct State {
     /// Bytes per second now.
     rate: u64,
-    /// When the last window began, and the guests' counters then.
-    since: Option<(Instant, IoLoad)>,
-    /// Mean latency per kind of each window in the last [`BASELINE`], oldest first.
-    means: VecDeque<(Instant, Means)>,
+    /// When the last window began, and the counters then.
+    since: Option<(Instant, Load)>,
+    /// Mean latency per kind of each window in the last [`BASELINE`], oldest first, and
+    /// the share of the window the host's CPUs were contended (windows with busy guests).
+    means: VecDeque<(Instant, Means, Option<f64>)>,
     /// Windows that halved the rate, since the daemon started (for /metrics).
     backoffs: u64,
     /// The last window measured some guest requests.
@@ -106,7 +149,7 @@ impl Governor {
 
     /// The rate a push may go at now, after folding in the window that ended (if one did);
     /// `None`: unpaced. `load` reads the guests' counters.
-    pub fn rate(&self, load: impl Fn() -> IoLoad) -> Option<u64> {
+    pub fn rate(&self, load: impl Fn() -> Load) -> Option<u64> {
         if !self.adaptive {
             return self.ceiling;
         }
@@ -122,7 +165,7 @@ impl Governor {
                 std::thread::sleep(PROBE);
                 let after = load();
                 st.means.clear();
-                st.busy = after.ops.iter().sum::<u64>() > before.ops.iter().sum::<u64>();
+                st.busy = after.io.ops.iter().sum::<u64>() > before.io.ops.iter().sum::<u64>();
                 st.rate = if st.busy { START } else { UNPACED }.min(self.cap());
                 st.since = Some((Instant::now(), after));
             }
@@ -133,28 +176,40 @@ impl Governor {
                 st.since = Some((now, cur));
                 let mut means: Means = [None; GUEST_OPS];
                 for (k, m) in means.iter_mut().enumerate() {
-                    let ops = cur.ops[k].saturating_sub(prev.ops[k]);
+                    let ops = cur.io.ops[k].saturating_sub(prev.io.ops[k]);
                     if ops >= MIN_OPS {
-                        let us = cur.latency_us[k].saturating_sub(prev.latency_us[k]);
+                        let us = cur.io.latency_us[k].saturating_sub(prev.io.latency_us[k]);
                         *m = Some(us as f64 / ops as f64);
                     }
                 }
+                let busy = means.iter().any(Option::is_some);
+                // Contention only matters while guests run: an idle host's pressure is the
+                // push's own threads and the remote's.
+                let stall = match (busy, cur.cpu_stall_us, prev.cpu_stall_us) {
+                    (true, Some(c), Some(p)) => {
+                        let window_us = now.duration_since(t).as_micros().max(1) as f64;
+                        Some((c.saturating_sub(p) as f64 / window_us).min(1.0))
+                    }
+                    _ => None,
+                };
                 while st
                     .means
                     .front()
-                    .is_some_and(|(at, _)| now.duration_since(*at) > BASELINE)
+                    .is_some_and(|(at, _, _)| now.duration_since(*at) > BASELINE)
                 {
                     st.means.pop_front();
                 }
-                st.means.push_back((now, means));
-                let worse = means.iter().enumerate().any(|(k, m)| {
+                st.means.push_back((now, means, stall));
+                let slower = means.iter().enumerate().any(|(k, m)| {
                     m.is_some_and(|mean| {
-                        let mut seen: Vec<f64> = st.means.iter().filter_map(|w| w.1[k]).collect();
-                        seen.sort_by(f64::total_cmp);
-                        disturbed(mean, seen[(seen.len() - 1) / 4])
+                        disturbed(mean, lower_quartile(st.means.iter().filter_map(|w| w.1[k])))
                     })
                 });
-                let was_busy = std::mem::replace(&mut st.busy, means.iter().any(Option::is_some));
+                let contended = stall.is_some_and(|f| {
+                    f > lower_quartile(st.means.iter().filter_map(|w| w.2)) + STALL_MARGIN
+                });
+                let worse = slower || contended;
+                let was_busy = std::mem::replace(&mut st.busy, busy);
                 if st.busy && !was_busy {
                     // The guests woke up after an idle spell in which the rate climbed
                     // freely: start again from where a push after a quiet spell does.
@@ -195,6 +250,15 @@ impl Governor {
     }
 }
 
+/// The lower quartile of `values` (at least one).
+fn lower_quartile(values: impl Iterator<Item = f64>) -> f64 {
+    let mut seen: Vec<f64> = values.collect();
+    seen.sort_by(f64::total_cmp);
+    seen.get(seen.len().saturating_sub(1) / 4)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// One push's pacing: [`Pacer::pace`] before each `len` bytes it sends.
 pub struct Pacer<'a> {
     gov: &'a Governor,
@@ -214,7 +278,7 @@ impl<'a> Pacer<'a> {
 
     /// Waits until the rate allows `len` more bytes (in steps of at most 50 ms, the rate
     /// read again at each), unless `stop` is set.
-    pub fn pace(&mut self, len: usize, load: &dyn Fn() -> IoLoad, stop: &AtomicBool) {
+    pub fn pace(&mut self, len: usize, load: &dyn Fn() -> Load, stop: &AtomicBool) {
         self.debt += len as f64;
         loop {
             let now = Instant::now();
@@ -240,42 +304,95 @@ impl<'a> Pacer<'a> {
 mod tests {
     use super::*;
 
-    fn load(ops: u64, latency_us: u64) -> IoLoad {
-        IoLoad {
-            ops: [0, ops, 0, 0, 0],
-            latency_us: [0, latency_us, 0, 0, 0],
+    fn load(ops: u64, latency_us: u64) -> Load {
+        Load {
+            io: IoLoad {
+                ops: [0, ops, 0, 0, 0],
+                latency_us: [0, latency_us, 0, 0, 0],
+            },
+            cpu_stall_us: None,
         }
     }
 
     /// Feeds one window of `ops` writes of `us` µs each, `WINDOW` after the last.
-    fn window(g: &Governor, total: &mut IoLoad, ops: u64, us: u64) -> Option<u64> {
+    fn window(g: &Governor, total: &mut Load, ops: u64, us: u64) -> Option<u64> {
         window_of(g, total, 1, ops, us)
     }
 
-    fn window_of(g: &Governor, total: &mut IoLoad, kind: usize, ops: u64, us: u64) -> Option<u64> {
+    fn window_of(g: &Governor, total: &mut Load, kind: usize, ops: u64, us: u64) -> Option<u64> {
         {
             let mut st = g.state.lock();
             if let Some((t, _)) = st.since.as_mut() {
                 *t -= WINDOW;
             }
         }
-        total.ops[kind] += ops;
-        total.latency_us[kind] += ops * us;
+        total.io.ops[kind] += ops;
+        total.io.latency_us[kind] += ops * us;
         let t = *total;
         g.rate(|| t)
+    }
+
+    /// Counters that show one more guest request at each look (a push's start probe sees
+    /// busy guests), with the CPU pressure `stall`.
+    fn busy_probe(stall: Option<u64>) -> impl Fn() -> Load {
+        let calls = std::cell::Cell::new(0u64);
+        move || {
+            calls.set(calls.get() + 1);
+            let mut l = load(calls.get() - 1, 0);
+            l.cpu_stall_us = stall;
+            l
+        }
+    }
+
+    /// [`window`] in which the host's CPUs were contended for `stalled` of the window.
+    fn window_stalled(g: &Governor, total: &mut Load, ops: u64, stalled: f64) -> Option<u64> {
+        let us = WINDOW.as_micros() as f64 * stalled;
+        total.cpu_stall_us = total.cpu_stall_us.map(|s| s + us as u64);
+        window(g, total, ops, 20)
+    }
+
+    #[test]
+    fn backs_off_while_the_hosts_cpus_are_contended() {
+        let g = Governor::new(None, true);
+        // Busy guests from the start (a request while the push probes).
+        assert_eq!(g.rate(busy_probe(Some(1_000_000))), Some(START));
+        let mut total = load(1, 0);
+        total.cpu_stall_us = Some(1_000_000);
+        // CPUs contended 5% of the time, as usual: the rate climbs.
+        for i in 1..=4u64 {
+            assert_eq!(
+                window_stalled(&g, &mut total, 1000, 0.05),
+                Some(START + i * STEP)
+            );
+        }
+        // Contended 40% of a window, at unchanged request latency: the push halves.
+        let r = START + 4 * STEP;
+        assert_eq!(window_stalled(&g, &mut total, 1000, 0.4), Some(r / 2));
+        // 20% (within the margin over the usual 5%): undisturbed.
+        let r = r / 2 + STEP;
+        assert_eq!(window_stalled(&g, &mut total, 1000, 0.2), Some(r));
+        // Idle guests: contention is the push's own (and the remote's), no reason to slow
+        // down.
+        assert_eq!(window_stalled(&g, &mut total, 0, 0.9), Some(2 * r));
+        // A kernel without pressure information: latency alone decides (guests waking up
+        // after the idle window: START, then the climb).
+        total.cpu_stall_us = None;
+        assert_eq!(
+            window_stalled(&g, &mut total, 1000, 0.9),
+            Some(START.min(2 * r) + STEP)
+        );
+        assert!(
+            cpu_stall_us().is_some() || !std::path::Path::new("/proc/pressure/cpu").exists(),
+            "/proc/pressure/cpu exists but was not read"
+        );
     }
 
     #[test]
     fn backs_off_while_guests_slow_down_and_recovers_after() {
         let g = Governor::new(None, true);
         // A guest sends a request while the first push looks: it starts carefully.
-        let calls = std::cell::Cell::new(0u64);
-        let probe = || {
-            calls.set(calls.get() + 1);
-            load(calls.get() - 1, 0)
-        };
         assert_eq!(
-            g.rate(probe),
+            g.rate(busy_probe(None)),
             Some(START),
             "busy guests: a push starts carefully"
         );

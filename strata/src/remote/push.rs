@@ -267,7 +267,7 @@ pub fn push(
     // and backing off while the guests' IO slows down: `governor`), so a push leaves the
     // guests their CPU and bandwidth.
     let mut pacer = super::governor::Pacer::new(&remotes.push);
-    let load = || store.io_load();
+    let load = || super::governor::Load::now(store.io_load());
     let mut finish = |buf: Vec<u8>,
                       packs: &mut Vec<PackRef>,
                       inflight: &mut std::collections::VecDeque<_>,
