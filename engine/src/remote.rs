@@ -550,6 +550,7 @@ impl Store {
                 let at = (e.page - first) as usize * crate::PAGE_SIZE;
                 let rec = &data[at..at + e.stored_len() as usize];
                 if crc32fast::hash(rec) != e.crc {
+                    self.log_mismatch(e, crc32fast::hash(rec));
                     return Err(Error::Checksum {
                         volume: format!("segment {}", e.segment),
                         offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
@@ -560,6 +561,59 @@ impl Store {
             crate::io::give_buf(data);
         }
         Ok(())
+    }
+
+    /// Logs what a record that failed its crc looks like now: its table entries and its
+    /// bytes read again, and its segment's reuse generation (see
+    /// [`crate::segment::Segments::pin_live`]), so that a page rewritten since the crc was
+    /// taken (table changed too) can be told from bytes that changed under a table that did
+    /// not.
+    fn log_mismatch(&self, e: &BlockRecord, read_crc: u32) {
+        let segs = &self.inner.segments;
+        let Some(seg) = segs.get(e.segment) else {
+            tracing::error!(
+                segment = e.segment,
+                page = e.page,
+                "record crc mismatch; segment gone"
+            );
+            return;
+        };
+        let table = segs
+            .engine()
+            .run(crate::record::table_read(&seg, e.page, e.pages()));
+        let table_now: Vec<u32> = match table.result {
+            Ok(_) => table
+                .op
+                .into_buf()
+                .chunks_exact(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let again = segs.engine().run(crate::io::Op::read(
+            &seg.file,
+            u64::from(e.page) * crate::PAGE_SIZE as u64,
+            e.pages() as usize * crate::PAGE_SIZE,
+        ));
+        let crc_now = match again.result {
+            Ok(_) => Some(crc32fast::hash(
+                &again.op.into_buf()[..e.stored_len() as usize],
+            )),
+            Err(_) => None,
+        };
+        tracing::error!(
+            segment = e.segment,
+            page = e.page,
+            stored_len = e.stored_len(),
+            lz4 = e.is_lz4(),
+            expected = e.crc,
+            read = read_crc,
+            read_again = ?crc_now,
+            table_now = ?table_now,
+            reuse_gen = ?segs.reuse_gen(e.segment),
+            reuse_epoch = segs.reuse_epoch(),
+            "record crc mismatch while reading a checkpoint's records"
+        );
     }
 
     /// Reads one record's stored bytes (raw or lz4, exactly as stored) and verifies its crc32:

@@ -86,6 +86,20 @@ fn pack_source(
     let mut batched = Vec::new();
     store.read_records(&entries, &mut batched).unwrap();
     assert!(batched == pack, "read_records differs from read_record");
+    // A record whose bytes do not match the crc it was listed with is an error, not data.
+    for e in &entries[..2] {
+        let mut bad = *e;
+        bad.crc ^= 1;
+        let mut out = Vec::new();
+        assert!(
+            matches!(
+                store.read_records(&[bad], &mut out),
+                Err(Error::Checksum { .. })
+            ),
+            "a record that fails its crc was returned (lz4: {})",
+            e.is_lz4()
+        );
+    }
     remote.packs.lock().insert(b"pack-0".to_vec(), pack);
     (image, extents)
 }
