@@ -85,6 +85,17 @@ impl RefMap {
         self.all_counted(start, len, 1)
     }
 
+    /// Pages of `[start, start + len)` counted at least once.
+    pub fn pages_referenced(&self, start: u32, len: u32) -> u32 {
+        match self {
+            RefMap::Runs(r) => r.pages_counted(start, len, 1),
+            RefMap::Dense(d) => {
+                let (a, b) = d.clip(start, len);
+                d.counts[a..b].iter().filter(|c| **c >= 1).count() as u32
+            }
+        }
+    }
+
     /// Whether every page of `[start, start + len)` is counted at least `min` times.
     pub fn all_counted(&self, start: u32, len: u32, min: i32) -> bool {
         match self {

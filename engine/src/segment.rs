@@ -896,6 +896,27 @@ impl Segments {
                 }
                 self.deferred_pages
                     .fetch_sub(u64::from(len), Ordering::Relaxed);
+                // A dead range is never referenced. If some of it is, a run was handed back
+                // twice and its pages are live again: punching would zero them. Keep the
+                // whole range (space leaks, no data) and say so.
+                let referenced = {
+                    let r = seg.refs.lock();
+                    if r.counting {
+                        0
+                    } else {
+                        r.map.pages_referenced(start, len)
+                    }
+                };
+                if referenced > 0 {
+                    tracing::error!(
+                        segment = seg.id,
+                        page = start,
+                        pages = len,
+                        referenced,
+                        "a freed range holds referenced pages; not punching it"
+                    );
+                    continue;
+                }
                 let d = self.engine.run(Op::Punch {
                     file: seg.file.clone(),
                     offset: u64::from(start) * PAGE_SIZE as u64,
@@ -1117,6 +1138,39 @@ mod tests {
             "empty sealed segments were not deleted ({} were)",
             deleted.load(Ordering::Relaxed)
         );
+    }
+
+    #[test]
+    fn a_range_handed_back_while_referenced_is_not_punched() {
+        // A run handed back twice (once reused and referenced again, once waiting to be
+        // punched) must not zero the live record: the punch checks the counts first.
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn IoEngine> = Arc::new(crate::io::SyncEngine::new());
+        let segs = Segments::open(dir.path(), engine.clone(), 1 << 20, 0, 1).unwrap();
+        segs.start_counting();
+        let a = segs.allocate(4).unwrap();
+        let at = u64::from(a.page) * PAGE_SIZE as u64;
+        let data = vec![0x5au8; 4 * PAGE_SIZE];
+        for d in engine.submit(vec![Op::Write {
+            file: a.seg.file.clone(),
+            offset: at,
+            buf: crate::io::Data::Owned(data.clone()),
+        }]) {
+            d.result.unwrap();
+        }
+        let (mut dead, mut fresh) = (Vec::new(), Vec::new());
+        segs.reference(a.seg.id, a.page, 4, 1, &mut dead, &mut fresh);
+        let run = PageRun {
+            segment: a.seg.id,
+            page: a.page,
+            pages: 4,
+        };
+        let file = a.seg.file.clone();
+        drop(a);
+        segs.reclaim(&[run], Punch::All { budget: None }).unwrap();
+        let back = engine.run(Op::read(&file, at, 4 * PAGE_SIZE));
+        back.result.unwrap();
+        assert!(back.op.into_buf() == data, "a referenced range was punched");
     }
 
     #[test]
