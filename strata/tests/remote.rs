@@ -770,7 +770,17 @@ fn protection_pushes_on_schedule_keeps_three_and_catches_up_after_an_outage() {
     let img2 = image(&env.path("vm2.raw"), 16, 2);
     a.ok(&["import", "vm", env.path("vm2.raw").to_str().unwrap()]);
     let after = pushes(&a);
-    wait_until(60, "4 rounds after the rewrite", || pushes(&a) >= after + 4);
+    // On a timeout, the states seen say whether rounds failed (and why) or were slow.
+    let mut seen = Value::Null;
+    wait_until(60, "4 rounds after the rewrite", || {
+        let p = info(&a);
+        let state = serde_json::json!([p["pushes"], p["failures"], p["last_error"]]);
+        if state != seen {
+            eprintln!("after the rewrite: {p}");
+            seen = state;
+        }
+        p["pushes"].as_u64().unwrap_or(0) >= after + 4
+    });
     let gc = json(&a, &["remote", "gc", "g", "--grace", "0s"]);
     assert!(
         gc["bytes_deleted"].as_u64().unwrap_or(0) > 0,
