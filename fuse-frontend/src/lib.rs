@@ -64,6 +64,9 @@ pub enum FuseError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// Unmount attempts 20 ms apart (one second) while the kernel reports the mount busy: what a
+/// file closed just before holds until its RELEASE is answered.
+const BUSY_RETRIES: u32 = 50;
 /// How long an unmount waits for the kernel to end the session before taking the
 /// filesystem to be mounted elsewhere too.
 const SESSION_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -152,7 +155,20 @@ impl MountSession {
             .into_iter()
             .find(|m| m.mountpoint == self.mountpoint)
             .map(|m| m.dev);
-        unmount(&self.mountpoint, 0).map_err(|source| {
+        // A file closed just before holds the mount until the serving threads answer its
+        // RELEASE (the kernel sends it in the background): retry for a moment before
+        // calling the mount busy.
+        let mut tries = 0;
+        let unmounted = loop {
+            match unmount(&self.mountpoint, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < BUSY_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r,
+            }
+        };
+        unmounted.map_err(|source| {
             if source.raw_os_error() == Some(libc::EBUSY) {
                 FuseError::Busy(self.mountpoint.clone())
             } else {
