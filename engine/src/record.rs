@@ -41,15 +41,19 @@ pub fn table_read(seg: &Segment, page: u32, pages: u32) -> Op<'static> {
     Op::read(&seg.file, Segment::table_offset(page), pages as usize * 4)
 }
 
+/// The crcs in `table` bytes (big-endian u32s, as [`table_read`] returns them).
+pub fn table_crcs(table: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    table
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+}
+
 /// Index of the first page of `data` whose crc differs from its `table` entry (big-endian
 /// u32s), if any.
 pub fn first_bad_page(data: &[u8], table: &[u8]) -> Option<usize> {
     data.chunks(PAGE_SIZE)
-        .zip(table.chunks_exact(4))
-        .position(|(page, want)| {
-            let want = u32::from_be_bytes([want[0], want[1], want[2], want[3]]);
-            crc32fast::hash(page) != want
-        })
+        .zip(table_crcs(table))
+        .position(|(page, want)| crc32fast::hash(page) != want)
         .or_else(|| (table.len() / 4 < data.len().div_ceil(PAGE_SIZE)).then_some(table.len() / 4))
 }
 
@@ -155,10 +159,7 @@ pub fn verifies(segments: &Segments, loc: &Loc, blocks: u64, ppb: u32, check: u3
         return false;
     }
     let table = done.op.into_buf();
-    let crcs: Vec<u32> = table
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let crcs: Vec<u32> = table_crcs(&table).collect();
     if codec::table_crc(&crcs) != check {
         return false;
     }

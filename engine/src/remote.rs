@@ -549,8 +549,9 @@ impl Store {
             for e in &entries[range] {
                 let at = (e.page - first) as usize * crate::PAGE_SIZE;
                 let rec = &data[at..at + e.stored_len() as usize];
-                if crc32fast::hash(rec) != e.crc {
-                    self.log_mismatch(e, crc32fast::hash(rec));
+                let crc = crc32fast::hash(rec);
+                if crc != e.crc {
+                    self.log_mismatch(e, crc);
                     return Err(Error::Checksum {
                         volume: format!("segment {}", e.segment),
                         offset: u64::from(e.page) * crate::PAGE_SIZE as u64,
@@ -582,12 +583,7 @@ impl Store {
             .engine()
             .run(crate::record::table_read(&seg, e.page, e.pages()));
         let table_now: Vec<u32> = match table.result {
-            Ok(_) => table
-                .op
-                .into_buf()
-                .chunks_exact(4)
-                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            Ok(_) => crate::record::table_crcs(&table.op.into_buf()).collect(),
             Err(_) => Vec::new(),
         };
         let again = segs.engine().run(crate::io::Op::read(
@@ -759,11 +755,8 @@ impl Snapshot {
             .map_err(|err| Error::io("reading checksums", err))?;
         let table = done.op.into_buf();
         let mut h: Option<crc32fast::Hasher> = None;
-        for c in table.chunks_exact(4) {
-            let part = crc32fast::Hasher::new_with_initial_len(
-                u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
-                PAGE_SIZE as u64,
-            );
+        for c in crate::record::table_crcs(&table) {
+            let part = crc32fast::Hasher::new_with_initial_len(c, PAGE_SIZE as u64);
             match h.as_mut() {
                 None => h = Some(part),
                 Some(h) => h.combine(&part),
