@@ -8,7 +8,7 @@
 //! flush holds it exclusively for the moment it decides what it syncs, so every write
 //! acknowledged before the flush has its journal entry in a file the flush syncs.
 
-use crate::catalog::{Catalog, VolumeState};
+use crate::catalog::{Catalog, HeadMap, VolumeState};
 use crate::codec::{self, ExtentKey, LayerRecord, StateRecord};
 use crate::journal::Journal;
 use crate::map::{Extent, Loc, SharedChunk, Tree, CHUNK_BLOCKS};
@@ -464,7 +464,12 @@ impl Inner {
 
 /// Moves a loaded head's dirty chunks into `ops` and makes its committed map the current one.
 pub(crate) fn snapshot_dirty(vol: &VolumeState, ops: &mut Vec<DbOp>) {
-    let mut map = vol.map.write();
+    snapshot_dirty_locked(vol.id, &mut vol.map.write(), ops);
+}
+
+/// [`snapshot_dirty`] with the volume's map lock already held (`map`): a caller that goes
+/// on to change the map's layer must not let a write in between.
+pub(crate) fn snapshot_dirty_locked(volume: u64, map: &mut HeadMap, ops: &mut Vec<DbOp>) {
     if !map.loaded || map.dirty.is_empty() {
         return;
     }
@@ -490,7 +495,7 @@ pub(crate) fn snapshot_dirty(vol: &VolumeState, ops: &mut Vec<DbOp>) {
         layer,
         LayerRecord {
             parent: map.parent,
-            volume: vol.id,
+            volume,
             frozen: false,
             mapped_blocks: map.mapped_blocks,
         },

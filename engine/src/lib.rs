@@ -6,6 +6,7 @@
 //! `docs/design/` for the on-disk format and the durability contract.
 
 mod catalog;
+mod check;
 mod codec;
 mod defrag;
 mod error;
@@ -28,6 +29,7 @@ mod store;
 mod upgrade;
 mod volume;
 
+pub use check::{CheckReport, CountMismatch};
 pub use codec::FORMAT_VERSION;
 pub use defrag::DefragReport;
 pub use error::{Error, Result};
@@ -285,6 +287,14 @@ impl Store {
     /// Reads and verifies every stored block.
     pub fn scrub(&self) -> Result<ScrubReport> {
         scrub::scrub(&self.inner)
+    }
+
+    /// Checks the store's metadata: every loaded map against its committed records, and
+    /// every page's reference count against what the committed maps hold (see
+    /// [`CheckReport`]). Commits first, then holds writes off while it compares; fails if
+    /// writers keep dirtying maps between its commits.
+    pub fn check(&self) -> Result<CheckReport> {
+        check::check(&self.inner)
     }
 
     /// Store-wide figures (waits until the space the store references is counted, which a

@@ -11,7 +11,7 @@
 
 use crate::catalog::{Catalog, CheckpointMeta, FrozenLayer, HeadMap, VolumeState};
 use crate::codec::{self, CheckpointRecord, ExtentKey, LayerRecord, VolumeRecord};
-use crate::inner::{cf, snapshot_dirty, DbOp, Inner};
+use crate::inner::{cf, snapshot_dirty_locked, DbOp, Inner};
 use crate::map::{Chunk, Extent, Tree, CHUNK_BLOCKS};
 use crate::volume::SECTOR;
 use crate::{names, Error, Result, Volume};
@@ -520,11 +520,15 @@ pub(crate) fn checkpoint(inner: &Inner, vol_name: &str, name: &str) -> Result<Ch
         }
         let new = cat.alloc_layer();
         let mut ops = Vec::new();
-        // The head's dirty chunks go into this commit: the frozen layer's records are then
-        // complete in RocksDB.
-        snapshot_dirty(&vol, &mut ops);
         let (old, frozen) = {
+            // The head's dirty chunks go into this commit, under the same map lock as the
+            // layer swap: the frozen layer's records are then exactly its map. (A write
+            // between the two would change a chunk the frozen layer owns and leave its
+            // records without it, and the commit would write that chunk under the new
+            // head's key: the checkpoint loses the write after a restart, and deleting it
+            // releases pages it no longer holds.)
             let mut map = vol.map.write();
+            snapshot_dirty_locked(vol.id, &mut map, &mut ops);
             let old = map.layer;
             let frozen = FrozenLayer {
                 parent: map.parent,

@@ -15,6 +15,9 @@
 
 use std::collections::BTreeMap;
 
+/// Maximal runs of pages with equal non-zero counts: `(start, len, count)`, in page order.
+pub(crate) type CountRuns = Vec<(u32, u32, i32)>;
+
 /// Runs beyond which a (live) segment's counts become one per page.
 const DENSE_AT: usize = 2048;
 
@@ -112,6 +115,34 @@ impl RefMap {
             RefMap::Runs(r) => r.live_runs(),
             RefMap::Dense(d) => d.live_runs(),
         }
+    }
+
+    /// Maximal runs of pages with equal non-zero counts, as `(start, len, count)`, in page
+    /// order: one representation whichever form the map is in.
+    pub fn count_runs(&self) -> CountRuns {
+        let pages: Box<dyn Iterator<Item = (u32, u32, i32)> + '_> = match self {
+            RefMap::Runs(r) => Box::new(
+                r.runs
+                    .iter()
+                    .filter(|(_, run)| run.count != 0)
+                    .map(|(s, run)| (*s, run.len, run.count)),
+            ),
+            RefMap::Dense(d) => Box::new(
+                d.counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c != 0)
+                    .map(|(p, c)| (p as u32, 1, *c)),
+            ),
+        };
+        let mut out: CountRuns = Vec::new();
+        for (s, l, c) in pages {
+            match out.last_mut() {
+                Some((ps, pl, pc)) if *ps + *pl == s && *pc == c => *pl += l,
+                _ => out.push((s, l, c)),
+            }
+        }
+        out
     }
 
     /// See [`Runs::take_unreferenced`]; a per-page map is never counting, so has none.

@@ -15,10 +15,10 @@
 use crate::codec::SegmentHeader;
 use crate::io::{IoEngine, IoFile, Op};
 use crate::map::PAGE_SIZE;
-use crate::refmap::{coalesce_ranges, RefMap};
+use crate::refmap::{coalesce_ranges, CountRuns, RefMap};
 use crate::{Error, Result};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1029,6 +1029,20 @@ impl Segments {
             .values()
             .map(|s| s.refs.lock().map.heap_bytes())
             .sum()
+    }
+
+    /// Every segment's counted pages (see [`RefMap::count_runs`]) and its capacity in
+    /// pages; `None` while the base counts are still being added.
+    pub fn count_runs(&self) -> Option<BTreeMap<u32, (u32, CountRuns)>> {
+        let mut out = BTreeMap::new();
+        for seg in self.all.read().values() {
+            let r = seg.refs.lock();
+            if r.counting {
+                return None;
+            }
+            out.insert(seg.id, (seg.capacity_pages, r.map.count_runs()));
+        }
+        Some(out)
     }
 
     pub fn engine(&self) -> &Arc<dyn IoEngine> {

@@ -2,8 +2,8 @@
 //! Scenario: random sequences of write, write-zeroes, discard, flush, checkpoint, restore,
 //! fork, grow, delete and reopen run against the engine and against a plain in-memory model
 //! (a byte vector per volume and per checkpoint); every read is compared, and at the end of
-//! each sequence every volume and checkpoint is read whole and compared, the scrub must be
-//! clean, and deleting everything must bring live data back to zero.
+//! each sequence every volume and checkpoint is read whole and compared, the scrub and the
+//! metadata check (maps = records, counts = records) must be clean, and deleting everything must bring live data back to zero.
 
 mod common;
 use common::*;
@@ -333,6 +333,8 @@ fn verify_all(h: &Harness, m: &Model) {
     }
     let scrub = s.scrub().unwrap();
     assert!(scrub.problems.is_empty(), "{:?}", scrub.problems);
+    let check = s.check().unwrap();
+    assert!(check.is_clean(), "{check:#?}");
 }
 
 proptest! {

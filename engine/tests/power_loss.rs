@@ -5,7 +5,7 @@
 //! unsynced write dropped, kept or torn by sector). After reopening with a normal engine:
 //! every block reads a value it legitimately had (its value at the last successful flush or
 //! checkpoint, or a value written after it), every checkpoint whose creation returned is
-//! intact, nothing fails its checksum, and the scrub is clean.
+//! intact, nothing fails its checksum, and the scrub and the metadata check are clean.
 //!
 //! STRATA_CRASH_POINTS sets how many crash points run (default 1000).
 
@@ -195,6 +195,8 @@ fn check(dir: &std::path::Path, ex: &Expect, seed: u64) {
         "seed {seed}: scrub: {:?}",
         scrub.problems
     );
+    let check = store.check().unwrap();
+    assert!(check.is_clean(), "seed {seed}: {check:#?}");
 }
 
 #[test]

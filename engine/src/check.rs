@@ -1,0 +1,240 @@
+//! Consistency check of the store's metadata: every loaded map against its committed
+//! records, and every page's reference count against the count the committed maps imply.
+//!
+//! The counts are what decides when a page is free. A count above what the maps hold leaks
+//! space; one below lets a page that a map still points at be reused or punched (data loss).
+//! Both stay invisible to a scrub until the page is rewritten, so this check compares them
+//! directly: it commits, holds writers off (the gate) while no map is dirty, recounts every
+//! layer's committed extent records and compares page by page.
+
+use crate::catalog::Catalog;
+use crate::codec::{self, ExtentKey};
+use crate::inner::{cf, Inner};
+use crate::map::{Extent, CHUNK_BLOCKS};
+use crate::refmap::RefMap;
+use crate::{Error, Result};
+use rocksdb::IteratorMode;
+use std::collections::{BTreeMap, HashMap};
+
+/// Commit attempts before giving up on a moment with no dirty map (writers racing the check).
+const ATTEMPTS: usize = 20;
+/// Disagreements reported at most, of each kind.
+const MAX_REPORTED: usize = 1000;
+
+/// What [`crate::Store::check`] found. Empty: the store is consistent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Layers checked (volume heads and checkpoints).
+    pub layers: u64,
+    /// Extent records counted.
+    pub extents: u64,
+    /// Chunks whose map in memory differs from their committed records, as `LABEL chunk N:
+    /// …` (`LABEL` is `VOL` or `VOL@CKPT`). After a restart the records are what a layer
+    /// holds, so such a chunk loses writes or points at pages it no longer owns.
+    pub map_mismatches: Vec<String>,
+    /// Page runs whose reference count differs from what the committed maps hold.
+    pub count_mismatches: Vec<CountMismatch>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.map_mismatches.is_empty() && self.count_mismatches.is_empty()
+    }
+}
+
+/// A run of pages whose reference count in memory (`counted`) is not the number of committed
+/// extent records covering them (`committed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CountMismatch {
+    pub segment: u32,
+    pub page: u32,
+    pub pages: u32,
+    pub counted: i32,
+    pub committed: i32,
+}
+
+pub(crate) fn check(inner: &Inner) -> Result<CheckReport> {
+    inner.wait_space_counted();
+    let guard = inner.commit.lock();
+    for _ in 0..ATTEMPTS {
+        inner.commit_locked(&guard, Vec::new())?;
+        let cat = inner.catalog.lock();
+        let _gate = inner.gate.write();
+        if cat.volumes.values().any(|v| !v.map.read().dirty.is_empty()) {
+            continue;
+        }
+        return compare(inner, &cat);
+    }
+    Err(Error::Corrupt(format!(
+        "check: writers dirtied a map after each of {ATTEMPTS} commits; stop them and retry"
+    )))
+}
+
+/// Compares with the commit lock, the catalog and the gate held and no map dirty: RocksDB
+/// then holds every layer's map.
+fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let mut ppb: HashMap<u64, u32> = HashMap::new();
+    let mut labels: HashMap<u64, String> = HashMap::new();
+    for v in cat.volumes.values() {
+        let layer = v.map.read().layer;
+        ppb.insert(layer, v.ppb());
+        labels.insert(layer, v.name.clone());
+    }
+    for ((vid, name), ck) in &cat.checkpoints {
+        if let Some(v) = cat.volume_by_id(*vid) {
+            labels.insert(ck.layer, format!("{}@{name}", v.name));
+        }
+    }
+    for (id, f) in &cat.frozen {
+        if let Some(v) = cat.volume_by_id(f.volume) {
+            ppb.insert(*id, v.ppb());
+            labels
+                .entry(*id)
+                .or_insert_with(|| format!("{} layer {id}", v.name));
+        }
+    }
+    report.layers = ppb.len() as u64;
+
+    // Maps in memory against their records.
+    for (&layer, label) in &labels {
+        let Some(tree) = cat.loaded_tree(layer) else {
+            continue;
+        };
+        let mem: BTreeMap<u64, Vec<Extent>> = tree
+            .owned(layer)
+            .into_iter()
+            .map(|(idx, c)| (idx, c.extents(idx * CHUNK_BLOCKS).collect()))
+            .collect();
+        let db = crate::ops::own_chunks_db(inner, layer)?;
+        let idxs: std::collections::BTreeSet<u64> = mem.keys().chain(db.keys()).copied().collect();
+        for idx in idxs {
+            let (m, d) = (mem.get(&idx), db.get(&idx));
+            if m != d && report.map_mismatches.len() < MAX_REPORTED {
+                report.map_mismatches.push(format!(
+                    "{label} chunk {idx}: map {} extents, records {} extents{}",
+                    m.map_or(0, Vec::len),
+                    d.map_or(0, Vec::len),
+                    first_difference(m, d)
+                ));
+            }
+        }
+    }
+
+    // Counts from the records.
+    let Some(live) = inner.segments.count_runs() else {
+        return Err(Error::Corrupt(
+            "check: references are still being counted".into(),
+        ));
+    };
+    let mut committed: BTreeMap<u32, RefMap> = BTreeMap::new();
+    for item in inner
+        .db
+        .iterator_cf(cf(&inner.db, codec::CF_EXTENTS)?, IteratorMode::Start)
+    {
+        let (k, v) = item?;
+        let (layer, _, key) = codec::decode_extent_key(&k)?;
+        let ExtentKey::Extent { start } = key else {
+            continue;
+        };
+        let (len, loc) = codec::decode_extent(start, &v)?;
+        report.extents += 1;
+        if loc.is_remote() {
+            continue;
+        }
+        let Some(&p) = ppb.get(&layer) else {
+            report.map_mismatches.push(format!(
+                "records of layer {layer}, which no volume or checkpoint holds"
+            ));
+            continue;
+        };
+        let capacity = live.get(&loc.segment).map_or(0, |(c, _)| *c);
+        committed
+            .entry(loc.segment)
+            .or_insert_with(|| RefMap::new(capacity))
+            .add(loc.page, loc.pages(len, p), 1, false, &mut Vec::new());
+    }
+    let segments: std::collections::BTreeSet<u32> =
+        live.keys().chain(committed.keys()).copied().collect();
+    for seg in segments {
+        let counted = live.get(&seg).map(|(_, r)| r.as_slice()).unwrap_or(&[]);
+        let want = committed
+            .get(&seg)
+            .map(RefMap::count_runs)
+            .unwrap_or_default();
+        for (page, pages, c, w) in diff_runs(counted, &want) {
+            if report.count_mismatches.len() < MAX_REPORTED {
+                report.count_mismatches.push(CountMismatch {
+                    segment: seg,
+                    page,
+                    pages,
+                    counted: c,
+                    committed: w,
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn first_difference(m: Option<&Vec<Extent>>, d: Option<&Vec<Extent>>) -> String {
+    let (m, d) = (m.map_or(&[][..], |v| v), d.map_or(&[][..], |v| v));
+    match m.iter().zip(d).find(|(a, b)| a != b) {
+        Some((a, b)) => format!("; first difference: map {a:?}, records {b:?}"),
+        None => String::new(),
+    }
+}
+
+/// Where two run lists (`(start, len, count)`, sorted, non-overlapping) disagree, as
+/// `(start, len, count in a, count in b)`, adjacent equal disagreements merged.
+fn diff_runs(a: &[(u32, u32, i32)], b: &[(u32, u32, i32)]) -> Vec<(u32, u32, i32, i32)> {
+    let mut points: Vec<u32> = a
+        .iter()
+        .chain(b)
+        .flat_map(|&(s, l, _)| [s, s + l])
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    fn count_at(runs: &[(u32, u32, i32)], i: &mut usize, p: u32) -> i32 {
+        while *i < runs.len() && runs[*i].0 + runs[*i].1 <= p {
+            *i += 1;
+        }
+        match runs.get(*i) {
+            Some(&(s, _, c)) if s <= p => c,
+            _ => 0,
+        }
+    }
+    let (mut ia, mut ib) = (0, 0);
+    let mut out: Vec<(u32, u32, i32, i32)> = Vec::new();
+    for w in points.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        let (ca, cb) = (count_at(a, &mut ia, s), count_at(b, &mut ib, s));
+        if ca == cb {
+            continue;
+        }
+        match out.last_mut() {
+            Some((ps, pl, pa, pb)) if *ps + *pl == s && *pa == ca && *pb == cb => *pl += e - s,
+            _ => out.push((s, e - s, ca, cb)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff_runs;
+
+    #[test]
+    fn run_lists_differ_where_their_counts_do() {
+        assert!(diff_runs(&[(0, 4, 1), (10, 2, 2)], &[(0, 4, 1), (10, 2, 2)]).is_empty());
+        assert_eq!(
+            diff_runs(&[(0, 4, 1)], &[(0, 2, 1), (2, 2, 2)]),
+            vec![(2, 2, 1, 2)]
+        );
+        assert_eq!(diff_runs(&[(5, 3, 1)], &[]), vec![(5, 3, 1, 0)]);
+        assert_eq!(
+            diff_runs(&[(0, 2, 1), (2, 2, 1)], &[(1, 4, 1)]),
+            vec![(0, 1, 1, 0), (4, 1, 0, 1)]
+        );
+    }
+}
