@@ -111,6 +111,9 @@ enum Cmd {
     Remote(RemoteCmd),
     /// Verify the checksum of every stored block.
     Scrub,
+    /// Check the store's metadata: every loaded map against its committed records, every
+    /// page's reference count against the records (holds writes off while it compares).
+    Check,
     /// Store-wide figures.
     Stats,
 }
@@ -451,6 +454,8 @@ fn run(cli: Cli) -> Result<()> {
         cli.cmd,
         Cmd::Checkpoint(CheckpointCmd::List { remote: None, .. })
     );
+    // `strata check` exits non-zero when it finds the metadata inconsistent.
+    let mut inconsistent = false;
     let out: Value = match cli.cmd {
         Cmd::Serve { .. } => unreachable!("handled above"),
         Cmd::Volume(v) => volume(&c, v)?,
@@ -559,6 +564,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Remote(r) => remote(&c, r)?,
         Cmd::Scrub => c.call("POST", "/v1/scrub", None)?,
+        Cmd::Check => {
+            let v = c.call("POST", "/v1/check", None)?;
+            inconsistent = v["clean"] != Value::Bool(true);
+            v
+        }
         Cmd::Stats => c.call("GET", "/v1/stats", None)?,
     };
     let paths = out
@@ -573,6 +583,9 @@ fn run(cli: Cli) -> Result<()> {
         units::print_checkpoint_tree(&out);
     } else {
         units::print_human(&out);
+    }
+    if inconsistent {
+        bail!("the store's metadata is inconsistent (listed above): a bug; please report it");
     }
     Ok(())
 }

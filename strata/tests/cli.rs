@@ -212,4 +212,9 @@ fn images_round_trip_and_checkpoints_export_their_own_content() {
     );
     let diff = d.ok(&["--json", "checkpoint", "diff", "vm@imported", "vm@second"]);
     assert!(diff.contains("\"offset\": 0"), "{diff}");
+
+    // After imports, checkpoints, a restore: maps and page counts agree with the records.
+    let check: serde_json::Value = serde_json::from_str(&d.ok(&["--json", "check"])).unwrap();
+    assert_eq!(check["clean"], true, "{check}");
+    assert!(check["extents"].as_u64().unwrap() > 0, "{check}");
 }

@@ -481,6 +481,8 @@ fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
     let scrub = json(&b, &["scrub"]);
     assert_eq!(scrub["remote_records"], 0, "{scrub}");
     assert!(scrub["problems"].as_array().unwrap().is_empty(), "{scrub}");
+    let check = json(&b, &["check"]);
+    assert_eq!(check["clean"], true, "{check}");
 }
 
 #[test]

@@ -219,6 +219,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/export-image", post(export_image))
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/scrub", post(scrub))
+        .route("/v1/check", post(check))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(not_found)

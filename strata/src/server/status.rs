@@ -1,4 +1,4 @@
-//! Store-wide status: scrub, stats and the Prometheus metrics.
+//! Store-wide status: scrub, the metadata check, stats and the Prometheus metrics.
 
 use super::*;
 
@@ -12,6 +12,19 @@ pub(super) async fn scrub(State(app): State<Arc<App>>) -> ApiResult {
     Ok(Json(
         json!({"records": r.records, "checked_bytes": r.bytes, "remote_records": r.remote_records, "problems": problems}),
     ))
+}
+
+pub(super) async fn check(State(app): State<Arc<App>>) -> ApiResult {
+    let r = blocking(&app, |a| Ok(a.store.check()?)).await?;
+    let counts: Vec<Value> = r
+        .count_mismatches
+        .iter()
+        .map(|m| json!({"segment": m.segment, "page": m.page, "pages": m.pages, "counted": m.counted, "committed": m.committed}))
+        .collect();
+    Ok(Json(json!({
+        "layers": r.layers, "extents": r.extents, "clean": r.is_clean(),
+        "map_mismatches": r.map_mismatches, "count_mismatches": counts,
+    })))
 }
 
 pub(super) async fn stats(State(app): State<Arc<App>>) -> ApiResult {
