@@ -4,8 +4,11 @@
 //! The counts are what decides when a page is free. A count above what the maps hold leaks
 //! space; one below lets a page that a map still points at be reused or punched (data loss).
 //! Both stay invisible to a scrub until the page is rewritten, so this check compares them
-//! directly: it commits, holds writers off (the gate) while no map is dirty, recounts every
-//! layer's committed extent records and compares page by page.
+//! directly: it commits, then holds writers off (the gate) while it recounts every layer's
+//! committed extent records and compares page by page. Chunks written since that commit
+//! (a head's dirty chunks) are counted from the map instead of their records, and their
+//! records are compared with the map as of the commit, so the check runs under live IO
+//! (pausing it for the comparison).
 
 use crate::catalog::Catalog;
 use crate::codec::{self, ExtentKey};
@@ -16,8 +19,6 @@ use crate::{Error, Result};
 use rocksdb::IteratorMode;
 use std::collections::{BTreeMap, HashMap};
 
-/// Commit attempts before giving up on a moment with no dirty map (writers racing the check).
-const ATTEMPTS: usize = 20;
 /// Disagreements reported at most, of each kind.
 const MAX_REPORTED: usize = 1000;
 
@@ -28,6 +29,8 @@ pub struct CheckReport {
     pub layers: u64,
     /// Extent records counted.
     pub extents: u64,
+    /// Chunks written since the commit the check began with (counted from the map).
+    pub dirty_chunks: u64,
     /// Chunks whose map in memory differs from their committed records, as `LABEL chunk N:
     /// …` (`LABEL` is `VOL` or `VOL@CKPT`). After a restart the records are what a layer
     /// holds, so such a chunk loses writes or points at pages it no longer owns.
@@ -56,22 +59,19 @@ pub struct CountMismatch {
 pub(crate) fn check(inner: &Inner) -> Result<CheckReport> {
     inner.wait_space_counted();
     let guard = inner.commit.lock();
-    for _ in 0..ATTEMPTS {
-        inner.commit_locked(&guard, Vec::new())?;
-        let cat = inner.catalog.lock();
-        let _gate = inner.gate.write();
-        if cat.volumes.values().any(|v| !v.map.read().dirty.is_empty()) {
-            continue;
-        }
-        return compare(inner, &cat);
-    }
-    Err(Error::Corrupt(format!(
-        "check: writers dirtied a map after each of {ATTEMPTS} commits; stop them and retry"
-    )))
+    // Records as fresh as they get: what was written before the check began is committed.
+    inner.commit_locked(&guard, Vec::new())?;
+    let cat = inner.catalog.lock();
+    let _gate = inner.gate.write();
+    compare(inner, &cat)
 }
 
-/// Compares with the commit lock, the catalog and the gate held and no map dirty: RocksDB
-/// then holds every layer's map.
+/// One head's chunks changed since the last commit: index → (its extents as committed, as
+/// mapped now), each `None` when the head does not own the chunk then.
+type Dirty = BTreeMap<u64, (Option<Vec<Extent>>, Option<Vec<Extent>>)>;
+
+/// Compares with the commit lock, the catalog and the gate held: no map changes, no commit
+/// runs, and RocksDB holds every layer's map but for the heads' dirty chunks.
 fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut ppb: HashMap<u64, u32> = HashMap::new();
@@ -95,17 +95,45 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
         }
     }
     report.layers = ppb.len() as u64;
+    let owned = |t: &crate::map::Tree, layer: u64, idx: u64| {
+        t.chunk(idx)
+            .filter(|c| c.owner() == layer)
+            .map(|c| c.extents(idx * CHUNK_BLOCKS).collect::<Vec<_>>())
+    };
+    let mut dirty: HashMap<u64, Dirty> = HashMap::new();
+    for v in cat.volumes.values() {
+        let m = v.map.read();
+        if m.loaded && !m.dirty.is_empty() {
+            let d = m
+                .dirty
+                .iter()
+                .map(|&idx| {
+                    let was = owned(&m.committed, m.layer, idx);
+                    (idx, (was, owned(&m.tree, m.layer, idx)))
+                })
+                .collect();
+            dirty.insert(m.layer, d);
+        }
+    }
+    report.dirty_chunks = dirty.values().map(|d| d.len() as u64).sum();
 
     // Maps in memory against their records.
     for (&layer, label) in &labels {
         let Some(tree) = cat.loaded_tree(layer) else {
             continue;
         };
-        let mem: BTreeMap<u64, Vec<Extent>> = tree
+        let mut mem: BTreeMap<u64, Vec<Extent>> = tree
             .owned(layer)
             .into_iter()
             .map(|(idx, c)| (idx, c.extents(idx * CHUNK_BLOCKS).collect()))
             .collect();
+        // A dirty chunk's records are the map as of the last commit.
+        for (idx, (was, _)) in dirty.get(&layer).into_iter().flatten() {
+            match was {
+                Some(e) => mem.insert(*idx, e.clone()),
+                None => mem.remove(idx),
+            };
+        }
         let db = crate::ops::own_chunks_db(inner, layer)?;
         let idxs: std::collections::BTreeSet<u64> = mem.keys().chain(db.keys()).copied().collect();
         for idx in idxs {
@@ -153,6 +181,33 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
             .entry(loc.segment)
             .or_insert_with(|| RefMap::new(capacity))
             .add(loc.page, loc.pages(len, p), 1, false, &mut Vec::new());
+    }
+    // Dirty chunks count as mapped now, not as committed.
+    for (layer, chunks) in &dirty {
+        let Some(&p) = ppb.get(layer) else { continue };
+        for (was, now) in chunks.values() {
+            let changes = was
+                .iter()
+                .flatten()
+                .map(|e| (e, -1))
+                .chain(now.iter().flatten().map(|e| (e, 1)));
+            for (e, delta) in changes {
+                if e.loc.is_remote() {
+                    continue;
+                }
+                let capacity = live.get(&e.loc.segment).map_or(0, |(c, _)| *c);
+                committed
+                    .entry(e.loc.segment)
+                    .or_insert_with(|| RefMap::new(capacity))
+                    .add(
+                        e.loc.page,
+                        e.loc.pages(e.len, p),
+                        delta,
+                        false,
+                        &mut Vec::new(),
+                    );
+            }
+        }
     }
     let segments: std::collections::BTreeSet<u32> =
         live.keys().chain(committed.keys()).copied().collect();

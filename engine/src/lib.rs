@@ -291,8 +291,8 @@ impl Store {
 
     /// Checks the store's metadata: every loaded map against its committed records, and
     /// every page's reference count against what the committed maps hold (see
-    /// [`CheckReport`]). Commits first, then holds writes off while it compares; fails if
-    /// writers keep dirtying maps between its commits.
+    /// [`CheckReport`]). Commits first, then holds writes off while it compares (chunks
+    /// written after that commit count as mapped); safe under live IO.
     pub fn check(&self) -> Result<CheckReport> {
         check::check(&self.inner)
     }

@@ -131,6 +131,16 @@ fn checkpoints_under_concurrent_writers_are_consistent() {
     });
 }
 
+/// Sets the flag when dropped: a failing assertion on the main thread of a `thread::scope`
+/// then stops the writer threads instead of leaving the scope waiting for them forever.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Checkpoints taken and deleted while writers rewrite the same chunks: every map's
 /// committed records match the map in memory, every page's reference count matches the
 /// records (`Store::check`), and after a reopen each layer reads as it did before.
@@ -160,6 +170,7 @@ fn checkpoints_taken_and_deleted_under_writers_keep_maps_and_counts_exact() {
                     }
                 });
             }
+            let _stop = StopOnDrop(&stop);
             for c in 0..checkpoints {
                 store.checkpoint("v", &format!("c{c}")).unwrap();
                 if c >= keep {
@@ -168,7 +179,6 @@ fn checkpoints_taken_and_deleted_under_writers_keep_maps_and_counts_exact() {
                         .unwrap();
                 }
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
         let report = store.check().unwrap();
         assert!(report.is_clean(), "{report:#?}");
@@ -211,7 +221,8 @@ fn checkpoints_taken_and_deleted_under_writers_keep_maps_and_counts_exact() {
 
 /// Every metadata operation racing two writers (writes of 1 to 8 blocks, sector writes,
 /// discards, zeroes, flushes) on each volume layout (4 KiB raw, 64 KiB lz4): checkpoints,
-/// deletions, restores, forks written to and deleted, defragmenting passes. At the end every
+/// deletions, restores, forks written to and deleted, defragmenting passes, metadata checks
+/// (which must be clean with the writers running). At the end every
 /// map equals its records and every page count the records (`Store::check`), and every layer
 /// reads the same after a reopen.
 #[test]
@@ -237,6 +248,7 @@ fn every_operation_racing_writers_keeps_maps_and_counts_exact() {
                 rng
             };
             let mut ckpts: Vec<String> = Vec::new();
+            let (mut live_checks, mut live_dirty) = (0, 0);
             std::thread::scope(|s| {
                 for t in 0..2u64 {
                     let (vol, stop) = (vol.clone(), &stop);
@@ -260,8 +272,9 @@ fn every_operation_racing_writers_keeps_maps_and_counts_exact() {
                         }
                     });
                 }
+                let _stop = StopOnDrop(&stop);
                 for i in 0..60 {
-                    match next() % 8 {
+                    match next() % 9 {
                         0..=2 => {
                             let name = format!("c{i}");
                             store.checkpoint("v", &name).unwrap();
@@ -289,11 +302,21 @@ fn every_operation_racing_writers_keeps_maps_and_counts_exact() {
                         6 => {
                             store.defragment("v", 4 << 20).unwrap();
                         }
+                        7 => {
+                            // Under live writes: their dirty chunks count from the map.
+                            let r = store.check().unwrap();
+                            assert!(r.is_clean(), "lz4={lz4}, writers running: {r:#?}");
+                            live_checks += 1;
+                            live_dirty += r.dirty_chunks;
+                        }
                         _ => store.flush().unwrap(),
                     }
                 }
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
             });
+            assert!(live_checks > 0, "lz4={lz4}: no check ran under the writers");
+            eprintln!(
+                "lz4={lz4}: {live_checks} checks under the writers saw {live_dirty} dirty chunks"
+            );
             let report = store.check().unwrap();
             assert!(report.is_clean(), "lz4={lz4}: {report:#?}");
             let mut all = vec![0u8; size as usize];

@@ -22,7 +22,7 @@ pub(super) async fn check(State(app): State<Arc<App>>) -> ApiResult {
         .map(|m| json!({"segment": m.segment, "page": m.page, "pages": m.pages, "counted": m.counted, "committed": m.committed}))
         .collect();
     Ok(Json(json!({
-        "layers": r.layers, "extents": r.extents, "clean": r.is_clean(),
+        "layers": r.layers, "extents": r.extents, "dirty_chunks": r.dirty_chunks, "clean": r.is_clean(),
         "map_mismatches": r.map_mismatches, "count_mismatches": counts,
     })))
 }
