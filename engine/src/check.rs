@@ -74,12 +74,10 @@ type Dirty = BTreeMap<u64, (Option<Vec<Extent>>, Option<Vec<Extent>>)>;
 /// runs, and RocksDB holds every layer's map but for the heads' dirty chunks.
 fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let mut ppb: HashMap<u64, u32> = HashMap::new();
+    let ppb = crate::load::layer_ppb_of(cat);
     let mut labels: HashMap<u64, String> = HashMap::new();
     for v in cat.volumes.values() {
-        let layer = v.map.read().layer;
-        ppb.insert(layer, v.ppb());
-        labels.insert(layer, v.name.clone());
+        labels.insert(v.map.read().layer, v.name.clone());
     }
     for ((vid, name), ck) in &cat.checkpoints {
         if let Some(v) = cat.volume_by_id(*vid) {
@@ -88,7 +86,6 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
     }
     for (id, f) in &cat.frozen {
         if let Some(v) = cat.volume_by_id(f.volume) {
-            ppb.insert(*id, v.ppb());
             labels
                 .entry(*id)
                 .or_insert_with(|| format!("{} layer {id}", v.name));
@@ -156,6 +153,22 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
         ));
     };
     let mut committed: BTreeMap<u32, RefMap> = BTreeMap::new();
+    let mut count = |loc: &crate::map::Loc, blocks: u64, ppb: u32, delta: i32| {
+        if loc.is_remote() {
+            return;
+        }
+        let capacity = live.get(&loc.segment).map_or(0, |(c, _)| *c);
+        committed
+            .entry(loc.segment)
+            .or_insert_with(|| RefMap::new(capacity))
+            .add(
+                loc.page,
+                loc.pages(blocks, ppb),
+                delta,
+                false,
+                &mut Vec::new(),
+            );
+    };
     for item in inner
         .db
         .iterator_cf(cf(&inner.db, codec::CF_EXTENTS)?, IteratorMode::Start)
@@ -176,11 +189,7 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
             ));
             continue;
         };
-        let capacity = live.get(&loc.segment).map_or(0, |(c, _)| *c);
-        committed
-            .entry(loc.segment)
-            .or_insert_with(|| RefMap::new(capacity))
-            .add(loc.page, loc.pages(len, p), 1, false, &mut Vec::new());
+        count(&loc, len, p, 1);
     }
     // Dirty chunks count as mapped now, not as committed.
     for (layer, chunks) in &dirty {
@@ -192,20 +201,7 @@ fn compare(inner: &Inner, cat: &Catalog) -> Result<CheckReport> {
                 .map(|e| (e, -1))
                 .chain(now.iter().flatten().map(|e| (e, 1)));
             for (e, delta) in changes {
-                if e.loc.is_remote() {
-                    continue;
-                }
-                let capacity = live.get(&e.loc.segment).map_or(0, |(c, _)| *c);
-                committed
-                    .entry(e.loc.segment)
-                    .or_insert_with(|| RefMap::new(capacity))
-                    .add(
-                        e.loc.page,
-                        e.loc.pages(e.len, p),
-                        delta,
-                        false,
-                        &mut Vec::new(),
-                    );
+                count(&e.loc, e.len, p, delta);
             }
         }
     }

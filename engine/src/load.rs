@@ -409,7 +409,11 @@ fn entry_verifies(inner: &Inner, l: &Loc, j: &JournalEntry, ppb: u32, block_size
 
 /// Pages per block of every layer's volume, for counting references by layer.
 pub(crate) fn layer_ppb(inner: &Inner) -> HashMap<u64, u32> {
-    let cat = inner.catalog.lock();
+    layer_ppb_of(&inner.catalog.lock())
+}
+
+/// [`layer_ppb`] with the catalog already locked.
+pub(crate) fn layer_ppb_of(cat: &crate::catalog::Catalog) -> HashMap<u64, u32> {
     let mut out = HashMap::new();
     for v in cat.volumes.values() {
         out.insert(v.map.read().layer, v.ppb());

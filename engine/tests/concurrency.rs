@@ -141,6 +141,51 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// The whole content of volume `v`'s head (`"v"`) and of each checkpoint named, by name.
+fn read_layers(
+    store: &strata_engine::Store,
+    names: &[String],
+    size: u64,
+) -> Vec<(String, Vec<u8>)> {
+    names
+        .iter()
+        .map(|name| {
+            let mut all = vec![0u8; size as usize];
+            if name == "v" {
+                store.open_volume("v").unwrap().read(0, &mut all).unwrap();
+            } else {
+                store
+                    .open_checkpoint("v", name)
+                    .unwrap()
+                    .read(0, &mut all)
+                    .unwrap();
+            }
+            (name.clone(), all)
+        })
+        .collect()
+}
+
+/// Reopens the store in `dir`: every layer in `kept` reads as it did, and the metadata
+/// check is clean. `what` labels failures.
+fn assert_layers_survive_reopen(
+    dir: &std::path::Path,
+    size: u64,
+    kept: &[(String, Vec<u8>)],
+    what: &str,
+) {
+    let store = open(dir, engines().remove(1).1);
+    let names: Vec<String> = kept.iter().map(|(n, _)| n.clone()).collect();
+    for ((name, want), (_, got)) in kept.iter().zip(read_layers(&store, &names, size)) {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        assert_eq!(
+            first, None,
+            "{what}: {name} reads differently after a reopen (byte offset)"
+        );
+    }
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "{what}, after reopen: {report:#?}");
+}
+
 /// Checkpoints taken and deleted while writers rewrite the same chunks: every map's
 /// committed records match the map in memory, every page's reference count matches the
 /// records (`Store::check`), and after a reopen each layer reads as it did before.
@@ -149,7 +194,8 @@ fn checkpoints_taken_and_deleted_under_writers_keep_maps_and_counts_exact() {
     let dir = tempfile::tempdir().unwrap();
     let blocks = 4 * 1024u64;
     let (checkpoints, keep) = (60, 3);
-    let (volume_bytes, kept) = {
+    let size = blocks * BS as u64;
+    let kept = {
         let store = Arc::new(open(dir.path(), engines().remove(1).1));
         store
             .create_volume("v", blocks * BS as u64, VolumeOptions::default())
@@ -183,40 +229,14 @@ fn checkpoints_taken_and_deleted_under_writers_keep_maps_and_counts_exact() {
         let report = store.check().unwrap();
         assert!(report.is_clean(), "{report:#?}");
         assert!(report.extents > 0 && report.layers as usize == keep + 1);
-        let read_all = |r: &dyn Fn(u64, &mut [u8])| {
-            let mut all = vec![0u8; (blocks as usize) * BS];
-            r(0, &mut all);
-            all
-        };
-        let mut kept = vec![("v".to_string(), read_all(&|o, b| vol.read(o, b).unwrap()))];
-        for c in checkpoints - keep..checkpoints {
-            let name = format!("c{c}");
-            let snap = store.open_checkpoint("v", &name).unwrap();
-            kept.push((name, read_all(&|o, b| snap.read(o, b).unwrap())));
-        }
+        let names: Vec<String> = std::iter::once("v".to_string())
+            .chain((checkpoints - keep..checkpoints).map(|c| format!("c{c}")))
+            .collect();
+        let kept = read_layers(&store, &names, size);
         store.flush().unwrap();
-        (blocks * BS as u64, kept)
+        kept
     };
-    let store = open(dir.path(), engines().remove(1).1);
-    for (name, want) in &kept {
-        let mut got = vec![0u8; volume_bytes as usize];
-        if name == "v" {
-            store.open_volume("v").unwrap().read(0, &mut got).unwrap();
-        } else {
-            store
-                .open_checkpoint("v", name)
-                .unwrap()
-                .read(0, &mut got)
-                .unwrap();
-        }
-        let first = got.iter().zip(want).position(|(a, b)| a != b);
-        assert_eq!(
-            first, None,
-            "{name} reads differently after a reopen (byte offset)"
-        );
-    }
-    let report = store.check().unwrap();
-    assert!(report.is_clean(), "after reopen: {report:#?}");
+    assert_layers_survive_reopen(dir.path(), size, &kept, "checkpoints under writers");
 }
 
 /// Every metadata operation racing two writers (writes of 1 to 8 blocks, sector writes,
@@ -230,8 +250,7 @@ fn every_operation_racing_writers_keeps_maps_and_counts_exact() {
     for lz4 in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let size = 16u64 << 20;
-        let mut kept: Vec<(String, Vec<u8>)> = Vec::new();
-        {
+        let kept = {
             let store = Arc::new(open(dir.path(), engines().remove(1).1));
             let opts = VolumeOptions {
                 lz4,
@@ -319,40 +338,12 @@ fn every_operation_racing_writers_keeps_maps_and_counts_exact() {
             );
             let report = store.check().unwrap();
             assert!(report.is_clean(), "lz4={lz4}: {report:#?}");
-            let mut all = vec![0u8; size as usize];
-            vol.read(0, &mut all).unwrap();
-            kept.push(("v".into(), all));
-            for c in &ckpts {
-                let mut all = vec![0u8; size as usize];
-                store
-                    .open_checkpoint("v", c)
-                    .unwrap()
-                    .read(0, &mut all)
-                    .unwrap();
-                kept.push((c.clone(), all));
-            }
+            let names: Vec<String> = std::iter::once("v".to_string()).chain(ckpts).collect();
+            let kept = read_layers(&store, &names, size);
             store.flush().unwrap();
-        }
-        let store = open(dir.path(), engines().remove(1).1);
-        for (name, want) in &kept {
-            let mut got = vec![0u8; size as usize];
-            if name == "v" {
-                store.open_volume("v").unwrap().read(0, &mut got).unwrap();
-            } else {
-                store
-                    .open_checkpoint("v", name)
-                    .unwrap()
-                    .read(0, &mut got)
-                    .unwrap();
-            }
-            let first = got.iter().zip(want).position(|(a, b)| a != b);
-            assert_eq!(
-                first, None,
-                "lz4={lz4}: {name} differs after a reopen at byte"
-            );
-        }
-        let report = store.check().unwrap();
-        assert!(report.is_clean(), "lz4={lz4}, after reopen: {report:#?}");
+            kept
+        };
+        assert_layers_survive_reopen(dir.path(), size, &kept, &format!("lz4={lz4}"));
     }
 }
 
