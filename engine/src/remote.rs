@@ -638,12 +638,38 @@ impl Snapshot {
     /// Every mapped block and its record, in block order, with the crc32 of its stored bytes
     /// (from the segments' checksum tables for raw blocks; lz4 records are read).
     pub fn records(&self) -> Result<Vec<(u64, BlockRecord)>> {
+        self.records_of(self.tree.extents().collect())
+    }
+
+    /// The records of the mapped blocks inside `runs` (`(first block, blocks)`, sorted and
+    /// not overlapping, as [`Snapshot::changed_runs_since`] returns them), as
+    /// [`Snapshot::records`]: costs what the runs cover, not the whole map.
+    pub fn records_in(&self, runs: &[(u64, u64)]) -> Result<Vec<(u64, BlockRecord)>> {
+        let extents = runs
+            .iter()
+            .flat_map(|&(first, n)| self.tree.lookup(first, n))
+            .filter_map(|p| {
+                p.loc.map(|loc| crate::map::Extent {
+                    start: p.block,
+                    len: p.blocks,
+                    loc,
+                })
+            })
+            .collect();
+        self.records_of(extents)
+    }
+
+    /// Blocks the checkpoint maps.
+    pub fn mapped_blocks(&self) -> u64 {
+        self.tree.mapped_blocks()
+    }
+
+    fn records_of(&self, extents: Vec<crate::map::Extent>) -> Result<Vec<(u64, BlockRecord)>> {
         let inner = &self.inner;
         let ppb = self.tree.ppb();
         let bs = self.block_size();
         let mut out = Vec::new();
         let _reuse = inner.segments.read_guard();
-        let extents: Vec<crate::map::Extent> = self.tree.extents().collect();
         // Table slices of raw extents, read in batches.
         for batch in extents.chunks(256) {
             let mut ops = Vec::new();
@@ -774,5 +800,11 @@ impl Snapshot {
     /// order. Costs what differs: subtrees the two share are skipped.
     pub fn changed_since(&self, base: &Snapshot) -> Vec<u64> {
         crate::ops::changed_blocks(&self.tree, &base.tree)
+    }
+
+    /// The blocks whose location differs from `base`'s as runs `(first block, blocks)`, in
+    /// order ([`Snapshot::changed_since`] without expanding them).
+    pub fn changed_runs_since(&self, base: &Snapshot) -> Vec<(u64, u64)> {
+        crate::ops::changed_runs(&self.tree, &base.tree)
     }
 }

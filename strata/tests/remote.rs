@@ -48,6 +48,18 @@ fn volume_from_image(
     img
 }
 
+/// Exports `vol` of `d` over FUSE at `env/mnt` and opens its image read-write.
+fn fuse_image(env: &Env, d: &Daemon, vol: &str) -> std::fs::File {
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    d.ok(&["export", "fuse", vol, "--mountpoint", mnt.to_str().unwrap()]);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join(format!("{vol}.img")))
+        .unwrap()
+}
+
 struct Env {
     dir: tempfile::TempDir,
     garage: Garage,
@@ -174,6 +186,93 @@ fn remote_checkpoints(d: &Daemon) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// An incremental push keeps the base's extents for the blocks the guest left alone, drops
+/// the ones it discarded, keeps the base's extent for a block rewritten with the same bytes
+/// and uploads exactly the blocks with new bytes; the restored checkpoint is the new image.
+/// Written through the FUSE image so that untouched blocks keep their locations (an import
+/// rewrites every block).
+#[test]
+fn an_incremental_push_keeps_untouched_blocks_and_drops_discarded_ones() {
+    let env = Env::single();
+    let a = env.daemon("a", &[]);
+    let old = volume_from_image(&env, &a, "vm", "vm.raw", 16, 4);
+    a.ok(&["checkpoint", "create", "vm@c1"]);
+    a.ok(&["checkpoint", "push", "vm@c1", "--remote", "g"]);
+    let f = fuse_image(&env, &a, "vm");
+    let blocks = old.len() / BS;
+    let mut img = old.clone();
+    // New bytes (into data blocks and into holes), discards, and the same bytes again.
+    for i in 0..40 {
+        let b = (i * 97 + 3) % blocks;
+        let data = strata_tests::block_content(b as u64, 77, BS);
+        img[b * BS..(b + 1) * BS].copy_from_slice(&data);
+        f.write_all_at(&data, (b * BS) as u64).unwrap();
+    }
+    for i in 0..30 {
+        let b = (i * 89 + 7) % blocks;
+        img[b * BS..(b + 1) * BS].fill(0);
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (b * BS) as i64,
+                BS as i64,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "punching block {b}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut same_again = 0;
+    for i in 0..20 {
+        let b = (i * 53 + 11) % blocks;
+        if img[b * BS..(b + 1) * BS] == old[b * BS..(b + 1) * BS] && b % 16 != 5 {
+            f.write_all_at(&img[b * BS..(b + 1) * BS], (b * BS) as u64)
+                .unwrap();
+            same_again += 1;
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    a.ok(&["unexport", "vm"]);
+    a.ok(&["checkpoint", "create", "vm@c2"]);
+    let inc = json(&a, &["checkpoint", "push", "vm@c2", "--remote", "g"]);
+    let zero = |v: &[u8], b: usize| v[b * BS..(b + 1) * BS].iter().all(|&x| x == 0);
+    let mapped = (0..blocks).filter(|&b| !zero(&img, b)).count();
+    let new_bytes = (0..blocks)
+        .filter(|&b| !zero(&img, b) && img[b * BS..(b + 1) * BS] != old[b * BS..(b + 1) * BS])
+        .count();
+    assert!(
+        same_again > 10 && new_bytes > 30,
+        "{same_again} {new_bytes}"
+    );
+    assert_eq!(inc["base"], "vm@c1", "{inc}");
+    assert_eq!(inc["blocks"], mapped as u64, "{inc}");
+    assert_eq!(inc["uploaded_bytes"], (new_bytes * BS) as u64, "{inc}");
+    assert_eq!(
+        inc["rewritten_unchanged_blocks"], same_again as u64,
+        "{inc}"
+    );
+    // Restored into a fresh store, byte for byte.
+    let b = env.daemon("b", &[]);
+    b.ok(&["volume", "create", "vm", "--from", "g:vm@c2"]);
+    same(
+        &read_back(&b, "vm", &env.path("b.raw")),
+        &img,
+        "restore of vm@c2",
+    );
+    b.ok(&["volume", "create", "v1", "--from", "g:vm@c1"]);
+    same(
+        &read_back(&b, "v1", &env.path("b1.raw")),
+        &old,
+        "restore of vm@c1",
+    );
 }
 
 #[test]
@@ -424,20 +523,7 @@ fn lazy_restore_reads_right_data_and_hydration_survives_sigkill() {
     assert!(info["remote_bytes"].as_u64().unwrap() > 0, "{info}");
     assert_eq!(info["hydration"]["state"], "hydrating");
     // Random reads through the engine (the FUSE image) while hydration runs.
-    let mnt = env.path("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    b.ok(&[
-        "export",
-        "fuse",
-        "vm",
-        "--mountpoint",
-        mnt.to_str().unwrap(),
-    ]);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(mnt.join("vm.img"))
-        .unwrap();
+    let f = fuse_image(&env, &b, "vm");
     let mut x = 12345u64;
     let mut buf = vec![0u8; 3 * BS];
     for _ in 0..300 {

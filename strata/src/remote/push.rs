@@ -33,11 +33,34 @@ enum Plan {
     Upload(strata_engine::BlockRecord),
 }
 
+/// A block while a push is planned: its content is the base's (the base manifest's extent:
+/// unchanged since the base, or rewritten with the same bytes), or listed with its record.
+enum Item {
+    Kept(Extent),
+    Listed(u64, strata_engine::BlockRecord),
+}
+
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The extents (sorted by block) whose block lies outside every run of `runs` (sorted, not
+/// overlapping `(first block, blocks)`).
+fn outside_runs(extents: &[Extent], runs: &[(u64, u64)]) -> Vec<Extent> {
+    let mut ri = 0;
+    let mut out = Vec::with_capacity(extents.len());
+    for x in extents {
+        while ri < runs.len() && runs[ri].0 + runs[ri].1 <= x.block {
+            ri += 1;
+        }
+        if !(ri < runs.len() && runs[ri].0 <= x.block) {
+            out.push(*x);
+        }
+    }
+    out
 }
 
 /// Gets and decodes a manifest; `Ok(None)` when it does not exist.
@@ -159,78 +182,124 @@ pub fn push(
             (packs.len() - 1) as u32
         })
     };
-    let records = snap
-        .records()
-        .with_context(|| format!("listing the records of {}", snap.name()))?;
-    // Blocks changed since the base, and the base's extents: both sorted by block, walked
-    // alongside the records (no hash tables over every block).
-    let changed: Vec<u64> = base
+    // With a base, only the blocks changed since it are listed (their records read): the
+    // base manifest's extents outside the changed runs are the unchanged blocks, so a round
+    // of a protected volume costs what changed, not the whole map. Without one, every mapped
+    // block is listed.
+    let listing = || format!("listing the records of {}", snap.name());
+    let mut unchanged: Vec<Extent> = Vec::new();
+    let mut records = Vec::new();
+    if let Some((bsnap, m, _)) = &base {
+        let runs = snap.changed_runs_since(bsnap);
+        records = snap.records_in(&runs).with_context(listing)?;
+        unchanged = outside_runs(&m.extents, &runs);
+        let listed = (unchanged.len() + records.len()) as u64;
+        if listed != snap.mapped_blocks() {
+            // The base manifest does not list what the base checkpoint maps (it should, by
+            // construction): not trusted, the push is a full one.
+            tracing::warn!(checkpoint = %snap.name(), base = %m.header.checkpoint, listed,
+                           mapped = snap.mapped_blocks(), "the base manifest does not match its checkpoint; pushing in full");
+            base = None;
+            unchanged.clear();
+        }
+    }
+    if base.is_none() {
+        records = snap.records().with_context(listing)?;
+    }
+    let base_packs: Vec<PackRef> = base
         .as_ref()
-        .map(|(bsnap, _, _)| snap.changed_since(bsnap))
-        .unwrap_or_default();
-    let base_extents: &[Extent] = base.as_ref().map_or(&[], |(_, m, _)| &m.extents);
-    let (mut ci, mut bi) = (0usize, 0usize);
-    let mut remote_pack_len: HashMap<u32, Option<(String, u64)>> = HashMap::new();
-    let mut plan = Vec::with_capacity(records.len());
+        .map_or_else(Vec::new, |(_, m, _)| m.header.packs.clone());
+    // The pack index (in this push's manifest) of each base pack, once looked up.
+    let mut base_idx: Vec<Option<u32>> = vec![None; base_packs.len()];
+    let mut remote_idx: HashMap<u32, Option<u32>> = HashMap::new();
+    let mut plan = Vec::with_capacity(records.len() + unchanged.len());
     let mut upload_bytes = 0u64;
     let mut rewritten_same = 0u64;
-    for (blk, e) in &records {
-        while ci < changed.len() && changed[ci] < *blk {
-            ci += 1;
+    // The unchanged blocks and the listed ones, merged in block order.
+    let mut items = Vec::with_capacity(records.len() + unchanged.len());
+    let mut kept = unchanged.into_iter().peekable();
+    for (blk, e) in records {
+        items.extend(std::iter::from_fn(|| kept.next_if(|x| x.block < blk)).map(Item::Kept));
+        items.push(Item::Listed(blk, e));
+    }
+    items.extend(kept.map(Item::Kept));
+    // A changed block rewritten with the bytes it had in the base (a block copied again, an
+    // image imported again) keeps the base's extent too.
+    let mut same_as_base = |blk: u64, e: &strata_engine::BlockRecord| -> Result<Option<Extent>> {
+        let Some((bsnap, m, _)) = &base else {
+            return Ok(None);
+        };
+        let Ok(i) = m.extents.binary_search_by_key(&blk, |x| x.block) else {
+            return Ok(None);
+        };
+        // The manifest holds the crc32 of the base's stored bytes: no read of the base's
+        // checksum table unless they may be the same.
+        let x = &m.extents[i];
+        if x.crc != e.crc || x.stored_len != e.stored_len() || x.lz4 != e.is_lz4() {
+            return Ok(None);
         }
-        while bi < base_extents.len() && base_extents[bi].block < *blk {
-            bi += 1;
-        }
-        let is_changed = changed.get(ci) == Some(blk);
-        let base_x = base_extents.get(bi).filter(|x| x.block == *blk);
-        if let (Some((bsnap, m, _)), Some(x)) = (&base, base_x) {
-            // Unchanged since the base, or rewritten with the same bytes (a block copied
-            // again, an image imported again): the base's extent holds this content.
-            let same = !is_changed
-                || match bsnap.record(*blk)? {
-                    Some(be)
-                        if be.crc == e.crc
-                            && be.len_flags == e.len_flags
-                            && !be.is_remote()
-                            && !e.is_remote() =>
-                    {
-                        let eq = store.read_record(&be)? == store.read_record(e)?;
-                        rewritten_same += u64::from(eq);
-                        eq
+        Ok(match bsnap.record(blk)? {
+            Some(be)
+                if be.crc == e.crc
+                    && be.len_flags == e.len_flags
+                    && !be.is_remote()
+                    && !e.is_remote() =>
+            {
+                let eq = store.read_record(&be)? == store.read_record(e)?;
+                rewritten_same += u64::from(eq);
+                eq.then_some(m.extents[i])
+            }
+            _ => None,
+        })
+    };
+    for item in items {
+        let item = match item {
+            Item::Listed(blk, e) => match same_as_base(blk, &e)? {
+                Some(x) => Item::Kept(x),
+                None => Item::Listed(blk, e),
+            },
+            kept => kept,
+        };
+        let (blk, e) = match item {
+            Item::Kept(x) => {
+                // Looked up once per base pack, not once per block.
+                let idx = match base_idx[x.pack as usize] {
+                    Some(i) => i,
+                    None => {
+                        let p = &base_packs[x.pack as usize];
+                        let i = add_pack(&mut packs, &p.key, p.len);
+                        base_idx[x.pack as usize] = Some(i);
+                        i
                     }
-                    _ => false,
                 };
-            if same {
-                let p = &m.header.packs[x.pack as usize];
-                let idx = add_pack(&mut packs, &p.key, p.len);
-                plan.push((*blk, Plan::Reuse(Extent { pack: idx, ..*x })));
+                plan.push((x.block, Plan::Reuse(Extent { pack: idx, ..x })));
                 continue;
             }
-        }
+            Item::Listed(blk, e) => (blk, e),
+        };
         if let Some(x) = e.remote() {
-            // Still remote in this very remote: keep pointing at its pack.
-            let found = match remote_pack_len.get(&x.pack) {
-                Some(f) => f.clone(),
+            // Still remote in this very remote: keep pointing at its pack (its index in this
+            // manifest, looked up once per pack).
+            let found = match remote_idx.get(&x.pack) {
+                Some(f) => *f,
                 None => {
                     let f = match store
                         .remote_pack(x.pack)
                         .and_then(|d| Remotes::parse_desc(&d))
                     {
-                        Some((r, k)) if r == remote => {
-                            object_len(remotes, &client, key(&cfg, &k))?.map(|len| (k, len))
-                        }
+                        Some((r, k)) if r == remote => object_len(remotes, &client, key(&cfg, &k))?
+                            .map(|len| add_pack(&mut packs, &k, len)),
                         _ => None,
                     };
-                    remote_pack_len.insert(x.pack, f.clone());
+                    remote_idx.insert(x.pack, f);
                     f
                 }
             };
-            if let Some((k, len)) = found {
-                let idx = add_pack(&mut packs, &k, len);
+            if let Some(idx) = found {
                 plan.push((
-                    *blk,
+                    blk,
                     Plan::Reuse(Extent {
-                        block: *blk,
+                        block: blk,
                         pack: idx,
                         offset: x.offset,
                         stored_len: x.stored_len,
@@ -242,7 +311,7 @@ pub fn push(
             }
         }
         upload_bytes += u64::from(e.stored_len());
-        plan.push((*blk, Plan::Upload(*e)));
+        plan.push((blk, Plan::Upload(e)));
     }
     job.total.store(upload_bytes, Ordering::Relaxed);
     let planned_at = started.elapsed();
@@ -480,4 +549,35 @@ pub fn put(
         .run(async move { c.put(&path, PutPayload::from(bytes)).await })?
         .map_err(|e| anyhow!("uploading {shown}: {}", clean(&e)))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(block: u64) -> Extent {
+        Extent {
+            block,
+            pack: 0,
+            offset: 0,
+            stored_len: 4096,
+            crc: block as u32,
+            lz4: false,
+        }
+    }
+
+    #[test]
+    fn outside_runs_keeps_exactly_the_blocks_no_run_covers() {
+        let extents: Vec<Extent> = [0, 1, 2, 5, 6, 9, 10, 11, 20, 30].map(ext).to_vec();
+        let blocks = |v: Vec<Extent>| v.iter().map(|x| x.block).collect::<Vec<_>>();
+        // Runs starting before, between and after extents; one covering none; touching ends.
+        let runs = [(1, 2), (4, 2), (7, 2), (11, 5), (25, 1)];
+        assert_eq!(
+            blocks(outside_runs(&extents, &runs)),
+            vec![0, 6, 9, 10, 20, 30]
+        );
+        assert_eq!(blocks(outside_runs(&extents, &[])), blocks(extents.clone()));
+        assert!(outside_runs(&extents, &[(0, 31)]).is_empty());
+        assert!(outside_runs(&[], &runs).is_empty());
+    }
 }
