@@ -145,16 +145,18 @@ fn api_get(store: &Path, path: &str) -> R<String> {
 
 /// One series of the daemon's /metrics (0 when absent).
 fn metric(store: &Path, series: &str) -> R<f64> {
-    Ok(api_get(store, "/metrics")?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0))
+    Ok(metric_opt(store, series)?.unwrap_or(0.0))
+}
+
+/// One series of the daemon's /metrics, if present.
+fn metric_opt(store: &Path, series: &str) -> R<Option<f64>> {
+    Ok(api_get(store, "/metrics")?.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    }))
 }
 
 /// Bytes the files under `dir` occupy on disk.
@@ -600,13 +602,12 @@ fn protection(a: &Args, ep: &str) -> R<()> {
                     x ^= x >> 7;
                     x ^= x << 17;
                     std::thread::sleep(Duration::from_millis(100 + x % 300));
-                    let v = api_get(&st, "/v1/volumes/pv")
-                        .ok()
-                        .and_then(|b| serde_json::from_str::<Value>(&b).ok());
-                    if let Some(v) = v {
-                        if let Some(r) = v["protection"]["rpo_secs"].as_f64() {
-                            out.push(r);
-                        }
+                    // From /metrics, not `volume info`: the latter also diffs the live map
+                    // against the protected checkpoint (`bytes_behind`), work that polling
+                    // it four times a second would add to the phase it measures.
+                    let series = "strata_protect_rpo_seconds{volume=\"pv\"}";
+                    if let Ok(Some(r)) = metric_opt(&st, series) {
+                        out.push(r);
                     }
                 }
                 out

@@ -402,13 +402,17 @@ fn protect_once(a: &App, vol: &str, policy: &Policy) -> Result<(Protected, Optio
         .open_checkpoint(vol, &name)
         .map_err(anyhow::Error::from)
         .and_then(|snap| {
-            remote::push::push(
-                &a.remotes,
-                &a.store,
-                &crate::jobs::Job::default(),
-                snap,
-                &policy.remote,
-            )
+            // The push yields the CPU to the guests: it reads a frozen checkpoint and holds
+            // no lock a guest's request waits for beyond a batch read's reuse guard.
+            in_background(&format!("push-{vol}"), || {
+                remote::push::push(
+                    &a.remotes,
+                    &a.store,
+                    &crate::jobs::Job::default(),
+                    snap,
+                    &policy.remote,
+                )
+            })
         });
     if let Err(e) = pushed {
         // The next round takes a new one; this one is not kept.
@@ -429,6 +433,41 @@ fn protect_once(a: &App, vol: &str, policy: &Policy) -> Result<(Protected, Optio
         },
         retention,
     ))
+}
+
+/// The nice value a push runs at: the lowest, so that the scheduler hands a guest's
+/// request thread (FUSE, vhost-user) a CPU the push is using as soon as it wakes, while a
+/// host whose CPUs the guests keep busy still gives the push a share (unlike `SCHED_IDLE`)
+/// and protection progresses.
+const BACKGROUND_NICE: libc::c_int = 19;
+
+/// Runs `f` on a thread of its own at [`BACKGROUND_NICE`] and waits for it. A thread of its
+/// own because an unprivileged daemon cannot raise a thread's priority back: the round's
+/// other steps (the checkpoint, the deletions), which hold engine locks guests' requests
+/// wait for, keep the normal priority.
+fn in_background<T: Send>(what: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name(what.chars().take(15).collect())
+            .spawn_scoped(s, || {
+                // SAFETY: a plain syscall on the calling thread (`PRIO_PROCESS` with a
+                // thread id sets that thread's nice value on Linux); no memory is passed.
+                let r = unsafe {
+                    libc::setpriority(
+                        libc::PRIO_PROCESS,
+                        libc::gettid() as libc::id_t,
+                        BACKGROUND_NICE,
+                    )
+                };
+                if r != 0 {
+                    tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a push's priority");
+                }
+                f()
+            })
+            .context("starting a push thread")?;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("the push thread panicked"))?
+    })
 }
 
 /// Deletes the remote's protection checkpoints of `vol` the policy no longer keeps: past
