@@ -26,7 +26,8 @@
 //!        [--forks N (default 100)] [--garage-dir DIR (Garage's data and metadata; default
 //!        under --dir, on the store's disk; a tmpfs stands in for a remote on another host's
 //!        disks)] [--garage-nice N (every Garage thread at nice N: a stand-in for a remote on
-//!        another host's CPUs)]
+//!        another host's CPUs)] [--garage-idle on|off (every Garage thread at SCHED_IDLE: it
+//!        runs only on CPUs nothing else wants, the closer stand-in; default off)]
 //! Needs `strata` built next to this binary, garage (scripts/setup.sh) and the AWS CLI
 //! (`pip install awscli`).
 
@@ -56,6 +57,7 @@ struct Args {
     garage_dir: Option<PathBuf>,
     /// Nice value for every Garage thread (a stand-in for a remote on another host's CPUs).
     garage_nice: Option<i32>,
+    garage_idle: bool,
 }
 
 fn args() -> R<Args> {
@@ -70,6 +72,7 @@ fn args() -> R<Args> {
         forks: 100,
         garage_dir: None,
         garage_nice: None,
+        garage_idle: false,
     };
     for (x, v) in strata_bench::flag_values()? {
         match x.as_str() {
@@ -89,6 +92,13 @@ fn args() -> R<Args> {
             "--forks" => a.forks = v.parse()?,
             "--garage-dir" => a.garage_dir = Some(PathBuf::from(v)),
             "--garage-nice" => a.garage_nice = Some(v.parse()?),
+            "--garage-idle" => {
+                a.garage_idle = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--garage-idle is on or off, not {v:?}").into()),
+                }
+            }
             _ => return Err(format!("unknown argument {x}").into()),
         }
     }
@@ -274,6 +284,18 @@ fn main() -> R<()> {
             return Err("renice of garage failed".into());
         }
         println!("# garage runs at nice {n} ({} threads)", tids.len());
+    }
+    if a.garage_idle {
+        // Threads Garage starts later inherit the policy.
+        let pid = garage.nodes[0].pid().ok_or("garage is not running")?;
+        let st = Command::new("chrt")
+            .args(["--all-tasks", "--idle", "--pid", "0", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            return Err("chrt --idle of garage failed".into());
+        }
+        println!("# garage runs at SCHED_IDLE");
     }
     let ep = garage.endpoint();
     match a.only.as_deref() {
