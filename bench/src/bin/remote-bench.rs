@@ -270,31 +270,32 @@ fn main() -> R<()> {
     let _ = std::fs::remove_dir_all(&gdir);
     let garage = Garage::single(&gdir);
     println!("# garage keeps its data in {}", gdir.display());
+    // Garage's priority, for the stand-ins of a remote on other CPUs.
+    let pid = garage.nodes[0].pid().ok_or("garage is not running")?;
+    let quiet = |c: &mut Command, what: &str| -> R<()> {
+        match c.stdout(std::process::Stdio::null()).status()?.success() {
+            true => Ok(()),
+            false => Err(format!("{what} of garage failed").into()),
+        }
+    };
     if let Some(n) = a.garage_nice {
-        let pid = garage.nodes[0].pid().ok_or("garage is not running")?;
         let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))?
             .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
             .collect();
-        let st = Command::new("renice")
-            .args(["-n", &n.to_string(), "-p"])
-            .args(&tids)
-            .stdout(std::process::Stdio::null())
-            .status()?;
-        if !st.success() {
-            return Err("renice of garage failed".into());
-        }
+        quiet(
+            Command::new("renice")
+                .args(["-n", &n.to_string(), "-p"])
+                .args(&tids),
+            "renice",
+        )?;
         println!("# garage runs at nice {n} ({} threads)", tids.len());
     }
     if a.garage_idle {
         // Threads Garage starts later inherit the policy.
-        let pid = garage.nodes[0].pid().ok_or("garage is not running")?;
-        let st = Command::new("chrt")
-            .args(["--all-tasks", "--idle", "--pid", "0", &pid.to_string()])
-            .stdout(std::process::Stdio::null())
-            .status()?;
-        if !st.success() {
-            return Err("chrt --idle of garage failed".into());
-        }
+        quiet(
+            Command::new("chrt").args(["--all-tasks", "--idle", "--pid", "0", &pid.to_string()]),
+            "chrt --idle",
+        )?;
         println!("# garage runs at SCHED_IDLE");
     }
     let ep = garage.endpoint();

@@ -193,12 +193,15 @@ pub fn push(
         let runs = snap.changed_runs_since(bsnap);
         records = snap.records_in(&runs).with_context(listing)?;
         unchanged = outside_runs(&m.extents, &runs);
-        let listed = (unchanged.len() + records.len()) as u64;
-        if listed != snap.mapped_blocks() {
+        let (listed, mapped) = (
+            (unchanged.len() + records.len()) as u64,
+            snap.mapped_blocks(),
+        );
+        if listed != mapped {
             // The base manifest does not list what the base checkpoint maps (it should, by
             // construction): not trusted, the push is a full one.
             tracing::warn!(checkpoint = %snap.name(), base = %m.header.checkpoint, listed,
-                           mapped = snap.mapped_blocks(), "the base manifest does not match its checkpoint; pushing in full");
+                           mapped, "the base manifest does not match its checkpoint; pushing in full");
             base = None;
             unchanged.clear();
         }
@@ -206,9 +209,7 @@ pub fn push(
     if base.is_none() {
         records = snap.records().with_context(listing)?;
     }
-    let base_packs: Vec<PackRef> = base
-        .as_ref()
-        .map_or_else(Vec::new, |(_, m, _)| m.header.packs.clone());
+    let base_packs: &[PackRef] = base.as_ref().map_or(&[], |(_, m, _)| &m.header.packs);
     // The pack index (in this push's manifest) of each base pack, once looked up.
     let mut base_idx: Vec<Option<u32>> = vec![None; base_packs.len()];
     let mut remote_idx: HashMap<u32, Option<u32>> = HashMap::new();
